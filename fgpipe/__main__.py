@@ -1,0 +1,3 @@
+from fgpipe.cli import main
+
+main()

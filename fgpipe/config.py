@@ -1,0 +1,269 @@
+"""params.yaml -> frozen, typed dataclasses.
+
+Validation is done by pydantic dataclasses (``extra="forbid"``, strict types): an unknown key, a
+wrong type or a value out of range fails before any work, with a message naming the key path
+(``datasets.cub.val_fraction``) and what is allowed. CLI options that override a param are applied
+as dotted keys *before* validation and recorded, so every artefact can say how it was made.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import dataclasses
+import os
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic.dataclasses import dataclass
+
+from fgpipe.errors import ConfigError
+
+_CFG = ConfigDict(extra="forbid")
+
+DatasetKind = Literal["synthetic", "cub", "aircraft", "cars", "imagefolder"]
+SYNTHETIC_SOURCE = "fgpipe/datasets/synthetic.py"
+
+
+# --------------------------------------------------------------------------- datasets
+@dataclass(frozen=True, config=_CFG)
+class SyntheticOptions:
+    """The built-in fine-grained synthetic dataset (see fgpipe/datasets/synthetic.py)."""
+
+    num_classes: int = Field(8, ge=2, le=1000)
+    train_per_class: int = Field(60, ge=2, le=100_000)
+    test_per_class: int = Field(20, ge=1, le=100_000)
+    image_size: int = Field(224, ge=64, le=2048)
+    object_size: tuple[float, float] = (0.22, 0.32)
+    distractors: int = Field(6, ge=0, le=100)
+    seed: int = Field(0, ge=0)
+
+    @model_validator(mode="after")
+    def _check_range(self) -> SyntheticOptions:
+        lo, hi = self.object_size
+        if not 0 < lo <= hi <= 1:
+            raise ValueError(f"object_size must satisfy 0 < min <= max <= 1, got {self.object_size!r}")
+        return self
+
+
+@dataclass(frozen=True, config=_CFG)
+class AircraftOptions:
+    """FGVC-Aircraft 2013b options."""
+
+    annotation_level: Literal["variant", "family", "manufacturer"] = "variant"
+    drop_banner: bool = True  # remove the 20-pixel copyright banner at the bottom of every image
+    official_val: bool = False  # use images_*_val.txt as val instead of carving val from train
+
+
+@dataclass(frozen=True, config=_CFG)
+class ImageFolderOptions:
+    """root/<split>/<class>/* layout: which folder holds which split."""
+
+    train_dir: str = "train"
+    test_dir: str = "test"
+    val_dir: str | None = None  # a folder with a ready-made val split; otherwise val is carved from train
+
+
+@dataclass(frozen=True, config=_CFG)
+class DatasetConfig:
+    """One dataset: where it is, what layout it has, and how val is carved from train."""
+
+    kind: DatasetKind
+    root: str
+    val_fraction: float = Field(0.1, gt=0.0, lt=1.0)
+    split_seed: int = Field(0, ge=0)
+    skip_bad: bool = False  # skip undecodable images (counted) instead of failing
+    verify_images: bool = True  # decode every image once during prepare
+    download: bool = False  # fetch the official archive when root is missing (cub, aircraft)
+    synthetic: SyntheticOptions | None = None
+    aircraft: AircraftOptions | None = None
+    imagefolder: ImageFolderOptions | None = None
+
+    @model_validator(mode="after")
+    def _options_match_kind(self) -> DatasetConfig:
+        for block in ("synthetic", "aircraft", "imagefolder"):
+            if getattr(self, block) is not None and self.kind != block:
+                raise ValueError(f"option block `{block}` is only allowed with kind: {block} (kind is {self.kind})")
+        return self
+
+    def options(self) -> Any:
+        """The kind-specific option block, defaults filled in where it was left out."""
+        default = {"synthetic": SyntheticOptions, "aircraft": AircraftOptions, "imagefolder": ImageFolderOptions}
+        value = getattr(self, self.kind, None)
+        if value is None and self.kind in default:
+            return default[self.kind]()
+        return value
+
+
+# --------------------------------------------------------------------------- stages
+@dataclass(frozen=True, config=_CFG)
+class PrepareConfig:
+    """Options of the prepare stage shared by every dataset."""
+
+    metrics_dir: str = "metrics"
+    data_dir: str = "data"
+
+
+# --------------------------------------------------------------------------- the whole file
+@dataclass(frozen=True, config=_CFG)
+class Params:
+    """The whole params.yaml."""
+
+    # datasets `dvc repro` runs: name -> the input DVC watches for its prepare stage
+    # (the dataset root, or fgpipe/datasets/synthetic.py for the generated dataset)
+    run: dict[str, str]
+    datasets: dict[str, DatasetConfig]
+    prepare: PrepareConfig = PrepareConfig()
+
+    @model_validator(mode="after")
+    def _check_run(self) -> Params:
+        for name, source in self.run.items():
+            if name not in self.datasets:
+                raise ValueError(f"run.{name}: no such dataset under `datasets` (known: {', '.join(sorted(self.datasets))})")
+            ds = self.datasets[name]
+            want = SYNTHETIC_SOURCE if ds.kind == "synthetic" else ds.root
+            if os.path.normpath(source) != os.path.normpath(want):
+                raise ValueError(
+                    f"run.{name} must be `{want}` (the input DVC watches: "
+                    f"{'the generator' if ds.kind == 'synthetic' else f'datasets.{name}.root'}), got `{source}`"
+                )
+        return self
+
+
+_PARAMS_ADAPTER = TypeAdapter(Params)
+
+
+# --------------------------------------------------------------------------- loading
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Validated params plus where they came from and which CLI overrides were applied."""
+
+    params: Params
+    params_file: Path
+    overrides: dict[str, Any]
+
+    @property
+    def base_dir(self) -> Path:
+        """Relative paths in params.yaml are relative to the folder holding it."""
+        return self.params_file.resolve().parent
+
+    def dataset(self, name: str) -> DatasetConfig:
+        try:
+            return self.params.datasets[name]
+        except KeyError:
+            known = ", ".join(sorted(self.params.datasets)) or "(none)"
+            raise ConfigError(
+                f"{self.params_file}: no dataset `{name}` under `datasets` (known: {known})"
+            ) from None
+
+    def resolve(self, path: str) -> Path:
+        """A path from params.yaml, made absolute against the params file's folder."""
+        p = Path(os.path.expanduser(path))
+        return p if p.is_absolute() else self.base_dir / p
+
+    def dataset_root(self, name: str) -> Path:
+        return self.resolve(self.dataset(name).root)
+
+    def data_dir(self, name: str) -> Path:
+        """data/NAME: where every artefact of dataset NAME lives."""
+        return self.resolve(self.params.prepare.data_dir) / name
+
+    def metrics_file(self, name: str, stage: str) -> Path:
+        """metrics/NAME/<stage>.json: where every stage writes its metrics."""
+        return self.resolve(self.params.prepare.metrics_dir) / name / f"{stage}.json"
+
+    def provenance(self) -> dict[str, Any]:
+        """What to record with an artefact so it says how it was made."""
+        return {"params_file": str(self.params_file), "overrides": dict(self.overrides)}
+
+
+def load_params(path: str | os.PathLike[str] = "params.yaml", overrides: dict[str, Any] | None = None) -> Settings:
+    """Read, override and validate params.yaml; raise ConfigError naming the culprit."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"params file not found: {path} (pass --params FILE or run from the project root)")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    raw = apply_overrides(raw, overrides, path)
+    return Settings(params=validate(raw, path), params_file=path, overrides=overrides)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Set dotted keys (``datasets.cub.root``) in a copy of the raw params."""
+    out = copy.deepcopy(raw)
+    for dotted, value in overrides.items():
+        node = out
+        keys = dotted.split(".")
+        for key in keys[:-1]:
+            nxt = node.get(key) if isinstance(node, dict) else None
+            if nxt is None:
+                nxt = node[key] = {}
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"{path}: cannot override `{dotted}`: `{key}` is not a section")
+            node = nxt
+        node[keys[-1]] = value
+    return out
+
+
+def validate(raw: dict[str, Any], path: str | os.PathLike[str] = "params.yaml") -> Params:
+    """Validate raw params strictly: YAML scalars are JSON types, so JSON-mode strict validation
+    refuses "1" for an int or 1 for a bool, yet accepts a list where a tuple is declared."""
+    try:
+        return _PARAMS_ADAPTER.validate_json(json.dumps(raw, default=str), strict=True)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc, path)) from None
+
+
+def format_validation_error(exc: ValidationError, path: str | os.PathLike[str]) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = [str(p) for p in err["loc"]]
+        key = ".".join(loc) or "(top level)"
+        if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
+            allowed = allowed_keys(loc[:-1])
+            hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
+            lines.append(f"  {key}: unknown key{hint}")
+        elif err["type"] == "missing_argument" or err["type"] == "missing":
+            lines.append(f"  {key}: required key is missing")
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            got = err.get("input")
+            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            lines.append(f"  {key}: {msg}{shown}")
+    n = len(lines)
+    return f"{path}: {n} invalid setting{'s' if n > 1 else ''}:\n" + "\n".join(lines)
+
+
+def allowed_keys(loc: list[str]) -> list[str]:
+    """Field names of the dataclass found by walking ``loc`` down from Params."""
+    cls: Any = Params
+    for part in loc:
+        fields = {f.name: f for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else {}
+        if part in fields:
+            cls = _dataclass_in(typing.get_type_hints(cls)[part])
+        elif typing.get_origin(cls) is dict:
+            cls = _dataclass_in(typing.get_args(cls)[1])
+        else:
+            return []
+        if cls is None:
+            return []
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
+def _dataclass_in(tp: Any) -> Any:
+    """The dataclass (or dict type) inside an annotation such as ``X | None``."""
+    if dataclasses.is_dataclass(tp) or typing.get_origin(tp) is dict:
+        return tp
+    for arg in typing.get_args(tp):
+        found = _dataclass_in(arg)
+        if found is not None:
+            return found
+    return None

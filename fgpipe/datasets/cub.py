@@ -1,0 +1,83 @@
+"""CUB-200-2011 in its official layout.
+
+root/ images.txt (id path), image_class_labels.txt (id class_id), train_test_split.txt (id is_train),
+bounding_boxes.txt (id x y w h, pixels), classes.txt (class_id name), images/<class>/<file>.jpg.
+Only classes that have images become labels (a subset keeps the full 200-line classes.txt).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fgpipe.config import DatasetConfig
+from fgpipe.datasets.base import SourceListing, SourceRecord, read_lines, require_files, safe_relpath, xywh_to_xyxy
+from fgpipe.errors import DatasetError
+
+FILES = ["images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt", "images"]
+URL = "https://data.caltech.edu/records/65de6-vp158/files/CUB_200_2011.tgz"
+MD5 = "97eceeb196236b17998738112f37df78"
+HOW_TO_GET = (
+    "CUB-200-2011: download CUB_200_2011.tgz from https://www.vision.caltech.edu/datasets/cub_200_2011/ "
+    "and extract it so that root points at the CUB_200_2011 folder (it holds images.txt), "
+    "or set `download: true` for this dataset (or pass --download)."
+)
+
+
+def _table(root: Path, name: str, ncols: int) -> dict[str, tuple[list[str], str]]:
+    """id -> (remaining fields, origin) of an id-keyed annotation file; errors name file:line."""
+    out: dict[str, tuple[list[str], str]] = {}
+    for lineno, parts in read_lines(root / name):
+        origin = f"{root / name}:{lineno}"
+        if len(parts) < ncols:
+            raise DatasetError(f"{origin}: expected {ncols} fields, got {len(parts)}")
+        if parts[0] in out:
+            raise DatasetError(f"{origin}: image id {parts[0]} is listed twice (first at {out[parts[0]][1]})")
+        out[parts[0]] = (parts[1:], origin)
+    return out
+
+
+def read(root: Path, cfg: DatasetConfig) -> SourceListing:
+    require_files(root, FILES, HOW_TO_GET)
+    images = _table(root, "images.txt", 2)
+    labels = _table(root, "image_class_labels.txt", 2)
+    split = _table(root, "train_test_split.txt", 2)
+    boxes = _table(root, "bounding_boxes.txt", 5) if (root / "bounding_boxes.txt").exists() else {}
+    classes = {cid: " ".join(fields) for cid, (fields, _) in _table(root, "classes.txt", 2).items()}
+
+    records = []
+    for image_id, (fields, origin) in images.items():
+        rel = safe_relpath(root, "images/" + " ".join(fields), origin)
+        if image_id not in labels:
+            raise DatasetError(f"{origin}: image id {image_id} has no line in {root / 'image_class_labels.txt'}")
+        if image_id not in split:
+            raise DatasetError(f"{origin}: image id {image_id} has no line in {root / 'train_test_split.txt'}")
+        cid = labels[image_id][0][0]
+        if cid not in classes:
+            raise DatasetError(f"{labels[image_id][1]}: class id {cid} is not in {root / 'classes.txt'}")
+        flag = split[image_id][0][0]
+        if flag not in ("0", "1"):
+            raise DatasetError(f"{split[image_id][1]}: is_training_image must be 0 or 1, got {flag}")
+        box = None
+        if image_id in boxes:
+            try:
+                box = xywh_to_xyxy(*(float(v) for v in boxes[image_id][0][:4]))
+            except ValueError:
+                raise DatasetError(f"{boxes[image_id][1]}: box values must be numbers") from None
+        records.append(
+            SourceRecord(
+                image_id=image_id,
+                path=rel,
+                class_name=classes[cid],
+                split="train" if flag == "1" else "test",
+                box=box,
+                origin=origin,
+            )
+        )
+    return SourceListing(records=records, classes=list(classes.values()))
+
+
+def download(root: Path) -> None:
+    """Fetch the official archive, verify its MD5 and extract it so that ``root`` is CUB_200_2011/."""
+    from fgpipe.datasets.download import fetch_and_extract
+
+    fetch_and_extract(URL, md5=MD5, dest=root, member="CUB_200_2011")

@@ -1,0 +1,37 @@
+"""One error family: every message names the file, line or params key at fault and what is allowed."""
+
+from __future__ import annotations
+
+
+class FgpipeError(Exception):
+    """Base of every error fgpipe reports to the user (the CLI prints it and exits 1)."""
+
+
+class ConfigError(FgpipeError):
+    """params.yaml (or a CLI override) is invalid: unknown key, wrong type, value out of range."""
+
+
+class DatasetError(FgpipeError):
+    """A dataset on disk is missing, incomplete or malformed."""
+
+
+class BadImagesError(DatasetError):
+    """One or more images could not be decoded."""
+
+    def __init__(self, root: str, bad: list[tuple[str, str]]) -> None:
+        self.bad = bad
+        shown = "\n".join(f"  {path}: {why}" for path, why in bad[:20])
+        more = f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else ""
+        super().__init__(
+            f"{len(bad)} image(s) under {root} cannot be read:\n{shown}{more}\n"
+            "Fix or remove them, or set `skip_bad: true` for this dataset in params.yaml "
+            "to skip them (they are counted in the prepare metrics)."
+        )
+
+
+class ArtifactError(FgpipeError):
+    """An input artefact (manifest, checkpoint, HDF5 file) is missing, stale or from another run."""
+
+
+class TrainingError(FgpipeError):
+    """Training cannot go on (e.g. the loss became NaN)."""

@@ -1,0 +1,1 @@
+"""One module per pipeline stage, each with a plain ``run(settings, dataset) -> metrics``."""
