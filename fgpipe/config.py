@@ -107,6 +107,73 @@ class PrepareConfig:
     data_dir: str = "data"
 
 
+@dataclass(frozen=True, config=_CFG)
+class ModelConfig:
+    """The stage-1 network: backbone (+ LCAM) and the WS-DAN attention head (METHODS.md sections 1-2)."""
+
+    backbone: str = "resnet18"  # a name registered in fgpipe.models (see `fgpipe models`)
+    weights: str = "none"  # none | imagenet (torchvision enum / bundled file) | a path to a state_dict
+    lcam: Literal["none", "block", "stage"] = "block"
+    lcam_kernel: int = Field(0, ge=0, le=31)  # 0: adaptive k from the channel count; else a fixed odd k
+    num_attentions: int = Field(32, ge=1, le=512)  # M
+    feature_layer: str = ""  # backbone stage the head and every attention method read; "" = the last stage
+    logit_scale: float = Field(100.0, gt=0)  # the classifier sees the normalised BAP feature times this
+
+    @model_validator(mode="after")
+    def _odd_kernel(self) -> ModelConfig:
+        if self.lcam_kernel and (self.lcam_kernel < 3 or self.lcam_kernel % 2 == 0):
+            raise ValueError(f"lcam_kernel must be 0 (adaptive) or an odd number >= 3, got {self.lcam_kernel}")
+        return self
+
+
+@dataclass(frozen=True, config=_CFG)
+class AugmentConfig:
+    """Standard FGVC augmentation: resize, random crop, flip, colour jitter."""
+
+    resize_ratio: float = Field(1.15, ge=1.0, le=2.0)  # resize to input_size * ratio, then random-crop input_size
+    hflip: bool = True
+    color_jitter: float = Field(0.2, ge=0.0, le=1.0)  # brightness/contrast/saturation strength; 0 disables
+
+
+@dataclass(frozen=True, config=_CFG)
+class TrainBackboneConfig:
+    """Stage-1 training (WS-DAN losses and attention crop/drop augmentation)."""
+
+    input_size: int = Field(224, ge=32, le=1024)
+    epochs: int = Field(20, ge=1, le=10_000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    schedule: Literal["cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)
+    step_size: int = Field(2, ge=1)  # step schedule: decay every step_size epochs
+    gamma: float = Field(0.9, gt=0, le=1)  # step schedule: decay factor
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    center_loss_weight: float = Field(1.0, ge=0)  # lambda
+    center_beta: float = Field(0.05, gt=0, le=1)  # center update rate
+    crop_threshold: tuple[float, float] = (0.4, 0.6)  # theta_c ~ U(a, b) * max(A_k)
+    crop_padding: float = Field(0.1, ge=0, le=1)  # pad the crop box by this fraction of the image side
+    drop_threshold: tuple[float, float] = (0.2, 0.5)  # theta_d ~ U(a, b) * max(A_k)
+    test_refine: bool = True  # test-time refinement: raw + crop from the mean attention map
+    refine_threshold: float = Field(0.1, gt=0, lt=1)
+    refine_padding: float = Field(0.05, ge=0, le=1)
+    augment: AugmentConfig = AugmentConfig()
+    seed: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, le=64)
+    amp: Literal["auto", "off", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, off on CPU
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto: on with CUDA
+
+    @model_validator(mode="after")
+    def _ranges(self) -> TrainBackboneConfig:
+        for name in ("crop_threshold", "drop_threshold"):
+            lo, hi = getattr(self, name)
+            if not 0 < lo <= hi < 1:
+                raise ValueError(f"{name} must satisfy 0 < low <= high < 1, got {getattr(self, name)!r}")
+        return self
+
+
 # --------------------------------------------------------------------------- the whole file
 @dataclass(frozen=True, config=_CFG)
 class Params:
@@ -117,6 +184,8 @@ class Params:
     run: dict[str, str]
     datasets: dict[str, DatasetConfig]
     prepare: PrepareConfig = PrepareConfig()
+    model: ModelConfig = ModelConfig()
+    train_backbone: TrainBackboneConfig = TrainBackboneConfig()
 
     @model_validator(mode="after")
     def _check_run(self) -> Params:

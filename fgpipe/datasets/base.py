@@ -33,6 +33,9 @@ class SourceListing:
     records: list[SourceRecord]
     classes: list[str]  # every class in the dataset's official order (labels follow this order)
     notes: dict[str, int] = field(default_factory=dict)  # reader-specific counts for the metrics
+    # pixels to drop from the bottom of every image (FGVC-Aircraft's 20-pixel banner): the manifest's
+    # height excludes them and every image loader crops images to the manifest's width x height
+    crop_bottom: int = 0
 
 
 def require_files(root: Path, names: list[str], how_to_get: str) -> None:

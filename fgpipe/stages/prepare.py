@@ -57,6 +57,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
             "kind": cfg.kind,
             "root": str(root),
             "classes": [name for _, name in classes],
+            "crop_bottom": listing.crop_bottom,
             "fgpipe_version": __version__,
             **settings.provenance(),
         },
@@ -105,6 +106,10 @@ def build_rows(root: Path, cfg: DatasetConfig, listing: SourceListing) -> tuple[
     rows = []
     for r in records:
         w, h = sizes[r.path]
+        h -= listing.crop_bottom
+        if h <= 0:
+            raise DatasetError(f"{root / r.path}: image is only {h + listing.crop_bottom} pixels high, "
+                               f"nothing is left after dropping {listing.crop_bottom} banner pixels")
         box = r.box
         if box is not None:
             box, clipped = clip_box(box, w, h)

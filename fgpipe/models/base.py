@@ -1,0 +1,34 @@
+"""The interfaces every model in fgpipe implements.
+
+A :class:`Backbone` is a CNN trunk with *named stages*. ``forward_features`` returns every stage's
+output in a dict, so the attention methods read any stage without hooks: the WS-DAN head and Grad-CAM++
+read ``feature_layer`` (default: the last stage), AOLM reads the last stage and the one before it.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+
+from torch import Tensor, nn
+
+
+class Backbone(nn.Module, ABC):
+    """A CNN trunk with named stages, e.g. ``("layer1", "layer2", "layer3", "layer4")`` for a ResNet."""
+
+    #: stage names, input side first; the last one is the default feature layer
+    stage_names: tuple[str, ...]
+    #: output channels per stage
+    stage_channels: dict[str, int]
+    #: total stride (input pixels per feature cell) per stage
+    stage_strides: dict[str, int]
+
+    @abstractmethod
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        """Every stage's output for input ``x`` (B, 3, H, W): name -> (B, C_s, H / s, W / s)."""
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        return self.forward_features(x)
+
+    @property
+    def last_stage(self) -> str:
+        return self.stage_names[-1]
