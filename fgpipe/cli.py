@@ -83,6 +83,25 @@ def prepare(
     _report("prepare", dataset, metrics)
 
 
+@app.command("train-backbone")
+def train_backbone(
+    dataset: DatasetOpt = "synthetic",
+    params: ParamsOpt = Path("params.yaml"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from data/NAME/stage1/last.pt.")] = False,
+    epochs: Annotated[int | None, typer.Option(help="Override train_backbone.epochs.")] = None,
+    backbone: Annotated[str | None, typer.Option(help="Override model.backbone.")] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Override model.weights: none, imagenet, or a state_dict FILE.")
+    ] = None,
+) -> None:
+    """Train the stage-1 network (backbone + LCAM + WS-DAN head); select the best epoch on val."""
+    from fgpipe.stages import train_backbone as stage
+
+    overrides = {"train_backbone.epochs": epochs, "model.backbone": backbone, "model.weights": weights}
+    metrics = _guard(lambda: stage.run(_settings(params, overrides), dataset, resume=resume))
+    _report("train-backbone", dataset, metrics)
+
+
 def main() -> None:
     """Console-script entry point."""
     app()

@@ -1,0 +1,131 @@
+"""Images into memory, once: decode, crop to the manifest's area (or a box), resize; then batched
+augmentation on uint8 tensors.
+
+On a few CPU cores, decoding JPEGs every epoch dominates training time, so every split is decoded
+and resized once (in threads; JPEGs are decoded at reduced scale with PIL's ``draft`` where that loses
+nothing) into one uint8 tensor. Augmentation then works on whole batches.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from fgpipe.config import AugmentConfig
+from fgpipe.console import progress
+from fgpipe.errors import DatasetError
+from fgpipe.images import to_rgb
+from fgpipe.manifest import Box, ManifestRow
+from fgpipe.runtime import available_cores
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def decode_region(path: Path, region: Box, out_wh: tuple[int, int]) -> np.ndarray:
+    """Decode ``region`` (x0, y0, x1, y1 in original pixels) of an image, resized to ``out_wh``.
+
+    Returns (H, W, 3) uint8. JPEGs are decoded at the coarsest DCT scale that still leaves the region
+    at least ``out_wh`` large, which is exact up to resampling and several times faster.
+    """
+    x0, y0, x1, y1 = region
+    with Image.open(path) as img:
+        full_w, full_h = img.size
+        need = (
+            max(1, math.ceil(out_wh[0] * full_w / max(x1 - x0, 1e-6))),
+            max(1, math.ceil(out_wh[1] * full_h / max(y1 - y0, 1e-6))),
+        )
+        if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK"):
+            img.draft(img.mode, need)
+        img.load()
+        sx, sy = img.size[0] / full_w, img.size[1] / full_h
+        rgb = to_rgb(img)
+    box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
+    out = rgb.resize(out_wh, Image.BILINEAR, box=box, reducing_gap=None)
+    return np.asarray(out, dtype=np.uint8)
+
+
+@dataclass(frozen=True)
+class LoadRequest:
+    """One image region to load: the file, the region in original pixels, the output size."""
+
+    path: Path
+    region: Box
+
+
+def load_regions(requests: list[LoadRequest], out_wh: tuple[int, int], desc: str = "loading images") -> Tensor:
+    """Decode many regions in threads into one (N, 3, H, W) uint8 tensor, with a progress bar."""
+    out = torch.empty((len(requests), 3, out_wh[1], out_wh[0]), dtype=torch.uint8)
+
+    def one(i: int) -> None:
+        req = requests[i]
+        try:
+            arr = decode_region(req.path, req.region, out_wh)
+        except OSError as exc:
+            raise DatasetError(f"cannot read image {req.path}: {exc} (rerun `fgpipe prepare` to recheck the dataset)") from None
+        out[i] = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
+
+    with progress() as bar, ThreadPoolExecutor(max_workers=available_cores()) as pool:
+        task = bar.add_task(desc, total=len(requests))
+        for _ in pool.map(one, range(len(requests))):
+            bar.advance(task)
+    return out
+
+
+def whole_image_requests(root: Path, rows: list[ManifestRow]) -> list[LoadRequest]:
+    """The manifest area of each image (the full image, less any banner the manifest excludes)."""
+    return [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height))) for r in rows]
+
+
+# --------------------------------------------------------------------------- batched augmentation
+def normalize(x: Tensor) -> Tensor:
+    """uint8 or [0, 1] float (B, 3, H, W) -> ImageNet-normalised float32."""
+    if x.dtype == torch.uint8:
+        x = x.float().div_(255.0)
+    mean = torch.tensor(IMAGENET_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(IMAGENET_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def center_crop(x: Tensor, size: int) -> Tensor:
+    """Central ``size`` x ``size`` window of (B, C, S, S)."""
+    h, w = x.shape[-2:]
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
+def train_augment(x: Tensor, size: int, cfg: AugmentConfig, generator: torch.Generator) -> Tensor:
+    """Random crop to ``size``, horizontal flip, colour jitter; uint8 (B, 3, S, S) -> float [0, 1] (B, 3, size, size).
+
+    Every random draw comes from ``generator`` so a seeded epoch replays exactly.
+    """
+    b, _, h, w = x.shape
+    tops = torch.randint(0, h - size + 1, (b,), generator=generator)
+    lefts = torch.randint(0, w - size + 1, (b,), generator=generator)
+    flips = torch.rand(b, generator=generator) < 0.5
+    jitter = (torch.rand(b, 3, generator=generator) * 2 - 1) * cfg.color_jitter + 1  # (B, 3) factors
+    out = torch.empty((b, 3, size, size), dtype=torch.float32)
+    for i in range(b):
+        crop = x[i, :, tops[i] : tops[i] + size, lefts[i] : lefts[i] + size]
+        out[i] = crop.flip(-1) if (cfg.hflip and flips[i]) else crop
+    out.div_(255.0)
+    if cfg.color_jitter > 0:
+        brightness, contrast, saturation = (jitter[:, k].view(b, 1, 1, 1) for k in range(3))
+        out.mul_(brightness)
+        gray = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).unsqueeze(1)  # (B, 1, H, W)
+        out = (out - gray.mean(dim=(2, 3), keepdim=True)) * contrast + gray.mean(dim=(2, 3), keepdim=True)
+        gray = (0.299 * out[:, 0] + 0.587 * out[:, 1] + 0.114 * out[:, 2]).unsqueeze(1)
+        out = (gray + (out - gray) * saturation).clamp_(0.0, 1.0)
+    return out
+
+
+def resized_side(input_size: int, cfg: AugmentConfig) -> int:
+    """Side of the square images held in memory: the input size times the resize ratio."""
+    return int(round(input_size * cfg.resize_ratio))

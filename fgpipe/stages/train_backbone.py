@@ -1,0 +1,353 @@
+"""Stage `train-backbone`: train the stage-1 network (backbone + LCAM + WS-DAN head), METHODS.md 1-2.
+
+Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images; params `model`, `train_backbone`.
+Writes: data/NAME/stage1/{best,last}.pt, metrics/NAME/train_backbone.json,
+        metrics/NAME/train_backbone/ (per-epoch curves for `dvc plots`, written by dvclive).
+
+The best epoch is selected on val (carved from train); test is only evaluated once, at the end, for
+the report. ``--resume`` continues from last.pt; each epoch is seeded from (seed, epoch), so a resumed
+run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from rich.progress import TextColumn
+from torch import Tensor, nn
+
+from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig
+from fgpipe.console import console, progress
+from fgpipe.errors import ArtifactError, TrainingError
+from fgpipe.loader import center_crop, load_regions, normalize, resized_side, train_augment, whole_image_requests
+from fgpipe.manifest import ManifestRow, class_names, read_manifest
+from fgpipe.models import build_stage1
+from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop, refine_crop
+from fgpipe.runtime import configure_threads
+from fgpipe.store import file_sha256, read_json, write_json
+from fgpipe.training import (
+    Runtime,
+    all_reduce_sum,
+    barrier,
+    build_optimizer,
+    build_scheduler,
+    config_dict,
+    epoch_seed,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    setup_runtime,
+    shard_indices,
+    teardown_runtime,
+    unwrap,
+)
+
+STAGE = "train_backbone"
+StepHook = Callable[[int, int], None]  # (epoch, step) -> None; tests use it to interrupt a run
+
+
+@dataclass
+class Split:
+    """A split held in memory: uint8 images (N, 3, S, S) and labels (N,)."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_split(root: Path, rows: list[ManifestRow], side: int, name: str) -> Split:
+    images = load_regions(whole_image_requests(root, rows), (side, side), desc=f"loading {name} images")
+    return Split(images, torch.tensor([r.label for r in rows], dtype=torch.long))
+
+
+def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
+    d = settings.data_dir(dataset)
+    return {
+        "manifest": d / "manifest.csv",
+        "dataset": d / "dataset.json",
+        "best": d / "stage1" / "best.pt",
+        "last": d / "stage1" / "last.pt",
+        "metrics": settings.metrics_file(dataset, STAGE),
+        "live": settings.metrics_file(dataset, STAGE).with_suffix(""),
+    }
+
+
+def run(settings: Settings, dataset: str, resume: bool = False, on_step: StepHook | None = None) -> dict[str, Any]:
+    """Train stage-1 on train, select on val; return the metrics (also written to metrics/NAME/train_backbone.json)."""
+    configure_threads()
+    cfg = settings.params.train_backbone
+    rt = setup_runtime(cfg.device, cfg.amp, cfg.channels_last)
+    try:
+        return _run(settings, dataset, cfg, settings.params.model, rt, resume, on_step)
+    finally:
+        teardown_runtime(rt)
+
+
+def _run(
+    settings: Settings, dataset: str, cfg: TrainBackboneConfig, mcfg: ModelConfig, rt: Runtime, resume: bool, on_step: StepHook | None
+) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    paths = stage_paths(settings, dataset)
+    settings.dataset(dataset)  # a clear error for an unknown dataset name
+    rows = read_manifest(paths["manifest"])
+    if not paths["dataset"].is_file():
+        raise ArtifactError(f"{paths['dataset']} not found (run `fgpipe prepare --dataset {dataset}` first)")
+    root = Path(read_json(paths["dataset"])["root"])
+    classes = class_names(rows)
+    by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
+    for s in ("train", "val"):
+        if not by_split[s]:
+            raise ArtifactError(f"{paths['manifest']}: the {s} split is empty")
+
+    side = resized_side(cfg.input_size, cfg.augment)
+    train = load_split(root, by_split["train"], side, "train")
+    val = load_split(root, by_split["val"], side, "val")
+
+    seed_everything(cfg.seed)
+    model = build_stage1(mcfg, len(classes)).to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        probe = model(torch.zeros(2, 3, cfg.input_size, cfg.input_size, device=rt.device))
+    center = CenterLoss(len(classes), probe.embedding.shape[1]).to(rt.device)
+    opt = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    steps_per_epoch = len(_batches(shard_indices(torch.arange(len(train)), rt), cfg.batch_size))
+    sched = build_scheduler(
+        opt, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        schedule=cfg.schedule, step_size=cfg.step_size, gamma=cfg.gamma,
+    )
+    config = {"model": config_dict(mcfg), "train_backbone": config_dict(cfg)}
+    manifest_sha = file_sha256(paths["manifest"])
+
+    start_epoch, best, history = 0, {"epoch": -1, "val_top1": -1.0}, []
+    if resume and paths["last"].is_file():
+        state = load_checkpoint(paths["last"], map_location=rt.device)
+        _check_resumable(state, config, manifest_sha, paths["last"])
+        model.load_state_dict(state["model"])
+        center.load_state_dict(state["center"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_epoch, best, history = state["epoch"], state["best"], state["history"]
+        if rt.is_main:
+            console.print(f"resuming {dataset} from {paths['last']} after epoch {start_epoch}")
+    elif resume and rt.is_main:
+        console.print(f"[yellow]--resume: no checkpoint at {paths['last']}, starting from scratch")
+
+    net: nn.Module = model
+    if rt.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+    live = _open_live(paths["live"], resume and start_epoch > 0) if rt.is_main else None
+    train_seconds, train_images = 0.0, 0
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            seed = epoch_seed(cfg.seed, epoch)
+            torch.manual_seed(seed)  # global RNG (e.g. stochastic depth) replays per epoch
+            gen = torch.Generator().manual_seed(seed)  # data order, augmentation, crop/drop sampling
+            t0 = time.perf_counter()
+            stats = train_one_epoch(net, center, opt, sched, train, cfg, rt, gen, epoch, on_step)
+            train_seconds += time.perf_counter() - t0
+            train_images += stats["images"]
+            val_stats = evaluate(model, val, cfg, rt)
+            record = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_top1": stats["top1"],
+                      "val_top1": val_stats["top1"], "val_top1_raw": val_stats["top1_raw"],
+                      "lr": opt.param_groups[0]["lr"], "images_per_s": stats["images_per_s"]}
+            history.append(record)
+            improved = val_stats["top1"] > best["val_top1"]
+            if improved:
+                best = {"epoch": epoch + 1, "val_top1": val_stats["top1"]}
+            if rt.is_main:
+                state = {
+                    "kind": "stage1", "model": model.state_dict(), "center": center.state_dict(),
+                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
+                    "best": best, "history": history, "rng": rng_state(), "config": config,
+                    "class_names": classes, "manifest_sha256": manifest_sha, "dataset": dataset,
+                }
+                if improved:
+                    save_checkpoint(paths["best"], state)
+                save_checkpoint(paths["last"], state)
+                console.print(
+                    f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  train {stats['top1']:.3f}  "
+                    f"val {val_stats['top1']:.3f} (raw {val_stats['top1_raw']:.3f})  {stats['images_per_s']:.1f} img/s"
+                    + ("  [green]best" if improved else ""),
+                    highlight=False,
+                )
+                if live is not None:
+                    for k, v in record.items():
+                        if k != "epoch":
+                            live.log_metric(k.replace("_", "/", 1), v)
+                    live.next_step()
+            barrier(rt)
+    finally:
+        if live is not None:
+            live.end()
+
+    if not paths["best"].is_file():
+        raise ArtifactError(f"no best checkpoint at {paths['best']}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})")
+    # Report test accuracy of the val-selected checkpoint (test is never used for selection).
+    best_state = load_checkpoint(paths["best"], map_location=rt.device)
+    model.load_state_dict(best_state["model"])
+    test_stats = evaluate(model, load_split(root, by_split["test"], side, "test"), cfg, rt) if by_split["test"] else None
+    last = history[-1]
+    metrics = {
+        "dataset": dataset,
+        "backbone": mcfg.backbone,
+        "weights": mcfg.weights,
+        "input_size": cfg.input_size,
+        "epochs": cfg.epochs,
+        "best_epoch": best["epoch"],
+        "val": {"top1": best["val_top1"]},
+        "test": test_stats,
+        "train": {"loss": last["train_loss"], "top1": last["train_top1"]},
+        "images_per_s": round(train_images / train_seconds, 2) if train_seconds else None,
+        "resumed_from_epoch": start_epoch if resume else None,
+        "world_size": rt.world_size,
+        "device": str(rt.device),
+        "seconds": round(time.perf_counter() - t_start, 2),
+        **settings.provenance(),
+    }
+    if rt.is_main:
+        write_json(paths["metrics"], metrics)
+    return metrics
+
+
+def _check_resumable(state: dict[str, Any], config: dict[str, Any], manifest_sha: str, path: Path) -> None:
+    if state.get("manifest_sha256") != manifest_sha:
+        raise ArtifactError(f"{path} was trained on another manifest: delete it or run without --resume")
+    if state.get("config") != config:
+        diff = [f"{sec}.{k}" for sec in config for k in config[sec] if state["config"].get(sec, {}).get(k) != config[sec][k]]
+        raise ArtifactError(f"{path} was made with other params ({', '.join(diff)}): delete it or run without --resume")
+
+
+def _open_live(directory: Path, resume: bool) -> Any:
+    from dvclive import Live
+
+    return Live(dir=str(directory), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
+
+
+def _batches(indices: Tensor, batch_size: int) -> list[Tensor]:
+    """Consecutive batches; a trailing batch of one image is dropped (BatchNorm needs two)."""
+    chunks = list(indices.split(batch_size))
+    if chunks and len(chunks[-1]) < 2 and len(chunks) > 1:
+        chunks.pop()
+    return chunks
+
+
+def train_one_epoch(
+    net: nn.Module, center: CenterLoss, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
+    data: Split, cfg: TrainBackboneConfig, rt: Runtime, gen: torch.Generator, epoch: int, on_step: StepHook | None,
+) -> dict[str, float]:
+    """One epoch of WS-DAN training: raw view + attention crop + attention drop, plus center loss.
+
+    loss = (CE_raw + CE_crop + CE_drop) / 3 + lambda * center. The raw pass is backpropagated first
+    (its attention maps, detached, define the crops and drops), then the crop+drop pass; the gradients
+    add up to those of the summed loss, while DDP synchronises only once (``no_sync`` on the first).
+    """
+    net.train()
+    order = torch.randperm(len(data), generator=gen)
+    batches = _batches(shard_indices(order, rt), cfg.batch_size)
+    total_loss = torch.zeros((), dtype=torch.float64)
+    correct, seen = 0, 0
+    t0 = time.perf_counter()
+    bar = progress(TextColumn("{task.fields[info]}")) if rt.is_main else contextlib.nullcontext()
+    with bar as pbar:
+        task = pbar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(batches), info="") if pbar else None
+        for step, idx in enumerate(batches):
+            x = rt.to_input(normalize(train_augment(data.images[idx], cfg.input_size, cfg.augment, gen)))
+            y = data.labels[idx].to(rt.device)
+            sync_first = net.no_sync() if rt.distributed else contextlib.nullcontext()
+            with sync_first:
+                with rt.autocast():
+                    out = net(x)
+                    loss_raw = F.cross_entropy(out.logits.float(), y, label_smoothing=cfg.label_smoothing)
+                loss_center = center(out.embedding.float(), y)
+                loss1 = loss_raw / 3 + cfg.center_loss_weight * loss_center
+                _check_finite(loss1, epoch, step)
+                loss1.backward()
+            with torch.no_grad():
+                crops, drops = attention_crop_drop(
+                    x.detach().float(), out.attention.detach().float(), crop_threshold=cfg.crop_threshold,
+                    drop_threshold=cfg.drop_threshold, padding=cfg.crop_padding, generator=gen,
+                )
+            with rt.autocast():
+                out2 = net(rt.to_input(torch.cat([crops, drops])))
+                logits2 = out2.logits.float()
+                loss2 = (F.cross_entropy(logits2[: len(y)], y, label_smoothing=cfg.label_smoothing)
+                         + F.cross_entropy(logits2[len(y):], y, label_smoothing=cfg.label_smoothing)) / 3
+            _check_finite(loss2, epoch, step)
+            loss2.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+            sums, counts = center.batch_sums(out.embedding.detach().float(), y)
+            center.update_from_sums(all_reduce_sum(sums, rt), all_reduce_sum(counts, rt), cfg.center_beta)
+
+            loss_value = float(loss1.detach() + loss2.detach())
+            total_loss += loss_value * len(y)
+            correct += int((out.logits.argmax(1) == y).sum())
+            seen += len(y)
+            if pbar is not None:
+                rate = seen * rt.world_size / (time.perf_counter() - t0)
+                pbar.update(task, advance=1, info=f"loss {loss_value:.3f} acc {correct / seen:.3f} {rate:.1f} img/s")
+            if on_step is not None:
+                on_step(epoch, step)
+    stats = torch.tensor([float(total_loss), correct, seen], dtype=torch.float64)
+    all_reduce_sum(stats, rt)
+    elapsed = time.perf_counter() - t0
+    return {"loss": float(stats[0] / stats[2]), "top1": float(stats[1] / stats[2]), "images": int(stats[2]),
+            "images_per_s": float(stats[2] / elapsed)}
+
+
+def _check_finite(loss: Tensor, epoch: int, step: int) -> None:
+    if not torch.isfinite(loss.detach()).all():
+        raise TrainingError(
+            f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; training stopped and the "
+            "last good checkpoint was kept. Lower train_backbone.lr or check the data."
+        )
+
+
+@torch.no_grad()
+def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, rt: Runtime, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Raw and refined logits (B, K) of uint8 images (N, 3, S, S) center-cropped to the input size.
+
+    Refined = mean of the raw logits and those of the test-time attention crop (mean of all maps,
+    threshold ``refine_threshold`` * max, padding ``refine_padding``); equal to raw when test_refine is off.
+    """
+    model.eval()
+    raw_all, ref_all = [], []
+    for chunk in images.split(batch_size or cfg.batch_size * 2):
+        x = rt.to_input(normalize(center_crop(chunk, cfg.input_size)))
+        with rt.autocast():
+            out = model(x)
+            raw = out.logits.float()
+            if cfg.test_refine:
+                crop = refine_crop(x.float(), out.attention.float(), threshold=cfg.refine_threshold, padding=cfg.refine_padding)
+                refined = (raw + model(rt.to_input(crop)).logits.float()) / 2
+            else:
+                refined = raw
+        raw_all.append(raw.cpu())
+        ref_all.append(refined.cpu())
+    return torch.cat(raw_all), torch.cat(ref_all)
+
+
+def evaluate(model: nn.Module, data: Split, cfg: TrainBackboneConfig, rt: Runtime) -> dict[str, float]:
+    """Top-1 of raw and refined predictions on a split (sharded over ranks, counts summed)."""
+    idx = torch.arange(len(data))[rt.rank :: rt.world_size] if rt.distributed else torch.arange(len(data))
+    raw, refined = predict_logits(unwrap(model), data.images[idx], cfg, rt)
+    y = data.labels[idx]
+    counts = torch.tensor([(raw.argmax(1) == y).sum(), (refined.argmax(1) == y).sum(), len(y)], dtype=torch.float64)
+    all_reduce_sum(counts, rt)
+    n = max(float(counts[2]), 1.0)
+    return {"top1_raw": float(counts[0]) / n, "top1": float(counts[1]) / n, "images": int(counts[2])}

@@ -1,0 +1,193 @@
+"""Training machinery shared by stage-1 and the refinement branches.
+
+Flat functions in the spirit of torchvision's references: device and distributed set-up, optimizer and
+schedule, atomic checkpoints that load with ``weights_only=True``, and per-epoch seeding so that a run
+resumed from its last checkpoint replays exactly what an uninterrupted run would have done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import os
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from fgpipe.errors import ArtifactError, ConfigError
+from fgpipe.store import atomic_path
+
+CHECKPOINT_FORMAT = "fgpipe-checkpoint-1"
+
+
+# --------------------------------------------------------------------------- device and distributed
+@dataclass(frozen=True)
+class Runtime:
+    """Where training runs: device, precision, memory format, and this process's DDP rank."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def to_input(self, x: Tensor) -> Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
+
+
+def setup_runtime(device: str, amp: str, channels_last: str) -> Runtime:
+    """Pick the device (starting torch.distributed when launched by torchrun) and the precision."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for, but torch sees no CUDA device (use device: auto or cpu)")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
+    if use_cuda:
+        torch.cuda.set_device(dev)
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    amp_dtype = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and use_cuda)) else None
+    cl = channels_last == "on" or (channels_last == "auto" and use_cuda)
+    return Runtime(device=dev, amp_dtype=amp_dtype, channels_last=cl, rank=rank, world_size=world_size)
+
+
+def teardown_runtime(rt: Runtime) -> None:
+    if rt.distributed and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def all_reduce_sum(t: Tensor, rt: Runtime) -> Tensor:
+    """Sum a tensor over every rank (a no-op in a single process)."""
+    if rt.distributed:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def barrier(rt: Runtime) -> None:
+    if rt.distributed:
+        dist.barrier()
+
+
+def shard_indices(order: Tensor, rt: Runtime) -> Tensor:
+    """This rank's share of an epoch's order, padded by wrapping so every rank runs the same number of steps."""
+    if not rt.distributed:
+        return order
+    per_rank = math.ceil(len(order) / rt.world_size)
+    padded = torch.cat([order, order[: per_rank * rt.world_size - len(order)]])
+    return padded[rt.rank :: rt.world_size]
+
+
+# --------------------------------------------------------------------------- seeding
+def epoch_seed(seed: int, epoch: int) -> int:
+    """A distinct, reproducible seed per (run seed, epoch)."""
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63 - 1)
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed Python, NumPy and torch's global RNG; return a fresh generator for data order and augmentation."""
+    random.seed(seed)
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Global RNG states in a form ``torch.load(weights_only=True)`` accepts."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "python": list(random.getstate()[1]) + [random.getstate()[2]],
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    name, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    py = state["python"]
+    random.setstate((3, tuple(py[:-1]), py[-1]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# --------------------------------------------------------------------------- optimisation
+def build_optimizer(params: Iterator[nn.Parameter] | list[Any], name: str, lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, nesterov=momentum > 0)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ConfigError(f"optimizer must be sgd or adamw, got {name!r}")
+
+
+def lr_factor(step: int, *, steps_per_epoch: int, epochs: int, warmup_epochs: float, schedule: str, step_size: int, gamma: float) -> float:
+    """Learning-rate multiplier at optimisation step ``step``: linear warm-up, then cosine or step decay."""
+    warmup = int(round(warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return (step + 1) / warmup
+    if schedule == "cosine":
+        total = max(epochs * steps_per_epoch - warmup, 1)
+        progress = min((step - warmup) / total, 1.0)
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return gamma ** ((step // steps_per_epoch) // step_size)
+
+
+def build_scheduler(opt: torch.optim.Optimizer, **kwargs: Any) -> torch.optim.lr_scheduler.LambdaLR:
+    """A per-step LambdaLR following :func:`lr_factor` (stepped after every optimiser step)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda step: lr_factor(step, **kwargs))
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+# --------------------------------------------------------------------------- checkpoints
+def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Atomically write a checkpoint (temp file + rename: a crash never leaves a partial one)."""
+    with atomic_path(path) as tmp:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+
+
+def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True``; errors name the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"checkpoint not found: {path}")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise ArtifactError(f"{path}: not a readable checkpoint ({exc}); delete it and rerun the stage") from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ArtifactError(f"{path}: not an fgpipe checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
+    return state
+
+
+def config_dict(cfg: Any) -> dict[str, Any]:
+    """A (nested) config dataclass as plain data for a checkpoint."""
+    return dataclasses.asdict(cfg)
