@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
+from rich.markup import escape
 
 from fgpipe.config import Settings, load_params
 from fgpipe.console import console
@@ -36,7 +37,7 @@ def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except FgpipeError as exc:
-        console.print(f"[bold red]error:[/] {exc}", highlight=False, markup=True, soft_wrap=True)
+        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         raise typer.Exit(1) from None
 
 

@@ -1,0 +1,70 @@
+"""A generic root/<split>/<class>/<image> layout (torchvision's ImageFolder, one folder per split).
+
+Classes are the class folder names, sorted. An image's id is its path relative to root without the
+extension (``train/sparrow/img_01``). Images may sit in subfolders of a class folder. There are no
+boxes. Files with other extensions, hidden files and files directly under a split folder are
+ignored and counted (metrics ``reader_ignored_files``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fgpipe.config import DatasetConfig, ImageFolderOptions
+from fgpipe.datasets.base import SourceListing, SourceRecord, require_files, safe_relpath
+from fgpipe.errors import DatasetError
+
+EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
+HOW_TO_GET = (
+    "ImageFolder: arrange the images as root/<split>/<class name>/<image>.jpg (also .jpeg .png .bmp .webp "
+    ".tif .gif .ppm .pgm), with the split folders named by `imagefolder.train_dir` / `test_dir` (default "
+    "train and test) and optionally `val_dir`; root points at the folder holding the split folders."
+)
+
+
+def read(root: Path, cfg: DatasetConfig) -> SourceListing:
+    """List the image files under each split folder (no image is opened)."""
+    opts: ImageFolderOptions = cfg.options()
+    dirs = {"train": opts.train_dir, "test": opts.test_dir}
+    if opts.val_dir is not None:
+        dirs["val"] = opts.val_dir
+    dirs = {split: safe_relpath(root, d, f"imagefolder.{split}_dir") for split, d in dirs.items()}
+    if len(set(dirs.values())) != len(dirs):
+        raise DatasetError(f"imagefolder: train_dir, test_dir and val_dir must be different folders, got {dirs}")
+    require_files(root, list(dirs.values()), HOW_TO_GET)
+
+    records: list[SourceRecord] = []
+    classes: set[str] = set()
+    ignored = 0
+    for split, rel_dir in dirs.items():
+        split_dir = root / rel_dir
+        if not split_dir.is_dir():
+            raise DatasetError(f"{split_dir} is not a folder (imagefolder.{split}_dir)\n{HOW_TO_GET}")
+        class_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith("."))
+        if not class_dirs:
+            raise DatasetError(
+                f"{split_dir} has no class folders: expected {split_dir}/<class name>/<image>\n{HOW_TO_GET}"
+            )
+        ignored += sum(1 for p in split_dir.iterdir() if not p.is_dir())
+        for class_dir in class_dirs:
+            classes.add(class_dir.name)
+            for path in sorted(class_dir.rglob("*")):
+                if not path.is_file():
+                    continue
+                rel = path.relative_to(root).as_posix()
+                hidden = any(part.startswith(".") for part in path.relative_to(class_dir).parts)
+                if hidden or path.suffix.lower() not in EXTENSIONS:
+                    ignored += 1
+                    continue
+                records.append(
+                    SourceRecord(
+                        image_id=rel[: -len(path.suffix)],
+                        path=rel,
+                        class_name=class_dir.name,
+                        split=split,
+                        origin=str(path),
+                    )
+                )
+    if not records:
+        raise DatasetError(f"no image files under {', '.join(str(root / d) for d in dirs.values())}\n{HOW_TO_GET}")
+    return SourceListing(records=records, classes=sorted(classes), notes={"ignored_files": ignored})
