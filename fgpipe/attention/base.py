@@ -1,0 +1,181 @@
+"""The base every heatmap method shares: the batched forward, the backward and the normalisation.
+
+One call handles a whole batch with ONE forward and (for gradient methods) ONE backward:
+
+1. the backbone runs under ``no_grad`` and returns every stage (``model.features``);
+2. the feature map at ``model.feature_layer`` is detached and made a leaf that requires grad, and only
+   ``model.head`` runs with grad (nothing else lies between that map and the class scores);
+3. ``torch.autograd.grad(sum_b S_{c_b}, feat)`` gives every sample's dS_c/dA at once: in eval mode the
+   samples are independent, so d(sum_b S_b)/dA_b = dS_b/dA_b (no hooks);
+4. the method turns that into a heatmap (B, H, W) (its only job, :meth:`HeatmapMethod.compute`);
+5. each heatmap is divided by its own max (an all-zero map stays zero), so stored maps lie in [0, 1]: box
+   extraction normalises by the max anyway (METHODS.md section 4) and float16 storage keeps full relative
+   precision whatever the raw scale.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple, Protocol
+
+import torch
+from torch import Tensor
+
+from fgpipe.errors import ConfigError
+from fgpipe.models.base import Backbone
+
+
+class HeadLike(Protocol):
+    """What ``Stage1Net.head`` returns (``fgpipe.models.wsdan.HeadOutput``)."""
+
+    logits: Tensor  # (B, K) pre-softmax class scores
+    embedding: Tensor  # (B, M*N) BAP feature
+    attention: Tensor  # (B, M, H, W) WS-DAN attention maps
+
+
+class Stage1Like(Protocol):
+    """The stage-1 network API the heatmap methods read (``fgpipe.models.wsdan.Stage1Net``)."""
+
+    backbone: Backbone
+    feature_layer: str
+    num_classes: int
+    training: bool
+
+    def features(self, x: Tensor) -> dict[str, Tensor]: ...
+
+    def head(self, feat: Tensor) -> HeadLike: ...
+
+    def eval(self) -> Stage1Like: ...
+
+
+class HeatmapBatch(NamedTuple):
+    """Heatmaps of a batch with the classification that came with them."""
+
+    heatmaps: Tensor  # (B, H, W) float32 at feature resolution, each in [0, 1] (max 1 unless all zero)
+    logits: Tensor  # (B, K) float32 pre-softmax scores
+    predictions: Tensor  # (B,) int64 argmax of the logits
+
+
+@dataclass(frozen=True)
+class ForwardPass:
+    """Everything one batched forward (and backward) produced, handed to :meth:`HeatmapMethod.compute`."""
+
+    features: dict[str, Tensor]  # every backbone stage, computed under no_grad
+    activation: Tensor  # (B, C, H, W) the feature_layer map A, float32 (float64 if the model runs in float64)
+    gradient: Tensor | None  # (B, C, H, W) dS_c/dA for each sample's target c; None for gradient-free methods
+    output: HeadLike  # the head's output (logits, embedding, attention); compute() runs under no_grad
+    targets: Tensor  # (B,) the class c whose score S_c was differentiated
+
+
+class HeatmapMethod(ABC):
+    """A heatmap method: subclasses set ``name`` (and ``needs_gradient``) and implement only :meth:`compute`.
+
+    The constructor puts ``model`` in eval mode: batch-norm statistics of a training-mode model would
+    couple the samples of a batch and make the batched backward wrong.
+    """
+
+    #: registry name (``fgpipe extract-attention --method NAME``)
+    name: ClassVar[str]
+    #: whether :meth:`compute` needs dS_c/dA (one backward per batch)
+    needs_gradient: ClassVar[bool] = False
+
+    def __init__(self, model: Stage1Like, normalize: bool = True) -> None:
+        self.model = model
+        self.normalize = normalize
+        stages = model.backbone.stage_names
+        if model.feature_layer not in stages:
+            raise ConfigError(
+                f"model.feature_layer `{model.feature_layer}` is not a stage of the backbone "
+                f"(allowed: {', '.join(stages)})"
+            )
+        model.eval()
+
+    @property
+    def layer(self) -> str:
+        """The backbone stage whose grid the heatmaps are on (recorded in attention.h5)."""
+        return self.model.feature_layer
+
+    @abstractmethod
+    def compute(self, fp: ForwardPass) -> Tensor:
+        """The raw heatmaps (B, H, W) of one forward pass (non-negative; normalised by the caller)."""
+
+    def __call__(self, images: Tensor, targets: Tensor | None = None) -> HeatmapBatch:
+        """Heatmaps of ``images`` (B, 3, H, W); gradient methods explain ``targets`` (B,) or the predicted class."""
+        if images.ndim != 4:
+            raise ValueError(f"images must be a batch (B, 3, H, W), got shape {tuple(images.shape)}")
+        if self.model.training:
+            raise RuntimeError(
+                f"{type(self).__name__}: the model is in training mode; batch statistics would couple the "
+                "samples of a batch. Call model.eval() first."
+            )
+        with torch.no_grad():
+            features = self.model.features(images)
+        feat = features[self.model.feature_layer].detach()  # (B, C, H, W)
+        dtype = torch.promote_types(feat.dtype, torch.float32)  # half/bf16 -> float32, float64 stays
+
+        gradient: Tensor | None = None
+        if self.needs_gradient:
+            feat.requires_grad_(True)
+            with torch.enable_grad():
+                output = self.model.head(feat)
+                chosen = self._targets(output.logits, targets)
+                # sum over the batch of each sample's own S_c: one backward gives every dS_c/dA_b at once
+                score = output.logits.gather(1, chosen[:, None]).sum()
+                (gradient,) = torch.autograd.grad(score, feat)
+            gradient = gradient.to(dtype)
+        else:
+            with torch.no_grad():
+                output = self.model.head(feat)
+            chosen = self._targets(output.logits, targets)
+
+        logits = output.logits.detach()
+        fp = ForwardPass(
+            features=features,
+            activation=feat.detach().to(dtype),
+            gradient=gradient,
+            output=output,
+            targets=chosen,
+        )
+        with torch.no_grad():
+            heat = self.compute(fp)  # (B, H, W)
+            if heat.shape != (feat.shape[0], *self._grid(features)):
+                raise RuntimeError(f"{type(self).__name__}.compute returned shape {tuple(heat.shape)}")
+            if self.normalize:
+                peak = heat.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
+                heat = heat / torch.where(peak > 0, peak, torch.ones_like(peak))
+        return HeatmapBatch(heat.float(), logits.float(), logits.argmax(dim=1))
+
+    def _grid(self, features: dict[str, Tensor]) -> tuple[int, int]:
+        """(H, W) of the heatmaps: the grid of :attr:`layer`."""
+        h, w = features[self.layer].shape[-2:]
+        return int(h), int(w)
+
+    @staticmethod
+    def _targets(logits: Tensor, targets: Tensor | None) -> Tensor:
+        """The class explained per sample: ``targets`` if given (checked), else the predicted class."""
+        if targets is None:
+            return logits.detach().argmax(dim=1)
+        targets = torch.as_tensor(targets, device=logits.device).long()
+        b, k = logits.shape
+        if targets.shape != (b,):
+            raise ValueError(f"targets must have shape ({b},), got {tuple(targets.shape)}")
+        if ((targets < 0) | (targets >= k)).any():
+            raise ValueError(f"targets must be class indices in [0, {k}), got {targets.tolist()}")
+        return targets
+
+
+class CAMMethod(HeatmapMethod):
+    """Class activation maps L = ReLU(sum_k w_k A_k); subclasses override only :meth:`weights`."""
+
+    needs_gradient = True
+
+    @abstractmethod
+    def weights(self, activation: Tensor, gradient: Tensor) -> Tensor:
+        """Channel weights w (B, K) from A (B, K, H, W) and g = dS_c/dA (B, K, H, W)."""
+
+    def compute(self, fp: ForwardPass) -> Tensor:
+        if fp.gradient is None:
+            raise RuntimeError(f"{type(self).__name__} needs the gradient but the forward pass has none")
+        w = self.weights(fp.activation, fp.gradient)  # (B, K)
+        return torch.relu(torch.einsum("bk,bkhw->bhw", w, fp.activation))  # (B, H, W)

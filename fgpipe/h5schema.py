@@ -1,0 +1,531 @@
+"""The two HDF5 artefacts, defined in one place: ``attention.h5`` and ``crops.h5``.
+
+``attention.h5`` (written by ``fgpipe extract-attention``), one row per image, N rows:
+
+==============  ==============  ======================================================================
+dataset         shape, dtype    meaning
+==============  ==============  ======================================================================
+image_id        (N,) utf-8 str  the manifest's image_id
+label           (N,) int64      the manifest's label
+heatmap         (N, H, W) f16   heatmap at feature resolution, each in [0, 1] (chunked, gzip)
+logits          (N, K) f32      pre-softmax class scores of the stage-1 network
+prediction      (N,) int64      argmax of the logits
+==============  ==============  ======================================================================
+
+attrs: ``schema`` ("fgpipe.attention"), ``schema_version``, ``method``, ``layer``, ``input_size``,
+``checkpoint_sha256``, ``manifest_sha256``, ``provenance`` (free JSON text).
+
+``crops.h5`` (written by ``fgpipe extract-crops``), one row per image, P = max parts per image:
+
+==============  ==============  ======================================================================
+image_id        (N,) utf-8 str  the manifest's image_id
+box             (N, 4) f32      object box (x0, y0, x1, y1) in original-image pixels (pixel edges)
+score           (N,) f32        share of the heatmap's mass inside the kept component (0: fallback)
+fallback        (N,) bool       the heatmap was empty: the box is the whole image
+parts           (N, P, 4) f32   MPALM part boxes in original-image pixels, zero-padded past part_count
+part_scores     (N, P) f32      each part's channel response, zero-padded
+part_count      (N,) int32      number of valid parts of each image (<= P)
+==============  ==============  ======================================================================
+
+attrs: ``schema`` ("fgpipe.crops"), ``schema_version``, ``method``, ``threshold``, ``attention_sha256``
+(SHA-256 of the attention.h5 the boxes came from), ``manifest_sha256``, ``provenance``.
+
+Writers append batches to resizable, chunked datasets (memory stays flat however many images) in a
+temporary file that is renamed onto the target only when the ``with`` block succeeds
+(:func:`fgpipe.store.atomic_path`). Readers validate the schema, version, datasets and attrs on open, read
+any slice without loading the rest, and :meth:`check_source` refuses a file made from other inputs.
+h5py handles must not cross a fork: open one reader per data-loader worker.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, ClassVar, Generic, NamedTuple, TypeVar
+
+import h5py
+import numpy as np
+
+from fgpipe.errors import ArtifactError
+from fgpipe.store import _json_default, atomic_path
+
+ATTENTION_SCHEMA_VERSION = 1
+CROPS_SCHEMA_VERSION = 1
+
+_STR = h5py.string_dtype(encoding="utf-8")
+_CHUNK_BYTES = 256 * 1024  # target chunk size; rows per chunk follow from the row size
+
+
+# --------------------------------------------------------------------------- schema definitions
+@dataclass(frozen=True)
+class DatasetSpec:
+    """One per-image dataset: name, dtype ("str" for utf-8 text), per-row shape (ints or dim names)."""
+
+    name: str
+    dtype: str
+    row_shape: tuple[int | str, ...] = ()
+    compress: bool = False
+
+
+@dataclass(frozen=True)
+class FileSchema:
+    """A whole file: its kind, version, per-image datasets, required attrs and source hashes."""
+
+    kind: str  # the ``schema`` attr
+    version: int
+    producer: str  # the command that writes it, named in error messages
+    datasets: tuple[DatasetSpec, ...]
+    attrs: dict[str, type]  # required attrs besides schema, schema_version and provenance
+    sources: dict[str, str]  # hash attr -> what it identifies, for check_source messages
+
+
+ATTENTION = FileSchema(
+    kind="fgpipe.attention",
+    version=ATTENTION_SCHEMA_VERSION,
+    producer="fgpipe extract-attention",
+    datasets=(
+        DatasetSpec("image_id", "str"),
+        DatasetSpec("label", "int64"),
+        DatasetSpec("heatmap", "float16", ("H", "W"), compress=True),
+        DatasetSpec("logits", "float32", ("K",)),
+        DatasetSpec("prediction", "int64"),
+    ),
+    attrs={"method": str, "layer": str, "input_size": int, "checkpoint_sha256": str, "manifest_sha256": str},
+    sources={"manifest_sha256": "manifest", "checkpoint_sha256": "checkpoint"},
+)
+
+CROPS = FileSchema(
+    kind="fgpipe.crops",
+    version=CROPS_SCHEMA_VERSION,
+    producer="fgpipe extract-crops",
+    datasets=(
+        DatasetSpec("image_id", "str"),
+        DatasetSpec("box", "float32", (4,)),
+        DatasetSpec("score", "float32"),
+        DatasetSpec("fallback", "bool"),
+        DatasetSpec("parts", "float32", ("P", 4), compress=True),
+        DatasetSpec("part_scores", "float32", ("P",)),
+        DatasetSpec("part_count", "int32"),
+    ),
+    attrs={"method": str, "threshold": float, "attention_sha256": str, "manifest_sha256": str},
+    sources={"manifest_sha256": "manifest", "attention_sha256": "attention file"},
+)
+
+
+@dataclass(frozen=True)
+class AttentionMeta:
+    """File attrs of attention.h5 (``schema`` and ``schema_version`` are added by the writer)."""
+
+    method: str
+    layer: str
+    input_size: int
+    checkpoint_sha256: str
+    manifest_sha256: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CropsMeta:
+    """File attrs of crops.h5 (``schema`` and ``schema_version`` are added by the writer)."""
+
+    method: str
+    threshold: float
+    attention_sha256: str
+    manifest_sha256: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+class AttentionRecords(NamedTuple):
+    """A slice of attention.h5."""
+
+    image_ids: list[str]
+    labels: np.ndarray  # (n,) int64
+    heatmaps: np.ndarray  # (n, H, W) float32
+    logits: np.ndarray  # (n, K) float32
+    predictions: np.ndarray  # (n,) int64
+
+
+class CropsRecords(NamedTuple):
+    """A slice of crops.h5."""
+
+    image_ids: list[str]
+    boxes: np.ndarray  # (n, 4) float32
+    scores: np.ndarray  # (n,) float32
+    fallback: np.ndarray  # (n,) bool
+    parts: np.ndarray  # (n, P, 4) float32
+    part_scores: np.ndarray  # (n, P) float32
+    part_counts: np.ndarray  # (n,) int32
+
+
+MetaT = TypeVar("MetaT", AttentionMeta, CropsMeta)
+RecordsT = TypeVar("RecordsT", AttentionRecords, CropsRecords)
+
+
+def _array(x: Any) -> np.ndarray:
+    """numpy view of an array-like or a torch tensor (on any device)."""
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()
+    return np.asarray(x)
+
+
+def _kind_ok(spec: DatasetSpec, dtype: np.dtype) -> bool:
+    if spec.dtype == "str":
+        return h5py.check_string_dtype(dtype) is not None
+    want = np.dtype(spec.dtype).kind
+    if want in "iu":
+        return dtype.kind in "iu"
+    return dtype.kind == want
+
+
+# --------------------------------------------------------------------------- writers
+class _Writer(Generic[MetaT]):
+    """Append-only writer of one schema; use as a context manager (the file appears only on success)."""
+
+    schema: ClassVar[FileSchema]
+
+    def __init__(self, path: str | os.PathLike[str], meta: MetaT, dims: dict[str, int]) -> None:
+        self.path = Path(path)
+        self.meta = meta
+        self.dims = dims
+        self._stack: contextlib.ExitStack | None = None
+        self._h5: h5py.File | None = None
+        self._count = 0
+        for spec in self.schema.datasets:
+            for d in spec.row_shape:
+                if isinstance(d, str) and (d not in dims or dims[d] < 1):
+                    raise ValueError(f"{type(self).__name__} needs a positive size for dimension {d}, got {dims}")
+
+    def _shape(self, spec: DatasetSpec) -> tuple[int, ...]:
+        return tuple(self.dims[d] if isinstance(d, str) else d for d in spec.row_shape)
+
+    def __enter__(self) -> _Writer[MetaT]:
+        with contextlib.ExitStack() as stack:
+            tmp = stack.enter_context(atomic_path(self.path))
+            h5 = stack.enter_context(h5py.File(tmp, "w"))
+            attrs = asdict(self.meta)
+            provenance = attrs.pop("provenance")
+            h5.attrs["schema"] = self.schema.kind
+            h5.attrs["schema_version"] = self.schema.version
+            for name, typ in self.schema.attrs.items():
+                h5.attrs[name] = typ(attrs[name])
+            h5.attrs["provenance"] = json.dumps(provenance, sort_keys=True, default=_json_default)
+            for spec in self.schema.datasets:
+                row = self._shape(spec)
+                dtype = _STR if spec.dtype == "str" else np.dtype(spec.dtype)
+                row_bytes = max(1, int(np.prod(row, dtype=np.int64)) * (8 if spec.dtype == "str" else dtype.itemsize))
+                chunk_rows = int(np.clip(_CHUNK_BYTES // row_bytes, 1, 4096))
+                h5.create_dataset(
+                    spec.name,
+                    shape=(0, *row),
+                    maxshape=(None, *row),
+                    dtype=dtype,
+                    chunks=(chunk_rows, *row),
+                    **({"compression": "gzip", "compression_opts": 4, "shuffle": True} if spec.compress else {}),
+                )
+            self._stack = stack.pop_all()  # keep the file open and the temp path alive past this block
+            self._h5 = h5
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        stack, self._stack, self._h5 = self._stack, None, None
+        if stack is None:
+            return None
+        # closes the HDF5 file, then renames the temp file onto the target (or deletes it on an exception)
+        return stack.__exit__(exc_type, exc, tb)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def _append(self, columns: dict[str, Any]) -> None:
+        if self._h5 is None:
+            raise RuntimeError(f"{type(self).__name__} for {self.path} is not open: use it in a `with` block")
+        arrays: dict[str, np.ndarray] = {}
+        n: int | None = None
+        for spec in self.schema.datasets:
+            if spec.dtype == "str":
+                values = [str(v) for v in columns[spec.name]]
+                arr = np.array(values, dtype=object)
+            else:
+                with np.errstate(over="ignore"):  # overflow is reported just below, as an error
+                    arr = _array(columns[spec.name]).astype(spec.dtype, copy=False)
+                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
+                    raise ValueError(
+                        f"{self.path}: `{spec.name}` has NaN or infinite values as {spec.dtype} "
+                        "(a diverged model, or values beyond the dtype's range)"
+                    )
+            if arr.shape[1:] != self._shape(spec):
+                raise ValueError(
+                    f"{self.path}: `{spec.name}` rows must have shape {self._shape(spec)}, got {arr.shape[1:]}"
+                )
+            if n is None:
+                n = arr.shape[0]
+            elif arr.shape[0] != n:
+                raise ValueError(f"{self.path}: `{spec.name}` has {arr.shape[0]} rows, the others {n}")
+            arrays[spec.name] = arr
+        if n is None:
+            raise RuntimeError(f"schema {self.schema.kind} defines no datasets")
+        for name, arr in arrays.items():
+            ds = self._h5[name]
+            ds.resize(self._count + n, axis=0)
+            ds[self._count : self._count + n] = arr
+        self._count += n
+
+
+class AttentionWriter(_Writer[AttentionMeta]):
+    """Writes attention.h5 batch by batch: ``with AttentionWriter(path, meta, (H, W), K) as w: w.append(...)``."""
+
+    schema = ATTENTION
+
+    def __init__(
+        self, path: str | os.PathLike[str], meta: AttentionMeta, heatmap_hw: tuple[int, int], num_classes: int
+    ) -> None:
+        super().__init__(path, meta, {"H": heatmap_hw[0], "W": heatmap_hw[1], "K": num_classes})
+
+    def __enter__(self) -> AttentionWriter:
+        super().__enter__()
+        return self
+
+    def append(
+        self, image_ids: Sequence[str], labels: Any, heatmaps: Any, logits: Any, predictions: Any
+    ) -> None:
+        """Append B images: ids (B,), labels (B,), heatmaps (B, H, W), logits (B, K), predictions (B,)."""
+        self._append(
+            {"image_id": image_ids, "label": labels, "heatmap": heatmaps, "logits": logits, "prediction": predictions}
+        )
+
+
+class CropsWriter(_Writer[CropsMeta]):
+    """Writes crops.h5 batch by batch: ``with CropsWriter(path, meta, max_parts) as w: w.append(...)``."""
+
+    schema = CROPS
+
+    def __init__(self, path: str | os.PathLike[str], meta: CropsMeta, max_parts: int) -> None:
+        super().__init__(path, meta, {"P": max_parts})
+
+    def __enter__(self) -> CropsWriter:
+        super().__enter__()
+        return self
+
+    def append(
+        self,
+        image_ids: Sequence[str],
+        boxes: Any,
+        scores: Any,
+        fallback: Any,
+        parts: Any,
+        part_scores: Any,
+        part_counts: Any,
+    ) -> None:
+        """Append B images: ids, boxes (B, 4), scores (B,), fallback (B,), parts (B, P, 4), part_scores (B, P), counts (B,)."""
+        counts = _array(part_counts)
+        if ((counts < 0) | (counts > self.dims["P"])).any():
+            raise ValueError(f"{self.path}: part counts must lie in [0, {self.dims['P']}], got {counts.tolist()}")
+        self._append(
+            {
+                "image_id": image_ids,
+                "box": boxes,
+                "score": scores,
+                "fallback": fallback,
+                "parts": parts,
+                "part_scores": part_scores,
+                "part_count": counts,
+            }
+        )
+
+
+# --------------------------------------------------------------------------- readers
+class _Reader(Generic[MetaT, RecordsT]):
+    """Validating reader of one schema; reads slices lazily. Use as a context manager or call close()."""
+
+    schema: ClassVar[FileSchema]
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        rerun = f"rerun `{self.schema.producer}`"
+        if not self.path.is_file():
+            raise ArtifactError(f"{self.path}: not found ({rerun} first)")
+        try:
+            self._h5 = h5py.File(self.path, "r")
+        except OSError as err:
+            raise ArtifactError(f"{self.path}: not a readable HDF5 file ({err}); {rerun}") from err
+        try:
+            self.meta, self.dims, self._len = self._validate(rerun)
+        except BaseException:
+            self._h5.close()
+            raise
+
+    def _validate(self, rerun: str) -> tuple[MetaT, dict[str, int], int]:
+        h5, where = self._h5, self.path
+        kind = h5.attrs.get("schema")
+        if kind != self.schema.kind:
+            raise ArtifactError(f"{where}: not an {self.schema.kind} file (its `schema` attr is {kind!r})")
+        version = h5.attrs.get("schema_version")
+        if not isinstance(version, (int, np.integer)) or int(version) != self.schema.version:
+            shown = "missing" if version is None else repr(version.item() if hasattr(version, "item") else version)
+            raise ArtifactError(
+                f"{where}: schema version {shown}, this fgpipe reads version {self.schema.version}; {rerun}"
+            )
+        missing = [a for a in (*self.schema.attrs, "provenance") if a not in h5.attrs]
+        if missing:
+            raise ArtifactError(f"{where}: missing attrs {', '.join(missing)}; {rerun}")
+        try:
+            provenance = json.loads(str(h5.attrs["provenance"]))
+        except json.JSONDecodeError as err:
+            raise ArtifactError(f"{where}: attr `provenance` is not valid JSON ({err}); {rerun}") from err
+        values: dict[str, Any] = {}
+        for name, typ in self.schema.attrs.items():
+            raw = h5.attrs[name]
+            try:
+                values[name] = typ(raw.decode() if isinstance(raw, bytes) else raw)
+            except (TypeError, ValueError) as err:
+                raise ArtifactError(f"{where}: attr `{name}` = {raw!r} is not a {typ.__name__}; {rerun}") from err
+
+        dims: dict[str, int] = {}
+        lengths: dict[str, int] = {}
+        for spec in self.schema.datasets:
+            if spec.name not in h5:
+                raise ArtifactError(f"{where}: missing dataset `{spec.name}`; {rerun}")
+            ds = h5[spec.name]
+            if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 + len(spec.row_shape) or not _kind_ok(spec, ds.dtype):
+                raise ArtifactError(
+                    f"{where}: dataset `{spec.name}` should be (N, {', '.join(map(str, spec.row_shape))}) "
+                    f"{spec.dtype}, found {getattr(ds, 'shape', '?')} {getattr(ds, 'dtype', '?')}; {rerun}"
+                )
+            for d, actual in zip(spec.row_shape, ds.shape[1:]):
+                expected = dims.setdefault(d, actual) if isinstance(d, str) else d
+                if actual != expected:
+                    raise ArtifactError(
+                        f"{where}: dataset `{spec.name}` has size {actual} along {d}, expected {expected}; {rerun}"
+                    )
+            lengths[spec.name] = ds.shape[0]
+        if len(set(lengths.values())) > 1:
+            raise ArtifactError(f"{where}: datasets have different lengths {lengths}; {rerun}")
+        return self._meta(values, provenance), dims, next(iter(lengths.values()))
+
+    def _meta(self, values: dict[str, Any], provenance: dict[str, Any]) -> MetaT:
+        raise NotImplementedError
+
+    def _records(self, columns: dict[str, np.ndarray]) -> RecordsT:
+        raise NotImplementedError
+
+    def __len__(self) -> int:
+        return self._len
+
+    def __enter__(self) -> _Reader[MetaT, RecordsT]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._h5.close()
+
+    def image_ids(self) -> list[str]:
+        """Every image_id, in file order."""
+        return list(self._h5["image_id"].asstr()[:])
+
+    def read(self, start: int = 0, stop: int | None = None) -> RecordsT:
+        """Rows ``start:stop`` (only those are read from disk)."""
+        sl = slice(*slice(start, stop).indices(self._len)[:2])
+        columns: dict[str, np.ndarray] = {}
+        for spec in self.schema.datasets:
+            ds = self._h5[spec.name]
+            columns[spec.name] = ds.asstr()[sl] if spec.dtype == "str" else ds[sl]
+        return self._records(columns)
+
+    def iter_batches(self, batch_size: int) -> Iterator[RecordsT]:
+        """Consecutive slices of ``batch_size`` rows."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        for start in range(0, self._len, batch_size):
+            yield self.read(start, start + batch_size)
+
+    def check_source(self, **expected: str | None) -> None:
+        """Raise :class:`ArtifactError` if a source hash (e.g. ``manifest_sha256=...``) differs from the file's."""
+        for attr, want in expected.items():
+            if attr not in self.schema.sources:
+                raise TypeError(f"{self.schema.kind} files record {', '.join(self.schema.sources)}, not {attr}")
+            if want is None:
+                continue
+            have = getattr(self.meta, attr)
+            if have != want:
+                raise ArtifactError(
+                    f"{self.path} was made from another {self.schema.sources[attr]} "
+                    f"({attr} {have[:12]}..., expected {want[:12]}...): rerun `{self.schema.producer}` "
+                    "(or `dvc repro`)"
+                )
+
+
+class AttentionReader(_Reader[AttentionMeta, AttentionRecords]):
+    """Reads and validates attention.h5 (see the module docstring for the layout)."""
+
+    schema = ATTENTION
+
+    def __enter__(self) -> AttentionReader:
+        return self
+
+    def _meta(self, values: dict[str, Any], provenance: dict[str, Any]) -> AttentionMeta:
+        return AttentionMeta(**values, provenance=provenance)
+
+    def _records(self, columns: dict[str, np.ndarray]) -> AttentionRecords:
+        return AttentionRecords(
+            image_ids=list(columns["image_id"]),
+            labels=columns["label"].astype(np.int64),
+            heatmaps=columns["heatmap"].astype(np.float32),
+            logits=columns["logits"].astype(np.float32),
+            predictions=columns["prediction"].astype(np.int64),
+        )
+
+    @property
+    def heatmap_hw(self) -> tuple[int, int]:
+        return self.dims["H"], self.dims["W"]
+
+    @property
+    def num_classes(self) -> int:
+        return self.dims["K"]
+
+    def check_source(  # type: ignore[override]
+        self, manifest_sha256: str | None = None, checkpoint_sha256: str | None = None
+    ) -> None:
+        """Refuse a file made from another manifest or checkpoint (None: not checked)."""
+        super().check_source(manifest_sha256=manifest_sha256, checkpoint_sha256=checkpoint_sha256)
+
+
+class CropsReader(_Reader[CropsMeta, CropsRecords]):
+    """Reads and validates crops.h5 (see the module docstring for the layout)."""
+
+    schema = CROPS
+
+    def __enter__(self) -> CropsReader:
+        return self
+
+    def _meta(self, values: dict[str, Any], provenance: dict[str, Any]) -> CropsMeta:
+        return CropsMeta(**values, provenance=provenance)
+
+    def _records(self, columns: dict[str, np.ndarray]) -> CropsRecords:
+        return CropsRecords(
+            image_ids=list(columns["image_id"]),
+            boxes=columns["box"].astype(np.float32),
+            scores=columns["score"].astype(np.float32),
+            fallback=columns["fallback"].astype(bool),
+            parts=columns["parts"].astype(np.float32),
+            part_scores=columns["part_scores"].astype(np.float32),
+            part_counts=columns["part_count"].astype(np.int32),
+        )
+
+    @property
+    def max_parts(self) -> int:
+        return self.dims["P"]
+
+    def check_source(  # type: ignore[override]
+        self, manifest_sha256: str | None = None, attention_sha256: str | None = None
+    ) -> None:
+        """Refuse a file made from another manifest or attention file (None: not checked)."""
+        super().check_source(manifest_sha256=manifest_sha256, attention_sha256=attention_sha256)

@@ -1,0 +1,27 @@
+"""Localisation: heatmap -> object box (section 4), MPALM part boxes (section 5), IoU and NMS."""
+
+from fgpipe.localize.boxes import (
+    ObjectBoxes,
+    box_iou,
+    cells_to_pixels,
+    largest_component,
+    nms,
+    object_box,
+    object_boxes,
+)
+from fgpipe.localize.mpalm import DEFAULT_SIZES, PartBoxes, mpalm_parts, mpalm_parts_batch, pyramid_sizes
+
+__all__ = [
+    "DEFAULT_SIZES",
+    "ObjectBoxes",
+    "PartBoxes",
+    "box_iou",
+    "cells_to_pixels",
+    "largest_component",
+    "mpalm_parts",
+    "mpalm_parts_batch",
+    "nms",
+    "object_box",
+    "object_boxes",
+    "pyramid_sizes",
+]
