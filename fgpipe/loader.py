@@ -49,7 +49,7 @@ def decode_region(path: Path, region: Box, out_wh: tuple[int, int]) -> np.ndarra
         rgb = to_rgb(img)
     box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
     out = rgb.resize(out_wh, Image.BILINEAR, box=box, reducing_gap=None)
-    return np.asarray(out, dtype=np.uint8)
+    return np.array(out, dtype=np.uint8)  # a writable copy
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,179 @@
+"""Stage-1 training: it learns, it is reproducible, it resumes exactly, it fails cleanly, it runs under DDP."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from fgpipe.cli import app
+from fgpipe.config import load_params
+from fgpipe.errors import ArtifactError, TrainingError
+from fgpipe.stages import prepare, train_backbone
+
+COLOURS = [(200, 40, 40), (40, 200, 40), (40, 40, 200)]
+
+
+def write_colour_dataset(root: Path, per_class: int = 10, test_per_class: int = 3, size: int = 40) -> None:
+    """An ImageFolder where each class is a noisy patch of its own colour on a grey background."""
+    rng = np.random.default_rng(0)
+    for split, n in (("train", per_class), ("test", test_per_class)):
+        for c, colour in enumerate(COLOURS):
+            for i in range(n):
+                img = rng.integers(90, 140, size=(size, size, 3)).astype(np.uint8)
+                x, y = rng.integers(0, size // 2, size=2)
+                img[y : y + size // 2, x : x + size // 2] = np.clip(
+                    np.array(colour) + rng.integers(-30, 30, size=(size // 2, size // 2, 3)), 0, 255
+                )
+                path = root / split / f"class{c}" / f"{i:03d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(path)
+
+
+def make_project(tmp_path: Path, **train: object) -> Path:
+    """A prepared colour dataset `toy` and a params file training the tiny backbone on it."""
+    root = tmp_path / "toy_raw"
+    if not root.exists():
+        write_colour_dataset(root)
+    params = {
+        "run": {},
+        "datasets": {"toy": {"kind": "imagefolder", "root": str(root), "val_fraction": 0.2}},
+        "prepare": {"data_dir": str(tmp_path / "data"), "metrics_dir": str(tmp_path / "metrics")},
+        "model": {"backbone": "tiny", "num_attentions": 4, "lcam": "block", "logit_scale": 10.0},
+        "train_backbone": {
+            "input_size": 32, "epochs": 3, "batch_size": 8, "lr": 0.05, "warmup_epochs": 0.5,
+            "augment": {"resize_ratio": 1.1, "hflip": True, "color_jitter": 0.1}, **train,
+        },
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    prepare.run(load_params(path), "toy")
+    return path
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_training_lowers_loss_and_writes_checkpoints(tmp_path: Path) -> None:
+    params = make_project(tmp_path, epochs=4)
+    metrics = train_backbone.run(load_params(params), "toy")
+    ckpt = torch.load(tmp_path / "data/toy/stage1/last.pt", weights_only=True)
+    history = ckpt["history"]
+    assert len(history) == 4
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert metrics["val"]["top1"] > 1 / 3  # better than chance on an easy task
+    assert ckpt["class_names"] == ["class0", "class1", "class2"]
+    assert ckpt["center"]["centers"].shape[0] == 3
+    assert {"model", "optimizer", "scheduler", "rng", "config", "epoch", "best"} <= ckpt.keys()
+    assert ckpt["config"]["model"]["backbone"] == "tiny"
+    best = torch.load(tmp_path / "data/toy/stage1/best.pt", weights_only=True)
+    assert best["epoch"] == metrics["best_epoch"]
+    saved = yaml.safe_load((tmp_path / "metrics/toy/train_backbone.json").read_text())
+    assert saved["best_epoch"] == metrics["best_epoch"] and saved["test"]["images"] == 9
+    curves = tmp_path / "metrics/toy/train_backbone/plots/metrics"
+    assert (curves / "train/loss.tsv").is_file() and (curves / "val/top1.tsv").is_file()
+    assert len((curves / "train/loss.tsv").read_text().strip().splitlines()) == 1 + 4
+
+
+def test_same_seed_gives_identical_weights(tmp_path: Path) -> None:
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir(), b.mkdir()
+    train_backbone.run(load_params(make_project(a, epochs=2)), "toy")
+    train_backbone.run(load_params(make_project(b, epochs=2)), "toy")
+    assert_same_weights(weights(a / "data/toy/stage1/last.pt"), weights(b / "data/toy/stage1/last.pt"))
+
+
+def test_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path: Path) -> None:
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    full.mkdir(), cut.mkdir()
+    train_backbone.run(load_params(make_project(full)), "toy")
+
+    def crash(epoch: int, step: int) -> None:
+        if epoch == 1 and step == 1:
+            raise KeyboardInterrupt  # as if the process were killed in the middle of epoch 2
+
+    params = make_project(cut)
+    with pytest.raises(KeyboardInterrupt):
+        train_backbone.run(load_params(params), "toy", on_step=crash)
+    assert torch.load(cut / "data/toy/stage1/last.pt", weights_only=True)["epoch"] == 1
+    metrics = train_backbone.run(load_params(params), "toy", resume=True)
+    assert metrics["resumed_from_epoch"] == 1
+    assert_same_weights(weights(full / "data/toy/stage1/last.pt"), weights(cut / "data/toy/stage1/last.pt"))
+    full_ckpt = torch.load(full / "data/toy/stage1/last.pt", weights_only=True)
+    cut_ckpt = torch.load(cut / "data/toy/stage1/last.pt", weights_only=True)
+    assert torch.equal(full_ckpt["center"]["centers"], cut_ckpt["center"]["centers"])
+
+
+def test_resume_refuses_a_checkpoint_made_with_other_params(tmp_path: Path) -> None:
+    params = make_project(tmp_path, epochs=1)
+    train_backbone.run(load_params(params), "toy")
+    with pytest.raises(ArtifactError, match="train_backbone.lr"):
+        train_backbone.run(load_params(params, {"train_backbone.lr": 0.01}), "toy", resume=True)
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
+    params = make_project(tmp_path, epochs=3)
+    holder: dict[str, torch.nn.Module] = {}
+    real_build = train_backbone.build_stage1
+
+    def build(*args: object, **kwargs: object) -> torch.nn.Module:
+        holder["model"] = real_build(*args, **kwargs)
+        return holder["model"]
+
+    def poison(epoch: int, step: int) -> None:
+        if epoch == 1 and step == 0:
+            with torch.no_grad():
+                next(holder["model"].parameters()).fill_(float("nan"))
+
+    train_backbone.build_stage1 = build  # type: ignore[assignment]
+    try:
+        with pytest.raises(TrainingError, match=r"loss became nan at epoch 2, step 2"):
+            train_backbone.run(load_params(params), "toy", on_step=poison)
+    finally:
+        train_backbone.build_stage1 = real_build  # type: ignore[assignment]
+    last = torch.load(tmp_path / "data/toy/stage1/last.pt", weights_only=True)
+    assert last["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
+
+
+def test_missing_manifest_names_the_file_and_the_fix(tmp_path: Path) -> None:
+    params = make_project(tmp_path)
+    (tmp_path / "data/toy/manifest.csv").unlink()
+    result = CliRunner().invoke(app, ["train-backbone", "--dataset", "toy", "--params", str(params)])
+    assert result.exit_code == 1
+    assert "manifest.csv" in result.output and "fgpipe prepare --dataset" in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_gloo_ddp_run_trains(tmp_path: Path) -> None:
+    params = make_project(tmp_path, epochs=2)
+    env = {**os.environ, "FGPIPE_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "fgpipe", "train-backbone", "--dataset", "toy", "--params", str(params)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = yaml.safe_load((tmp_path / "metrics/toy/train_backbone.json").read_text())
+    assert metrics["world_size"] == 2
+    ckpt = torch.load(tmp_path / "data/toy/stage1/last.pt", weights_only=True)
+    assert ckpt["history"][-1]["train_loss"] < ckpt["history"][0]["train_loss"]
