@@ -115,7 +115,8 @@ def _run(
     val = load_split(root, by_split["val"], side, "val")
 
     seed_everything(cfg.seed)
-    model = build_stage1(mcfg, len(classes)).to(rt.device)
+    weights = mcfg.weights if mcfg.weights in ("none", "imagenet") else str(settings.resolve(mcfg.weights))
+    model = build_stage1(mcfg, len(classes), weights=weights).to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     with torch.no_grad():

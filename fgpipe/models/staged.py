@@ -1,0 +1,108 @@
+"""A backbone built as stem -> stages of blocks, with LCAM after every block or after every stage.
+
+Every registered backbone derives from :class:`StagedBackbone`: it keeps the trunk's modules under
+their original names (so a torchvision / package state_dict loads key for key), declares its stages
+as :class:`StageSpec` lists, and implements ``forward_stem``. The LCAM modules live apart, under
+``lcam.<block or stage>``, so they never disturb the pretrained key names.
+"""
+
+from __future__ import annotations
+
+from abc import abstractmethod
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from fgpipe.errors import ConfigError
+from fgpipe.models.base import Backbone
+from fgpipe.models.lcam import LCAM, check_kernel_size, check_placement
+
+if TYPE_CHECKING:
+    from fgpipe.models.weights import WeightsReport
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One block of a stage: its submodule path, output channels, and whether ``lcam: block`` follows it."""
+
+    path: str  # e.g. "layer1.0", "Mixed_5b", "_blocks.3"
+    channels: int
+    lcam: bool = True  # False for a plain conv that is not a residual/Mixed/MBConv block (EfficientNet's head)
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """A named stage: its blocks, in order, and its total stride."""
+
+    name: str
+    stride: int
+    blocks: tuple[BlockSpec, ...]
+
+
+def lcam_key(path: str) -> str:
+    """ModuleDict keys cannot hold dots: ``layer1.0`` -> ``layer1_0``."""
+    return path.replace(".", "_")
+
+
+class StagedBackbone(Backbone):
+    """Stem, then stages of blocks; every stage's output is returned by ``forward_features``."""
+
+    #: registry name, e.g. "resnet50" (used in messages)
+    name: str = ""
+    #: key prefixes a pretrained file may carry that the trunk does not use (classifier heads)
+    ignored_prefixes: tuple[str, ...] = ()
+    #: what :func:`fgpipe.models.weights.load_backbone_weights` loaded, set by ``create_backbone``
+    weights_report: WeightsReport | None = None
+
+    def _setup_stages(self, stages: list[StageSpec], lcam: str, lcam_kernel: int) -> None:
+        """Record the stages and build the LCAM modules; call at the end of a subclass ``__init__``."""
+        check_placement(lcam)
+        check_kernel_size(lcam_kernel)
+        self._stages = tuple(stages)
+        self.stage_names = tuple(s.name for s in stages)
+        self.stage_channels = {s.name: s.blocks[-1].channels for s in stages}
+        self.stage_strides = {s.name: s.stride for s in stages}
+        # plain dict (not registered twice): path -> the block module already held under its own name
+        self._block_modules = {b.path: self.get_submodule(b.path) for s in stages for b in s.blocks}
+        self.lcam_placement = lcam
+        self.lcam_kernel = lcam_kernel
+        self.lcam = nn.ModuleDict()
+        if lcam == "block":
+            for s in stages:
+                for b in s.blocks:
+                    if b.lcam:
+                        self.lcam[lcam_key(b.path)] = LCAM(b.channels, lcam_kernel)
+        elif lcam == "stage":
+            for s in stages:
+                self.lcam[lcam_key(s.name)] = LCAM(self.stage_channels[s.name], lcam_kernel)
+
+    @abstractmethod
+    def forward_stem(self, x: Tensor) -> Tensor:
+        """Everything before the first stage's first block."""
+
+    def forward_block(self, index: int, block: nn.Module, x: Tensor) -> Tensor:
+        """Run block number ``index`` (counted over all stages); override for blocks with extra arguments."""
+        return block(x)
+
+    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+        feats: dict[str, Tensor] = {}
+        x = self.forward_stem(x)
+        index = 0
+        for stage in self._stages:
+            for spec in stage.blocks:
+                x = self.forward_block(index, self._block_modules[spec.path], x)
+                index += 1
+                if self.lcam_placement == "block" and spec.lcam:
+                    x = self.lcam[lcam_key(spec.path)](x)
+            if self.lcam_placement == "stage":
+                x = self.lcam[lcam_key(stage.name)](x)
+            feats[stage.name] = x  # (B, C_s, ~H / s, ~W / s)
+        return feats
+
+    def imagenet_state_dict(self) -> dict[str, Tensor]:
+        """The ImageNet weights of this trunk (key names as in this module); subclasses that have them override."""
+        raise ConfigError(
+            f"backbone `{self.name}` has no ImageNet weights: set model.weights to `none` "
+            "or to a path to a state_dict file (CLI: --weights FILE)"
+        )
