@@ -33,19 +33,20 @@ SYNTHETIC_SOURCE = "fgpipe/datasets/synthetic.py"
 class SyntheticOptions:
     """The built-in fine-grained synthetic dataset (see fgpipe/datasets/synthetic.py)."""
 
-    num_classes: int = Field(8, ge=2, le=1000)
+    num_classes: int = Field(8, ge=2, le=256)  # 256: every combination of the 4 parts' 4 markings
     train_per_class: int = Field(60, ge=2, le=100_000)
     test_per_class: int = Field(20, ge=1, le=100_000)
     image_size: int = Field(224, ge=64, le=2048)
-    object_size: tuple[float, float] = (0.22, 0.32)
-    distractors: int = Field(6, ge=0, le=100)
+    object_size: tuple[float, float] = (0.22, 0.32)  # object length as a fraction of the image side (min, max)
+    max_rotation: float = Field(40.0, ge=0.0, le=180.0)  # object rotation drawn from +-this many degrees
+    distractors: int = Field(6, ge=0, le=100)  # clutter shapes per image (lone parts, blobs, specks, twigs)
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
     def _check_range(self) -> SyntheticOptions:
         lo, hi = self.object_size
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"object_size must satisfy 0 < min <= max <= 1, got {self.object_size!r}")
+        if not 0 < lo <= hi <= 0.8:
+            raise ValueError(f"object_size must satisfy 0 < min <= max <= 0.8 (the object must fit), got {self.object_size!r}")
         return self
 
 
@@ -175,6 +176,80 @@ class TrainBackboneConfig:
         return self
 
 
+@dataclass(frozen=True, config=_CFG)
+class AttentionConfig:
+    """Stage extract-attention: heatmaps from the stage-1 network (METHODS.md section 3)."""
+
+    method: Literal["oaam", "gradcam", "aolm", "bap"] = "oaam"
+    target: Literal["predicted", "true"] = "predicted"  # class whose score Grad-CAM(++) explains
+    checkpoint: Literal["best", "last"] = "best"
+    batch_size: int = Field(32, ge=1, le=4096)
+
+
+@dataclass(frozen=True, config=_CFG)
+class CropsConfig:
+    """Stage extract-crops: object boxes from heatmaps and MPALM part boxes (METHODS.md sections 4-5)."""
+
+    threshold: float = Field(0.2, gt=0.0, le=1.0)  # of the heatmap's max
+    part_top_k: int = Field(4, ge=1, le=64)  # channels whose peaks become part centres
+    part_sizes: tuple[int, ...] = (96, 160, 224)  # box sides at a 448-pixel input; scaled with the input size
+    part_nms_iou: float = Field(0.5, gt=0.0, le=1.0)
+    max_parts: int = Field(6, ge=1, le=64)
+    batch_size: int = Field(32, ge=1, le=4096)
+    preview_images: int = Field(8, ge=0, le=64)  # test images drawn in data/NAME/crops_preview.png
+
+    @model_validator(mode="after")
+    def _sizes(self) -> CropsConfig:
+        if not self.part_sizes or any(v < 8 for v in self.part_sizes):
+            raise ValueError(f"part_sizes must be a non-empty list of sides >= 8 pixels, got {self.part_sizes!r}")
+        return self
+
+
+@dataclass(frozen=True, config=_CFG)
+class TrainRefineConfig:
+    """Stage train-refine: object branch on object crops, part branch on MPALM patches (METHODS.md section 6)."""
+
+    input_size: int = Field(224, ge=32, le=1024)  # object crops are resized to this
+    part_size: int = Field(0, ge=0, le=1024)  # part patches are resized to this; 0 = input_size // 2
+    shared_backbone: bool = False  # one backbone for both branches (MMAL-Net style) or one each
+    part_pooling: Literal["mean_logits"] = "mean_logits"  # patch logits pooled per image
+    epochs: int = Field(10, ge=1, le=10_000)
+    batch_size: int = Field(16, ge=1, le=4096)
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float = Field(0.01, gt=0, le=10)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    weight_decay: float = Field(1e-4, ge=0, le=1)
+    schedule: Literal["cosine", "step"] = "cosine"
+    warmup_epochs: float = Field(1.0, ge=0)
+    step_size: int = Field(2, ge=1)
+    gamma: float = Field(0.9, gt=0, le=1)
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    box_jitter: float = Field(0.05, ge=0, le=0.5)  # random shift/scale of crop boxes at train time, fraction of the box side
+    augment: AugmentConfig = AugmentConfig()
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    amp: Literal["auto", "off", "bf16"] = "auto"
+    channels_last: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclass(frozen=True, config=_CFG)
+class BranchWeights:
+    raw: float = Field(1.0, ge=0)
+    object: float = Field(1.0, ge=0)
+    parts: float = Field(1.0, ge=0)
+
+
+@dataclass(frozen=True, config=_CFG)
+class EvaluateConfig:
+    """Stage evaluate: joint prediction on test; combination weights chosen on val or fixed here."""
+
+    combine: Literal["val", "fixed"] = "val"
+    weights: BranchWeights = BranchWeights()  # used when combine: fixed
+    weight_step: float = Field(0.25, gt=0, le=1)  # grid step of the weights searched on val
+    top_k: int = Field(5, ge=1, le=100)
+    batch_size: int = Field(32, ge=1, le=4096)
+
+
 # --------------------------------------------------------------------------- the whole file
 @dataclass(frozen=True, config=_CFG)
 class Params:
@@ -187,6 +262,10 @@ class Params:
     prepare: PrepareConfig = PrepareConfig()
     model: ModelConfig = ModelConfig()
     train_backbone: TrainBackboneConfig = TrainBackboneConfig()
+    attention: AttentionConfig = AttentionConfig()
+    crops: CropsConfig = CropsConfig()
+    train_refine: TrainRefineConfig = TrainRefineConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
     @model_validator(mode="after")
     def _check_run(self) -> Params:

@@ -250,12 +250,7 @@ def train_one_epoch(
     net: nn.Module, center: CenterLoss, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
     data: Split, cfg: TrainBackboneConfig, rt: Runtime, gen: torch.Generator, epoch: int, on_step: StepHook | None,
 ) -> dict[str, float]:
-    """One epoch of WS-DAN training: raw view + attention crop + attention drop, plus center loss.
-
-    loss = (CE_raw + CE_crop + CE_drop) / 3 + lambda * center. The raw pass is backpropagated first
-    (its attention maps, detached, define the crops and drops), then the crop+drop pass; the gradients
-    add up to those of the summed loss, while DDP synchronises only once (``no_sync`` on the first).
-    """
+    """One epoch of WS-DAN training: loss = (CE_raw + CE_crop + CE_drop) / 3 + lambda * center."""
     net.train()
     order = torch.randperm(len(data), generator=gen)
     batches = _batches(shard_indices(order, rt), cfg.batch_size)
@@ -268,36 +263,12 @@ def train_one_epoch(
         for step, idx in enumerate(batches):
             x = rt.to_input(normalize(train_augment(data.images[idx], cfg.input_size, cfg.augment, gen)))
             y = data.labels[idx].to(rt.device)
-            sync_first = net.no_sync() if rt.distributed else contextlib.nullcontext()
-            with sync_first:
-                with rt.autocast():
-                    out = net(x)
-                    loss_raw = F.cross_entropy(out.logits.float(), y, label_smoothing=cfg.label_smoothing)
-                loss_center = center(out.embedding.float(), y)
-                loss1 = loss_raw / 3 + cfg.center_loss_weight * loss_center
-                _check_finite(loss1, epoch, step)
-                loss1.backward()
-            with torch.no_grad():
-                crops, drops = attention_crop_drop(
-                    x.detach().float(), out.attention.detach().float(), crop_threshold=cfg.crop_threshold,
-                    drop_threshold=cfg.drop_threshold, padding=cfg.crop_padding, generator=gen,
-                )
-            with rt.autocast():
-                out2 = net(rt.to_input(torch.cat([crops, drops])))
-                logits2 = out2.logits.float()
-                loss2 = (F.cross_entropy(logits2[: len(y)], y, label_smoothing=cfg.label_smoothing)
-                         + F.cross_entropy(logits2[len(y):], y, label_smoothing=cfg.label_smoothing)) / 3
-            _check_finite(loss2, epoch, step)
-            loss2.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            loss, logits = train_step(net, center, opt, x, y, cfg, rt, gen, epoch, step)
             sched.step()
-            sums, counts = center.batch_sums(out.embedding.detach().float(), y)
-            center.update_from_sums(all_reduce_sum(sums, rt), all_reduce_sum(counts, rt), cfg.center_beta)
 
-            loss_value = float(loss1.detach() + loss2.detach())
+            loss_value = float(loss)
             total_loss += loss_value * len(y)
-            correct += int((out.logits.argmax(1) == y).sum())
+            correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             if pbar is not None:
                 rate = seen * rt.world_size / (time.perf_counter() - t0)
@@ -309,6 +280,44 @@ def train_one_epoch(
     elapsed = time.perf_counter() - t0
     return {"loss": float(stats[0] / stats[2]), "top1": float(stats[1] / stats[2]), "images": int(stats[2]),
             "images_per_s": float(stats[2] / elapsed)}
+
+
+def train_step(
+    net: nn.Module, center: CenterLoss, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
+    cfg: TrainBackboneConfig, rt: Runtime, gen: torch.Generator, epoch: int = 0, step: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """One optimisation step on a normalised batch; returns (total loss, raw logits), both detached.
+
+    The raw pass is backpropagated first (its attention maps, detached, define the crops and drops),
+    then the crop+drop pass: the gradients add up to those of the summed loss, and under DDP only the
+    second backward synchronises (``no_sync`` on the first). Center-loss centers are updated from sums
+    all-reduced over ranks, so they stay identical everywhere.
+    """
+    sync_first = net.no_sync() if rt.distributed else contextlib.nullcontext()
+    with sync_first:
+        with rt.autocast():
+            out = net(x)
+            loss_raw = F.cross_entropy(out.logits.float(), y, label_smoothing=cfg.label_smoothing)
+        loss_center = center(out.embedding.float(), y)
+        loss1 = loss_raw / 3 + cfg.center_loss_weight * loss_center
+        _check_finite(loss1, epoch, step)
+        loss1.backward()
+    with torch.no_grad():
+        crops, drops = attention_crop_drop(
+            x.detach().float(), out.attention.detach().float(), crop_threshold=cfg.crop_threshold,
+            drop_threshold=cfg.drop_threshold, padding=cfg.crop_padding, generator=gen,
+        )
+    with rt.autocast():
+        logits2 = net(rt.to_input(torch.cat([crops, drops]))).logits.float()
+        loss2 = (F.cross_entropy(logits2[: len(y)], y, label_smoothing=cfg.label_smoothing)
+                 + F.cross_entropy(logits2[len(y):], y, label_smoothing=cfg.label_smoothing)) / 3
+    _check_finite(loss2, epoch, step)
+    loss2.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    sums, counts = center.batch_sums(out.embedding.detach().float(), y)
+    center.update_from_sums(all_reduce_sum(sums, rt), all_reduce_sum(counts, rt), cfg.center_beta)
+    return (loss1 + loss2).detach(), out.logits.detach()
 
 
 def _check_finite(loss: Tensor, epoch: int, step: int) -> None:
@@ -352,3 +361,22 @@ def evaluate(model: nn.Module, data: Split, cfg: TrainBackboneConfig, rt: Runtim
     all_reduce_sum(counts, rt)
     n = max(float(counts[2]), 1.0)
     return {"top1_raw": float(counts[0]) / n, "top1": float(counts[1]) / n, "images": int(counts[2])}
+
+
+def load_stage1(path: str | Path, device: str | torch.device = "cpu") -> tuple[Stage1Net, dict[str, Any]]:
+    """Rebuild the stage-1 network from a checkpoint (its own config; no weight download) in eval mode.
+
+    Returns the model and the checkpoint dict (class_names, manifest_sha256, config, ...).
+    """
+    state = load_checkpoint(path, map_location=device)
+    if state.get("kind") != "stage1":
+        raise ArtifactError(f"{path}: not a stage-1 checkpoint (kind {state.get('kind')!r})")
+    mcfg = ModelConfig(**state["config"]["model"])
+    model = build_stage1(mcfg, len(state["class_names"]), weights="none")
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def stage1_input_size(state: dict[str, Any]) -> int:
+    """The input size a stage-1 checkpoint was trained at."""
+    return int(state["config"]["train_backbone"]["input_size"])
