@@ -1,8 +1,16 @@
-"""Process-wide runtime settings: CPU threads."""
+"""Process-wide runtime settings: CPU threads and glibc's allocator."""
 
 from __future__ import annotations
 
 import os
+import platform
+import sys
+from collections.abc import Sequence
+
+# Keep freed memory in the process instead of handing it back to the kernel and faulting fresh
+# zeroed pages in again on the next batch: every allocation from the heap (no mmap), and no trimming.
+# glibc reads these only at process start, so the CLI re-executes itself once with them set.
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 
 
 def available_cores() -> int:
@@ -22,3 +30,18 @@ def configure_threads() -> int:
         return n
     torch.set_num_threads(n)
     return n
+
+
+def malloc_tuning_wanted(environ: dict[str, str] | os._Environ[str]) -> bool:
+    """True when the allocator settings should be applied: glibc Linux, not disabled, not yet set."""
+    if environ.get("FGPIPE_MALLOC_TUNING", "1") == "0":
+        return False
+    if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    return any(k not in environ for k in MALLOC_ENV)
+
+
+def reexec_with_malloc_tuning(argv: Sequence[str]) -> None:
+    """Replace this process by ``python -m fgpipe ARGV`` with :data:`MALLOC_ENV` set (same pid)."""
+    env = {**os.environ, **{k: v for k, v in MALLOC_ENV.items() if k not in os.environ}}
+    os.execve(sys.executable, [sys.executable, "-m", "fgpipe", *argv], env)
