@@ -37,7 +37,7 @@ class SyntheticOptions:
     train_per_class: int = Field(60, ge=2, le=100_000)
     test_per_class: int = Field(20, ge=1, le=100_000)
     image_size: int = Field(224, ge=64, le=2048)
-    object_size: tuple[float, float] = (0.22, 0.32)  # object length as a fraction of the image side (min, max)
+    object_size: tuple[float, float] = (0.32, 0.46)  # object length as a fraction of the image side (min, max)
     max_rotation: float = Field(40.0, ge=0.0, le=180.0)  # object rotation drawn from +-this many degrees
     distractors: int = Field(6, ge=0, le=100)  # clutter shapes per image (lone parts, blobs, specks, twigs)
     seed: int = Field(0, ge=0)

@@ -1,0 +1,218 @@
+"""The built-in synthetic dataset: determinism, caching, layout, boxes, fine-grained classes, prepare."""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fgpipe.config import DatasetConfig, SyntheticOptions, load_params
+from fgpipe.datasets import synthetic as syn
+from fgpipe.errors import ConfigError, DatasetError
+from fgpipe.manifest import read_manifest
+from fgpipe.stages import prepare
+from tests.conftest import write_params
+
+TINY = SyntheticOptions(num_classes=3, train_per_class=3, test_per_class=2, image_size=64, distractors=3, seed=7)
+
+
+def listing_of(root: Path) -> syn.SourceListing:
+    return syn.read(root, DatasetConfig(kind="synthetic", root=str(root)))
+
+
+def files_of(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# --------------------------------------------------------------------------- generate: determinism and caching
+def test_same_options_give_identical_files(tmp_path: Path) -> None:
+    syn.generate(tmp_path / "a", TINY)
+    syn.generate(tmp_path / "b", TINY)
+    a, b = files_of(tmp_path / "a"), files_of(tmp_path / "b")
+    assert a == b
+    n = TINY.num_classes * (TINY.train_per_class + TINY.test_per_class)
+    assert sum(k.endswith(".jpg") for k in a) == n
+    assert {"annotations.csv", "parts.csv", "classes.csv", "synthetic.json"} <= set(a)
+
+
+def test_second_call_rewrites_nothing(tmp_path: Path) -> None:
+    root = tmp_path / "syn"
+    syn.generate(root, TINY)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    syn.generate(root, TINY)
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == before
+
+
+def test_changed_options_regenerate_cleanly(tmp_path: Path) -> None:
+    root = tmp_path / "syn"
+    syn.generate(root, TINY)
+    other = dataclasses.replace(TINY, num_classes=2, train_per_class=2, seed=8)
+    syn.generate(root, other)
+    assert syn.is_current(root, other) and not syn.is_current(root, TINY)
+    listing = listing_of(root)
+    assert len(listing.records) == 2 * (2 + TINY.test_per_class)
+    assert len(list(root.rglob("*.jpg"))) == len(listing.records)  # nothing of the old dataset is left
+    assert [p.name for p in tmp_path.iterdir()] == ["syn"]  # no temporary folder is left either
+
+
+def test_interrupted_generation_leaves_no_dataset(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = tmp_path / "syn"
+    syn.generate(root, TINY)
+    old = files_of(root)
+    calls = {"n": 0}
+    real_render = syn.render
+
+    def failing(spec: syn.ImageSpec) -> syn.Rendered:
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real_render(spec)
+
+    monkeypatch.setattr(syn, "render", failing)
+    with pytest.raises(KeyboardInterrupt):
+        syn.generate(root, dataclasses.replace(TINY, seed=9))
+    assert files_of(root) == old  # the previous complete dataset is untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["syn"]
+
+
+def test_refuses_to_overwrite_a_foreign_folder(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    root.mkdir()
+    (root / "holiday.jpg").write_bytes(b"not ours")
+    with pytest.raises(DatasetError, match=r"photos.*no synthetic.json"):
+        syn.generate(root, TINY)
+    assert (root / "holiday.jpg").read_bytes() == b"not ours"
+
+
+# --------------------------------------------------------------------------- read
+def test_reader_lists_every_image_per_class_and_split(tmp_path: Path) -> None:
+    root = tmp_path / "syn"
+    syn.generate(root, TINY)
+    listing = listing_of(root)
+    assert listing.classes == syn.class_names(TINY.num_classes)
+    for cname, split in itertools.product(listing.classes, ("train", "test")):
+        want = TINY.train_per_class if split == "train" else TINY.test_per_class
+        assert sum(r.class_name == cname and r.split == split for r in listing.records) == want
+    for r in listing.records:
+        assert (root / r.path).is_file() and r.path.startswith(f"images/{r.class_name}/")
+        assert r.origin.startswith(str(root / "annotations.csv") + ":")
+        x0, y0, x1, y1 = r.box  # type: ignore[misc]
+        assert 0 <= x0 < x1 <= TINY.image_size and 0 <= y0 < y1 <= TINY.image_size
+
+
+def test_written_boxes_are_the_rendered_ones(tmp_path: Path) -> None:
+    root = tmp_path / "syn"
+    syn.generate(root, TINY)
+    parts = syn.read_parts(root)
+    for r in listing_of(root).records:
+        k = syn.class_names(TINY.num_classes).index(r.class_name)
+        index = int(r.image_id.rsplit("_", 1)[1])
+        rendered = syn.render(syn.sample_spec(TINY, k, r.split, index))
+        assert r.box == rendered.box
+        assert parts[r.image_id] == rendered.part_boxes()
+        assert set(parts[r.image_id]) == set(syn.PARTS)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("id,path\n", r"annotations.csv:1: header must be"),
+        ("image_id,path,class_name,split,x0,y0,x1,y1\na,images/x.jpg,{c},train,1,2,3\n", r"annotations.csv:2: expected 8 fields"),
+        ("image_id,path,class_name,split,x0,y0,x1,y1\na,images/x.jpg,nope,train,1,2,3,4\n", r"annotations.csv:2: class 'nope'"),
+        ("image_id,path,class_name,split,x0,y0,x1,y1\na,images/x.jpg,{c},val,1,2,3,4\n", r"annotations.csv:2: split must be"),
+        ("image_id,path,class_name,split,x0,y0,x1,y1\na,images/x.jpg,{c},test,1,2,x,4\n", r"annotations.csv:2: box values"),
+        (
+            "image_id,path,class_name,split,x0,y0,x1,y1\na,../x.jpg,{c},test,1,2,3,4\n",
+            r"annotations.csv:2: path '../x.jpg' escapes",
+        ),
+    ],
+)
+def test_reader_errors_name_file_and_line(tmp_path: Path, content: str, message: str) -> None:
+    root = tmp_path / "syn"
+    syn.generate(root, TINY)
+    (root / "annotations.csv").write_text(content.format(c=syn.class_names(TINY.num_classes)[0]))
+    with pytest.raises(DatasetError, match=message):
+        listing_of(root)
+
+
+def test_reader_says_how_to_get_a_missing_dataset(tmp_path: Path) -> None:
+    with pytest.raises(DatasetError, match="fgpipe prepare --dataset"):
+        listing_of(tmp_path / "absent")
+
+
+# --------------------------------------------------------------------------- rendering
+def test_boxes_are_tight_around_the_object() -> None:
+    opts = SyntheticOptions(image_size=96)
+    for k, i in itertools.product(range(opts.num_classes), range(3)):
+        r = syn.render(syn.sample_spec(opts, k, "train", i))
+        x0, y0, x1, y1 = (int(v) for v in r.box)
+        assert 0 <= x0 < x1 <= 96 and 0 <= y0 < y1 <= 96
+        inside = np.zeros_like(r.object_mask)
+        inside[y0:y1, x0:x1] = True
+        assert not (r.object_mask & ~inside).any()  # every object pixel is inside the box
+        # ... and the box is tight: the object touches all four sides
+        assert r.object_mask[y0].any() and r.object_mask[y1 - 1].any()
+        assert r.object_mask[:, x0].any() and r.object_mask[:, x1 - 1].any()
+        for part, (px0, py0, px1, py1) in r.part_boxes().items():
+            assert x0 <= px0 < px1 <= x1 and y0 <= py0 < py1 <= y1, part
+
+
+def test_classes_differ_only_inside_the_changed_parts() -> None:
+    """Every marking of every part, against a base bird in the same pose: the silhouette is the same and
+    the pixels differ only inside the box of the part whose marking changed, and visibly (>= 12 pixels)."""
+    opts = SyntheticOptions(image_size=224, object_size=(0.27, 0.27))
+    base_spec = dataclasses.replace(syn.sample_spec(opts, 0, "test", 0), attributes=(0, 0, 0, 0))
+    base = syn.render(base_spec)
+    for p, part in enumerate(syn.PARTS):
+        for m in range(1, len(syn.MARKINGS[part])):
+            attrs = tuple(m if q == p else 0 for q in range(len(syn.PARTS)))
+            other = syn.render(dataclasses.replace(base_spec, attributes=attrs))
+            assert np.array_equal(other.object_mask, base.object_mask)
+            diff = np.abs(other.image.astype(int) - base.image.astype(int)).max(axis=2) > 0
+            x0, y0, x1, y1 = (int(v) for v in base.part_boxes()[part])
+            assert diff.sum() >= 12, (part, syn.MARKINGS[part][m])
+            assert not diff[:y0].any() and not diff[y1:].any() and not diff[:, :x0].any() and not diff[:, x1:].any()
+
+
+def test_classes_are_unique_marking_combinations() -> None:
+    assert syn.marking_counts(8) == (2, 2, 2, 1)  # head, wing and tail vary; the body is the same for all
+    for n in (2, 3, 8, 10, 27, syn.MAX_CLASSES):
+        attrs = syn.class_attributes(n)
+        assert len(set(attrs)) == n
+        assert len(set(syn.class_names(n))) == n
+    # with 8 classes every class has, for each part, a class that differs from it in that part only
+    attrs = syn.class_attributes(8)
+    for a in attrs:
+        for p in range(3):
+            assert sum(sum(x != y for x, y in zip(a, b)) == 1 and a[p] != b[p] for b in attrs) == 1
+    with pytest.raises(DatasetError, match="num_classes"):
+        syn.marking_counts(syn.MAX_CLASSES + 1)
+
+
+def test_option_validation_names_the_key(tmp_path: Path) -> None:
+    ds = {"kind": "synthetic", "root": str(tmp_path / "raw")}
+    for bad, key in (({"num_classes": 257}, "num_classes"), ({"object_size": [0.5, 0.9]}, "object_size"),
+                     ({"max_rotation": -1.0}, "max_rotation")):
+        path = write_params(tmp_path, {"syn": {**ds, "synthetic": bad}})
+        with pytest.raises(ConfigError, match=rf"datasets\.syn\.synthetic\.?.*{key}"):
+            load_params(path)
+
+
+# --------------------------------------------------------------------------- prepare, end to end
+def test_prepare_writes_a_manifest_with_boxes(tmp_path: Path) -> None:
+    options = dataclasses.asdict(dataclasses.replace(TINY, train_per_class=4))
+    options["object_size"] = list(options["object_size"])
+    path = write_params(tmp_path, {"syn": {"kind": "synthetic", "root": str(tmp_path / "raw"), "val_fraction": 0.25,
+                                           "synthetic": options}})
+    settings = load_params(path)
+    metrics = prepare.run(settings, "syn")
+    rows = read_manifest(tmp_path / "data" / "syn" / "manifest.csv")
+    assert len(rows) == metrics["images"]["total"] == 3 * (4 + 2)
+    assert metrics["with_box"] == len(rows) and metrics["boxes_clipped"] == 0
+    assert {r.split for r in rows} == {"train", "val", "test"}
+    assert [r.class_name for r in sorted(rows, key=lambda r: r.label)][0] == syn.class_names(3)[0]
+    assert all(r.width == r.height == 64 and r.box is not None for r in rows)
+    assert (tmp_path / "raw" / "synthetic.json").is_file()
