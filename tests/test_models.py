@@ -278,8 +278,41 @@ def test_build_stage1_from_model_config(tmp_path: Path) -> None:
 
     path = tmp_path / "b.pth"
     torch.save(net.backbone.state_dict(), path)
-    cfg_file = ModelConfig(backbone="tiny", weights="imagenet", lcam="stage", lcam_kernel=5)
+    cfg_file = ModelConfig(backbone="tiny", weights="imagenet", lcam="stage", lcam_kernel=5, feature_layer="layer2")
     again = build_stage1(cfg_file, num_classes=6, weights=str(path))  # the override wins over cfg.weights
     for k, v in net.backbone.state_dict().items():
         assert torch.equal(again.backbone.state_dict()[k], v)
     assert build_stage1(cfg_file, num_classes=2, weights="none").backbone.weights_report is None
+
+
+@pytest.mark.parametrize(("name", "layer"), [("resnet18", "layer3"), ("efficientnet_lite0", "stage4"), ("inception_v3", "Mixed_6e")])
+def test_inner_feature_layer_truncates_the_backbone(name: str, layer: str) -> None:
+    from fgpipe.config import ModelConfig
+    from fgpipe.models import build_stage1
+
+    full = create_backbone(name, lcam="block")
+    net = build_stage1(ModelConfig(backbone=name, lcam="block", feature_layer=layer, num_attentions=4), 3)
+    assert net.backbone.stage_names[-1] == layer and net.feature_layer == layer
+    kept = full.stage_names[: full.stage_names.index(layer) + 1]
+    assert net.backbone.stage_names == kept
+    x = torch.randn(2, 3, 96, 96)
+    out = net(x)
+    out.logits.sum().backward()
+    assert all(p.grad is not None for p in net.parameters() if p.requires_grad)  # no dead stages left
+    # the kept trunk is the same function as the full one up to the layer
+    full.eval(), net.eval()
+    with torch.no_grad():
+        full_sd = {k: v for k, v in full.state_dict().items() if k in net.backbone.state_dict()}
+        net.backbone.load_state_dict(full_sd)
+        assert torch.allclose(full.forward_features(x)[layer], net.backbone.forward_features(x)[layer], atol=1e-5)
+
+
+def test_full_trunk_weights_load_into_a_truncated_backbone(tmp_path: Path) -> None:
+    full = create_backbone("resnet18", lcam="block")
+    path = tmp_path / "full.pth"
+    torch.save(full.state_dict(), path)
+    cut = create_backbone("resnet18", weights=str(path), lcam="block", until="layer3")
+    assert cut.stage_names == ("layer1", "layer2", "layer3")
+    assert not any(k.startswith(("layer4.", "lcam.layer4")) for k in cut.state_dict())
+    for k, v in cut.state_dict().items():
+        assert torch.equal(v, full.state_dict()[k]), k

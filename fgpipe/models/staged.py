@@ -54,6 +54,8 @@ class StagedBackbone(Backbone):
     ignored_prefixes: tuple[str, ...] = ()
     #: what :func:`fgpipe.models.weights.load_backbone_weights` loaded, set by ``create_backbone``
     weights_report: WeightsReport | None = None
+    #: key prefixes of modules removed by :meth:`truncate` (a full-trunk weights file still loads)
+    dropped_prefixes: tuple[str, ...] = ()
 
     def _setup_stages(self, stages: list[StageSpec], lcam: str, lcam_kernel: int) -> None:
         """Record the stages and build the LCAM modules; call at the end of a subclass ``__init__``."""
@@ -76,6 +78,32 @@ class StagedBackbone(Backbone):
         elif lcam == "stage":
             for s in stages:
                 self.lcam[lcam_key(s.name)] = LCAM(self.stage_channels[s.name], lcam_kernel)
+
+    def truncate(self, last: str) -> None:
+        """Drop every stage after ``last`` with its modules, so nothing is computed that nothing reads.
+
+        Used when the head reads an inner stage (e.g. a stride-16 layer): the later stages would cost
+        time and leave parameters without gradients (which DDP rejects). The stages kept are unchanged.
+        """
+        if last not in self.stage_names:
+            raise ConfigError(f"model.feature_layer: `{last}` is not a stage of `{self.name}` ({', '.join(self.stage_names)})")
+        keep = self.stage_names.index(last) + 1
+        for stage in reversed(self._stages[keep:]):
+            for block in reversed(stage.blocks):
+                parent_path, _, child = block.path.rpartition(".")
+                parent = self.get_submodule(parent_path) if parent_path else self
+                del parent._modules[child]
+                self.dropped_prefixes += (block.path + ".", f"lcam.{lcam_key(block.path)}.")
+                if lcam_key(block.path) in self.lcam:
+                    del self.lcam[lcam_key(block.path)]
+            if lcam_key(stage.name) in self.lcam:
+                del self.lcam[lcam_key(stage.name)]
+            self.dropped_prefixes += (f"lcam.{lcam_key(stage.name)}.",)
+        self._stages = self._stages[:keep]
+        self.stage_names = tuple(st.name for st in self._stages)
+        self.stage_channels = {n: self.stage_channels[n] for n in self.stage_names}
+        self.stage_strides = {n: self.stage_strides[n] for n in self.stage_names}
+        self._block_modules = {b.path: self._block_modules[b.path] for st in self._stages for b in st.blocks}
 
     @abstractmethod
     def forward_stem(self, x: Tensor) -> Tensor:

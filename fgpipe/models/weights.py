@@ -98,8 +98,9 @@ def apply_state_dict(backbone: StagedBackbone, state: Mapping[str, Tensor], sour
     if not any(k in own for k in state) and any(k.startswith("backbone.") for k in state):
         ignored += [k for k in state if not k.startswith("backbone.")]  # a Stage1Net state_dict: drop the head
         state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    ignored += [k for k in state if k.startswith(backbone.ignored_prefixes)]
-    state = {k: v for k, v in state.items() if not k.startswith(backbone.ignored_prefixes)}
+    skip = backbone.ignored_prefixes + tuple(backbone.dropped_prefixes)  # classifier + stages cut by truncate()
+    ignored += [k for k in state if k.startswith(skip)]
+    state = {k: v for k, v in state.items() if not k.startswith(skip)}
 
     # BatchNorm's num_batches_tracked is absent from some older files; it carries no weights
     missing = [k for k in own if k not in state and not k.endswith("num_batches_tracked")]
