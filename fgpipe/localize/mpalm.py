@@ -15,9 +15,8 @@ from typing import NamedTuple
 
 import numpy as np
 import torch
+import torchvision
 from torch import Tensor
-
-from fgpipe.localize.boxes import nms
 
 #: default pyramid sides in pixels at :data:`BASE_SIZE` input (scaled by input_size / BASE_SIZE)
 DEFAULT_SIZES: tuple[int, ...] = (96, 160, 224)
@@ -65,8 +64,15 @@ def mpalm_parts_batch(
     Per image: rank channels by max response (stable: ties keep channel order), take the ``top_k``; for each,
     the first cell (raster order) of its max, whose centre ``((j + .5) * input_size / w, (i + .5) * input_size / h)``
     is the part centre in the resized crop; a square box of every pyramid side around it, shifted to stay inside
-    the crop; greedy NMS (drop IoU > ``iou``) in the order (score desc, channel rank, pyramid order), each box
-    scored by its channel's max response; keep at most ``max_parts``; map to original-image pixels.
+    the crop; greedy NMS (drop IoU > ``iou``) *among boxes of the same side only*, in the order (score desc,
+    channel rank, pyramid order), each box scored by its channel's max response; keep the first ``max_parts``
+    survivors in that order; map to original-image pixels.
+
+    Why NMS per pyramid side: the pyramid is meant to be multi-scale, but concentric boxes of one channel
+    overlap a lot across scales (sides 160 and 224 around one centre have IoU 160^2 / 224^2 = 0.51 > 0.5),
+    so a plain NMS over all candidates would delete the larger scale of every part. Suppressing only within a
+    side (``batched_nms`` with the side as the category) removes near-duplicate parts of *other* channels at the
+    same scale and keeps each part's whole pyramid.
     """
     _check(top_k, iou, max_parts, input_size)
     if feature_maps.ndim != 4:
@@ -109,10 +115,14 @@ def mpalm_parts_batch(
     out_boxes = np.zeros((b, max_parts, 4), dtype=np.float64)
     out_scores = np.zeros((b, max_parts), dtype=np.float64)
     counts = np.zeros(b, dtype=np.int64)
-    rank = -np.arange(k * len(sides), dtype=np.float64)  # strictly decreasing: NMS follows our stable order
+    rank = torch.arange(k * len(sides), 0, -1, dtype=torch.float64)  # strictly decreasing: NMS keeps our stable order
+    # NMS category of each candidate: its side (equal sides after capping at input_size share one category)
+    _, side_ids = np.unique(sides, return_inverse=True)  # (S,)
+    category = torch.as_tensor(np.tile(side_ids, k))  # (k*S,) candidates are channel-major, pyramid-minor
     for i in range(b):
-        # Candidates are already in (score desc, channel rank, pyramid order); NMS on local boxes (same IoU).
-        keep = nms(local[i], rank, iou)[:max_parts]
+        # Candidates are already in (score desc, channel rank, pyramid order); NMS per side on local boxes (same
+        # IoU as in original pixels); batched_nms returns the kept indices by decreasing rank, i.e. in that order.
+        keep = torchvision.ops.batched_nms(torch.as_tensor(local[i]), rank, category, iou)[:max_parts].numpy()
         counts[i] = len(keep)
         out_boxes[i, : len(keep)] = candidates[i, keep]
         out_scores[i, : len(keep)] = cand_scores[i, keep]

@@ -1,0 +1,221 @@
+"""Stage `extract-attention`: heatmaps of the stage-1 network for every image (METHODS.md section 3).
+
+Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images, data/NAME/stage1/{best,last}.pt
+        (``attention.checkpoint``); params `attention`.
+Writes: data/NAME/attention.h5 (one row per manifest image, in manifest order; see fgpipe/h5schema.py),
+        metrics/NAME/extract_attention.json.
+
+Every image is the manifest's area (0, 0, width, height) resized to the checkpoint's input size on both
+sides (no centre crop), so heatmap cell j spans ``[j * W / w, (j + 1) * W / w)`` of the original width,
+the convention the box extraction relies on. Images are decoded batch by batch (the next batch while the
+current one runs), so memory stays flat however large the dataset is; each batch costs one forward and,
+for gradient methods, one backward.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from fgpipe import __version__
+from fgpipe.attention import HeatmapBatch, HeatmapMethod, create_method
+from fgpipe.config import Settings
+from fgpipe.console import console, progress
+from fgpipe.errors import ArtifactError, DatasetError
+from fgpipe.h5schema import AttentionMeta, AttentionWriter
+from fgpipe.loader import LoadRequest, decode_region, normalize
+from fgpipe.manifest import ManifestRow, read_manifest
+from fgpipe.models.wsdan import Stage1Net
+from fgpipe.runtime import available_cores, configure_threads
+from fgpipe.stages.train_backbone import load_stage1, stage1_input_size
+from fgpipe.store import file_sha256, read_json, write_json
+
+STAGE = "extract_attention"
+T = TypeVar("T")
+
+
+def stage_paths(settings: Settings, dataset: str, checkpoint: str) -> dict[str, Path]:
+    """Inputs and outputs of the stage for ``dataset``; ``checkpoint`` is ``best`` or ``last``."""
+    d = settings.data_dir(dataset)
+    return {
+        "manifest": d / "manifest.csv",
+        "dataset": d / "dataset.json",
+        "checkpoint": d / "stage1" / f"{checkpoint}.pt",
+        "attention": d / "attention.h5",
+        "metrics": settings.metrics_file(dataset, STAGE),
+    }
+
+
+def extraction_device() -> torch.device:
+    """CUDA when torch sees a GPU, else the CPU (the attention and crops params have no device key)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def dataset_root(dataset_json: Path, dataset: str) -> Path:
+    """The image root recorded by `fgpipe prepare` in data/NAME/dataset.json."""
+    if not dataset_json.is_file():
+        raise ArtifactError(f"{dataset_json} not found (run `fgpipe prepare --dataset {dataset}` first)")
+    return Path(read_json(dataset_json)["root"])
+
+
+def load_checked_stage1(
+    path: Path, manifest_sha: str, dataset: str, device: torch.device
+) -> tuple[Stage1Net, dict[str, Any]]:
+    """The stage-1 network of ``path`` in eval mode; refuses a checkpoint trained on another manifest."""
+    if not path.is_file():
+        raise ArtifactError(f"checkpoint not found: {path} (run `fgpipe train-backbone --dataset {dataset}` first)")
+    model, state = load_stage1(path, device)
+    if state.get("manifest_sha256") != manifest_sha:
+        raise ArtifactError(
+            f"{path} was trained on another manifest than {path.parent.parent / 'manifest.csv'}: "
+            f"rerun `fgpipe train-backbone --dataset {dataset}` (or `dvc repro`)"
+        )
+    return model, state
+
+
+# --------------------------------------------------------------------------- batched decoding
+def decode_batch(requests: Sequence[LoadRequest], out_wh: tuple[int, int], pool: ThreadPoolExecutor | None = None) -> Tensor:
+    """Decode one batch of regions into a (B, 3, H, W) uint8 tensor (in ``pool``'s threads when given)."""
+    out = torch.empty((len(requests), 3, out_wh[1], out_wh[0]), dtype=torch.uint8)
+
+    def one(i: int) -> None:
+        req = requests[i]
+        try:
+            arr = decode_region(req.path, req.region, out_wh)  # (H, W, 3)
+        except OSError as exc:
+            raise DatasetError(f"cannot read image {req.path}: {exc} (rerun `fgpipe prepare` to recheck the dataset)") from None
+        out[i] = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
+
+    if pool is None:
+        for i in range(len(requests)):
+            one(i)
+    else:
+        for _ in pool.map(one, range(len(requests))):
+            pass
+    return out
+
+
+def batched(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
+    """Consecutive slices of at most ``batch_size`` items (the last may be shorter)."""
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def prefetched(
+    jobs: Iterable[tuple[T, Sequence[LoadRequest]]], out_wh: tuple[int, int], decode: Callable[..., Tensor] | None = None
+) -> Iterator[tuple[T, Tensor]]:
+    """``(payload, decoded batch)`` for each ``(payload, requests)`` job, in order.
+
+    Each batch is decoded (by :func:`decode_batch`, in threads) while the caller works on the previous one,
+    so at most two decoded batches exist at a time; ``jobs`` is advanced lazily, one ahead.
+    """
+    decode = decode or decode_batch
+    it = iter(jobs)
+    with ThreadPoolExecutor(max_workers=available_cores()) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
+
+        def submit() -> tuple[T, Future[Tensor]] | None:
+            job = next(it, None)
+            if job is None:
+                return None
+            payload, requests = job
+            return payload, ahead.submit(decode, requests, out_wh, pool)
+
+        pending = submit()
+        while pending is not None:
+            payload, future = pending
+            images = future.result()
+            pending = submit()
+            yield payload, images
+
+
+# --------------------------------------------------------------------------- the stage
+def run(settings: Settings, dataset: str) -> dict[str, Any]:
+    """Heatmaps for every image of every split; return the metrics (also written to metrics/NAME/extract_attention.json)."""
+    configure_threads()
+    t_start = time.perf_counter()
+    cfg = settings.params.attention
+    settings.dataset(dataset)  # a clear error for an unknown dataset name
+    paths = stage_paths(settings, dataset, cfg.checkpoint)
+    rows = read_manifest(paths["manifest"])
+    if not rows:
+        raise ArtifactError(f"{paths['manifest']}: lists no images (rerun `fgpipe prepare --dataset {dataset}`)")
+    root = dataset_root(paths["dataset"], dataset)
+    manifest_sha = file_sha256(paths["manifest"])
+    device = extraction_device()
+    model, state = load_checked_stage1(paths["checkpoint"], manifest_sha, dataset, device)
+    size = stage1_input_size(state)
+    method = create_method(cfg.method, model)
+    with torch.no_grad():
+        probe = model.features(torch.zeros(1, 3, size, size, device=device))[method.layer]  # (1, C, h, w)
+    grid = (int(probe.shape[-2]), int(probe.shape[-1]))
+
+    meta = AttentionMeta(
+        method=cfg.method,
+        layer=method.layer,
+        input_size=size,
+        checkpoint_sha256=file_sha256(paths["checkpoint"]),
+        manifest_sha256=manifest_sha,
+        provenance={
+            "dataset": dataset,
+            "checkpoint": cfg.checkpoint,
+            "checkpoint_path": str(paths["checkpoint"]),
+            "target": cfg.target,
+            "batch_size": cfg.batch_size,
+            "fgpipe_version": __version__,
+            **settings.provenance(),
+        },
+    )
+    row_batches = batched(rows, cfg.batch_size)
+    jobs = ((b, [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height))) for r in b]) for b in row_batches)
+    predictions = np.empty(len(rows), dtype=np.int64)
+    t0 = time.perf_counter()
+    with AttentionWriter(paths["attention"], meta, grid, len(state["class_names"])) as writer, progress() as bar:
+        task = bar.add_task(f"{cfg.method} heatmaps", total=len(rows))
+        done = 0
+        for batch_rows, images in prefetched(jobs, (size, size)):
+            out = heatmaps_of(method, images, batch_rows, cfg.target, device)
+            writer.append(
+                [r.image_id for r in batch_rows], [r.label for r in batch_rows],
+                out.heatmaps, out.logits, out.predictions,
+            )
+            predictions[done : done + len(batch_rows)] = out.predictions.cpu().numpy()
+            done += len(batch_rows)
+            bar.advance(task, len(batch_rows))
+    seconds = time.perf_counter() - t0
+
+    labels = np.array([r.label for r in rows])
+    test = np.array([r.split == "test" for r in rows])
+    metrics = {
+        "dataset": dataset,
+        "method": cfg.method,
+        "layer": method.layer,
+        "target": cfg.target,
+        "checkpoint": cfg.checkpoint,
+        "input_size": size,
+        "heatmap_size": list(grid),
+        "images": len(rows),
+        "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
+        "seconds": round(time.perf_counter() - t_start, 3),
+        # raw stage-1 predictions stored with the heatmaps (no test-time refinement): a sanity figure
+        "stage1_test_top1": float((predictions[test] == labels[test]).mean()) if test.any() else None,
+        "device": str(device),
+        **settings.provenance(),
+    }
+    write_json(paths["metrics"], metrics)
+    console.print(f"wrote {paths['attention']} ({len(rows)} images)", highlight=False)
+    return metrics
+
+
+def heatmaps_of(
+    method: HeatmapMethod, images: Tensor, rows: Sequence[ManifestRow], target: str, device: torch.device
+) -> HeatmapBatch:
+    """One batch of uint8 images (B, 3, S, S) -> :class:`fgpipe.attention.HeatmapBatch` (on ``device``)."""
+    x = normalize(images.to(device))  # (B, 3, S, S) float32
+    targets = torch.tensor([r.label for r in rows], device=device) if target == "true" else None
+    return method(x, targets)

@@ -1,0 +1,222 @@
+"""Stage `extract-crops`: object boxes from the heatmaps and MPALM part boxes (METHODS.md sections 4-5).
+
+Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images, data/NAME/attention.h5 and the stage-1
+        checkpoint it was made from (named in its provenance, checked by SHA-256); params `crops`.
+Writes: data/NAME/crops.h5 (one row per manifest image, in manifest order; see fgpipe/h5schema.py),
+        data/NAME/crops_preview.png, metrics/NAME/extract_crops.json.
+
+The stage reads no `attention` params: the method, the checkpoint and the input size all come from
+attention.h5, so changing ``crops.threshold`` reruns only this stage and what follows it.
+
+Per batch of ``crops.batch_size`` images: object boxes (threshold ``crops.threshold`` of each heatmap's
+max, largest 8-connected component, cell edges to original pixels; an empty heatmap gives the whole image
+and counts as a fallback); then each object crop, decoded from the original file and resized to the
+stage-1 input size, goes through the stage-1 backbone (no grad) and MPALM turns its feature map into part
+boxes, stored in original-image pixels. Crops are never stored as images.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from fgpipe import __version__
+from fgpipe.config import CropsConfig, Settings
+from fgpipe.console import console, progress
+from fgpipe.errors import ArtifactError
+from fgpipe.h5schema import AttentionReader, AttentionRecords, CropsMeta, CropsReader, CropsWriter
+from fgpipe.loader import LoadRequest, normalize
+from fgpipe.localize import ObjectBoxes, PartBoxes, mpalm_parts_batch, object_boxes
+from fgpipe.manifest import ManifestRow, read_manifest
+from fgpipe.models.wsdan import Stage1Net
+from fgpipe.preview import load_samples, preview_indices, render, save_png
+from fgpipe.runtime import configure_threads
+from fgpipe.stages.extract_attention import dataset_root, extraction_device, load_checked_stage1, prefetched
+from fgpipe.stages.train_backbone import stage1_input_size
+from fgpipe.store import file_sha256, write_json
+
+STAGE = "extract_crops"
+IOU_HIT = 0.5  # a test image is localised correctly when its object box has IoU >= this with the ground truth
+
+
+def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
+    """Inputs and outputs of the stage for ``dataset``."""
+    d = settings.data_dir(dataset)
+    return {
+        "manifest": d / "manifest.csv",
+        "dataset": d / "dataset.json",
+        "attention": d / "attention.h5",
+        "crops": d / "crops.h5",
+        "preview": d / "crops_preview.png",
+        "metrics": settings.metrics_file(dataset, STAGE),
+    }
+
+
+def checkpoint_of(attention: AttentionReader, data_dir: Path, dataset: str) -> Path:
+    """The stage-1 checkpoint attention.h5 was made from (its provenance names best or last)."""
+    which = attention.meta.provenance.get("checkpoint")
+    if which not in ("best", "last"):
+        raise ArtifactError(
+            f"{attention.path}: its provenance names no stage-1 checkpoint (best or last); "
+            f"rerun `fgpipe extract-attention --dataset {dataset}`"
+        )
+    path = data_dir / "stage1" / f"{which}.pt"
+    if not path.is_file():
+        raise ArtifactError(
+            f"{path} (the checkpoint {attention.path.name} was made from) not found: rerun "
+            f"`fgpipe train-backbone --dataset {dataset}` and `fgpipe extract-attention --dataset {dataset}`"
+        )
+    return path
+
+
+def object_boxes_of(records: AttentionRecords, rows: Sequence[ManifestRow], threshold: float) -> ObjectBoxes:
+    """Section-4 object boxes of a batch, in original pixels of each image's manifest area."""
+    wh = np.array([[r.width, r.height] for r in rows], dtype=np.float64)  # (B, 2)
+    return object_boxes(records.heatmaps, threshold, wh)
+
+
+def parts_of(
+    model: Stage1Net, crops: torch.Tensor, boxes: np.ndarray, size: int, cfg: CropsConfig, device: torch.device
+) -> PartBoxes:
+    """Section-5 MPALM parts of a batch of decoded object crops (B, 3, size, size) uint8 with their boxes (B, 4)."""
+    with torch.no_grad():
+        fmap = model.features(normalize(crops.to(device)))[model.feature_layer]  # (B, C, h, w)
+    return mpalm_parts_batch(
+        fmap, boxes, size, top_k=cfg.part_top_k, sizes=cfg.part_sizes, iou=cfg.part_nms_iou, max_parts=cfg.max_parts
+    )
+
+
+def batches_with_boxes(
+    attention: AttentionReader, rows: Sequence[ManifestRow], root: Path, cfg: CropsConfig
+) -> Iterator[tuple[tuple[slice, AttentionRecords, ObjectBoxes], list[LoadRequest]]]:
+    """Per batch: (rows slice, its attention records, its object boxes) and the crop regions to decode."""
+    for start in range(0, len(rows), cfg.batch_size):
+        sl = slice(start, min(start + cfg.batch_size, len(rows)))
+        records = attention.read(sl.start, sl.stop)
+        boxes = object_boxes_of(records, rows[sl], cfg.threshold)
+        requests = [LoadRequest(root / r.path, tuple(float(v) for v in b)) for r, b in zip(rows[sl], boxes.boxes, strict=True)]
+        yield (sl, records, boxes), requests
+
+
+def run(settings: Settings, dataset: str) -> dict[str, Any]:
+    """Object and part boxes for every image; return the metrics (also written to metrics/NAME/extract_crops.json)."""
+    configure_threads()
+    t_start = time.perf_counter()
+    cfg = settings.params.crops
+    settings.dataset(dataset)  # a clear error for an unknown dataset name
+    paths = stage_paths(settings, dataset)
+    rows = read_manifest(paths["manifest"])
+    root = dataset_root(paths["dataset"], dataset)
+    if not paths["attention"].is_file():
+        raise ArtifactError(
+            f"attention file not found: {paths['attention']} (run `fgpipe extract-attention --dataset {dataset}` first)"
+        )
+    manifest_sha = file_sha256(paths["manifest"])
+    attention_sha = file_sha256(paths["attention"])
+    device = extraction_device()
+
+    n = len(rows)
+    boxes = np.zeros((n, 4), dtype=np.float64)
+    fallback = np.zeros(n, dtype=bool)
+    part_total = 0
+    with AttentionReader(paths["attention"]) as attention:
+        checkpoint = checkpoint_of(attention, settings.data_dir(dataset), dataset)
+        attention.check_source(manifest_sha256=manifest_sha, checkpoint_sha256=file_sha256(checkpoint))
+        if attention.image_ids() != [r.image_id for r in rows]:
+            raise ArtifactError(
+                f"{paths['attention']} does not hold the images of {paths['manifest']} in its order: "
+                f"rerun `fgpipe extract-attention --dataset {dataset}`"
+            )
+        model, state = load_checked_stage1(checkpoint, manifest_sha, dataset, device)
+        size = stage1_input_size(state)
+        meta = CropsMeta(
+            method=attention.meta.method,
+            threshold=cfg.threshold,
+            attention_sha256=attention_sha,
+            manifest_sha256=manifest_sha,
+            provenance={
+                "dataset": dataset,
+                "checkpoint": str(checkpoint),
+                "input_size": size,
+                "part_top_k": cfg.part_top_k,
+                "part_sizes": list(cfg.part_sizes),
+                "part_nms_iou": cfg.part_nms_iou,
+                "max_parts": cfg.max_parts,
+                "part_nms": "per pyramid side",
+                "fgpipe_version": __version__,
+                **settings.provenance(),
+            },
+        )
+        t0 = time.perf_counter()
+        with CropsWriter(paths["crops"], meta, cfg.max_parts) as writer, progress() as bar:
+            task = bar.add_task("object boxes + MPALM parts", total=n)
+            jobs = batches_with_boxes(attention, rows, root, cfg)
+            for (sl, records, obj), crops in prefetched(jobs, (size, size)):
+                parts = parts_of(model, crops, obj.boxes, size, cfg, device)
+                writer.append(records.image_ids, obj.boxes, obj.scores, obj.fallback, parts.boxes, parts.scores, parts.counts)
+                boxes[sl], fallback[sl] = obj.boxes, obj.fallback
+                part_total += int(parts.counts.sum())
+                bar.advance(task, sl.stop - sl.start)
+        seconds = time.perf_counter() - t0
+        method = attention.meta.method
+
+    fallback_rate = float(fallback.mean()) if n else 0.0
+    located = localization(rows, boxes)
+    metrics = {
+        "dataset": dataset,
+        "method": method,
+        "threshold": cfg.threshold,
+        # test images against their ground-truth boxes; null when the dataset has no boxes
+        "localization": None if located is None else {**located, "fallback_rate": fallback_rate},
+        "fallback_rate": fallback_rate,  # over every image, also when there is no localisation to report
+        "images": n,
+        "parts_per_image": round(part_total / n, 4) if n else 0.0,
+        "images_per_s": round(n / seconds, 2) if seconds > 0 else None,
+        "input_size": size,
+        "device": str(device),
+        **settings.provenance(),
+    }
+    write_preview(paths, rows, root, dataset, cfg, method)
+    metrics["seconds"] = round(time.perf_counter() - t_start, 3)
+    write_json(paths["metrics"], metrics)
+    console.print(f"wrote {paths['crops']} and {paths['preview']}", highlight=False)
+    return metrics
+
+
+def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of ``a[i]`` with ``b[i]`` for boxes (N, 4) xyxy -> (N,) (0 for an empty union); O(N), not N x N."""
+    lt = np.maximum(a[:, :2], b[:, :2])  # (N, 2) intersection top-left
+    rb = np.minimum(a[:, 2:], b[:, 2:])  # (N, 2) intersection bottom-right
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)  # (N,)
+    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)  # noqa: E731
+    union = area(a) + area(b) - inter  # (N,)
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def localization(rows: Sequence[ManifestRow], boxes: np.ndarray) -> dict[str, float | int] | None:
+    """Accuracy (share with IoU >= 0.5) and mean IoU of the object boxes over test images with a ground-truth box.
+
+    None when no test image has a box (the dataset has none).
+    """
+    idx = [i for i, r in enumerate(rows) if r.split == "test" and r.box is not None]
+    if not idx:
+        return None
+    gt = np.array([rows[i].box for i in idx], dtype=np.float64)  # (T, 4)
+    iou = paired_iou(boxes[idx], gt)  # (T,) each box against its own ground truth
+    return {"accuracy": float((iou >= IOU_HIT).mean()), "mean_iou": float(iou.mean()), "images": len(idx)}
+
+
+def write_preview(
+    paths: dict[str, Path], rows: Sequence[ManifestRow], root: Path, dataset: str, cfg: CropsConfig, method: str
+) -> Path:
+    """data/NAME/crops_preview.png: the first ``crops.preview_images`` test images (id order)."""
+    indices = preview_indices(rows, cfg.preview_images)
+    title = f"{dataset}: {method} heatmaps, object threshold {cfg.threshold:g}, MPALM parts (first {len(indices)} test images)"
+    with AttentionReader(paths["attention"]) as attention, CropsReader(paths["crops"]) as crops:
+        samples = load_samples(rows, indices, root, attention, crops)
+    return save_png(render(samples, title), paths["preview"])
