@@ -103,6 +103,110 @@ def train_backbone(
     _report("train-backbone", dataset, metrics)
 
 
+@app.command("extract-attention")
+def extract_attention(
+    dataset: DatasetOpt = "synthetic",
+    params: ParamsOpt = Path("params.yaml"),
+    method: Annotated[
+        str | None, typer.Option(help="Override attention.method: oaam, gradcam, aolm or bap (recorded with the outputs).")
+    ] = None,
+) -> None:
+    """Heatmaps of the stage-1 network for every image: data/NAME/attention.h5."""
+    from fgpipe.stages import extract_attention as stage
+
+    metrics = _guard(lambda: stage.run(_settings(params, {"attention.method": method}), dataset))
+    _report("extract-attention", dataset, metrics)
+
+
+@app.command("extract-crops")
+def extract_crops(
+    dataset: DatasetOpt = "synthetic",
+    params: ParamsOpt = Path("params.yaml"),
+    threshold: Annotated[
+        float | None, typer.Option(help="Override crops.threshold, a fraction of each heatmap's max (recorded).")
+    ] = None,
+) -> None:
+    """Object boxes from the heatmaps and MPALM part boxes: data/NAME/crops.h5 and crops_preview.png."""
+    from fgpipe.stages import extract_crops as stage
+
+    metrics = _guard(lambda: stage.run(_settings(params, {"crops.threshold": threshold}), dataset))
+    _report("extract-crops", dataset, metrics)
+
+
+@app.command()
+def show(
+    image: Annotated[str, typer.Option("--image", "-i", help="image_id of the image, as in data/NAME/manifest.csv.")],
+    dataset: DatasetOpt = "synthetic",
+    params: ParamsOpt = Path("params.yaml"),
+    out: Annotated[Path | None, typer.Option(help="PNG to write (default: data/NAME/show_<ID>.png).", dir_okay=False)] = None,
+) -> None:
+    """Draw one image's heatmap, object box, ground-truth box and parts; print the PNG's path."""
+    from fgpipe.preview import show as draw
+
+    path = _guard(lambda: draw(_settings(params, {}), dataset, image, out))
+    typer.echo(str(path))
+
+
+@app.command("train-refine")
+def train_refine(
+    dataset: DatasetOpt = "synthetic",
+    params: ParamsOpt = Path("params.yaml"),
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from data/NAME/refine/last.pt.")] = False,
+    epochs: Annotated[int | None, typer.Option(help="Override train_refine.epochs.")] = None,
+) -> None:
+    """Train the object branch on object crops and the part branch on MPALM patches; select on val."""
+    from fgpipe.stages import train_refine as stage
+
+    overrides = {"train_refine.epochs": epochs}
+    metrics = _guard(lambda: stage.run(_settings(params, overrides), dataset, resume=resume))
+    _report("train-refine", dataset, metrics)
+
+
+@app.command()
+def evaluate(
+    dataset: DatasetOpt = "synthetic",
+    params: ParamsOpt = Path("params.yaml"),
+    combine: Annotated[
+        str | None, typer.Option(help="Override evaluate.combine: val (grid search on val) or fixed (evaluate.weights).")
+    ] = None,
+) -> None:
+    """Top-1/top-k of the raw, object, parts and joint predictions on test; joint weights chosen on val or fixed."""
+    from fgpipe.stages import evaluate as stage
+
+    metrics = _guard(lambda: stage.run(_settings(params, {"evaluate.combine": combine}), dataset))
+    _report("evaluate", dataset, metrics)
+
+
+@app.command()
+def predict(
+    images: Annotated[list[Path], typer.Argument(help="Image files to classify.", show_default=False)],
+    dataset: DatasetOpt = "synthetic",
+    params: ParamsOpt = Path("params.yaml"),
+    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes shown per branch.")] = 5,
+    as_json: Annotated[bool, typer.Option("--json", help="Print machine-readable JSON on stdout instead of tables.")] = False,
+    save_png: Annotated[
+        Path | None,
+        typer.Option("--save-png", file_okay=False, help="Write each image annotated with its object box and parts to DIR."),
+    ] = None,
+) -> None:
+    """Classify image files with the whole chain: heatmap, object box, MPALM parts, three branches, joint.
+
+    An unreadable image is reported and skipped; the exit code is then 1 once every other image is done.
+    """
+    from fgpipe.stages import predict as stage
+
+    failed = _guard(lambda: stage.run(_settings(params, {}), dataset, images, top_k=top_k, as_json=as_json, save_png=save_png))
+    if failed:
+        raise typer.Exit(1)
+
+
 def main() -> None:
-    """Console-script entry point."""
+    """Console-script entry point (re-executes once with glibc allocator settings, see fgpipe.runtime)."""
+    import os
+    import sys
+
+    from fgpipe.runtime import malloc_tuning_wanted, reexec_with_malloc_tuning
+
+    if malloc_tuning_wanted(os.environ):
+        reexec_with_malloc_tuning(sys.argv[1:])
     app()

@@ -92,6 +92,21 @@ def barrier(rt: Runtime) -> None:
         dist.barrier()
 
 
+def batches(indices: Tensor, batch_size: int) -> list[Tensor]:
+    """Consecutive batches of ``indices``; a trailing batch of one is dropped (BatchNorm needs two)."""
+    chunks = list(indices.split(batch_size))
+    if chunks and len(chunks[-1]) < 2 and len(chunks) > 1:
+        chunks.pop()
+    return chunks
+
+
+def open_live(directory: str | os.PathLike[str], resume: bool) -> Any:
+    """A dvclive logger writing per-epoch curves under ``directory`` (``resume`` appends to existing ones)."""
+    from dvclive import Live
+
+    return Live(dir=str(directory), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
+
+
 def shard_indices(order: Tensor, rt: Runtime) -> Tensor:
     """This rank's share of an epoch's order, padded by wrapping so every rank runs the same number of steps."""
     if not rt.distributed:

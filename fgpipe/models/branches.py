@@ -94,7 +94,8 @@ def build_refine_net(
     ``stage1_state``: a Stage1Net state_dict whose ``backbone.*`` entries initialise every backbone
     (None: random init, e.g. before a refine checkpoint is loaded). Returns the net and the weights report.
     """
-    backbone = create_backbone(model_cfg.backbone, "none", model_cfg.lcam, model_cfg.lcam_kernel)
+    # the same trunk as stage-1's, cut after the feature layer the heads read (as build_stage1 does)
+    backbone = create_backbone(model_cfg.backbone, "none", model_cfg.lcam, model_cfg.lcam_kernel, until=model_cfg.feature_layer)
     report = apply_state_dict(backbone, stage1_state, source or "stage-1 checkpoint") if stage1_state is not None else None
     part_backbone = None if shared else copy.deepcopy(backbone)
     net = RefineNet(backbone, part_backbone, num_classes, model_cfg.feature_layer)

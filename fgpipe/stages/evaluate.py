@@ -1,0 +1,358 @@
+"""Stage `evaluate`: raw, object, parts and joint predictions on test (METHODS.md section 6).
+
+Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images, data/NAME/stage1/best.pt,
+        data/NAME/refine/best.pt, data/NAME/crops.h5, metrics/NAME/extract_crops.json; params `evaluate`.
+Writes: metrics/NAME/evaluate.json, metrics/NAME/per_class.csv, metrics/NAME/confusion.csv,
+        metrics/NAME/predictions.csv, data/NAME/confusion.png.
+
+Branches, each a softmax over the classes:
+- raw: the stage-1 network on the whole image, exactly as stage-1 evaluates (resize to input_size *
+  resize_ratio, centre crop), without test-time refinement;
+- object / parts: the refinement branches on the object crop and on the MPALM patches (mean of the patch
+  logits), cut from crops.h5's boxes as train-refine evaluates them.
+
+The joint prediction is the weighted mean of the three probability vectors. ``evaluate.combine: val``
+searches the weights on the grid of step ``evaluate.weight_step`` (non-negative, summing to 1) for the
+highest val top-1 (ties: the most uniform weighting, i.e. the smallest sum of squared weights);
+``fixed`` uses ``evaluate.weights`` normalised to sum 1. The test split is loaded only once the weights
+are fixed (see :func:`run`): nothing is ever selected on test.
+
+evaluate.json is exactly ``{"images", "raw", "object", "parts", "joint", "weights"[, "localization"]}``,
+each branch ``{"top1", "top{k}"}`` with k = min(evaluate.top_k, number of classes), accuracies on test in
+[0, 1]; ``localization`` (accuracy, mean_iou, fallback_rate) is carried from extract_crops.json and left
+out when that is null (a dataset without boxes). predictions.csv names classes by their class names.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from fgpipe.config import EvaluateConfig, Settings, TrainBackboneConfig, TrainRefineConfig
+from fgpipe.console import console
+from fgpipe.errors import ArtifactError, ConfigError
+from fgpipe.loader import resized_side
+from fgpipe.manifest import ManifestRow, class_names, read_manifest
+from fgpipe.models.branches import RefineNet
+from fgpipe.models.wsdan import Stage1Net
+from fgpipe.runtime import configure_threads
+from fgpipe.stages.extract_attention import extraction_device, load_checked_stage1
+from fgpipe.stages.train_backbone import load_split, predict_logits
+from fgpipe.stages.train_refine import ImageBoxes, dataset_root, load_refine, predict_branches, read_crops, refine_config, split_data
+from fgpipe.store import atomic_path, file_sha256, read_json, write_json, write_text
+from fgpipe.training import Runtime
+
+STAGE = "evaluate"
+BRANCHES = ("raw", "object", "parts")
+LOCALIZATION_KEYS = ("accuracy", "mean_iou", "fallback_rate")
+
+
+def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
+    d = settings.data_dir(dataset)
+    metrics = settings.metrics_file(dataset, STAGE).parent
+    return {
+        "manifest": d / "manifest.csv",
+        "dataset": d / "dataset.json",
+        "stage1": d / "stage1" / "best.pt",
+        "refine": d / "refine" / "best.pt",
+        "crops": d / "crops.h5",
+        "extract_crops": settings.metrics_file(dataset, "extract_crops"),
+        "metrics": settings.metrics_file(dataset, STAGE),
+        "per_class": metrics / "per_class.csv",
+        "confusion": metrics / "confusion.csv",
+        "predictions": metrics / "predictions.csv",
+        "confusion_png": d / "confusion.png",
+    }
+
+
+def inference_runtime() -> Runtime:
+    """Where evaluation runs: CUDA (bf16 autocast, channels_last) when torch sees a GPU, else the CPU in float32."""
+    device = extraction_device()
+    cuda = device.type == "cuda"
+    return Runtime(device=device, amp_dtype=torch.bfloat16 if cuda else None, channels_last=cuda)
+
+
+@dataclass
+class Inputs:
+    """Everything evaluation needs except the images, checked against each other."""
+
+    root: Path
+    rows: dict[str, list[ManifestRow]]  # split -> rows
+    classes: list[str]
+    crops: Path
+    manifest_sha256: str
+    stage1: Stage1Net
+    stage1_cfg: TrainBackboneConfig  # as stage-1 evaluates, without test-time refinement
+    refine: RefineNet
+    refine_cfg: TrainRefineConfig  # the settings the branches were trained with (sizes, augmentation)
+    rt: Runtime
+    batch_size: int
+
+
+@dataclass
+class SplitProbabilities:
+    """Per-branch class probabilities of one split."""
+
+    image_ids: list[str]
+    labels: np.ndarray  # (N,) int64
+    probs: dict[str, np.ndarray]  # branch -> (N, K) float64
+
+
+def open_inputs(settings: Settings, dataset: str, paths: dict[str, Path]) -> Inputs:
+    """Load and cross-check the manifest, both checkpoints and crops.h5 (no image is read here)."""
+    settings.dataset(dataset)  # a clear error for an unknown dataset name
+    rows = read_manifest(paths["manifest"])
+    root = dataset_root(paths["dataset"], dataset)
+    classes = class_names(rows)
+    manifest_sha = file_sha256(paths["manifest"])
+    rt = inference_runtime()
+    stage1, s1_state = load_checked_stage1(paths["stage1"], manifest_sha, dataset, rt.device)
+    if not paths["refine"].is_file():
+        raise ArtifactError(f"checkpoint not found: {paths['refine']} (run `fgpipe train-refine --dataset {dataset}` first)")
+    refine, r_state = load_refine(paths["refine"], rt.device)
+    if not paths["crops"].is_file():
+        raise ArtifactError(f"{paths['crops']} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
+    now = {"manifest_sha256": manifest_sha, "crops_sha256": file_sha256(paths["crops"]), "stage1_sha256": file_sha256(paths["stage1"])}
+    names = {"manifest_sha256": "manifest", "crops_sha256": "crops.h5", "stage1_sha256": "stage-1 checkpoint"}
+    stale = [names[key] for key, sha in now.items() if r_state.get(key) != sha]
+    if stale or list(r_state["class_names"]) != classes or list(s1_state["class_names"]) != classes:
+        raise ArtifactError(
+            f"{paths['refine']} was trained from another {', '.join(stale) or 'class list'}: "
+            f"rerun `fgpipe train-refine --dataset {dataset}` (or `dvc repro`)"
+        )
+    if rt.channels_last:
+        stage1 = stage1.to(memory_format=torch.channels_last)
+        refine = refine.to(memory_format=torch.channels_last)
+    s1_cfg = dataclasses.replace(TrainBackboneConfig(**s1_state["config"]["train_backbone"]), test_refine=False)
+    return Inputs(
+        root=root, rows={s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}, classes=classes,
+        crops=paths["crops"], manifest_sha256=manifest_sha, stage1=stage1, stage1_cfg=s1_cfg,
+        refine=refine, refine_cfg=refine_config(r_state), rt=rt, batch_size=settings.params.evaluate.batch_size,
+    )
+
+
+def split_probabilities(inputs: Inputs, split: str) -> SplitProbabilities:
+    """Decode the images and boxes of ``split`` and return the three branches' probabilities."""
+    rows = inputs.rows[split]
+    boxes: list[ImageBoxes] = read_crops(inputs.crops, inputs.manifest_sha256, rows)
+    s1 = inputs.stage1_cfg
+    whole = load_split(inputs.root, rows, resized_side(s1.input_size, s1.augment), split)
+    raw, _ = predict_logits(inputs.stage1, whole.images, s1, inputs.rt, batch_size=inputs.batch_size)
+    del whole
+    data = split_data(inputs.root, rows, boxes, inputs.refine_cfg, 0.0, split)
+    obj, parts = predict_branches(inputs.refine, data, inputs.refine_cfg, inputs.rt, batch_size=inputs.batch_size)
+    probs = {name: torch.softmax(logits.double(), dim=1).numpy() for name, logits in zip(BRANCHES, (raw, obj, parts))}
+    return SplitProbabilities([r.image_id for r in rows], np.array([r.label for r in rows], dtype=np.int64), probs)
+
+
+# --------------------------------------------------------------------------- combination weights
+def weight_grid(step: float) -> list[tuple[int, int, int]]:
+    """Grid points (i, j, k), i + j + k = n = 1 / step: the weights (i, j, k) / n of (raw, object, parts)."""
+    n = round(1 / step)
+    if n < 1 or abs(n * step - 1) > 1e-9:
+        raise ConfigError(f"evaluate.weight_step must divide 1 (e.g. 0.05, 0.1, 0.125, 0.25, 0.5), got {step}")
+    return [(i, j, n - i - j) for i in range(n + 1) for j in range(n + 1 - i)]
+
+
+def joint_probabilities(probs: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
+    """Weighted mean of the branch probabilities (weights summing to 1). (N, K)"""
+    return sum(weights[b] * probs[b] for b in BRANCHES)  # type: ignore[return-value]
+
+
+def select_weights(val: SplitProbabilities, step: float) -> dict[str, float]:
+    """Grid weights with the highest val top-1 of the joint prediction; ties -> the most uniform (then grid order)."""
+    grid = weight_grid(step)
+    n = sum(grid[0])
+    best_key: tuple[int, int] | None = None
+    best = grid[0]
+    for point in grid:
+        weights = dict(zip(BRANCHES, (v / n for v in point)))
+        correct = int((joint_probabilities(val.probs, weights).argmax(1) == val.labels).sum())
+        key = (-correct, sum(v * v for v in point))  # integers: ties compare exactly
+        if best_key is None or key < best_key:
+            best_key, best = key, point
+    return dict(zip(BRANCHES, (v / n for v in best)))
+
+
+def fixed_weights(cfg: EvaluateConfig) -> dict[str, float]:
+    """``evaluate.weights`` normalised to sum 1."""
+    raw = {b: float(getattr(cfg.weights, b)) for b in BRANCHES}
+    total = sum(raw.values())
+    if total <= 0:
+        raise ConfigError("evaluate.weights: at least one of raw, object, parts must be > 0 (combine: fixed)")
+    return {b: v / total for b, v in raw.items()}
+
+
+# --------------------------------------------------------------------------- figures
+def accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> dict[str, float]:
+    """Top-1 (argmax) and top-k accuracy of (N, K) probabilities."""
+    top1 = float((probs.argmax(1) == labels).mean())
+    topk_idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]  # (N, k)
+    topk = float((topk_idx == labels[:, None]).any(axis=1).mean())
+    return {"top1": top1, f"top{k}": topk}
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """Counts (K, K): rows the true class, columns the predicted one."""
+    out = np.zeros((num_classes, num_classes), dtype=np.int64)
+    np.add.at(out, (labels, predictions), 1)
+    return out
+
+
+def _csv(rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    csv.writer(buf, lineterminator="\n").writerows(rows)
+    return buf.getvalue()
+
+
+def run(settings: Settings, dataset: str) -> dict[str, Any]:
+    """Evaluate on test with weights fixed beforehand (on val or from params); return evaluate.json's content."""
+    configure_threads()
+    cfg = settings.params.evaluate
+    paths = stage_paths(settings, dataset)
+    if cfg.combine == "val":
+        weight_grid(cfg.weight_step)  # a bad step fails before any work
+    inputs = open_inputs(settings, dataset, paths)
+    if not paths["extract_crops"].is_file():
+        raise ArtifactError(f"{paths['extract_crops']} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
+    located = read_json(paths["extract_crops"]).get("localization")
+    if not inputs.rows["test"]:
+        raise ArtifactError(f"{paths['manifest']}: the test split is empty: nothing to evaluate")
+
+    # 1. the weights: chosen on val or fixed; the test split is not touched before this is done
+    if cfg.combine == "val":
+        if not inputs.rows["val"]:
+            raise ArtifactError(f"{paths['manifest']}: the val split is empty; use evaluate.combine: fixed")
+        val = split_probabilities(inputs, "val")
+        weights = select_weights(val, cfg.weight_step)
+        val_top1 = float((joint_probabilities(val.probs, weights).argmax(1) == val.labels).mean())
+        console.print(
+            "weights chosen on val: " + ", ".join(f"{b} {w:.3f}" for b, w in weights.items()) + f" (val joint top-1 {val_top1:.4f})",
+            highlight=False,
+        )
+    else:
+        weights = fixed_weights(cfg)
+
+    # 2. test, once
+    test = split_probabilities(inputs, "test")
+    k = min(cfg.top_k, len(inputs.classes))
+    probs = {**test.probs, "joint": joint_probabilities(test.probs, weights)}
+    metrics: dict[str, Any] = {"images": len(test.labels)}
+    for name in (*BRANCHES, "joint"):
+        metrics[name] = accuracy(probs[name], test.labels, k)
+    metrics["weights"] = weights
+    if located is not None:
+        missing = [key for key in LOCALIZATION_KEYS if key not in located]
+        if missing:
+            raise ArtifactError(f"{paths['extract_crops']}: `localization` lacks {', '.join(missing)}; rerun `fgpipe extract-crops`")
+        metrics["localization"] = {key: located[key] for key in LOCALIZATION_KEYS}
+
+    write_reports(paths, dataset, inputs.classes, test, probs)
+    write_json(paths["metrics"], metrics)
+    return metrics
+
+
+def write_reports(
+    paths: dict[str, Path], dataset: str, classes: list[str], test: SplitProbabilities, probs: dict[str, np.ndarray]
+) -> None:
+    """predictions.csv, per_class.csv, confusion.csv and confusion.png of the test split."""
+    top1 = {name: p.argmax(1) for name, p in probs.items()}  # (N,) each
+    joint_prob = probs["joint"][np.arange(len(test.labels)), top1["joint"]]
+    rows = [["image_id", "label", "raw_top1", "object_top1", "parts_top1", "joint_top1", "joint_prob"]]
+    for i, image_id in enumerate(test.image_ids):
+        rows.append([image_id, classes[test.labels[i]], *(classes[top1[b][i]] for b in (*BRANCHES, "joint")), f"{joint_prob[i]:.6f}"])
+    write_text(paths["predictions"], _csv(rows))
+
+    per_class = [["class", "images", *BRANCHES, "joint"]]
+    for c, name in enumerate(classes):
+        mask = test.labels == c
+        n = int(mask.sum())
+        accs = [f"{float((top1[b][mask] == c).mean()):.6f}" if n else "" for b in (*BRANCHES, "joint")]
+        per_class.append([name, n, *accs])
+    write_text(paths["per_class"], _csv(per_class))
+
+    matrix = confusion_matrix(test.labels, top1["joint"], len(classes))
+    write_text(paths["confusion"], _csv([["true \\ predicted", *classes], *([name, *row] for name, row in zip(classes, matrix.tolist()))]))
+    title = f"{dataset}: joint prediction on test ({len(test.labels)} images)"
+    with atomic_path(paths["confusion_png"]) as tmp:
+        confusion_image(matrix, classes, title).save(tmp, format="PNG")
+
+
+# --------------------------------------------------------------------------- confusion heatmap
+_LOW, _HIGH = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])  # white -> dark blue
+_INK = (20, 20, 20)
+
+
+def _shorten(draw: ImageDraw.ImageDraw, text: str, width: float, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> str:
+    if draw.textlength(text, font=font) <= width:
+        return text
+    while text and draw.textlength(text + "...", font=font) > width:
+        text = text[:-1]
+    return text + "..."
+
+
+def confusion_image(matrix: np.ndarray, names: list[str], title: str) -> Image.Image:
+    """A heatmap of ``matrix`` (K, K), each row normalised to its true class's images, with class labels.
+
+    Cells shrink with K (4 to 36 pixels); when a cell is smaller than a text line only every n-th class is
+    labelled; counts are written in the cells when they are large enough.
+    """
+    k = len(names)
+    cell = int(np.clip(720 // max(k, 1), 4, 36))
+    font, small = ImageFont.load_default(size=12), ImageFont.load_default(size=max(8, min(12, cell // 2)))
+    every = max(1, math.ceil(15 / cell))  # label every n-th class so labels never overlap
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = int(min(200, max((probe.textlength(n, font=font) for n in names), default=10))) + 8
+    shown = [(i, _shorten(probe, n, label_w - 8, font)) for i, n in enumerate(names) if i % every == 0]
+    top = 28 + 16 + label_w
+    left = 22 + label_w
+    grid = k * cell
+    width, height = left + grid + 90, top + grid + 20
+    img = Image.new("RGB", (max(width, 420), height), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    d.text((8, 6), _shorten(d, title, img.width - 16, font), fill=_INK, font=font)
+    d.text((left, 28), "predicted class" + (f" (every {every}th labelled)" if every > 1 else ""), fill=_INK, font=font)
+
+    totals = matrix.sum(axis=1, keepdims=True)  # (K, 1)
+    share = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=np.float64), where=totals > 0)  # (K, K)
+    colours = (_LOW + share[..., None] * (_HIGH - _LOW)).round().astype(np.uint8)  # (K, K, 3)
+    heat = Image.fromarray(colours, mode="RGB").resize((grid, grid), Image.NEAREST)
+    img.paste(heat, (left, top))
+    d.rectangle([left - 1, top - 1, left + grid, top + grid], outline=(120, 120, 120))
+    if cell >= 22:
+        for r in range(k):
+            for c in range(k):
+                if matrix[r, c]:
+                    ink = (255, 255, 255) if share[r, c] > 0.5 else _INK
+                    d.text((left + c * cell + cell / 2, top + r * cell + cell / 2), str(matrix[r, c]), fill=ink, font=small, anchor="mm")
+
+    for i, text in shown:
+        y = top + i * cell + cell / 2
+        d.text((left - 6, y), text, fill=_INK, font=font, anchor="rm")
+        strip = Image.new("RGB", (label_w, 16), (255, 255, 255))
+        ImageDraw.Draw(strip).text((2, 8), text, fill=_INK, font=font, anchor="lm")
+        rotated = strip.rotate(90, expand=True)  # reads bottom to top
+        img.paste(rotated, (int(left + i * cell + cell / 2 - 8), top - label_w - 2))
+    side_w = int(probe.textlength("true class", font=font)) + 4
+    side = Image.new("RGB", (side_w, 16), (255, 255, 255))
+    ImageDraw.Draw(side).text((2, 8), "true class", fill=_INK, font=font, anchor="lm")
+    img.paste(side.rotate(90, expand=True), (2, top + max(0, (grid - side_w) // 2)))
+
+    # colour bar: share of the true class's images
+    bx, by, bh = left + grid + 16, top, min(grid, 160)
+    ramp = np.linspace(1.0, 0.0, bh)[:, None, None]  # (bh, 1, 1) top = 1
+    bar = (_LOW + ramp * (_HIGH - _LOW)).round().astype(np.uint8).repeat(12, axis=1)  # (bh, 12, 3)
+    img.paste(Image.fromarray(bar, mode="RGB"), (bx, by))
+    d.text((bx + 16, by), "1", fill=_INK, font=font, anchor="lt")
+    d.text((bx + 16, by + bh), "0", fill=_INK, font=font, anchor="lb")
+    d.text((bx, by + bh + 4), "share", fill=_INK, font=font)
+    return img

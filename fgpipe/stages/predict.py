@@ -1,0 +1,281 @@
+"""`fgpipe predict IMAGE...`: the whole chain on new image files, with the trained artefacts of a dataset.
+
+Per image, as the pipeline does for the dataset's own images:
+
+1. heatmap: the attention method recorded in data/NAME/attention.h5 (``attention.method`` when that file is
+   absent), on the stage-1 checkpoint it was made from (``attention.checkpoint``), the whole image resized to
+   the stage-1 input size (as extract-attention);
+2. object box: ``crops.threshold`` of the heatmap's max, largest component (as extract-crops);
+3. MPALM parts of the object crop with the ``crops`` settings (as extract-crops, same functions);
+4. the raw stage-1 prediction (stage1/best.pt, as evaluate), the object branch on the object box and the part
+   branch on the part patches (refine/best.pt, as evaluate);
+5. joint: the weighted mean of the three probabilities with the weights in metrics/NAME/evaluate.json.
+
+Output: a table per image with the top-k classes of every branch (``--json``: one JSON document on stdout).
+An image that cannot be read is reported on stderr, naming the file, and skipped; :func:`run` returns how
+many failed (the CLI then exits with 1 once every other image is done).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw, ImageFont
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from torch import Tensor
+
+from fgpipe.attention import HeatmapMethod, create_method
+from fgpipe.config import Settings, TrainBackboneConfig, TrainRefineConfig
+from fgpipe.console import console
+from fgpipe.errors import ArtifactError
+from fgpipe.h5schema import AttentionReader
+from fgpipe.images import image_size
+from fgpipe.loader import LoadRequest, decode_region, normalize, resized_side
+from fgpipe.localize import object_boxes
+from fgpipe.manifest import class_names, read_manifest
+from fgpipe.models.branches import RefineNet
+from fgpipe.models.wsdan import Stage1Net
+from fgpipe.preview import COLOURS, TILE, colormap, safe_name
+from fgpipe.preview import save_png as write_png
+from fgpipe.runtime import configure_threads
+from fgpipe.stages.evaluate import BRANCHES, inference_runtime, joint_probabilities
+from fgpipe.stages.extract_attention import decode_batch, load_checked_stage1
+from fgpipe.stages.extract_crops import checkpoint_of, parts_of
+from fgpipe.stages.train_backbone import predict_logits, stage1_input_size
+from fgpipe.stages.train_refine import image_boxes, load_branch_data, load_refine, part_size, predict_branches, refine_config
+from fgpipe.store import file_sha256, read_json
+from fgpipe.training import Runtime
+
+STAGE = "predict"
+
+
+@dataclass
+class Chain:
+    """The trained artefacts of a dataset, loaded once."""
+
+    classes: list[str]
+    method_name: str
+    heat_model: Stage1Net  # the stage-1 network the heatmaps (and MPALM features) come from
+    heat_method: HeatmapMethod  # on heat_model
+    heat_size: int  # its input size
+    stage1: Stage1Net  # the raw branch (stage1/best.pt)
+    stage1_cfg: TrainBackboneConfig  # as evaluate uses it: no test-time refinement
+    refine: RefineNet
+    refine_cfg: TrainRefineConfig
+    weights: dict[str, float]
+    rt: Runtime
+
+
+@dataclass
+class Prediction:
+    """What the chain found for one image."""
+
+    path: Path
+    size: tuple[int, int]
+    heatmap: np.ndarray  # (h, w) in [0, 1]
+    box: np.ndarray  # (4,) object box, original pixels
+    fallback: bool
+    parts: np.ndarray  # (P, 4) MPALM parts, original pixels (P may be 0)
+    probs: dict[str, np.ndarray]  # raw, object, parts, joint -> (K,)
+
+
+def load_chain(settings: Settings, dataset: str) -> Chain:
+    """Load the checkpoints, the attention method and the joint weights of ``dataset``; check they belong together."""
+    settings.dataset(dataset)  # a clear error for an unknown dataset name
+    d = settings.data_dir(dataset)
+    manifest = d / "manifest.csv"
+    classes = class_names(read_manifest(manifest))
+    manifest_sha = file_sha256(manifest)
+    rt = inference_runtime()
+
+    attention_path = d / "attention.h5"
+    if attention_path.is_file():
+        with AttentionReader(attention_path) as attention:
+            method_name = attention.meta.method
+            heat_path = checkpoint_of(attention, d, dataset)
+    else:
+        method_name = settings.params.attention.method
+        heat_path = d / "stage1" / f"{settings.params.attention.checkpoint}.pt"
+    raw_path = d / "stage1" / "best.pt"
+    stage1, s1_state = load_checked_stage1(raw_path, manifest_sha, dataset, rt.device)
+    if heat_path.resolve() == raw_path.resolve():
+        heat_model, heat_state = stage1, s1_state
+    else:
+        heat_model, heat_state = load_checked_stage1(heat_path, manifest_sha, dataset, rt.device)
+
+    refine_path = d / "refine" / "best.pt"
+    if not refine_path.is_file():
+        raise ArtifactError(f"checkpoint not found: {refine_path} (run `fgpipe train-refine --dataset {dataset}` first)")
+    refine, r_state = load_refine(refine_path, rt.device)
+    if list(r_state["class_names"]) != classes or list(s1_state["class_names"]) != classes:
+        raise ArtifactError(f"{refine_path} was trained on another class list than {manifest}: rerun `fgpipe train-refine --dataset {dataset}`")
+
+    metrics_path = settings.metrics_file(dataset, "evaluate")
+    if not metrics_path.is_file():
+        raise ArtifactError(f"{metrics_path} not found: the joint weights come from it (run `fgpipe evaluate --dataset {dataset}` first)")
+    weights = read_json(metrics_path).get("weights")
+    if not isinstance(weights, dict) or set(weights) != set(BRANCHES):
+        raise ArtifactError(f"{metrics_path}: `weights` must give raw, object and parts; rerun `fgpipe evaluate --dataset {dataset}`")
+    s1_cfg = TrainBackboneConfig(**s1_state["config"]["train_backbone"])
+    return Chain(
+        classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model),
+        heat_size=stage1_input_size(heat_state), stage1=stage1, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False),
+        refine=refine, refine_cfg=refine_config(r_state), weights={b: float(weights[b]) for b in BRANCHES}, rt=rt,
+    )
+
+
+def _quiet_load(requests: list[LoadRequest], out_wh: tuple[int, int], desc: str = "") -> Tensor:
+    return decode_batch(requests, out_wh)
+
+
+def predict_batch(chain: Chain, paths: list[Path], sizes: list[tuple[int, int]], settings: Settings) -> list[Prediction]:
+    """Run the whole chain on a batch of readable images."""
+    cfg = settings.params.crops
+    rt = chain.rt
+    whole = [LoadRequest(p, (0.0, 0.0, float(w), float(h))) for p, (w, h) in zip(paths, sizes)]
+    # 1-3: heatmap, object box, MPALM parts (as extract-attention and extract-crops)
+    heat_in = decode_batch(whole, (chain.heat_size, chain.heat_size))
+    heat = chain.heat_method(normalize(heat_in.to(rt.device)))
+    heatmaps = heat.heatmaps.cpu().numpy()  # (B, h, w)
+    found = object_boxes(heatmaps, cfg.threshold, np.array(sizes, dtype=np.float64))
+    crops = decode_batch([LoadRequest(p, tuple(float(v) for v in b)) for p, b in zip(paths, found.boxes)], (chain.heat_size, chain.heat_size))
+    parts = parts_of(chain.heat_model, crops, found.boxes, chain.heat_size, cfg, rt.device)
+    # 4: the three branches (as evaluate)
+    s1 = chain.stage1_cfg
+    raw_in = decode_batch(whole, (resized_side(s1.input_size, s1.augment),) * 2)
+    raw, _ = predict_logits(chain.stage1, raw_in, s1, rt)
+    boxes = [image_boxes(found.boxes[i], parts.boxes[i], int(parts.counts[i]), bool(found.fallback[i]), sizes[i]) for i in range(len(paths))]
+    rcfg = chain.refine_cfg
+    data = load_branch_data(
+        paths, sizes, boxes, [0] * len(paths), resized_side(rcfg.input_size, rcfg.augment),
+        resized_side(part_size(rcfg), rcfg.augment), 0.0, "predict", load=_quiet_load,
+    )
+    obj, part_logits = predict_branches(chain.refine, data, rcfg, rt)
+    probs = {b: torch.softmax(x.double(), dim=1).numpy() for b, x in zip(BRANCHES, (raw, obj, part_logits))}
+    probs["joint"] = joint_probabilities(probs, chain.weights)
+    return [
+        Prediction(
+            path=p, size=sizes[i], heatmap=heatmaps[i], box=found.boxes[i], fallback=bool(found.fallback[i]),
+            parts=parts.boxes[i, : int(parts.counts[i])], probs={b: v[i] for b, v in probs.items()},
+        )
+        for i, p in enumerate(paths)
+    ]
+
+
+def top_classes(probs: np.ndarray, classes: list[str], k: int) -> list[dict[str, Any]]:
+    """The ``k`` most probable classes, best first: ``[{"class": name, "prob": p}, ...]``."""
+    order = np.argsort(-probs, kind="stable")[:k]
+    return [{"class": classes[i], "prob": round(float(probs[i]), 6)} for i in order]
+
+
+def as_record(pred: Prediction, classes: list[str], k: int) -> dict[str, Any]:
+    """The JSON form of one image's prediction."""
+    return {
+        "image": str(pred.path),
+        "size": list(pred.size),
+        "box": [round(float(v), 2) for v in pred.box],
+        "fallback": pred.fallback,
+        "part_boxes": [[round(float(v), 2) for v in b] for b in pred.parts],
+        "top": {b: top_classes(p, classes, k) for b, p in pred.probs.items()},
+    }
+
+
+def print_table(out: Console, record: dict[str, Any], weights: dict[str, float]) -> None:
+    """One image's top-k classes per branch as a rich table."""
+    box = ", ".join(f"{v:g}" for v in record["box"])
+    caption = f"object box ({box}){' FALLBACK: empty heatmap' if record['fallback'] else ''}, {len(record['part_boxes'])} parts"
+    table = Table(title=escape(record["image"]), caption=escape(caption), title_justify="left")
+    table.add_column("#", justify="right")
+    for b in (*BRANCHES, "joint"):
+        table.add_column(f"{b} ({weights[b]:.2f})" if b in weights else b)
+    for rank in range(len(record["top"]["joint"])):
+        table.add_row(
+            str(rank + 1),
+            *(f"{escape(record['top'][b][rank]['class'])} {record['top'][b][rank]['prob']:.3f}" for b in (*BRANCHES, "joint")),
+        )
+    out.print(table)
+
+
+def draw_prediction(pred: Prediction, record: dict[str, Any]) -> Image.Image:
+    """The image with its object box (red) and parts (yellow), its heatmap overlay, and the joint top-1."""
+    w, h = pred.size
+    scale = TILE / max(w, h)
+    tw, th = max(1, round(w * scale)), max(1, round(h * scale))
+    image = Image.fromarray(decode_region(pred.path, (0.0, 0.0, float(w), float(h)), (tw, th)))
+
+    def scaled(b: np.ndarray) -> list[float]:
+        x0, y0, x1, y1 = (float(v) * scale for v in b)
+        return [x0, y0, max(x0, x1 - 1), max(y0, y1 - 1)]
+
+    left = image.copy()
+    d = ImageDraw.Draw(left)
+    for part in pred.parts:
+        d.rectangle(scaled(part), outline=COLOURS["parts"], width=1)
+    d.rectangle(scaled(pred.box), outline=COLOURS["object box"], width=2)
+    heat = Image.fromarray(pred.heatmap.astype(np.float32), mode="F").resize((tw, th), Image.BILINEAR)
+    overlay = Image.blend(image, Image.fromarray(colormap(np.asarray(heat))), 0.55)
+    ImageDraw.Draw(overlay).rectangle(scaled(pred.box), outline=COLOURS["object box"], width=2)
+
+    font = ImageFont.load_default(size=12)
+    canvas = Image.new("RGB", (2 * TILE + 8, TILE + 36), (255, 255, 255))
+    canvas.paste(left, ((TILE - tw) // 2, (TILE - th) // 2))
+    canvas.paste(overlay, (TILE + 8 + (TILE - tw) // 2, (TILE - th) // 2))
+    d = ImageDraw.Draw(canvas)
+    best = record["top"]["joint"][0]
+    d.text((2, TILE + 2), f"{pred.path.name}: {best['class']} ({best['prob']:.3f}, joint)", fill=(20, 20, 20), font=font)
+    d.text((2, TILE + 18), f"red: object box{' (fallback)' if pred.fallback else ''}, yellow: {len(pred.parts)} parts",
+           fill=(20, 20, 20), font=font)
+    return canvas
+
+
+def run(
+    settings: Settings, dataset: str, images: list[Path], top_k: int = 5, as_json: bool = False, save_png: Path | None = None
+) -> int:
+    """Classify ``images``; print tables (or JSON on stdout); return the number of images that could not be read."""
+    configure_threads()
+    chain = load_chain(settings, dataset)
+    k = min(top_k, len(chain.classes))
+    errors: list[dict[str, str]] = []
+    good: list[tuple[Path, tuple[int, int]]] = []
+    for path in images:
+        try:
+            good.append((path, image_size(path, verify=True)))
+        except OSError as exc:  # missing, unreadable, corrupt or truncated (PIL raises OSError subclasses)
+            reason = exc.strerror if isinstance(exc, FileNotFoundError) and exc.strerror else str(exc)
+            errors.append({"image": str(path), "error": reason})
+            console.print(f"[bold red]error:[/] {escape(str(path))}: cannot read image: {escape(reason)}", highlight=False, soft_wrap=True)
+
+    stdout = Console(file=sys.stdout) if not as_json else None
+    records: list[dict[str, Any]] = []
+    used: set[str] = set()
+    batch = settings.params.evaluate.batch_size
+    for start in range(0, len(good), batch):
+        chunk = good[start : start + batch]
+        preds = predict_batch(chain, [p for p, _ in chunk], [s for _, s in chunk], settings)
+        for pred in preds:
+            record = as_record(pred, chain.classes, k)
+            if save_png is not None:
+                name = safe_name(pred.path.stem)
+                stem, n = name, 1
+                while name in used:
+                    n += 1
+                    name = f"{stem}_{n}"
+                used.add(name)
+                record["png"] = str(write_png(draw_prediction(pred, record), save_png / f"{name}.png"))
+            records.append(record)
+            if stdout is not None:
+                print_table(stdout, record, chain.weights)
+    if as_json:
+        doc = {"dataset": dataset, "method": chain.method_name, "weights": chain.weights, "predictions": records, "errors": errors}
+        sys.stdout.write(json.dumps(doc, indent=2) + "\n")
+        sys.stdout.flush()
+    return len(errors)

@@ -1,0 +1,546 @@
+"""Stage `train-refine`: the object branch on object crops and the part branch on MPALM patches (METHODS.md 6).
+
+Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images, data/NAME/crops.h5 (object and part boxes),
+        data/NAME/stage1/best.pt (backbone architecture and initial weights); params `train_refine`.
+Writes: data/NAME/refine/{best,last}.pt, metrics/NAME/train_refine.json,
+        metrics/NAME/train_refine/ (per-epoch curves for `dvc plots`, written by dvclive).
+
+No crop is ever written as an image: every box is decoded once into memory (:func:`fgpipe.loader.load_regions`).
+Train boxes are decoded with a margin of ``box_jitter`` times the box side on each side, so that every epoch
+can move each box edge by up to that fraction (a random shift and scale) before the usual random crop, flip
+and colour jitter; val boxes are decoded exactly, resized to ``input_size * resize_ratio`` and centre-cropped,
+as stage-1 evaluates. Part patches are resized to ``part_size`` (0: ``input_size // 2``); an image with no
+part uses its object box as its single patch.
+
+Both branches train jointly (loss = CE_object + CE_parts); the epoch kept as best maximises the mean of the
+two branches' val top-1 (test is never read here). ``--resume`` continues from last.pt; each epoch is seeded
+from (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from rich.progress import TextColumn
+from torch import Tensor, nn
+from torchvision.ops import roi_align
+
+from fgpipe.config import ModelConfig, Settings, TrainRefineConfig
+from fgpipe.console import console, progress
+from fgpipe.errors import ArtifactError, TrainingError
+from fgpipe.h5schema import CropsReader
+from fgpipe.loader import LoadRequest, center_crop, load_regions, normalize, resized_side, train_augment
+from fgpipe.manifest import ManifestRow, class_names, read_manifest
+from fgpipe.models.branches import RefineNet, build_refine_net
+from fgpipe.runtime import configure_threads
+from fgpipe.store import file_sha256, read_json, write_json
+from fgpipe.training import (
+    Runtime,
+    all_reduce_sum,
+    barrier,
+    batches,
+    build_optimizer,
+    build_scheduler,
+    config_dict,
+    epoch_seed,
+    load_checkpoint,
+    open_live,
+    rng_state,
+    save_checkpoint,
+    seed_everything,
+    set_rng_state,
+    setup_runtime,
+    shard_indices,
+    teardown_runtime,
+    unwrap,
+)
+
+STAGE = "train_refine"
+StepHook = Callable[[int, int], None]  # (epoch, step) -> None; tests use it to interrupt a run
+RegionLoader = Callable[..., Tensor]  # (requests, out_wh, desc=...) -> (N, 3, H, W) uint8, like load_regions
+MIN_JITTERED_SIDE = 0.5  # a jittered box narrower than this fraction of the box falls back to the box itself
+
+
+# --------------------------------------------------------------------------- boxes
+@dataclass(frozen=True)
+class ImageBoxes:
+    """One image's boxes from crops.h5, in original pixels, clipped to the image."""
+
+    box: np.ndarray  # (4,) object box
+    parts: np.ndarray  # (P, 4) part boxes, P >= 1 (the object box when MPALM found none)
+    fallback: bool  # the object box is the whole image (empty heatmap)
+    num_parts: int  # parts found by MPALM (0 when ``parts`` holds the object box)
+
+
+def clip_box(box: np.ndarray, wh: tuple[float, float]) -> np.ndarray:
+    """Clip (4,) or (P, 4) boxes to ``(0, 0, W, H)``, keeping at least one pixel of extent."""
+    w, h = float(wh[0]), float(wh[1])
+    out = np.asarray(box, dtype=np.float64).copy()
+    out[..., 0::2] = np.clip(out[..., 0::2], 0.0, w)
+    out[..., 1::2] = np.clip(out[..., 1::2], 0.0, h)
+    out[..., 0] = np.minimum(out[..., 0], w - 1.0)
+    out[..., 1] = np.minimum(out[..., 1], h - 1.0)
+    out[..., 2] = np.maximum(out[..., 2], out[..., 0] + 1.0)
+    out[..., 3] = np.maximum(out[..., 3], out[..., 1] + 1.0)
+    return out
+
+
+def image_boxes(box: np.ndarray, parts: np.ndarray, count: int, fallback: bool, wh: tuple[float, float]) -> ImageBoxes:
+    """An :class:`ImageBoxes` from one crops.h5 row (parts zero-padded past ``count``)."""
+    obj = clip_box(box, wh)
+    valid = clip_box(parts[:count], wh) if count > 0 else obj[None]
+    return ImageBoxes(box=obj, parts=valid, fallback=bool(fallback), num_parts=int(count))
+
+
+def read_crops(path: Path, manifest_sha256: str, rows: list[ManifestRow]) -> list[ImageBoxes]:
+    """The boxes of ``rows`` (in their order) from crops.h5; refuses a file made from another manifest."""
+    with CropsReader(path) as reader:
+        reader.check_source(manifest_sha256=manifest_sha256)
+        rec = reader.read()
+    index = {image_id: i for i, image_id in enumerate(rec.image_ids)}
+    missing = [r.image_id for r in rows if r.image_id not in index]
+    if missing:
+        raise ArtifactError(
+            f"{path}: no boxes for {len(missing)} image(s) of the manifest (e.g. {', '.join(missing[:5])}); "
+            "rerun `fgpipe extract-crops` (or `dvc repro`)"
+        )
+    out = []
+    for r in rows:
+        i = index[r.image_id]
+        out.append(image_boxes(rec.boxes[i], rec.parts[i], int(rec.part_counts[i]), bool(rec.fallback[i]), (r.width, r.height)))
+    return out
+
+
+def margin_region(box: np.ndarray, margin: float, wh: tuple[float, float]) -> np.ndarray:
+    """``box`` (4,) grown by ``margin`` times its side on every side, clipped to ``(0, 0, W, H)``."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    dx, dy = margin * (x1 - x0), margin * (y1 - y0)
+    return clip_box(np.array([x0 - dx, y0 - dy, x1 + dx, y1 + dy]), wh)
+
+
+# --------------------------------------------------------------------------- data in memory
+@dataclass
+class BranchData:
+    """Object crops and part patches of a split, decoded once: uint8 regions and where they came from.
+
+    Region i of ``objects`` covers ``object_regions[i]`` (original pixels) and holds ``object_boxes[i]``
+    (equal to the region when no margin was asked for); likewise for patches. The patches of image i are
+    rows ``patch_start[i] : patch_start[i] + patch_count[i]``.
+    """
+
+    objects: Tensor  # (N, 3, So, So) uint8
+    object_regions: Tensor  # (N, 4) float32
+    object_boxes: Tensor  # (N, 4) float32
+    patches: Tensor  # (T, 3, Sp, Sp) uint8
+    patch_regions: Tensor  # (T, 4) float32
+    patch_boxes: Tensor  # (T, 4) float32
+    patch_start: Tensor  # (N,) int64
+    patch_count: Tensor  # (N,) int64, >= 1
+    labels: Tensor  # (N,) int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def patch_index(self, idx: Tensor) -> tuple[Tensor, Tensor]:
+        """Rows of the patches of images ``idx`` (T,) and each patch's position in ``idx`` (T,)."""
+        counts = self.patch_count[idx]  # (B,)
+        owner = torch.repeat_interleave(torch.arange(len(idx)), counts)  # (T,)
+        starts = torch.repeat_interleave(self.patch_start[idx], counts)  # (T,)
+        offsets = torch.arange(len(owner)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+        return starts + offsets, owner
+
+
+def load_branch_data(
+    paths: list[Path], sizes: list[tuple[int, int]], boxes: list[ImageBoxes], labels: list[int],
+    object_side: int, part_side: int, margin: float, name: str, load: RegionLoader = load_regions,
+) -> BranchData:
+    """Decode every object box (at ``object_side``) and part box (at ``part_side``) of a split.
+
+    With ``margin`` > 0 each region is the box grown by ``margin`` times its side (clipped to the image),
+    decoded at ``side * (1 + 2 * margin)`` so that the box itself keeps about ``side`` pixels. ``load``
+    decodes a list of regions (default: :func:`fgpipe.loader.load_regions`, with a progress bar).
+    """
+    obj_store = int(round(object_side * (1 + 2 * margin)))
+    part_store = int(round(part_side * (1 + 2 * margin)))
+    obj_regions = [margin_region(b.box, margin, wh) for b, wh in zip(boxes, sizes)]
+    part_boxes = [p for b in boxes for p in b.parts]
+    part_regions = [margin_region(p, margin, wh) for b, wh in zip(boxes, sizes) for p in b.parts]
+    part_paths = [path for path, b in zip(paths, boxes) for _ in range(len(b.parts))]
+    objects = load(
+        [LoadRequest(p, tuple(r)) for p, r in zip(paths, obj_regions)], (obj_store, obj_store), desc=f"loading {name} objects"
+    )
+    patches = load(
+        [LoadRequest(p, tuple(r)) for p, r in zip(part_paths, part_regions)], (part_store, part_store), desc=f"loading {name} parts"
+    )
+    counts = torch.tensor([len(b.parts) for b in boxes], dtype=torch.long)
+
+    def as_tensor(rows: list[np.ndarray]) -> Tensor:
+        return torch.tensor(np.asarray(rows, dtype=np.float64).reshape(-1, 4), dtype=torch.float32)
+
+    return BranchData(
+        objects=objects,
+        object_regions=as_tensor(obj_regions),
+        object_boxes=as_tensor([b.box for b in boxes]),
+        patches=patches,
+        patch_regions=as_tensor(part_regions),
+        patch_boxes=as_tensor(part_boxes),
+        patch_start=torch.cumsum(counts, 0) - counts,
+        patch_count=counts,
+        labels=torch.tensor(labels, dtype=torch.long),
+    )
+
+
+def split_data(
+    root: Path, rows: list[ManifestRow], boxes: list[ImageBoxes], cfg: TrainRefineConfig, margin: float, name: str
+) -> BranchData:
+    """:func:`load_branch_data` for manifest rows at the sizes of ``cfg``."""
+    return load_branch_data(
+        [root / r.path for r in rows], [(r.width, r.height) for r in rows], boxes, [r.label for r in rows],
+        resized_side(cfg.input_size, cfg.augment), resized_side(part_size(cfg), cfg.augment), margin, name,
+    )
+
+
+def part_size(cfg: TrainRefineConfig) -> int:
+    """Side of the part patches fed to the part branch (``part_size``, 0 -> ``input_size // 2``)."""
+    return cfg.part_size or cfg.input_size // 2
+
+
+def jittered_crops(
+    stored: Tensor, regions: Tensor, boxes: Tensor, u: Tensor, jitter: float, out_side: int
+) -> Tensor:
+    """Cut jittered boxes out of stored regions, resized to ``out_side``: float (n, 3, out, out) in [0, 255].
+
+    ``stored`` (n, 3, S, S) uint8 holds ``regions`` (n, 4); every edge of ``boxes`` (n, 4) moves by
+    ``u * jitter`` (u (n, 4) in [-1, 1]) times the box side, the result is clipped to the region (a box
+    that would shrink below half its side keeps its original edges) and resampled with ``roi_align``
+    (pixel-edge coordinates, ``aligned=True``).
+    """
+    n, side = stored.shape[0], stored.shape[-1]
+    wh = torch.stack([boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]], dim=1)  # (n, 2)
+    jb = boxes + u * jitter * wh.repeat(1, 2)  # (n, 4)
+    lo, hi = regions[:, :2].repeat(1, 2), regions[:, 2:].repeat(1, 2)  # (n, 4) each
+    jb = torch.minimum(torch.maximum(jb, lo), hi)
+    small = ((jb[:, 2:] - jb[:, :2]) < MIN_JITTERED_SIDE * wh).any(dim=1)  # (n,)
+    jb = torch.where(small[:, None], boxes, jb)
+    scale = side / (regions[:, 2:] - regions[:, :2])  # (n, 2) stored pixels per original pixel
+    local = (jb - lo) * scale.repeat(1, 2)  # (n, 4) in stored pixels
+    rois = torch.cat([torch.arange(n, dtype=torch.float32)[:, None], local.float()], dim=1)  # (n, 5)
+    return roi_align(stored.float(), rois, output_size=(out_side, out_side), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
+
+
+def train_inputs(data: BranchData, idx: Tensor, cfg: TrainRefineConfig, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Augmented object crops (B, 3, S, S), patches (T, 3, s, s), both float in [0, 1], and each patch's owner (T,).
+
+    Draw order from ``gen``: object jitter (B, 4), patch jitter (T, 4), then :func:`train_augment` for objects
+    and for patches.
+    """
+    rows, owner = data.patch_index(idx)
+    u_obj = torch.rand(len(idx), 4, generator=gen) * 2 - 1  # (B, 4)
+    u_part = torch.rand(len(rows), 4, generator=gen) * 2 - 1  # (T, 4)
+    obj_side = resized_side(cfg.input_size, cfg.augment)
+    p_size = part_size(cfg)
+    objects = jittered_crops(data.objects[idx], data.object_regions[idx], data.object_boxes[idx], u_obj, cfg.box_jitter, obj_side)
+    patches = jittered_crops(
+        data.patches[rows], data.patch_regions[rows], data.patch_boxes[rows], u_part, cfg.box_jitter, resized_side(p_size, cfg.augment)
+    )
+    return (
+        train_augment(objects, cfg.input_size, cfg.augment, gen),
+        train_augment(patches, p_size, cfg.augment, gen),
+        owner,
+    )
+
+
+def eval_inputs(data: BranchData, idx: Tensor, cfg: TrainRefineConfig) -> tuple[Tensor, Tensor, Tensor]:
+    """Centre-cropped object crops and patches of images ``idx`` (uint8) and each patch's owner (T,)."""
+    rows, owner = data.patch_index(idx)
+    return center_crop(data.objects[idx], cfg.input_size), center_crop(data.patches[rows], part_size(cfg)), owner
+
+
+# --------------------------------------------------------------------------- the stage
+def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
+    d = settings.data_dir(dataset)
+    return {
+        "manifest": d / "manifest.csv",
+        "dataset": d / "dataset.json",
+        "crops": d / "crops.h5",
+        "stage1": d / "stage1" / "best.pt",
+        "best": d / "refine" / "best.pt",
+        "last": d / "refine" / "last.pt",
+        "metrics": settings.metrics_file(dataset, STAGE),
+        "live": settings.metrics_file(dataset, STAGE).with_suffix(""),
+    }
+
+
+def dataset_root(path: Path, dataset: str) -> Path:
+    """The dataset root recorded by prepare in data/NAME/dataset.json."""
+    if not path.is_file():
+        raise ArtifactError(f"{path} not found (run `fgpipe prepare --dataset {dataset}` first)")
+    return Path(read_json(path)["root"])
+
+
+def load_stage1_state(path: Path, manifest_sha: str, classes: list[str], dataset: str) -> dict[str, Any]:
+    """The stage-1 checkpoint the branches start from; refuses one trained on another manifest."""
+    if not path.is_file():
+        raise ArtifactError(f"stage-1 checkpoint not found: {path} (run `fgpipe train-backbone --dataset {dataset}` first)")
+    state = load_checkpoint(path)
+    if state.get("kind") != "stage1":
+        raise ArtifactError(f"{path}: not a stage-1 checkpoint (kind {state.get('kind')!r}); rerun `fgpipe train-backbone`")
+    if state.get("manifest_sha256") != manifest_sha or list(state.get("class_names", [])) != classes:
+        raise ArtifactError(f"{path} was trained on another manifest: rerun `fgpipe train-backbone` (or `dvc repro`)")
+    return state
+
+
+def run(settings: Settings, dataset: str, resume: bool = False, on_step: StepHook | None = None) -> dict[str, Any]:
+    """Train both branches on train, select on val; return the metrics (also written to metrics/NAME/train_refine.json)."""
+    configure_threads()
+    cfg = settings.params.train_refine
+    rt = setup_runtime(cfg.device, cfg.amp, cfg.channels_last)
+    try:
+        return _run(settings, dataset, cfg, rt, resume, on_step)
+    finally:
+        teardown_runtime(rt)
+
+
+def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, resume: bool, on_step: StepHook | None) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    paths = stage_paths(settings, dataset)
+    settings.dataset(dataset)  # a clear error for an unknown dataset name
+    rows = read_manifest(paths["manifest"])
+    root = dataset_root(paths["dataset"], dataset)
+    classes = class_names(rows)
+    manifest_sha = file_sha256(paths["manifest"])
+    stage1 = load_stage1_state(paths["stage1"], manifest_sha, classes, dataset)
+    by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val")}
+    for s in ("train", "val"):
+        if not by_split[s]:
+            raise ArtifactError(f"{paths['manifest']}: the {s} split is empty")
+    boxes = {s: read_crops(paths["crops"], manifest_sha, by_split[s]) for s in ("train", "val")}
+    hashes = {"manifest_sha256": manifest_sha, "crops_sha256": file_sha256(paths["crops"]), "stage1_sha256": file_sha256(paths["stage1"])}
+
+    train = split_data(root, by_split["train"], boxes["train"], cfg, cfg.box_jitter, "train")
+    val = split_data(root, by_split["val"], boxes["val"], cfg, 0.0, "val")
+
+    seed_everything(cfg.seed)
+    mcfg = ModelConfig(**stage1["config"]["model"])
+    model, report = build_refine_net(mcfg, len(classes), cfg.shared_backbone, stage1["model"], str(paths["stage1"]))
+    model = model.to(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    steps_per_epoch = len(batches(shard_indices(torch.arange(len(train)), rt), cfg.batch_size))
+    sched = build_scheduler(
+        opt, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        schedule=cfg.schedule, step_size=cfg.step_size, gamma=cfg.gamma,
+    )
+    config = {"model": dict(stage1["config"]["model"]), "train_refine": config_dict(cfg)}
+
+    start_epoch, best, history = 0, {"epoch": -1, "val_top1": -1.0}, []
+    if resume and paths["last"].is_file():
+        state = load_checkpoint(paths["last"], map_location=rt.device)
+        _check_resumable(state, config, hashes, paths["last"])
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        start_epoch, best, history = state["epoch"], state["best"], state["history"]
+        if rt.is_main:
+            console.print(f"resuming {dataset} from {paths['last']} after epoch {start_epoch}")
+    elif resume and rt.is_main:
+        console.print(f"[yellow]--resume: no checkpoint at {paths['last']}, starting from scratch")
+
+    net: nn.Module = model
+    if rt.distributed:
+        net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+
+    live = open_live(paths["live"], resume and start_epoch > 0) if rt.is_main else None
+    train_seconds, train_images = 0.0, 0
+    try:
+        for epoch in range(start_epoch, cfg.epochs):
+            seed = epoch_seed(cfg.seed, epoch)
+            torch.manual_seed(seed)  # global RNG replays per epoch
+            gen = torch.Generator().manual_seed(seed)  # data order, box jitter, augmentation
+            t0 = time.perf_counter()
+            stats = train_one_epoch(net, opt, sched, train, cfg, rt, gen, epoch, on_step)
+            train_seconds += time.perf_counter() - t0
+            train_images += stats["images"]
+            val_stats = evaluate_branches(model, val, cfg, rt)
+            record = {
+                "epoch": epoch + 1, "train_loss": stats["loss"], "train_object_top1": stats["object_top1"],
+                "train_parts_top1": stats["parts_top1"], "val_object_top1": val_stats["object"],
+                "val_parts_top1": val_stats["parts"], "val_top1": val_stats["mean"],
+                "lr": opt.param_groups[0]["lr"], "images_per_s": stats["images_per_s"],
+            }
+            history.append(record)
+            improved = val_stats["mean"] > best["val_top1"]
+            if improved:
+                best = {"epoch": epoch + 1, "val_top1": val_stats["mean"], "object": val_stats["object"], "parts": val_stats["parts"]}
+            if rt.is_main:
+                state = {
+                    "kind": "refine", "model": model.state_dict(), "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best, "history": history,
+                    "rng": rng_state(), "config": config, "class_names": classes, "dataset": dataset, **hashes,
+                }
+                if improved:
+                    save_checkpoint(paths["best"], state)
+                save_checkpoint(paths["last"], state)
+                console.print(
+                    f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  train obj {stats['object_top1']:.3f} "
+                    f"parts {stats['parts_top1']:.3f}  val obj {val_stats['object']:.3f} parts {val_stats['parts']:.3f}  "
+                    f"{stats['images_per_s']:.1f} img/s" + ("  [green]best" if improved else ""),
+                    highlight=False,
+                )
+                if live is not None:
+                    for k, v in record.items():
+                        if k != "epoch":
+                            live.log_metric(k.replace("_", "/", 1), v)
+                    live.next_step()
+            barrier(rt)
+    finally:
+        if live is not None:
+            live.end()
+
+    if not paths["best"].is_file():
+        raise ArtifactError(f"no best checkpoint at {paths['best']}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})")
+    last = history[-1]
+    metrics = {
+        "dataset": dataset,
+        "backbone": mcfg.backbone,
+        "shared_backbone": cfg.shared_backbone,
+        "input_size": cfg.input_size,
+        "part_size": part_size(cfg),
+        "epochs": cfg.epochs,
+        "best_epoch": best["epoch"],
+        "val": {"object": best["object"], "parts": best["parts"], "mean": best["val_top1"]},
+        "train": {"loss": last["train_loss"], "object_top1": last["train_object_top1"], "parts_top1": last["train_parts_top1"]},
+        "patches_per_image": round(float(train.patch_count.float().mean()), 3),
+        "initialised_from": {"checkpoint": str(paths["stage1"]), "tensors": report.loaded if report else 0},
+        "images_per_s": round(train_images / train_seconds, 2) if train_seconds else None,
+        "resumed_from_epoch": start_epoch if resume else None,
+        "world_size": rt.world_size,
+        "device": str(rt.device),
+        "seconds": round(time.perf_counter() - t_start, 2),
+        **settings.provenance(),
+    }
+    if rt.is_main:
+        write_json(paths["metrics"], metrics)
+    return metrics
+
+
+def _check_resumable(state: dict[str, Any], config: dict[str, Any], hashes: dict[str, str], path: Path) -> None:
+    for key, what in (("manifest_sha256", "manifest"), ("crops_sha256", "crops.h5"), ("stage1_sha256", "stage-1 checkpoint")):
+        if state.get(key) != hashes[key]:
+            raise ArtifactError(f"{path} was trained from another {what}: delete it or run without --resume")
+    if state.get("config") != config:
+        diff = [f"{sec}.{k}" for sec in config for k in config[sec] if state["config"].get(sec, {}).get(k) != config[sec][k]]
+        raise ArtifactError(f"{path} was made with other params ({', '.join(diff)}): delete it or run without --resume")
+
+
+def train_one_epoch(
+    net: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, data: BranchData,
+    cfg: TrainRefineConfig, rt: Runtime, gen: torch.Generator, epoch: int, on_step: StepHook | None,
+) -> dict[str, float]:
+    """One epoch of joint branch training: loss = CE(object logits) + CE(mean patch logits)."""
+    net.train()
+    order = torch.randperm(len(data), generator=gen)
+    chunks = batches(shard_indices(order, rt), cfg.batch_size)
+    total_loss = 0.0
+    correct_obj, correct_parts, seen = 0, 0, 0
+    t0 = time.perf_counter()
+    bar = progress(TextColumn("{task.fields[info]}")) if rt.is_main else contextlib.nullcontext()
+    with bar as pbar:
+        task = pbar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(chunks), info="") if pbar else None
+        for step, idx in enumerate(chunks):
+            objects, patches, owner = train_inputs(data, idx, cfg, gen)
+            y = data.labels[idx].to(rt.device)
+            with rt.autocast():
+                out = net(rt.to_input(normalize(objects)), rt.to_input(normalize(patches)), owner.to(rt.device))
+                loss_obj = F.cross_entropy(out.object_logits.float(), y, label_smoothing=cfg.label_smoothing)
+                loss_parts = F.cross_entropy(out.part_logits.float(), y, label_smoothing=cfg.label_smoothing)
+                loss = loss_obj + loss_parts
+            if not torch.isfinite(loss.detach()):
+                raise TrainingError(
+                    f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; training stopped and "
+                    "the last good checkpoint was kept. Lower train_refine.lr or check the data."
+                )
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sched.step()
+
+            loss_value = float(loss.detach())
+            total_loss += loss_value * len(y)
+            correct_obj += int((out.object_logits.detach().argmax(1) == y).sum())
+            correct_parts += int((out.part_logits.detach().argmax(1) == y).sum())
+            seen += len(y)
+            if pbar is not None:
+                rate = seen * rt.world_size / (time.perf_counter() - t0)
+                pbar.update(task, advance=1, info=f"loss {loss_value:.3f} obj {correct_obj / seen:.3f} parts {correct_parts / seen:.3f} {rate:.1f} img/s")
+            if on_step is not None:
+                on_step(epoch, step)
+    stats = torch.tensor([total_loss, correct_obj, correct_parts, seen], dtype=torch.float64)
+    all_reduce_sum(stats, rt)
+    elapsed = time.perf_counter() - t0
+    n = float(stats[3])
+    return {"loss": float(stats[0]) / n, "object_top1": float(stats[1]) / n, "parts_top1": float(stats[2]) / n,
+            "images": int(n), "images_per_s": n / elapsed}
+
+
+@torch.no_grad()
+def predict_branches(model: RefineNet, data: BranchData, cfg: TrainRefineConfig, rt: Runtime, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Object-branch logits and pooled part-branch logits (N, K) each, float32 on the CPU."""
+    model.eval()
+    obj_all, parts_all = [], []
+    for idx in torch.arange(len(data)).split(batch_size or cfg.batch_size * 2):
+        objects, patches, owner = eval_inputs(data, idx, cfg)
+        with rt.autocast():
+            out = model(rt.to_input(normalize(objects)), rt.to_input(normalize(patches)), owner.to(rt.device))
+        obj_all.append(out.object_logits.float().cpu())
+        parts_all.append(out.part_logits.float().cpu())
+    return torch.cat(obj_all), torch.cat(parts_all)
+
+
+def evaluate_branches(model: nn.Module, data: BranchData, cfg: TrainRefineConfig, rt: Runtime) -> dict[str, float]:
+    """Val top-1 of each branch and their mean (sharded over ranks, counts summed)."""
+    sub = subset(data, torch.arange(len(data))[rt.rank :: rt.world_size]) if rt.distributed else data
+    obj, parts = predict_branches(unwrap(model), sub, cfg, rt)  # type: ignore[arg-type]
+    counts = torch.tensor([(obj.argmax(1) == sub.labels).sum(), (parts.argmax(1) == sub.labels).sum(), len(sub)], dtype=torch.float64)
+    all_reduce_sum(counts, rt)
+    n = max(float(counts[2]), 1.0)
+    top_obj, top_parts = float(counts[0]) / n, float(counts[1]) / n
+    return {"object": top_obj, "parts": top_parts, "mean": (top_obj + top_parts) / 2, "images": int(counts[2])}
+
+
+def subset(data: BranchData, idx: Tensor) -> BranchData:
+    """The images ``idx`` of ``data`` with their patches."""
+    rows, _ = data.patch_index(idx)
+    counts = data.patch_count[idx]
+    return BranchData(
+        objects=data.objects[idx], object_regions=data.object_regions[idx], object_boxes=data.object_boxes[idx],
+        patches=data.patches[rows], patch_regions=data.patch_regions[rows], patch_boxes=data.patch_boxes[rows],
+        patch_start=torch.cumsum(counts, 0) - counts, patch_count=counts, labels=data.labels[idx],
+    )
+
+
+def load_refine(path: str | Path, device: str | torch.device = "cpu") -> tuple[RefineNet, dict[str, Any]]:
+    """Rebuild the branches from a refine checkpoint (its own config) in eval mode; returns (model, checkpoint dict)."""
+    state = load_checkpoint(path, map_location=device)
+    if state.get("kind") != "refine":
+        raise ArtifactError(f"{path}: not a train-refine checkpoint (kind {state.get('kind')!r}); rerun `fgpipe train-refine`")
+    mcfg = ModelConfig(**state["config"]["model"])
+    shared = bool(state["config"]["train_refine"]["shared_backbone"])
+    model, _ = build_refine_net(mcfg, len(state["class_names"]), shared)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
+
+
+def refine_config(state: dict[str, Any]) -> TrainRefineConfig:
+    """The train_refine settings a refine checkpoint was trained with (input and part sizes, augmentation)."""
+    return TrainRefineConfig(**state["config"]["train_refine"])

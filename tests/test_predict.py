@@ -1,0 +1,109 @@
+"""`fgpipe predict`: the whole chain on image files, bad files reported without stopping the others."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+from fgpipe.cli import app
+from fgpipe.config import load_params
+from fgpipe.h5schema import AttentionMeta, AttentionWriter
+from fgpipe.stages import evaluate
+from fgpipe.store import file_sha256
+from test_refine import copy_project, trained_project
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """One torch thread: these tiny models gain nothing from more, and lose a lot when the cores are busy."""
+    monkeypatch.setenv("FGPIPE_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def project(tmp_path_factory: pytest.TempPathFactory, tmp_path: Path) -> Path:
+    """A private copy of the trained toy project, evaluated with fixed weights; returns its params file."""
+    params = copy_project(trained_project(tmp_path_factory), tmp_path)
+    overrides = {"evaluate.combine": "fixed", "evaluate.weights": {"raw": 1.0, "object": 2.0, "parts": 1.0}}
+    evaluate.run(load_params(params, overrides), "toy")
+    return params
+
+
+def test_good_and_bad_files(project: Path, tmp_path: Path) -> None:
+    good = tmp_path / "toy_raw/test/class1/000.png"
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 definitely not a JPEG")
+    missing = tmp_path / "missing.png"
+    result = CliRunner().invoke(
+        app, ["predict", str(good), str(corrupt), str(missing), "--dataset", "toy", "--params", str(project), "--top-k", "2"]
+    )
+    assert result.exit_code == 1, result.output
+    assert "corrupt.jpg: cannot read image" in result.stderr and "missing.png: cannot read image" in result.stderr
+    assert "000.png" in result.stdout and "joint" in result.stdout and "class" in result.stdout
+
+
+def test_json_matches_evaluate_and_the_joint_weights(project: Path, tmp_path: Path) -> None:
+    tests = sorted((tmp_path / "toy_raw/test").rglob("*.png"))
+    corrupt = tmp_path / "corrupt.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n" + b"\x00" * 20)
+    out = tmp_path / "annotated"
+    args = ["predict", *map(str, tests), str(corrupt), "--dataset", "toy", "--params", str(project), "--json", "--save-png", str(out)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 1
+    doc = json.loads(result.stdout)
+    assert doc["weights"] == {"raw": 0.25, "object": 0.5, "parts": 0.25} and doc["method"] == "oaam"
+    assert [e["image"] for e in doc["errors"]] == [str(corrupt)]
+    assert len(doc["predictions"]) == len(tests) == 9
+
+    # the raw branch is stage-1 exactly as evaluate computes it
+    with open(tmp_path / "metrics/toy/predictions.csv", newline="") as fh:
+        raw_top1 = {r["image_id"]: r["raw_top1"] for r in csv.DictReader(fh)}
+    for rec in doc["predictions"]:
+        image_id = str(Path(rec["image"]).relative_to(tmp_path / "toy_raw").with_suffix(""))
+        assert rec["top"]["raw"][0]["class"] == raw_top1[image_id]
+        # top-k = min(5, 3 classes): every class listed, so the joint can be recomputed from the branches
+        probs = {b: {c["class"]: c["prob"] for c in rec["top"][b]} for b in ("raw", "object", "parts", "joint")}
+        for name, p in probs["joint"].items():
+            mix = sum(doc["weights"][b] * probs[b][name] for b in ("raw", "object", "parts"))
+            assert p == pytest.approx(mix, abs=2e-6)
+        x0, y0, x1, y1 = rec["box"]
+        assert 0 <= x0 < x1 <= rec["size"][0] and 0 <= y0 < y1 <= rec["size"][1]
+        with Image.open(rec["png"]) as png:
+            assert png.size[0] > 100
+    assert len(list(out.glob("*.png"))) == 9  # names made unique (000.png exists in every class folder)
+
+
+def test_uses_the_method_recorded_in_attention_h5(project: Path, tmp_path: Path) -> None:
+    data = tmp_path / "data/toy"
+    meta = AttentionMeta(
+        method="bap", layer="layer3", input_size=32, checkpoint_sha256=file_sha256(data / "stage1/best.pt"),
+        manifest_sha256=file_sha256(data / "manifest.csv"), provenance={"checkpoint": "best"},
+    )
+    with AttentionWriter(data / "attention.h5", meta, (2, 2), 3) as w:
+        w.append(["x"], [0], np.zeros((1, 2, 2)), np.zeros((1, 3)), [0])
+    good = tmp_path / "toy_raw/test/class0/001.png"
+    result = CliRunner().invoke(app, ["predict", str(good), "--dataset", "toy", "--params", str(project), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["method"] == "bap"
+
+
+def test_missing_evaluate_json_names_the_file_and_the_fix(project: Path, tmp_path: Path) -> None:
+    (tmp_path / "metrics/toy/evaluate.json").unlink()
+    result = CliRunner().invoke(app, ["predict", str(tmp_path / "x.png"), "--dataset", "toy", "--params", str(project)])
+    assert result.exit_code == 1 and "evaluate.json" in result.output and "fgpipe evaluate --dataset toy" in result.output
+
+
+def test_help() -> None:
+    result = CliRunner().invoke(app, ["predict", "--help"])
+    assert result.exit_code == 0 and "--save-png" in result.output and "--json" in result.output

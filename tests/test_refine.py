@@ -1,0 +1,287 @@
+"""Refinement branches and the train-refine stage: pooling, box jitter, learning, exact resume, input checks.
+
+``make_refine_project`` (imported by the evaluate and predict tests) writes a prepared toy dataset whose
+classes are coloured squares, a stage-1 checkpoint of the tiny backbone, crops.h5 with the squares as object
+boxes and two part boxes inside (none for some images), and metrics/toy/extract_crops.json.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from typer.testing import CliRunner
+
+from fgpipe.cli import app
+from fgpipe.config import ModelConfig, TrainBackboneConfig, load_params
+from fgpipe.errors import ArtifactError
+from fgpipe.h5schema import CropsMeta, CropsWriter
+from fgpipe.manifest import read_manifest
+from fgpipe.models import build_stage1
+from fgpipe.models.branches import build_refine_net, pool_patch_logits
+from fgpipe.stages import prepare, train_refine
+from fgpipe.store import file_sha256, write_json
+from fgpipe.training import config_dict, save_checkpoint
+
+COLOURS = [(210, 40, 40), (40, 190, 40), (40, 60, 210)]
+SIDE = 48  # image side
+OBJ = 20  # object square side
+MODEL = {"backbone": "tiny", "num_attentions": 4, "lcam": "block", "logit_scale": 10.0}
+REFINE = {
+    "input_size": 32, "part_size": 16, "epochs": 3, "batch_size": 8, "lr": 0.05, "warmup_epochs": 0.5,
+    "box_jitter": 0.1, "augment": {"resize_ratio": 1.1, "hflip": True, "color_jitter": 0.1},
+}
+
+
+@pytest.fixture(autouse=True)
+def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """One torch thread: these tiny models gain nothing from more, and lose a lot when the cores are busy."""
+    monkeypatch.setenv("FGPIPE_THREADS", "1")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def write_squares(root: Path, train_per_class: int = 8, test_per_class: int = 3) -> dict[str, tuple[int, int]]:
+    """root/{train,test}/classC/NNN.png: a noisy square of class C's colour on grey noise; returns rel path -> (x, y)."""
+    rng = np.random.default_rng(0)
+    where: dict[str, tuple[int, int]] = {}
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for c, colour in enumerate(COLOURS):
+            for i in range(n):
+                img = rng.integers(90, 150, size=(SIDE, SIDE, 3)).astype(np.uint8)
+                x, y = (int(v) for v in rng.integers(0, SIDE - OBJ, size=2))
+                img[y : y + OBJ, x : x + OBJ] = np.clip(np.array(colour) + rng.integers(-30, 30, size=(OBJ, OBJ, 3)), 0, 255)
+                rel = f"{split}/class{c}/{i:03d}.png"
+                (root / rel).parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(img).save(root / rel)
+                where[rel] = (x, y)
+    return where
+
+
+def write_stage1(path: Path, classes: list[str], manifest_sha: str) -> None:
+    """An (untrained) stage-1 checkpoint of the tiny backbone, in train-backbone's format."""
+    torch.manual_seed(0)
+    mcfg = ModelConfig(**MODEL)
+    tcfg = TrainBackboneConfig(input_size=32, augment={"resize_ratio": 1.1, "hflip": True, "color_jitter": 0.1})
+    model = build_stage1(mcfg, len(classes), weights="none")
+    save_checkpoint(path, {
+        "kind": "stage1", "model": model.state_dict(), "epoch": 1, "class_names": classes,
+        "manifest_sha256": manifest_sha, "dataset": "toy",
+        "config": {"model": config_dict(mcfg), "train_backbone": config_dict(tcfg)},
+    })
+
+
+def write_crops(path: Path, manifest: Path, where: dict[str, tuple[int, int]]) -> None:
+    """crops.h5: the true square (+-1 pixel) as the object box; two part boxes inside it, none for every 4th image."""
+    rows = read_manifest(manifest)
+    meta = CropsMeta(method="oaam", threshold=0.2, attention_sha256="0" * 64, manifest_sha256=file_sha256(manifest))
+    boxes, parts, counts = [], [], []
+    for k, r in enumerate(rows):
+        x, y = where[r.path]
+        boxes.append([max(x - 1, 0), max(y - 1, 0), x + OBJ + 1, y + OBJ + 1])
+        p = np.zeros((3, 4))
+        n = 0 if k % 4 == 0 else 2
+        if n:
+            p[0] = [x, y, x + OBJ / 2, y + OBJ / 2]
+            p[1] = [x + OBJ / 2, y + OBJ / 2, x + OBJ, y + OBJ]
+        parts.append(p)
+        counts.append(n)
+    with CropsWriter(path, meta, max_parts=3) as w:
+        w.append([r.image_id for r in rows], np.array(boxes), np.ones(len(rows)), np.zeros(len(rows), bool),
+                 np.stack(parts), np.ones((len(rows), 3)), np.array(counts))
+
+
+def make_refine_project(tmp_path: Path, refine: dict[str, Any] | None = None, evaluate: dict[str, Any] | None = None) -> Path:
+    """Everything train-refine reads, for dataset `toy`; returns the params file."""
+    root = tmp_path / "toy_raw"
+    where = write_squares(root)
+    params = {
+        "run": {},
+        "datasets": {"toy": {"kind": "imagefolder", "root": str(root), "val_fraction": 0.25}},
+        "prepare": {"data_dir": str(tmp_path / "data"), "metrics_dir": str(tmp_path / "metrics")},
+        "model": MODEL,
+        "train_refine": {**REFINE, **(refine or {})},
+        "evaluate": {"batch_size": 8, **(evaluate or {})},
+    }
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    settings = load_params(path)
+    prepare.run(settings, "toy")
+    data = tmp_path / "data/toy"
+    manifest = data / "manifest.csv"
+    classes = json.loads((data / "dataset.json").read_text())["classes"]
+    write_stage1(data / "stage1/best.pt", classes, file_sha256(manifest))
+    write_crops(data / "crops.h5", manifest, where)
+    write_json(tmp_path / "metrics/toy/extract_crops.json",
+               {"localization": {"accuracy": 0.75, "mean_iou": 0.61, "fallback_rate": 0.0}, "images": len(where)})
+    return path
+
+
+_TRAINED: dict[str, Path] = {}
+
+
+def trained_project(factory: pytest.TempPathFactory) -> Path:
+    """A toy project with the branches trained for 3 epochs, made once per test session (treat it as read-only)."""
+    if "toy" not in _TRAINED:
+        base = factory.mktemp("trained")
+        train_refine.run(load_params(make_refine_project(base)), "toy")
+        _TRAINED["toy"] = base
+    return _TRAINED["toy"]
+
+
+def copy_project(source: Path, target: Path) -> Path:
+    """A private copy of a project (paths in its params file rewritten); returns the copy's params file."""
+    shutil.copytree(source, target, dirs_exist_ok=True)
+    params = target / "params.yaml"
+    params.write_text(params.read_text().replace(str(source), str(target)))
+    return params
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, weights_only=True)["model"]
+
+
+# --------------------------------------------------------------------------- units
+def test_pool_patch_logits_is_the_mean_per_image() -> None:
+    logits = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 5.0], [0.0, 1.0]])
+    owner = torch.tensor([0, 0, 1, 0])
+    pooled = pool_patch_logits(logits, owner, 2)
+    assert torch.allclose(pooled, torch.tensor([[4 / 3, 1.0], [5.0, 5.0]]))
+    with pytest.raises(ValueError, match="at least one patch"):
+        pool_patch_logits(logits, owner, 3)
+
+
+def test_branches_start_from_the_stage1_backbone() -> None:
+    mcfg = ModelConfig(**MODEL)
+    stage1 = build_stage1(mcfg, 3, weights="none")
+    for shared in (True, False):
+        net, report = build_refine_net(mcfg, 3, shared, stage1.state_dict())
+        assert report is not None and report.loaded > 0
+        own = net.state_dict()
+        for k, v in stage1.backbone.state_dict().items():
+            assert torch.equal(own[f"object_backbone.{k}"], v)
+            if not shared:
+                assert torch.equal(own[f"part_backbone.{k}"], v)
+        assert net.shared == shared
+        out = net(torch.randn(2, 3, 32, 32), torch.randn(3, 3, 16, 16), torch.tensor([0, 1, 1]))
+        assert out.object_logits.shape == out.part_logits.shape == (2, 3)
+    # an inner feature layer: the branches are cut there too, like the stage-1 trunk
+    inner = ModelConfig(**{**MODEL, "feature_layer": "layer2"})
+    net, _ = build_refine_net(inner, 3, False, build_stage1(inner, 3, weights="none").state_dict())
+    assert net.object_backbone.stage_names[-1] == net.part_backbone.stage_names[-1] == "layer2"  # type: ignore[union-attr]
+
+
+def test_jittered_crop_without_jitter_is_the_box() -> None:
+    stored = torch.arange(2 * 3 * 8 * 8, dtype=torch.float32).reshape(2, 3, 8, 8).to(torch.uint8)
+    regions = torch.tensor([[10.0, 20.0, 26.0, 36.0], [0.0, 0.0, 8.0, 8.0]])  # 2 original px per stored px, and 1
+    out = train_refine.jittered_crops(stored, regions, regions.clone(), torch.zeros(2, 4), 0.2, 8)
+    assert torch.allclose(out, stored.float())
+    # jitter moves each edge by at most jitter * side and stays inside the stored region
+    boxes = torch.tensor([[12.0, 22.0, 24.0, 34.0], [2.0, 2.0, 6.0, 6.0]])
+    out = train_refine.jittered_crops(stored, regions, boxes, torch.ones(2, 4), 0.5, 4)
+    assert out.shape == (2, 3, 4, 4) and torch.isfinite(out).all()
+
+
+# --------------------------------------------------------------------------- the stage
+def test_training_lowers_the_loss_and_writes_everything(tmp_path_factory: pytest.TempPathFactory) -> None:
+    tmp_path = trained_project(tmp_path_factory)
+    metrics = json.loads((tmp_path / "metrics/toy/train_refine.json").read_text())
+    last = torch.load(tmp_path / "data/toy/refine/last.pt", weights_only=True)
+    history = last["history"]
+    assert len(history) == 3 and history[-1]["train_loss"] < history[0]["train_loss"]
+    assert {"model", "optimizer", "scheduler", "rng", "config", "class_names", "manifest_sha256", "crops_sha256", "stage1_sha256"} <= last.keys()
+    assert last["config"]["model"]["backbone"] == "tiny" and last["config"]["train_refine"]["part_size"] == 16
+    best = torch.load(tmp_path / "data/toy/refine/best.pt", weights_only=True)
+    assert best["epoch"] == metrics["best_epoch"]
+    assert best["best"]["val_top1"] == max(h["val_top1"] for h in history)
+    saved = metrics
+    assert set(saved["val"]) == {"object", "parts", "mean"}
+    assert saved["val"]["mean"] == pytest.approx((saved["val"]["object"] + saved["val"]["parts"]) / 2)
+    assert saved["seconds"] > 0 and saved["images_per_s"] > 0 and saved["overrides"] == {}
+    curves = tmp_path / "metrics/toy/train_refine/plots/metrics"
+    assert len((curves / "train/loss.tsv").read_text().strip().splitlines()) == 1 + 3
+    assert (curves / "val/object_top1.tsv").is_file() and (curves / "val/parts_top1.tsv").is_file()
+    model, state = train_refine.load_refine(tmp_path / "data/toy/refine/best.pt")
+    assert not model.training and state["class_names"] == ["class0", "class1", "class2"]
+
+
+def test_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path: Path) -> None:
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    full.mkdir(), cut.mkdir()
+    shared = {"shared_backbone": True, "epochs": 2}
+    train_refine.run(load_params(make_refine_project(full, refine=shared)), "toy")
+
+    def crash(epoch: int, step: int) -> None:
+        if epoch == 1 and step == 1:
+            raise KeyboardInterrupt  # as if the process were killed in the middle of epoch 2
+
+    params = make_refine_project(cut, refine=shared)
+    with pytest.raises(KeyboardInterrupt):
+        train_refine.run(load_params(params), "toy", on_step=crash)
+    assert torch.load(cut / "data/toy/refine/last.pt", weights_only=True)["epoch"] == 1
+    metrics = train_refine.run(load_params(params), "toy", resume=True)
+    assert metrics["resumed_from_epoch"] == 1
+    a, b = weights(full / "data/toy/refine/last.pt"), weights(cut / "data/toy/refine/last.pt")
+    assert a.keys() == b.keys() and not any(k.startswith("part_backbone.") for k in a)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    with pytest.raises(ArtifactError, match="train_refine.lr"):
+        train_refine.run(load_params(params, {"train_refine.lr": 0.01}), "toy", resume=True)
+
+
+def test_refuses_crops_made_from_another_manifest(tmp_path: Path) -> None:
+    params = make_refine_project(tmp_path)
+    manifest = tmp_path / "data/toy/manifest.csv"
+    header, *lines = manifest.read_text().splitlines()
+    manifest.write_text("\n".join([header, *reversed(lines)]) + "\n")  # same rows, another file
+    (tmp_path / "data/toy/stage1/best.pt").unlink()
+    write_stage1(tmp_path / "data/toy/stage1/best.pt", ["class0", "class1", "class2"], file_sha256(manifest))
+    result = CliRunner().invoke(app, ["train-refine", "--dataset", "toy", "--params", str(params)])
+    assert result.exit_code == 1
+    assert "crops.h5 was made from another manifest" in result.output and "extract-crops" in result.output
+
+
+def test_missing_stage1_checkpoint_names_the_file(tmp_path: Path) -> None:
+    params = make_refine_project(tmp_path)
+    (tmp_path / "data/toy/stage1/best.pt").unlink()
+    result = CliRunner().invoke(app, ["train-refine", "--dataset", "toy", "--params", str(params)])
+    assert result.exit_code == 1 and "stage1/best.pt" in result.output
+
+
+def test_help() -> None:
+    result = CliRunner().invoke(app, ["train-refine", "--help"])
+    assert result.exit_code == 0 and "--resume" in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_two_process_gloo_ddp_run_trains(tmp_path: Path) -> None:
+    params = make_refine_project(tmp_path, refine={"epochs": 2})
+    env = {**os.environ, "FGPIPE_THREADS": "1", "MASTER_ADDR": "127.0.0.1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+           "-m", "fgpipe", "train-refine", "--dataset", "toy", "--params", str(params)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics/toy/train_refine.json").read_text())
+    assert metrics["world_size"] == 2 and metrics["best_epoch"] >= 1
+    ckpt = torch.load(tmp_path / "data/toy/refine/last.pt", weights_only=True)
+    assert ckpt["epoch"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())
