@@ -36,11 +36,13 @@ from fgpipe.training import (
     Runtime,
     all_reduce_sum,
     barrier,
+    batches,
     build_optimizer,
     build_scheduler,
     config_dict,
     epoch_seed,
     load_checkpoint,
+    open_live,
     rng_state,
     save_checkpoint,
     seed_everything,
@@ -123,7 +125,7 @@ def _run(
         probe = model(torch.zeros(2, 3, cfg.input_size, cfg.input_size, device=rt.device))
     center = CenterLoss(len(classes), probe.embedding.shape[1]).to(rt.device)
     opt = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
-    steps_per_epoch = len(_batches(shard_indices(torch.arange(len(train)), rt), cfg.batch_size))
+    steps_per_epoch = len(batches(shard_indices(torch.arange(len(train)), rt), cfg.batch_size))
     sched = build_scheduler(
         opt, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
         schedule=cfg.schedule, step_size=cfg.step_size, gamma=cfg.gamma,
@@ -150,7 +152,7 @@ def _run(
     if rt.distributed:
         net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
-    live = _open_live(paths["live"], resume and start_epoch > 0) if rt.is_main else None
+    live = open_live(paths["live"], resume and start_epoch > 0) if rt.is_main else None
     train_seconds, train_images = 0.0, 0
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -232,20 +234,6 @@ def _check_resumable(state: dict[str, Any], config: dict[str, Any], manifest_sha
         raise ArtifactError(f"{path} was made with other params ({', '.join(diff)}): delete it or run without --resume")
 
 
-def _open_live(directory: Path, resume: bool) -> Any:
-    from dvclive import Live
-
-    return Live(dir=str(directory), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
-
-
-def _batches(indices: Tensor, batch_size: int) -> list[Tensor]:
-    """Consecutive batches; a trailing batch of one image is dropped (BatchNorm needs two)."""
-    chunks = list(indices.split(batch_size))
-    if chunks and len(chunks[-1]) < 2 and len(chunks) > 1:
-        chunks.pop()
-    return chunks
-
-
 def train_one_epoch(
     net: nn.Module, center: CenterLoss, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
     data: Split, cfg: TrainBackboneConfig, rt: Runtime, gen: torch.Generator, epoch: int, on_step: StepHook | None,
@@ -253,14 +241,14 @@ def train_one_epoch(
     """One epoch of WS-DAN training: loss = (CE_raw + CE_crop + CE_drop) / 3 + lambda * center."""
     net.train()
     order = torch.randperm(len(data), generator=gen)
-    batches = _batches(shard_indices(order, rt), cfg.batch_size)
+    chunks = batches(shard_indices(order, rt), cfg.batch_size)
     total_loss = torch.zeros((), dtype=torch.float64)
     correct, seen = 0, 0
     t0 = time.perf_counter()
     bar = progress(TextColumn("{task.fields[info]}")) if rt.is_main else contextlib.nullcontext()
     with bar as pbar:
-        task = pbar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(batches), info="") if pbar else None
-        for step, idx in enumerate(batches):
+        task = pbar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(chunks), info="") if pbar else None
+        for step, idx in enumerate(chunks):
             x = rt.to_input(normalize(train_augment(data.images[idx], cfg.input_size, cfg.augment, gen)))
             y = data.labels[idx].to(rt.device)
             loss, logits = train_step(net, center, opt, x, y, cfg, rt, gen, epoch, step)
