@@ -107,6 +107,16 @@ def open_live(directory: str | os.PathLike[str], resume: bool) -> Any:
     return Live(dir=str(directory), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
 
 
+def log_epoch(live: Any, record: dict[str, float]) -> None:
+    """Log one epoch's figures to dvclive: ``train_loss`` -> ``train/loss`` (a plot per split), others as named."""
+    for key, value in record.items():
+        if key == "epoch":
+            continue
+        split, _, rest = key.partition("_")
+        live.log_metric(f"{split}/{rest}" if split in ("train", "val") and rest else key, value)
+    live.next_step()
+
+
 def shard_indices(order: Tensor, rt: Runtime) -> Tensor:
     """This rank's share of an epoch's order, padded by wrapping so every rank runs the same number of steps."""
     if not rt.distributed:

@@ -42,6 +42,7 @@ from fgpipe.training import (
     config_dict,
     epoch_seed,
     load_checkpoint,
+    log_epoch,
     open_live,
     rng_state,
     save_checkpoint,
@@ -188,10 +189,7 @@ def _run(
                     highlight=False,
                 )
                 if live is not None:
-                    for k, v in record.items():
-                        if k != "epoch":
-                            live.log_metric(k.replace("_", "/", 1), v)
-                    live.next_step()
+                    log_epoch(live, record)
             barrier(rt)
     finally:
         if live is not None:

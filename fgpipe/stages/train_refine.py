@@ -52,6 +52,7 @@ from fgpipe.training import (
     config_dict,
     epoch_seed,
     load_checkpoint,
+    log_epoch,
     open_live,
     rng_state,
     save_checkpoint,
@@ -398,10 +399,7 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
                     highlight=False,
                 )
                 if live is not None:
-                    for k, v in record.items():
-                        if k != "epoch":
-                            live.log_metric(k.replace("_", "/", 1), v)
-                    live.next_step()
+                    log_epoch(live, record)
             barrier(rt)
     finally:
         if live is not None:
