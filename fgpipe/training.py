@@ -12,7 +12,7 @@ import dataclasses
 import math
 import os
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError
 from fgpipe.store import atomic_path
 
@@ -115,6 +116,38 @@ def log_epoch(live: Any, record: dict[str, float]) -> None:
         split, _, rest = key.partition("_")
         live.log_metric(f"{split}/{rest}" if split in ("train", "val") and rest else key, value)
     live.next_step()
+
+
+def resume_from(
+    path: Path, resume: bool, rt: Runtime, check: Callable[[dict[str, Any]], None], parts: dict[str, Any]
+) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
+    """``--resume``: load ``path``, ``check`` it, restore each object in ``parts`` (checkpoint key -> anything
+    with ``load_state_dict``) and the global RNGs; return (start epoch, best, history).
+
+    Without ``resume``, or with no checkpoint yet, returns a fresh start.
+    """
+    fresh: tuple[int, dict[str, Any], list[dict[str, Any]]] = (0, {"epoch": -1, "val_top1": -1.0}, [])
+    if not resume:
+        return fresh
+    if not path.is_file():
+        if rt.is_main:
+            console.print(f"[yellow]--resume: no checkpoint at {path}, starting from scratch")
+        return fresh
+    state = load_checkpoint(path, map_location=rt.device)
+    check(state)
+    for key, obj in parts.items():
+        obj.load_state_dict(state[key])
+    set_rng_state(state["rng"])
+    if rt.is_main:
+        console.print(f"resuming from {path} after epoch {state['epoch']}")
+    return state["epoch"], state["best"], state["history"]
+
+
+def wrap_ddp(model: nn.Module, rt: Runtime) -> nn.Module:
+    """The model wrapped in DistributedDataParallel under torchrun; the model itself otherwise."""
+    if not rt.distributed:
+        return model
+    return nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
 
 
 def shard_indices(order: Tensor, rt: Runtime) -> Tensor:

@@ -54,14 +54,15 @@ from fgpipe.training import (
     load_checkpoint,
     log_epoch,
     open_live,
+    resume_from,
     rng_state,
     save_checkpoint,
     seed_everything,
-    set_rng_state,
     setup_runtime,
     shard_indices,
     teardown_runtime,
     unwrap,
+    wrap_ddp,
 )
 
 STAGE = "train_refine"
@@ -343,23 +344,11 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
     )
     config = {"model": dict(stage1["config"]["model"]), "train_refine": config_dict(cfg)}
 
-    start_epoch, best, history = 0, {"epoch": -1, "val_top1": -1.0}, []
-    if resume and paths["last"].is_file():
-        state = load_checkpoint(paths["last"], map_location=rt.device)
-        _check_resumable(state, config, hashes, paths["last"])
-        model.load_state_dict(state["model"])
-        opt.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
-        start_epoch, best, history = state["epoch"], state["best"], state["history"]
-        if rt.is_main:
-            console.print(f"resuming {dataset} from {paths['last']} after epoch {start_epoch}")
-    elif resume and rt.is_main:
-        console.print(f"[yellow]--resume: no checkpoint at {paths['last']}, starting from scratch")
-
-    net: nn.Module = model
-    if rt.distributed:
-        net = nn.parallel.DistributedDataParallel(model, device_ids=[rt.device.index] if rt.device.type == "cuda" else None)
+    start_epoch, best, history = resume_from(
+        paths["last"], resume, rt, lambda state: _check_resumable(state, config, hashes, paths["last"]),
+        {"model": model, "optimizer": opt, "scheduler": sched},
+    )
+    net = wrap_ddp(model, rt)
 
     live = open_live(paths["live"], resume and start_epoch > 0) if rt.is_main else None
     train_seconds, train_images = 0.0, 0
