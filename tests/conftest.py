@@ -250,3 +250,17 @@ def _restore_rng_state() -> Iterator[None]:
     np.random.set_state(np_state)
     if torch is not None and torch_state is not None:
         torch.random.set_rng_state(torch_state)
+
+
+@pytest.fixture
+def one_torch_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """One torch thread (and FGPIPE_THREADS=1 for stages that set their own): tiny models gain nothing from
+    more, and lose a lot when other jobs share the cores. Use with ``pytestmark = pytest.mark.usefixtures(...)``."""
+    import torch
+
+    monkeypatch.setenv("FGPIPE_THREADS", "1")
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+

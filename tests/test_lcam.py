@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -12,13 +11,7 @@ from fgpipe.errors import ConfigError
 from fgpipe.models import LCAM, adaptive_kernel_size, create_backbone
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny convolutions gain nothing from 2 threads and thrash when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def nearest_odd_kernel(channels: int) -> int:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
 from pathlib import Path
 from urllib.error import URLError
 
@@ -18,13 +17,7 @@ from fgpipe.models import Stage1Net, build_stage1, create_backbone, describe_bac
 from fgpipe.models.resnet import RESNETS
 
 
-@pytest.fixture(autouse=True)
-def _one_torch_thread() -> Iterator[None]:
-    """Tiny convolutions gain nothing from 2 threads and thrash when other jobs share the cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 ALL = ["efficientnet_lite0", "inception_v3", "resnet101", "resnet152", "resnet18", "resnet34", "resnet50", "tiny"]
 

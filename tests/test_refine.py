@@ -13,7 +13,6 @@ import shutil
 import socket
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -45,14 +44,7 @@ REFINE = {
 }
 
 
-@pytest.fixture(autouse=True)
-def _one_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """One torch thread: these tiny models gain nothing from more, and lose a lot when the cores are busy."""
-    monkeypatch.setenv("FGPIPE_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def write_squares(root: Path, train_per_class: int = 8, test_per_class: int = 3) -> dict[str, tuple[int, int]]:
