@@ -137,8 +137,8 @@ class AugmentConfig:
 
 
 @dataclass(frozen=True, config=_CFG)
-class TrainBackboneConfig:
-    """Stage-1 training (WS-DAN losses and attention crop/drop augmentation)."""
+class TrainingConfig:
+    """What every trainer shares: input size, schedule, optimiser, augmentation, seed, device, precision."""
 
     input_size: int = Field(224, ge=32, le=1024)
     epochs: int = Field(20, ge=1, le=10_000)
@@ -152,6 +152,17 @@ class TrainBackboneConfig:
     step_size: int = Field(2, ge=1)  # step schedule: decay every step_size epochs
     gamma: float = Field(0.9, gt=0, le=1)  # step schedule: decay factor
     label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augment: AugmentConfig = AugmentConfig()
+    seed: int = Field(0, ge=0)
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
+    amp: Literal["auto", "off", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, off on CPU
+    channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on: NHWC is faster on CUDA and on CPU
+
+
+@dataclass(frozen=True, config=_CFG)
+class TrainBackboneConfig(TrainingConfig):
+    """Stage-1 training (WS-DAN losses and attention crop/drop augmentation)."""
+
     center_loss_weight: float = Field(1.0, ge=0)  # lambda
     center_beta: float = Field(0.05, gt=0, le=1)  # center update rate
     crop_threshold: tuple[float, float] = (0.4, 0.6)  # theta_c ~ U(a, b) * max(A_k)
@@ -160,12 +171,6 @@ class TrainBackboneConfig:
     test_refine: bool = True  # test-time refinement: raw + crop from the mean attention map
     refine_threshold: float = Field(0.1, gt=0, lt=1)
     refine_padding: float = Field(0.05, ge=0, le=1)
-    augment: AugmentConfig = AugmentConfig()
-    seed: int = Field(0, ge=0)
-    num_workers: int = Field(0, ge=0, le=64)
-    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
-    amp: Literal["auto", "off", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, off on CPU
-    channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on: NHWC is faster on CUDA and on CPU
 
     @model_validator(mode="after")
     def _ranges(self) -> TrainBackboneConfig:
@@ -206,30 +211,17 @@ class CropsConfig:
 
 
 @dataclass(frozen=True, config=_CFG)
-class TrainRefineConfig:
-    """Stage train-refine: object branch on object crops, part branch on MPALM patches (METHODS.md section 6)."""
+class TrainRefineConfig(TrainingConfig):
+    """Stage train-refine: object branch on object crops, part branch on MPALM patches (METHODS.md section 6).
 
-    input_size: int = Field(224, ge=32, le=1024)  # object crops are resized to this
+    ``input_size`` is the side object crops are resized to.
+    """
+
+    epochs: int = Field(10, ge=1, le=10_000)
     part_size: int = Field(0, ge=0, le=1024)  # part patches are resized to this; 0 = input_size // 2
     shared_backbone: bool = False  # one backbone for both branches (MMAL-Net style) or one each
     part_pooling: Literal["mean_logits"] = "mean_logits"  # patch logits pooled per image
-    epochs: int = Field(10, ge=1, le=10_000)
-    batch_size: int = Field(16, ge=1, le=4096)
-    optimizer: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.01, gt=0, le=10)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(1e-4, ge=0, le=1)
-    schedule: Literal["cosine", "step"] = "cosine"
-    warmup_epochs: float = Field(1.0, ge=0)
-    step_size: int = Field(2, ge=1)
-    gamma: float = Field(0.9, gt=0, le=1)
-    label_smoothing: float = Field(0.0, ge=0, lt=1)
     box_jitter: float = Field(0.05, ge=0, le=0.5)  # random shift/scale of crop boxes at train time, fraction of the box side
-    augment: AugmentConfig = AugmentConfig()
-    seed: int = Field(0, ge=0)
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    amp: Literal["auto", "off", "bf16"] = "auto"
-    channels_last: Literal["auto", "on", "off"] = "auto"
 
 
 @dataclass(frozen=True, config=_CFG)
