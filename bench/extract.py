@@ -20,7 +20,6 @@ Random-init weights (no download); the speed does not depend on them.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import tempfile
 import time
@@ -33,7 +32,7 @@ from PIL import Image
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, timed  # noqa: E402
+from common import emit, machine_info, timed  # noqa: E402
 
 from fgpipe.attention import create_method  # noqa: E402
 from fgpipe.config import CropsConfig, ModelConfig  # noqa: E402
@@ -184,10 +183,7 @@ def main() -> None:
         },
         "decode_448_images_per_s": round(args.batch_size / t_decode, 1),
     }
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ Both on the same batch, same model, in one run, so the ratio says what the WS-DA
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_info, timed  # noqa: E402
+from common import emit, machine_info, timed  # noqa: E402
 
 from fgpipe.config import ModelConfig, TrainBackboneConfig  # noqa: E402
 from fgpipe.models import build_stage1  # noqa: E402
@@ -82,10 +81,7 @@ def main() -> None:
         result["fp32"] = measure(args, bf16=False)
     if args.precision in ("bf16", "both"):
         result["bf16_channels_last"] = measure(args, bf16=True)
-    text = json.dumps(result, indent=2)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    emit(result, args.out)
 
 
 if __name__ == "__main__":
