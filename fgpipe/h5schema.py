@@ -1,4 +1,4 @@
-"""The two HDF5 artefacts, defined in one place: ``attention.h5`` and ``crops.h5``.
+"""The HDF5 artefacts, defined in one place: ``attention.h5``, ``crops.h5`` and ``images.h5``.
 
 ``attention.h5`` (written by ``fgpipe extract-attention``), one row per image, N rows:
 
@@ -30,6 +30,21 @@ part_count      (N,) int32      number of valid parts of each image (<= P)
 attrs: ``schema`` ("fgpipe.crops"), ``schema_version``, ``method``, ``threshold``, ``attention_sha256``
 (SHA-256 of the attention.h5 the boxes came from), ``manifest_sha256``, ``provenance``.
 
+``images.h5`` (written by ``fgpipe prepare``: the decoded image cache), one row per manifest image:
+
+==============  ==============  ======================================================================
+image_id        (N,) utf-8 str  the manifest's image_id
+path            (N,) utf-8 str  the manifest's path (relative to the dataset root)
+original_wh     (N, 2) int32    (width, height) of the manifest area, the frame of every region
+cached_wh       (N, 2) int32    (width, height) of the cached copy: longest side <= cache_side
+offset          (N,) int64      where the image's bytes start in ``pixels``
+pixels          (T,) uint8      every image as (h, w, 3) RGB bytes, one after the other; contiguous and
+                                uncompressed, so readers memory-map it (T = sum of w * h * 3)
+==============  ==============  ======================================================================
+
+attrs: ``schema`` ("fgpipe.images"), ``schema_version``, ``cache_side`` (0: caching off, no rows),
+``manifest_sha256``, ``provenance``.
+
 Writers append batches to resizable, chunked datasets (memory stays flat however many images) in a
 temporary file that is renamed onto the target only when the ``with`` block succeeds
 (:func:`fgpipe.store.atomic_path`). Readers validate the schema, version, datasets and attrs on open, read
@@ -56,6 +71,7 @@ from fgpipe.store import _json_default, atomic_path
 
 ATTENTION_SCHEMA_VERSION = 1
 CROPS_SCHEMA_VERSION = 1
+IMAGES_SCHEMA_VERSION = 1
 
 _STR = h5py.string_dtype(encoding="utf-8")
 _CHUNK_BYTES = 256 * 1024  # target chunk size; rows per chunk follow from the row size
@@ -116,6 +132,21 @@ CROPS = FileSchema(
     sources={"manifest_sha256": "manifest", "attention_sha256": "attention file"},
 )
 
+IMAGES = FileSchema(  # plus `pixels`, one flat byte array (not per image), checked by ImagesReader
+    kind="fgpipe.images",
+    version=IMAGES_SCHEMA_VERSION,
+    producer="fgpipe prepare",
+    datasets=(
+        DatasetSpec("image_id", "str"),
+        DatasetSpec("path", "str"),
+        DatasetSpec("original_wh", "int32", (2,)),
+        DatasetSpec("cached_wh", "int32", (2,)),
+        DatasetSpec("offset", "int64"),
+    ),
+    attrs={"cache_side": int, "manifest_sha256": str},
+    sources={"manifest_sha256": "manifest"},
+)
+
 
 @dataclass(frozen=True)
 class AttentionMeta:
@@ -136,6 +167,15 @@ class CropsMeta:
     method: str
     threshold: float
     attention_sha256: str
+    manifest_sha256: str
+    provenance: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class ImagesMeta:
+    """File attrs of images.h5 (``schema`` and ``schema_version`` are added by the writer)."""
+
+    cache_side: int
     manifest_sha256: str
     provenance: dict[str, Any] = field(default_factory=dict)
 
@@ -162,8 +202,18 @@ class CropsRecords(NamedTuple):
     part_counts: np.ndarray  # (n,) int32
 
 
-MetaT = TypeVar("MetaT", AttentionMeta, CropsMeta)
-RecordsT = TypeVar("RecordsT", AttentionRecords, CropsRecords)
+class ImagesRecords(NamedTuple):
+    """A slice of images.h5's per-image rows (the pixels are read through :meth:`ImagesReader.pixels`)."""
+
+    image_ids: list[str]
+    paths: list[str]
+    original_wh: np.ndarray  # (n, 2) int64
+    cached_wh: np.ndarray  # (n, 2) int64
+    offsets: np.ndarray  # (n,) int64
+
+
+MetaT = TypeVar("MetaT", AttentionMeta, CropsMeta, ImagesMeta)
+RecordsT = TypeVar("RecordsT", AttentionRecords, CropsRecords, ImagesRecords)
 
 
 def _array(x: Any) -> np.ndarray:
@@ -338,6 +388,66 @@ class CropsWriter(_Writer[CropsMeta]):
                 "part_count": counts,
             }
         )
+
+
+class ImagesWriter(_Writer[ImagesMeta]):
+    """Writes images.h5 batch by batch: ``with ImagesWriter(path, meta, total_bytes) as w: w.append(...)``.
+
+    ``total_bytes`` (the sum of w * h * 3 over every image) sizes the contiguous ``pixels`` array up front;
+    the file is kept only when exactly that many bytes were appended.
+    """
+
+    schema = IMAGES
+
+    def __init__(self, path: str | os.PathLike[str], meta: ImagesMeta, total_bytes: int) -> None:
+        super().__init__(path, meta, {})
+        if total_bytes < 0:
+            raise ValueError(f"{self.path}: total_bytes must be >= 0, got {total_bytes}")
+        self.total_bytes = int(total_bytes)
+        self._filled = 0
+
+    def __enter__(self) -> ImagesWriter:
+        super().__enter__()
+        assert self._h5 is not None
+        # no chunks, no filters: one contiguous byte range that readers memory-map
+        self._h5.create_dataset("pixels", shape=(self.total_bytes,), dtype=np.uint8)
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> bool | None:
+        if exc_type is None and self._stack is not None and self._filled != self.total_bytes:
+            err = ValueError(f"{self.path}: {self._filled} of {self.total_bytes} pixel bytes were written")
+            super().__exit__(ValueError, err, None)  # removes the temporary file
+            raise err
+        return super().__exit__(exc_type, exc, tb)
+
+    def append(
+        self, image_ids: Sequence[str], paths: Sequence[str], original_wh: Any, images: Sequence[np.ndarray]
+    ) -> None:
+        """Append B images: ids (B,), manifest paths (B,), original (w, h) (B, 2), the cached (h, w, 3) uint8 arrays."""
+        if self._h5 is None:
+            raise RuntimeError(f"ImagesWriter for {self.path} is not open: use it in a `with` block")
+        cached_wh, offsets = [], []
+        pos = self._filled
+        for img in images:
+            if img.dtype != np.uint8 or img.ndim != 3 or img.shape[2] != 3 or min(img.shape[:2]) < 1:
+                raise ValueError(
+                    f"{self.path}: images must be non-empty (h, w, 3) uint8 arrays, got {img.shape} {img.dtype}"
+                )
+            cached_wh.append((img.shape[1], img.shape[0]))
+            offsets.append(pos)
+            pos += img.size
+        if pos > self.total_bytes:
+            raise ValueError(f"{self.path}: the images exceed the {self.total_bytes} pixel bytes announced")
+        self._append({
+            "image_id": image_ids, "path": paths, "original_wh": original_wh,
+            "cached_wh": np.array(cached_wh).reshape(-1, 2), "offset": offsets,
+        })
+        pixels = self._h5["pixels"]
+        for img, start in zip(images, offsets):
+            pixels[start : start + img.size] = img.reshape(-1)
+        self._filled = pos
 
 
 # --------------------------------------------------------------------------- readers
@@ -529,3 +639,56 @@ class CropsReader(_Reader[CropsMeta, CropsRecords]):
     ) -> None:
         """Refuse a file made from another manifest or attention file (None: not checked)."""
         super().check_source(manifest_sha256=manifest_sha256, attention_sha256=attention_sha256)
+
+
+class ImagesReader(_Reader[ImagesMeta, ImagesRecords]):
+    """Reads and validates images.h5 (see the module docstring); :meth:`pixels` memory-maps the image bytes."""
+
+    schema = IMAGES
+
+    def __enter__(self) -> ImagesReader:
+        return self
+
+    def _validate(self, rerun: str) -> tuple[ImagesMeta, dict[str, int], int]:
+        meta, dims, n = super()._validate(rerun)
+        where = self.path
+        ds = self._h5.get("pixels")
+        if not isinstance(ds, h5py.Dataset) or ds.ndim != 1 or ds.dtype != np.uint8:
+            raise ArtifactError(f"{where}: dataset `pixels` should be (T,) uint8; {rerun}")
+        if ds.chunks is not None or ds.compression is not None:
+            raise ArtifactError(f"{where}: dataset `pixels` must be contiguous and uncompressed (it is memory-mapped); {rerun}")
+        wh = self._h5["cached_wh"][:].astype(np.int64)  # (N, 2)
+        sizes = wh[:, 0] * wh[:, 1] * 3  # (N,)
+        offsets = self._h5["offset"][:].astype(np.int64)
+        if (wh < 1).any() or (meta.cache_side > 0 and (wh.max(initial=0) > meta.cache_side)):
+            raise ArtifactError(f"{where}: cached sizes must lie in [1, cache_side={meta.cache_side}]; {rerun}")
+        if int(sizes.sum()) != ds.shape[0] or not np.array_equal(offsets, np.cumsum(sizes) - sizes):
+            raise ArtifactError(f"{where}: `offset` and `cached_wh` do not tile the {ds.shape[0]} pixel bytes; {rerun}")
+        if meta.cache_side == 0 and n:
+            raise ArtifactError(f"{where}: cache_side is 0 (caching off) yet it holds {n} images; {rerun}")
+        if ds.shape[0] and ds.id.get_offset() is None:
+            raise ArtifactError(f"{where}: dataset `pixels` was never written; {rerun}")
+        return meta, dims, n
+
+    def _meta(self, values: dict[str, Any], provenance: dict[str, Any]) -> ImagesMeta:
+        return ImagesMeta(**values, provenance=provenance)
+
+    def _records(self, columns: dict[str, np.ndarray]) -> ImagesRecords:
+        return ImagesRecords(
+            image_ids=list(columns["image_id"]),
+            paths=list(columns["path"]),
+            original_wh=columns["original_wh"].astype(np.int64),
+            cached_wh=columns["cached_wh"].astype(np.int64),
+            offsets=columns["offset"].astype(np.int64),
+        )
+
+    def pixels(self) -> np.ndarray:
+        """Every image's bytes (T,) uint8, memory-mapped read-only (valid after :meth:`close`)."""
+        ds = self._h5["pixels"]
+        if ds.shape[0] == 0:
+            return np.zeros(0, dtype=np.uint8)
+        return np.memmap(self.path, dtype=np.uint8, mode="r", offset=ds.id.get_offset(), shape=(ds.shape[0],))
+
+    def check_source(self, manifest_sha256: str | None = None) -> None:  # type: ignore[override]
+        """Refuse a file made from another manifest (None: not checked)."""
+        super().check_source(manifest_sha256=manifest_sha256)

@@ -3,7 +3,9 @@ augmentation on uint8 tensors.
 
 On a few CPU cores, decoding JPEGs every epoch dominates training time, so every split is decoded
 and resized once (in threads; JPEGs are decoded at reduced scale with PIL's ``draft`` where that loses
-nothing) into one uint8 tensor. Augmentation then works on whole batches.
+nothing) into one uint8 tensor. Augmentation then works on whole batches. With the decoded image cache
+that `fgpipe prepare` builds (data/NAME/images.h5, :mod:`fgpipe.imagecache`), regions are cut from its
+memory-mapped copies instead, and no file is decoded at all.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from torch import Tensor
 from fgpipe.config import AugmentConfig
 from fgpipe.console import progress
 from fgpipe.errors import DatasetError
+from fgpipe.imagecache import ImageCache
 from fgpipe.images import to_rgb
 from fgpipe.manifest import Box, ManifestRow
 from fgpipe.runtime import available_cores
@@ -29,12 +32,17 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
-def decode_region(path: Path, region: Box, out_wh: tuple[int, int]) -> np.ndarray:
+def decode_region(path: Path, region: Box, out_wh: tuple[int, int], cache: ImageCache | None = None) -> np.ndarray:
     """Decode ``region`` (x0, y0, x1, y1 in original pixels) of an image, resized to ``out_wh``.
 
-    Returns (H, W, 3) uint8. JPEGs are decoded at the coarsest DCT scale that still leaves the region
-    at least ``out_wh`` large, which is exact up to resampling and several times faster.
+    Returns (H, W, 3) uint8. When ``cache`` holds ``path`` the region is cut from its decoded copy (scaled
+    to it); otherwise JPEGs are decoded at the coarsest DCT scale that still leaves the region at least
+    ``out_wh`` large, which is exact up to resampling and several times faster.
     """
+    if cache is not None:
+        cut = cache.cut(path, region, out_wh)
+        if cut is not None:
+            return cut
     x0, y0, x1, y1 = region
     with Image.open(path) as img:
         full_w, full_h = img.size
@@ -54,10 +62,12 @@ def decode_region(path: Path, region: Box, out_wh: tuple[int, int]) -> np.ndarra
 
 @dataclass(frozen=True)
 class LoadRequest:
-    """One image region to load: the file, the region in original pixels, the output size."""
+    """One image region to load: the file, the region in original pixels, and the decoded image cache to
+    cut it from (None, or a cache without the file: the file is decoded)."""
 
     path: Path
     region: Box
+    cache: ImageCache | None = None
 
 
 def load_regions(requests: list[LoadRequest], out_wh: tuple[int, int], desc: str = "loading images") -> Tensor:
@@ -67,7 +77,7 @@ def load_regions(requests: list[LoadRequest], out_wh: tuple[int, int], desc: str
     def one(i: int) -> None:
         req = requests[i]
         try:
-            arr = decode_region(req.path, req.region, out_wh)
+            arr = decode_region(req.path, req.region, out_wh, req.cache)
         except OSError as exc:
             raise DatasetError(f"cannot read image {req.path}: {exc} (rerun `fgpipe prepare` to recheck the dataset)") from None
         out[i] = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
@@ -79,9 +89,9 @@ def load_regions(requests: list[LoadRequest], out_wh: tuple[int, int], desc: str
     return out
 
 
-def whole_image_requests(root: Path, rows: list[ManifestRow]) -> list[LoadRequest]:
+def whole_image_requests(root: Path, rows: list[ManifestRow], cache: ImageCache | None = None) -> list[LoadRequest]:
     """The manifest area of each image (the full image, less any banner the manifest excludes)."""
-    return [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height))) for r in rows]
+    return [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height)), cache) for r in rows]
 
 
 # --------------------------------------------------------------------------- batched augmentation
