@@ -4,7 +4,8 @@ In one run, on the same stage-1 model, target layer and batch:
 
 - ``oaam_fgpipe``: fgpipe's implementation: the backbone under no_grad, a gradient only through the head,
   one forward and one backward per batch (``fgpipe.attention.OAAM``);
-- ``oaam_grad_cam_package``: ``pytorch_grad_cam.GradCAMPlusPlus`` on the Stage1Net wrapped to return logits,
+- ``oaam_grad_cam_package``: ``pytorch_grad_cam.GradCAMPlusPlus`` on the Stage1Net wrapped to return the scores
+  fgpipe's OAAM explains (the CAM head's when the model has one, else the WS-DAN logits),
   target layer = the module whose output is the feature layer's stage output (the last block's LCAM module
   with ``lcam: block``); the package backpropagates through the whole network and resizes the maps to the
   input size. The two heatmaps are compared (correlation after bringing ours to the input size);
@@ -15,6 +16,8 @@ In one run, on the same stage-1 model, target layer and batch:
 Random-init weights (no download); the speed does not depend on them.
 
     uv run --group bench python bench/extract.py --backbone resnet50 --input-size 448 --batch-size 8
+
+``run()`` returns the same figures for the suite (bench/suite.py).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -48,18 +52,21 @@ from fgpipe.stages.extract_crops import batches_with_boxes, parts_of  # noqa: E4
 
 
 class LogitsOnly(nn.Module):
-    """Stage1Net as the grad-cam package expects a classifier: input -> logits."""
+    """Stage1Net as the grad-cam package expects a classifier: input -> the class scores fgpipe's OAAM explains
+    (``score``: ``cam``, the CAM head's, or ``wsdan``, the BAP classifier's; see fgpipe.attention.base)."""
 
-    def __init__(self, net: Stage1Net) -> None:
+    def __init__(self, net: Stage1Net, score: str) -> None:
         super().__init__()
         self.net = net
+        self.score = score
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x).logits
+        out = self.net(x)
+        return out.cam_logits if self.score == "cam" else out.logits
 
 
 def stage_output_module(net: Stage1Net) -> nn.Module:
-    """The module whose output is ``features(x)[feature_layer]`` (checked by a hook in :func:`main`)."""
+    """The module whose output is ``features(x)[feature_layer]`` (checked by a hook in :func:`run`)."""
     bb = net.backbone
     stage = next(s for s in bb._stages if s.name == net.feature_layer)
     last = stage.blocks[-1]
@@ -88,6 +95,96 @@ def write_images(folder: Path, n: int, seed: int = 0) -> list[ManifestRow]:
     return rows
 
 
+def run(
+    backbone: str = "resnet50", lcam: str = "block", input_size: int = 448, batch_size: int = 8, classes: int = 200,
+    images: int = 32, steps: int = 2, warmup: int = 1, device: str | None = None,
+) -> dict[str, Any]:
+    """Every measure of the module docstring on ``device`` (CUDA when there is one); raw medians under ``seconds``."""
+    from pytorch_grad_cam import GradCAMPlusPlus
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    torch.manual_seed(0)
+    net = build_stage1(ModelConfig(backbone=backbone, lcam=lcam), classes).to(device).eval()
+    x = torch.randn(batch_size, 3, input_size, input_size, device=device)
+    ours = create_method("oaam", net)
+    target = stage_output_module(net)
+
+    captured: list[torch.Tensor] = []
+    handle = target.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
+    with torch.no_grad():
+        feats = net.features(x)[net.feature_layer]
+    handle.remove()
+    if not torch.equal(captured[-1], feats):
+        raise RuntimeError(f"{type(target).__name__} does not output the feature layer {net.feature_layer}")
+
+    package = GradCAMPlusPlus(model=LogitsOnly(net, ours.score), target_layers=[target])
+    t_ours = timed(lambda: ours(x), steps, warmup, device)
+    t_pkg = timed(lambda: package(input_tensor=x, targets=None), steps, warmup, device)
+
+    # agreement: package maps are min-max scaled and resized (bilinear) to the input size; do the same to ours
+    two = x[:2]  # two images are enough to compare, and cheaper
+    ref = torch.as_tensor(package(input_tensor=two, targets=None))  # (2, S, S)
+    mine = F.interpolate(ours(two).heatmaps[:, None].cpu(), size=ref.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    lo = mine.amin(dim=(1, 2), keepdim=True)
+    mine = (mine - lo) / (mine.amax(dim=(1, 2), keepdim=True) - lo + 1e-7)
+    corr = float(np.corrcoef(mine.flatten().numpy(), ref.flatten().numpy())[0, 1])
+    package.activations_and_grads.release()
+
+    cfg = CropsConfig(batch_size=batch_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        rows = write_images(root, images)
+        att_path = root / "attention.h5"
+        meta = AttentionMeta("oaam", net.feature_layer, input_size, "0" * 64, "0" * 64)
+        size = (input_size, input_size)
+        jobs = ((b, [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height))) for r in b])
+                for b in batched(rows, batch_size))
+        t0 = time.perf_counter()
+        with AttentionWriter(att_path, meta, tuple(feats.shape[-2:]), classes) as writer:
+            for b, decoded in prefetched(jobs, size):
+                out = ours(normalize(decoded.to(device)))
+                writer.append([r.image_id for r in b], [r.label for r in b], out.heatmaps, out.logits, out.predictions)
+        t_attention_stage = time.perf_counter() - t0
+
+        def boxes_only() -> None:
+            with AttentionReader(att_path) as att:
+                for _ in batches_with_boxes(att, rows, root, cfg):
+                    pass
+
+        def with_mpalm() -> None:
+            with AttentionReader(att_path) as att:
+                for (_, _, obj), crops in prefetched(batches_with_boxes(att, rows, root, cfg), size):
+                    parts_of(net, crops, obj.boxes, input_size, cfg, device)
+
+        t_boxes = timed(boxes_only, 3, 1, device)
+        t_mpalm = timed(with_mpalm, 1, 0, device)
+        t_decode = timed(
+            lambda: decode_batch([LoadRequest(root / r.path, (0.0, 0.0, 500.0, 375.0)) for r in rows[: batch_size]], size),
+            3, 1, device,
+        )
+
+    return {
+        "oaam_heatmaps_per_s": {
+            "fgpipe_batched": round(batch_size / t_ours, 2),
+            "grad_cam_package": round(batch_size / t_pkg, 2),
+            "speedup": round(t_pkg / t_ours, 2),
+            "agreement_correlation": round(corr, 4),
+            "target_layer": f"{net.feature_layer} ({type(target).__name__})",
+            "score": ours.score,
+        },
+        "attention_stage_images_per_s": round(images / t_attention_stage, 2),
+        "box_extraction_images_per_s": {
+            "object_boxes_only": round(images / t_boxes, 1),
+            "object_boxes_and_mpalm": round(images / t_mpalm, 2),
+        },
+        f"decode_{input_size}_images_per_s": round(batch_size / t_decode, 1),
+        "seconds": {
+            "oaam_fgpipe_batch": t_ours, "oaam_grad_cam_package_batch": t_pkg, "attention_stage": t_attention_stage,
+            "object_boxes_only": t_boxes, "object_boxes_and_mpalm": t_mpalm, "decode_batch": t_decode,
+        },
+    }
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--backbone", default="resnet50")
@@ -102,87 +199,9 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args()
     configure_threads()
-    from pytorch_grad_cam import GradCAMPlusPlus
-
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    net = build_stage1(ModelConfig(backbone=args.backbone, lcam=args.lcam), args.classes).to(device).eval()
-    x = torch.randn(args.batch_size, 3, args.input_size, args.input_size, device=device)
-    ours = create_method("oaam", net)
-    target = stage_output_module(net)
-
-    captured: list[torch.Tensor] = []
-    handle = target.register_forward_hook(lambda _m, _i, out: captured.append(out.detach()))
-    with torch.no_grad():
-        feats = net.features(x)[net.feature_layer]
-    handle.remove()
-    if not torch.equal(captured[-1], feats):
-        raise RuntimeError(f"{type(target).__name__} does not output the feature layer {net.feature_layer}")
-
-    package = GradCAMPlusPlus(model=LogitsOnly(net), target_layers=[target])
-    t_ours = timed(lambda: ours(x), args.steps, args.warmup, device)
-    t_pkg = timed(lambda: package(input_tensor=x, targets=None), args.steps, args.warmup, device)
-
-    # agreement: package maps are min-max scaled and resized (bilinear) to the input size; do the same to ours
-    two = x[:2]  # two images are enough to compare, and cheaper
-    ref = torch.as_tensor(package(input_tensor=two, targets=None))  # (2, S, S)
-    mine = F.interpolate(ours(two).heatmaps[:, None].cpu(), size=ref.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    lo = mine.amin(dim=(1, 2), keepdim=True)
-    mine = (mine - lo) / (mine.amax(dim=(1, 2), keepdim=True) - lo + 1e-7)
-    corr = float(np.corrcoef(mine.flatten().numpy(), ref.flatten().numpy())[0, 1])
-    package.activations_and_grads.release()
-
-    cfg = CropsConfig(batch_size=args.batch_size)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        rows = write_images(root, args.images)
-        att_path = root / "attention.h5"
-        meta = AttentionMeta("oaam", net.feature_layer, args.input_size, "0" * 64, "0" * 64)
-        size = (args.input_size, args.input_size)
-        jobs = ((b, [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height))) for r in b])
-                for b in batched(rows, args.batch_size))
-        t0 = time.perf_counter()
-        with AttentionWriter(att_path, meta, tuple(feats.shape[-2:]), args.classes) as writer:
-            for b, images in prefetched(jobs, size):
-                out = ours(normalize(images.to(device)))
-                writer.append([r.image_id for r in b], [r.label for r in b], out.heatmaps, out.logits, out.predictions)
-        t_attention_stage = time.perf_counter() - t0
-
-        def boxes_only() -> None:
-            with AttentionReader(att_path) as att:
-                for _ in batches_with_boxes(att, rows, root, cfg):
-                    pass
-
-        def with_mpalm() -> None:
-            with AttentionReader(att_path) as att:
-                for (_, _, obj), crops in prefetched(batches_with_boxes(att, rows, root, cfg), size):
-                    parts_of(net, crops, obj.boxes, args.input_size, cfg, device)
-
-        t_boxes = timed(boxes_only, 3, 1, device)
-        t_mpalm = timed(with_mpalm, 1, 0, device)
-        t_decode = timed(
-            lambda: decode_batch([LoadRequest(root / r.path, (0.0, 0.0, 500.0, 375.0)) for r in rows[: args.batch_size]], size),
-            3, 1, device,
-        )
-
-    result = {
-        "benchmark": "extract",
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "machine": machine_info(),
-        "oaam_heatmaps_per_s": {
-            "fgpipe_batched": round(args.batch_size / t_ours, 2),
-            "grad_cam_package": round(args.batch_size / t_pkg, 2),
-            "speedup": round(t_pkg / t_ours, 2),
-            "agreement_correlation": round(corr, 4),
-            "target_layer": f"{net.feature_layer} ({type(target).__name__})",
-        },
-        "attention_stage_images_per_s": round(args.images / t_attention_stage, 2),
-        "box_extraction_images_per_s": {
-            "object_boxes_only": round(args.images / t_boxes, 1),
-            "object_boxes_and_mpalm": round(args.images / t_mpalm, 2),
-        },
-        "decode_448_images_per_s": round(args.batch_size / t_decode, 1),
-    }
+    result = {"benchmark": "extract", "args": {k: str(v) for k, v in vars(args).items()}, "machine": machine_info()}
+    result |= run(args.backbone, args.lcam, args.input_size, args.batch_size, args.classes, args.images,
+                  args.steps, args.warmup, args.device)
     emit(result, args.out)
 
 
