@@ -246,6 +246,30 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.devi
     return state
 
 
+def mark_finished(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
+    """Rewrite the checkpoint ``state`` loaded from ``path`` as the result of a finished run, if it is not yet.
+
+    Checkpoints written during training say ``finished: False`` until the last epoch (last.pt) or until this
+    is called at the end (best.pt), so a run killed midway leaves checkpoints only ``--resume`` accepts.
+    """
+    if state.get("finished") is False:
+        save_checkpoint(path, {**{k: v for k, v in state.items() if k != "format"}, "finished": True})
+
+
+def require_finished(state: dict[str, Any], path: str | os.PathLike[str], command: str) -> None:
+    """Refuse a checkpoint left by a run that was killed or failed before its last epoch (``finished: False``).
+
+    ``command`` is the one that wrote it. Checkpoints without the key (made by hand, or by an older fgpipe) pass.
+    """
+    if state.get("finished") is False:
+        epochs = [sec["epochs"] for sec in state.get("config", {}).values() if isinstance(sec, dict) and "epochs" in sec]
+        of = f" of {epochs[0]}" if epochs else ""
+        raise ArtifactError(
+            f"{path} is from a training run that did not finish (it stopped after epoch {state.get('epoch')}{of}): "
+            f"finish it with `{command} --resume`, or rerun `{command}` (or `dvc repro`)"
+        )
+
+
 def config_dict(cfg: Any) -> dict[str, Any]:
     """A (nested) config dataclass as plain data for a checkpoint."""
     return dataclasses.asdict(cfg)
