@@ -41,13 +41,16 @@ def _guard(fn: Callable[[], T]) -> T:
         raise typer.Exit(1) from None
 
 
+_PRESET: dict[str, str] = {}  # `fgpipe --preset NAME`: applied to every command's settings
+
+
 def _settings(params: Path, overrides: dict[str, Any]) -> Settings:
-    return load_params(params, overrides)
+    return load_params(params, {**_PRESET, **overrides})
 
 
 def _report(stage: str, dataset: str, metrics: dict[str, Any]) -> None:
     shown = {k: v for k, v in metrics.items() if k not in ("params_file", "overrides", "dataset")}
-    console.print(f"[green]{stage}[/] {dataset}: " + json.dumps(shown, sort_keys=True), highlight=False)
+    console.print(f"[green]{stage}[/] {dataset}: " + json.dumps(shown, sort_keys=True), highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -63,8 +66,15 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    preset: Annotated[
+        str | None,
+        typer.Option(help="Apply a parameter preset (paper-resnet50, paper-inception-v3, or a YAML file) over params.yaml."),
+    ] = None,
 ) -> None:
     """Weakly supervised fine-grained classification as a cached DVC pipeline."""
+    _PRESET.clear()
+    if preset is not None:
+        _PRESET["preset"] = preset
 
 
 @app.command()
@@ -74,7 +84,7 @@ def prepare(
     root: Annotated[str | None, typer.Option(help="Override datasets.NAME.root (recorded with the outputs).")] = None,
     download: Annotated[bool, typer.Option("--download", help="Fetch the official archive if root is missing.")] = False,
 ) -> None:
-    """Read a dataset in its official layout and write data/NAME/manifest.csv."""
+    """Read a dataset in its official layout and write data/NAME/manifest.csv and the decoded image cache images.h5."""
     from fgpipe.stages import prepare as stage
 
     overrides: dict[str, Any] = {f"datasets.{dataset}.root": root}

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
 from pydantic.dataclasses import dataclass
 
 from fgpipe.errors import ConfigError
@@ -40,6 +40,12 @@ class SyntheticOptions:
     object_size: tuple[float, float] = (0.32, 0.46)  # object length as a fraction of the image side (min, max)
     max_rotation: float = Field(40.0, ge=0.0, le=180.0)  # object rotation drawn from +-this many degrees
     distractors: int = Field(6, ge=0, le=100)  # clutter shapes per image (lone parts, blobs, specks, twigs)
+    decoy_markings: bool = True  # lone-part distractors carry a class's marking (true) or are plain (false)
+    # the markings each part's classes draw from, in order (part -> names; a part left out: all four)
+    class_markings: dict[str, list[str]] | None = None
+    # period and size of the patterned markings (bars, spots, streaks, stripes) relative to the default:
+    # below 1 they are finer, so telling them apart needs a closer look (a zoomed crop)
+    marking_detail: float = Field(1.0, ge=0.25, le=2.0)
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")
@@ -106,6 +112,15 @@ class PrepareConfig:
 
     metrics_dir: str = "metrics"
     data_dir: str = "data"
+    # longest side of the decoded copies in data/NAME/images.h5 (aspect kept, never enlarged); 0 = no cache
+    cache_side: int = Field(512, ge=0, le=8192)
+
+    @field_validator("cache_side")
+    @classmethod
+    def _cache_side(cls, value: int) -> int:
+        if 0 < value < 32:
+            raise ValueError("must be 0 (no image cache) or at least 32 pixels")
+        return value
 
 
 @dataclass(frozen=True, config=_CFG)
@@ -119,6 +134,8 @@ class ModelConfig:
     num_attentions: int = Field(32, ge=1, le=512)  # M
     feature_layer: str = ""  # backbone stage the head and every attention method read; "" = the last stage
     logit_scale: float = Field(100.0, gt=0)  # the classifier sees the normalised BAP feature times this
+    # the CAM head: 1x1 conv + BN + ReLU to this many maps, GAP, linear; the classifier OAAM explains (0: none)
+    cam_channels: int = Field(256, ge=0, le=8192)
 
     @model_validator(mode="after")
     def _odd_kernel(self) -> ModelConfig:
@@ -165,6 +182,8 @@ class TrainBackboneConfig(TrainingConfig):
 
     center_loss_weight: float = Field(1.0, ge=0)  # lambda
     center_beta: float = Field(0.05, gt=0, le=1)  # center update rate
+    cam_loss_weight: float = Field(1.0, ge=0)  # mu: CE of the CAM head (model.cam_channels) on raw, crop and drop views
+    cam_lr: float = Field(0.05, gt=0, le=10)  # the CAM head's own learning rate (it starts from scratch)
     crop_threshold: tuple[float, float] = (0.4, 0.6)  # theta_c ~ U(a, b) * max(A_k)
     crop_padding: float = Field(0.1, ge=0, le=1)  # pad the crop box by this fraction of the image side
     drop_threshold: tuple[float, float] = (0.2, 0.5)  # theta_d ~ U(a, b) * max(A_k)
@@ -187,6 +206,9 @@ class AttentionConfig:
 
     method: Literal["oaam", "gradcam", "aolm", "bap"] = "oaam"
     target: Literal["predicted", "true"] = "predicted"  # class whose score Grad-CAM(++) explains
+    # whose score Grad-CAM(++) differentiates: cam = the CAM head (TL-AAM's plain CNN classifier, on its last
+    # conv maps; needs model.cam_channels > 0), wsdan = the BAP classifier on the feature layer, auto = cam if any
+    score: Literal["auto", "cam", "wsdan"] = "auto"
     checkpoint: Literal["best", "last"] = "best"
     batch_size: int = Field(32, ge=1, le=4096)
 
@@ -251,6 +273,8 @@ class Params:
     # (the dataset root, or fgpipe/datasets/synthetic.py for the generated dataset)
     run: dict[str, str]
     datasets: dict[str, DatasetConfig]
+    # a parameter preset from fgpipe/presets/ (or a path to a YAML file), applied over this file: none | NAME
+    preset: str = "none"
     prepare: PrepareConfig = PrepareConfig()
     model: ModelConfig = ModelConfig()
     train_backbone: TrainBackboneConfig = TrainBackboneConfig()
@@ -318,7 +342,7 @@ class Settings:
 
     def provenance(self) -> dict[str, Any]:
         """What to record with an artefact so it says how it was made."""
-        return {"params_file": str(self.params_file), "overrides": dict(self.overrides)}
+        return {"params_file": str(self.params_file), "preset": self.params.preset, "overrides": dict(self.overrides)}
 
 
 def load_params(path: str | os.PathLike[str] = "params.yaml", overrides: dict[str, Any] | None = None) -> Settings:
@@ -333,8 +357,58 @@ def load_params(path: str | os.PathLike[str] = "params.yaml", overrides: dict[st
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    preset = overrides.get("preset", raw.get("preset", "none"))
+    if preset not in (None, "none"):
+        raw = apply_preset(raw, str(preset), path)
     raw = apply_overrides(raw, overrides, path)
     return Settings(params=validate(raw, path), params_file=path, overrides=overrides)
+
+
+# --------------------------------------------------------------------------- presets
+PRESETS_DIR = Path(__file__).parent / "presets"
+PRESET_SECTIONS = ("model", "train_backbone", "attention", "crops", "train_refine", "evaluate")
+
+
+def preset_names() -> list[str]:
+    """The bundled presets (fgpipe/presets/NAME.yaml)."""
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str, params_path: Path) -> Path:
+    """A bundled preset's file, or ``name`` itself as a path (relative to the params file) when it is a YAML file."""
+    bundled = PRESETS_DIR / f"{name}.yaml"
+    if bundled.is_file():
+        return bundled
+    own = Path(name) if Path(name).is_absolute() else params_path.parent / name
+    if name.endswith((".yaml", ".yml")) and own.is_file():
+        return own
+    raise ConfigError(f"{params_path}: preset: unknown preset `{name}` (bundled: {', '.join(preset_names())}; or a path to a .yaml file)")
+
+
+def apply_preset(raw: dict[str, Any], name: str, params_path: Path) -> dict[str, Any]:
+    """``raw`` with the preset's values set over it (its sections merged key by key, nested sections too).
+
+    A preset may only set the pipeline sections (PRESET_SECTIONS): datasets, `run` and paths stay the project's.
+    """
+    path = preset_path(name, params_path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a preset must be a mapping of sections")
+    data.pop("description", None)
+    bad = sorted(set(data) - set(PRESET_SECTIONS))
+    if bad:
+        raise ConfigError(f"{path}: a preset may set only {', '.join(PRESET_SECTIONS)}; not {', '.join(bad)}")
+
+    def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+        out = dict(base)
+        for key, value in top.items():
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        return out
+
+    return merge(copy.deepcopy(raw), data)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], path: Path) -> dict[str, Any]:

@@ -22,6 +22,7 @@ class HeadOutput(NamedTuple):
     logits: Tensor  # (B, K)
     embedding: Tensor  # (B, M*N)
     attention: Tensor  # (B, M, H, W)
+    cam_logits: Tensor | None = None  # (B, K) GAP + linear
 
 
 class TinyBackbone(Backbone):
@@ -42,9 +43,11 @@ class TinyBackbone(Backbone):
 class TinyStage1(nn.Module):
     """Backbone + a WS-DAN-like head (attention, BAP, signed sqrt, L2, scaled linear)."""
 
-    def __init__(self, num_classes: int = 5, m: int = 4) -> None:
+    def __init__(self, num_classes: int = 5, m: int = 4, cam_head: bool = False) -> None:
         super().__init__()
         self.backbone = TinyBackbone()
+        self.cam_conv = nn.Sequential(nn.Conv2d(8, 6, 1), nn.ReLU()) if cam_head else None
+        self.cam_fc = nn.Linear(6, num_classes) if cam_head else None
         self.feature_layer = "s2"
         self.num_classes = num_classes
         self.att = nn.Sequential(nn.Conv2d(8, m, 1), nn.BatchNorm2d(m), nn.ReLU())
@@ -62,7 +65,14 @@ class TinyStage1(nn.Module):
         p = torch.einsum("bmhw,bnhw->bmn", a, feat) / (feat.shape[2] * feat.shape[3])  # (B, M, N)
         p = torch.sign(p) * torch.sqrt(p.abs() + 1e-12)
         emb = F.normalize(p.flatten(1), dim=1)  # (B, M*N)
-        return HeadOutput(self.fc(emb * 10.0), emb, a)
+        cam = self.cam_classify(self.cam_features(feat)) if self.cam_fc is not None else None
+        return HeadOutput(self.fc(emb * 10.0), emb, a, cam)
+
+    def cam_features(self, feat: Tensor) -> Tensor:
+        return self.cam_conv(feat)
+
+    def cam_classify(self, cam_feat: Tensor) -> Tensor:
+        return self.cam_fc(cam_feat.mean(dim=(2, 3)))
 
     def forward(self, x: Tensor) -> HeadOutput:
         return self.head(self.features(x)[self.feature_layer])
@@ -78,6 +88,12 @@ def model() -> TinyStage1:
 def images() -> Tensor:
     g = torch.Generator().manual_seed(1)
     return torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64)
+
+
+@pytest.fixture
+def cam_model() -> TinyStage1:
+    torch.manual_seed(0)
+    return TinyStage1(cam_head=True).double().eval()
 
 
 # --------------------------------------------------------------------------- plain per-image references
@@ -140,6 +156,34 @@ def test_cam_of_given_targets(model, images, cls, reference) -> None:
     for i in range(len(images)):
         ref = _normalise(reference(model, images[i], int(targets[i])))
         assert np.abs(out.heatmaps[i].numpy() - ref).max() <= 1e-5
+
+
+def test_oaam_of_the_cam_head_closed_form(cam_model, images) -> None:
+    """Grad-CAM++ of a GAP + linear score in closed form: g_kij = w_ck / HW at every position, so one
+    alpha_k per channel and w_k = HW * alpha_k * ReLU(g_k); L = ReLU(sum_k w_k A_k)."""
+    out = OAAM(cam_model, normalize=False)(images)
+    assert OAAM(cam_model).score == "cam"
+    with torch.no_grad():
+        cam_maps = cam_model.cam_conv(cam_model.features(images)["s2"])  # (B, K, H, W) the CAM head's last conv
+        cls = cam_model.head(cam_model.features(images)["s2"]).cam_logits.argmax(1).numpy()
+    feats = cam_maps.numpy()
+    w = cam_model.cam_fc.weight.detach().numpy()  # (C, K)
+    for b in range(len(images)):
+        a, c = feats[b], int(cls[b])
+        k_, h_, w_ = a.shape
+        g = w[c] / (h_ * w_)  # (K,) the same at every position
+        cam = np.zeros((h_, w_))
+        for k in range(k_):
+            denom = 2 * g[k] ** 2 + a[k].sum() * g[k] ** 3
+            alpha = g[k] ** 2 / denom if denom != 0 else 0.0
+            cam += (h_ * w_) * alpha * max(g[k], 0.0) * a[k]
+        np.testing.assert_allclose(out.heatmaps[b].numpy(), np.maximum(cam, 0), rtol=1e-5, atol=1e-9)
+    # the WS-DAN score gives another map; asking for the CAM head on a model without one is refused
+    assert not torch.allclose(OAAM(cam_model, score="wsdan")(images).heatmaps, OAAM(cam_model)(images).heatmaps)
+    plain = TinyStage1().double().eval()
+    assert OAAM(plain).score == "wsdan"
+    with pytest.raises(ConfigError, match=r"attention.score is `cam` but the stage-1 checkpoint has no CAM head"):
+        OAAM(plain, score="cam")
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))

@@ -53,6 +53,20 @@ def test_prepare_unknown_dataset_and_bad_params(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "missing.yaml" in result.output
 
 
+def test_global_preset_option(tmp_path: Path) -> None:
+    """`fgpipe --preset NAME CMD` applies the preset to the command's settings; an unknown one is named."""
+    root = tmp_path / "CUB_200_2011"
+    write_fake_cub(root)
+    params = write_params(tmp_path, {"cub": {"kind": "cub", "root": str(root)}})
+    result = _invoke("--preset", "paper-vgg", "prepare", "-d", "cub", "-p", str(params))
+    assert result.exit_code == 1 and "unknown preset `paper-vgg`" in result.output
+    result = _invoke("--preset", "paper-resnet50", "prepare", "-d", "cub", "-p", str(params))
+    assert result.exit_code == 0, result.output
+    assert read_json(tmp_path / "metrics/cub/prepare.json")["preset"] == "paper-resnet50"
+    result = _invoke("prepare", "-d", "cub", "-p", str(params))  # the option does not stick to later calls
+    assert result.exit_code == 0 and read_json(tmp_path / "metrics/cub/prepare.json")["preset"] == "none"
+
+
 def test_prepare_bad_image_names_the_file(tmp_path: Path) -> None:
     root = tmp_path / "CUB_200_2011"
     info = write_fake_cub(root)

@@ -60,7 +60,7 @@ def _base() -> dict:
     "edit, pattern",
     [
         (lambda r: r["datasets"]["birds"].update(val_fractoin=0.1), r"datasets\.birds\.val_fractoin: unknown key \(allowed: .*val_fraction"),
-        (lambda r: r.update(trian_backbone={}), r"trian_backbone: unknown key \(allowed: run, datasets, prepare"),
+        (lambda r: r.update(trian_backbone={}), r"trian_backbone: unknown key \(allowed: run, datasets, preset, prepare"),
         (lambda r: r["datasets"]["birds"].update(val_fraction="0.1"), r"datasets\.birds\.val_fraction: .*\(got '0\.1'\)"),
         (lambda r: r["datasets"]["birds"].update(skip_bad=1), r"datasets\.birds\.skip_bad: .*bool"),
         (lambda r: r["datasets"]["birds"].update(val_fraction=1.5), r"datasets\.birds\.val_fraction: .*less than 1"),
@@ -99,7 +99,7 @@ def test_overrides_validated_and_recorded(tmp_path: Path) -> None:
     settings = load_params(path, {"datasets.birds.root": "/data/cub", "datasets.birds.download": None})
     assert settings.overrides == {"datasets.birds.root": "/data/cub"}  # unset CLI options are not recorded
     assert settings.dataset_root("birds") == Path("/data/cub")
-    assert settings.provenance() == {"params_file": str(path), "overrides": {"datasets.birds.root": "/data/cub"}}
+    assert settings.provenance() == {"params_file": str(path), "preset": "none", "overrides": {"datasets.birds.root": "/data/cub"}}
 
 
 def test_missing_file_and_unknown_dataset(tmp_path: Path) -> None:
@@ -109,3 +109,48 @@ def test_missing_file_and_unknown_dataset(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"no dataset `dogs` under `datasets` \(known: birds\)"):
         settings.dataset("dogs")
     assert settings.dataset_root("birds") == tmp_path / "raw"  # relative to the params file's folder
+
+
+# --------------------------------------------------------------------------- presets
+@pytest.mark.parametrize("name", ["paper-resnet50", "paper-inception-v3"])
+def test_paper_presets_load_over_the_real_params(name: str) -> None:
+    """Each bundled preset is valid and sets the published configuration (METHODS.md section 7)."""
+    from fgpipe.config import preset_names
+
+    assert name in preset_names()
+    p = load_params(REAL_PARAMS, {"preset": name}).params
+    assert p.preset == name
+    assert p.model.backbone == {"paper-resnet50": "resnet50", "paper-inception-v3": "inception_v3"}[name]
+    assert p.model.weights == "imagenet" and p.model.num_attentions == 32
+    for t in (p.train_backbone, p.train_refine):
+        assert (t.input_size, t.batch_size, t.epochs, t.optimizer, t.lr, t.momentum) == (448, 12, 80, "sgd", 0.001, 0.9)
+    assert p.attention.method == "oaam" and p.crops.threshold == 0.2 and p.crops.part_sizes == (96, 160, 224)
+    assert p.datasets == load_params(REAL_PARAMS).params.datasets  # datasets and run stay the project's
+
+
+def test_preset_file_merges_and_cli_overrides_win(tmp_path: Path) -> None:
+    raw = _base()
+    raw["train_backbone"] = {"epochs": 3, "lr": 0.5, "augment": {"hflip": False, "color_jitter": 0.1}}
+    raw["preset"] = "mine.yaml"
+    (tmp_path / "mine.yaml").write_text(
+        "description: a test preset\ntrain_backbone: {lr: 0.002, augment: {hflip: true}}\ncrops: {threshold: 0.3}\n"
+    )
+    path = _write(tmp_path, raw)
+    p = load_params(path).params
+    assert p.train_backbone.lr == 0.002 and p.train_backbone.epochs == 3  # set by the preset / kept from the file
+    assert p.train_backbone.augment.hflip is True and p.train_backbone.augment.color_jitter == 0.1  # nested merge
+    assert p.crops.threshold == 0.3
+    assert load_params(path, {"crops.threshold": 0.4}).params.crops.threshold == 0.4  # an explicit override wins
+    assert load_params(path, {"preset": "none"}).params.train_backbone.lr == 0.5  # --preset none turns it off
+
+
+def test_preset_errors_name_the_culprit(tmp_path: Path) -> None:
+    path = _write(tmp_path, _base())
+    with pytest.raises(ConfigError, match=r"unknown preset `paper-vgg` \(bundled: paper-inception-v3, paper-resnet50"):
+        load_params(path, {"preset": "paper-vgg"})
+    (tmp_path / "bad.yaml").write_text("datasets: {birds: {kind: cub, root: elsewhere}}\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: a preset may set only model, .*; not datasets"):
+        load_params(path, {"preset": "bad.yaml"})
+    (tmp_path / "typo.yaml").write_text("train_backbone: {learning_rate: 0.1}\n")
+    with pytest.raises(ConfigError, match=r"train_backbone\.learning_rate: unknown key"):
+        load_params(path, {"preset": "typo.yaml"})

@@ -4,63 +4,29 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-import yaml
-
-REPO = Path(__file__).resolve().parents[1]
-
-TINY = {
-    "run": {"synthetic": "fgpipe/datasets/synthetic.py"},
-    "datasets": {
-        "synthetic": {
-            "kind": "synthetic",
-            "root": "data/synthetic/raw",
-            "val_fraction": 0.2,
-            "synthetic": {"num_classes": 3, "train_per_class": 6, "test_per_class": 2, "image_size": 64, "distractors": 2},
-        }
-    },
-    "prepare": {"data_dir": "data", "metrics_dir": "metrics"},
-    "model": {"backbone": "tiny", "weights": "none", "lcam": "block", "num_attentions": 4, "logit_scale": 10.0},
-    "train_backbone": {"input_size": 64, "epochs": 1, "batch_size": 8, "lr": 0.05},
-    "attention": {"method": "oaam", "batch_size": 16},
-    "crops": {"threshold": 0.2, "batch_size": 16, "preview_images": 2},
-    "train_refine": {"input_size": 32, "epochs": 1, "batch_size": 8, "lr": 0.05},
-    "evaluate": {"combine": "val", "weight_step": 0.5},
-}
+from tinyproject import TINY, dvc, lock_hash, make_project, ran, read_params, write_params
 
 
-def dvc(project: Path, *args: str) -> str:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "FGPIPE_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=project, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc.stdout + proc.stderr
-
-
-def ran(output: str) -> set[str]:
-    """Stage names from DVC's "Running stage 'NAME':" lines."""
-    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage")}
-
-
-def lock_hash(project: Path, stage: str, path: str) -> str:
-    lock = yaml.safe_load((project / "dvc.lock").read_text())
-    outs = lock["stages"][stage]["outs"]
-    return next(o["md5"] for o in outs if o["path"] == path)
+def git(project: Path, *args: str) -> str:
+    env = {**os.environ, "GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@t", "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@t"}
+    return subprocess.run(["git", *args], cwd=project, env=env, check=True, capture_output=True, text=True).stdout
 
 
 @pytest.fixture(scope="module")
 def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A DVC project with the repo's dvc.yaml and code, a tiny params.yaml, after one full `dvc repro`."""
-    root = tmp_path_factory.mktemp("dvcproj")
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    (root / "fgpipe").symlink_to(REPO / "fgpipe", target_is_directory=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(TINY, sort_keys=False))
-    dvc(root, "init", "--no-scm", "-q")
+    """A git + DVC project with the repo's dvc.yaml and code, a tiny params.yaml, after one full `dvc repro`
+    (committed, so `dvc exp run` can start from it)."""
+    root = make_project(tmp_path_factory.mktemp("dvcproj"), TINY, dvc_init=False)
+    git(root, "init", "-q")
+    dvc(root, "init", "-q")
+    (root / ".dvcignore").write_text("__pycache__/\n*.pyc\n")
     out = dvc(root, "repro")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "tiny pipeline")
     stages = ["prepare", "train-backbone", "extract-attention", "extract-crops", "train-refine", "evaluate"]
     assert ran(out) == {f"{s}@synthetic" for s in stages}
     return root
@@ -75,12 +41,10 @@ def test_the_whole_chain_runs_and_writes_every_artefact(project: Path) -> None:
 
 
 def test_threshold_ablation_reruns_only_crops_and_what_follows(project: Path) -> None:
+    """`dvc exp run -S crops.threshold=0.3`: the README's ablation line, as a user runs it."""
     stage1 = lock_hash(project, "train-backbone@synthetic", "data/synthetic/stage1/best.pt")
     attention = lock_hash(project, "extract-attention@synthetic", "data/synthetic/attention.h5")
-    params = yaml.safe_load((project / "params.yaml").read_text())
-    params["crops"]["threshold"] = 0.3
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    out = dvc(project, "repro")
+    out = dvc(project, "exp", "run", "-S", "crops.threshold=0.3")
     assert ran(out) == {"extract-crops@synthetic", "train-refine@synthetic", "evaluate@synthetic"}
     assert lock_hash(project, "train-backbone@synthetic", "data/synthetic/stage1/best.pt") == stage1
     assert lock_hash(project, "extract-attention@synthetic", "data/synthetic/attention.h5") == attention
@@ -89,9 +53,25 @@ def test_threshold_ablation_reruns_only_crops_and_what_follows(project: Path) ->
 
 def test_method_ablation_reruns_from_extract_attention(project: Path) -> None:
     stage1 = lock_hash(project, "train-backbone@synthetic", "data/synthetic/stage1/best.pt")
-    params = yaml.safe_load((project / "params.yaml").read_text())
+    params = read_params(project)
     params["attention"]["method"] = "bap"
-    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(project, params)
     out = dvc(project, "repro")
     assert ran(out) == {f"{s}@synthetic" for s in ("extract-attention", "extract-crops", "train-refine", "evaluate")}
     assert lock_hash(project, "train-backbone@synthetic", "data/synthetic/stage1/best.pt") == stage1
+
+
+def test_a_second_dataset_runs_its_own_chain_only(project: Path) -> None:
+    """Adding a dataset under `run` runs its six stages; the synthetic chain is not rerun."""
+    before = {s: lock_hash(project, f"train-backbone@{s}", f"data/{s}/stage1/best.pt") for s in ("synthetic",)}
+    params = read_params(project)
+    params["datasets"]["birds"] = {**params["datasets"]["synthetic"], "root": "data/birds/raw"}
+    params["datasets"]["birds"]["synthetic"] = {**params["datasets"]["synthetic"]["synthetic"], "seed": 3}
+    params["run"]["birds"] = "fgpipe/datasets/synthetic.py"
+    write_params(project, params)
+    out = dvc(project, "repro")
+    stages = ["prepare", "train-backbone", "extract-attention", "extract-crops", "train-refine", "evaluate"]
+    assert ran(out) == {f"{s}@birds" for s in stages}
+    assert lock_hash(project, "train-backbone@synthetic", "data/synthetic/stage1/best.pt") == before["synthetic"]
+    assert "joint" in json.loads((project / "metrics/birds/evaluate.json").read_text())
+    assert "up to date" in dvc(project, "status")

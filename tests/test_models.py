@@ -290,7 +290,7 @@ def test_inner_feature_layer_truncates_the_backbone(name: str, layer: str) -> No
     assert net.backbone.stage_names == kept
     x = torch.randn(2, 3, 96, 96)
     out = net(x)
-    out.logits.sum().backward()
+    (out.logits.sum() + out.cam_logits.sum()).backward()  # both classifiers train (the CAM head by default)
     assert all(p.grad is not None for p in net.parameters() if p.requires_grad)  # no dead stages left
     # the kept trunk is the same function as the full one up to the layer
     full.eval(), net.eval()

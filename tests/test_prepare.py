@@ -97,7 +97,9 @@ def test_bad_images_skipped_and_counted(tmp_path: Path, make_settings) -> None:
 
 
 def test_unverified_sizes_do_not_decode(tmp_path: Path, make_settings) -> None:
-    root, info, settings = _cub(tmp_path, make_settings, verify_images=False)
+    root = tmp_path / "CUB_200_2011"
+    info = write_fake_cub(root)
+    settings = make_settings("cub", "cub", root, {"prepare.cache_side": 0}, verify_images=False)  # a cache decodes
     big = root / "images" / info["ids"]["5"][0]
     write_image(big, size=(64, 48), seed=7)
     data = big.read_bytes()

@@ -177,6 +177,85 @@ def test_classes_differ_only_inside_the_changed_parts() -> None:
             assert not diff[:y0].any() and not diff[y1:].any() and not diff[:, :x0].any() and not diff[:, x1:].any()
 
 
+def test_plain_decoys_carry_no_marking() -> None:
+    """decoy_markings false: lone-part distractors are drawn in the part's colour only; the image is otherwise
+    the same and differs from the marked version only inside the decoy (independent of the object)."""
+    marked = SyntheticOptions(image_size=128, distractors=12, decoy_markings=True)
+    plain = dataclasses.replace(marked, decoy_markings=False)
+    seen = 0
+    for i in range(6):
+        a, b = syn.sample_spec(marked, 0, "train", i), syn.sample_spec(plain, 0, "train", i)
+        assert a.pose == b.pose and a.background_seed == b.background_seed
+        for da, db in zip(a.distractors, b.distractors):
+            assert dataclasses.replace(da, marking=0) == dataclasses.replace(db, marking=0)
+            assert db.marking == (-1 if db.kind == "part" else 0)
+        decoys = [d for d in a.distractors if d.kind == "part"]
+        if not decoys:
+            continue
+        seen += 1
+        ra, rb = syn.render(a), syn.render(b)
+        assert np.array_equal(ra.object_mask, rb.object_mask)
+        diff = np.abs(ra.image.astype(int) - rb.image.astype(int)).max(axis=2) > 0
+        assert diff.any() and not (diff & ra.object_mask).any()  # only decoy pixels changed, never the object
+        # one plain decoy alone on the background: no marking colour anywhere
+        lone = dataclasses.replace(b, distractors=(dataclasses.replace(decoys[0], marking=-1),))
+        img = np.zeros((128, 128, 3), dtype=np.float32)
+        syn._draw_distractor(img, lone.distractors[0], np.ones(3))
+        drawn = img.reshape(-1, 3)[np.abs(img).sum(axis=2).reshape(-1) > 0]
+        for colour in (syn.RED, syn.WHITE, syn.YELLOW):
+            assert not (np.abs(drawn - colour).max(axis=1) < 30).any()
+    assert seen >= 2
+
+
+def test_class_markings_choose_what_classes_draw_from() -> None:
+    """class_markings: a part with one marking is the same for every class; the others vary over theirs only."""
+    opts = SyntheticOptions(
+        num_classes=8, class_markings={"head": ["redcrown"], "wing": ["wingbars", "wingspots"],
+                                       "tail": ["tailband", "tailstripes"], "body": ["spotted", "streaked"]},
+    )
+    palette = syn.marking_palette(opts)
+    assert palette == ((0,), (0, 1), (1, 3), (1, 2))
+    assert syn.marking_counts(8, palette) == (1, 2, 2, 2)  # the head cannot vary, so the body does
+    attrs = syn.class_attributes(8, palette)
+    assert len(set(attrs)) == 8 and {a[0] for a in attrs} == {0}
+    assert {a[2] for a in attrs} == {1, 3} and {a[3] for a in attrs} == {1, 2}
+    names = syn.class_names(8, palette)
+    assert names[0] == "1.wingbars-tailband-spotted" and all("redcrown" not in n for n in names)
+    spec = syn.sample_spec(opts, 5, "train", 0)
+    assert spec.attributes == attrs[5]
+    assert syn.marking_palette(SyntheticOptions()) == syn.FULL_PALETTE
+    for bad, message in [
+        ({"wing": ["wingbarz"]}, r"class_markings\.wing: unknown marking `wingbarz` \(markings: wingbars"),
+        ({"beak": ["red"]}, r"class_markings: unknown part `beak`"),
+        ({"tail": []}, r"class_markings\.tail: needs distinct markings"),
+    ]:
+        with pytest.raises(DatasetError, match=message):
+            syn.marking_palette(SyntheticOptions(class_markings=bad))
+    with pytest.raises(DatasetError, match=r"num_classes must be between 1 and 8"):
+        syn.marking_counts(9, palette)
+
+
+def test_marking_detail_scales_the_patterns_only() -> None:
+    """marking_detail 0.5: twice as many wing bars along the wing; colour-region markings (red crown) unchanged."""
+    u, v = np.meshgrid(np.linspace(-0.3, 0.2, 2001), np.linspace(-0.1, 0.1, 41))
+
+    def runs(detail: float) -> int:  # bars crossed along the wing's axis (the middle row)
+        mask, _ = syn._wing_marking(0, u, v, detail)
+        row = mask[20].astype(int)
+        return int((np.diff(row) == 1).sum())
+
+    coarse, fine = runs(1.0), runs(0.5)
+    assert coarse >= 4 and abs(fine - 2 * coarse) <= 1
+    for m in (1, 2):  # spots and streaks on the breast get finer too
+        a, _ = syn._body_marking(m, u, v + 0.15, 1.0)
+        b, _ = syn._body_marking(m, u, v + 0.15, 0.5)
+        assert not np.array_equal(a, b)
+    crown, _ = syn._head_marking(0, u + 0.3, v - 0.1, 1.0)
+    assert np.array_equal(crown, syn._head_marking(0, u + 0.3, v - 0.1, 0.4)[0])
+    spec = syn.sample_spec(SyntheticOptions(marking_detail=0.5), 0, "train", 0)
+    assert spec.detail == 0.5
+
+
 def test_classes_are_unique_marking_combinations() -> None:
     assert syn.marking_counts(8) == (2, 2, 2, 1)  # head, wing and tail vary; the body is the same for all
     for n in (2, 3, 8, 10, 27, syn.MAX_CLASSES):

@@ -93,6 +93,37 @@ def test_stage1net_head_and_feature_layer() -> None:
         Stage1Net(create_backbone("tiny"), num_classes=3, feature_layer="layer9")
 
 
+def test_cam_head_is_conv_bn_relu_gap_linear() -> None:
+    """The CAM head: maps = ReLU(BN(W1 F)) written out per position, logits = W2 mean_hw(maps) + b; none -> None."""
+    torch.manual_seed(0)
+    net = Stage1Net(create_backbone("tiny"), num_classes=4, num_attentions=3, cam_channels=5).eval()
+    bn = net.cam_conv[1]
+    bn.running_mean.uniform_(-0.3, 0.3)
+    bn.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        out = net(x)
+        feat = net.features(x)[net.feature_layer]  # (2, 64, 4, 4)
+    assert out.cam_logits is not None and out.cam_logits.shape == (2, 4)
+    w1 = net.cam_conv[0].weight.detach()[:, :, 0, 0]  # (5, 64)
+    w2, b2 = net.cam_fc.weight.detach(), net.cam_fc.bias.detach()
+    gamma, beta = bn.weight.detach(), bn.bias.detach()
+    for i in range(2):
+        pooled = [0.0] * 5
+        for c in range(5):
+            for y in range(4):
+                for xx in range(4):
+                    z = sum(float(w1[c, n]) * float(feat[i, n, y, xx]) for n in range(64))
+                    z = (z - float(bn.running_mean[c])) / math.sqrt(float(bn.running_var[c]) + bn.eps)
+                    pooled[c] += max(float(gamma[c]) * z + float(beta[c]), 0.0) / 16
+        for k in range(4):
+            ref = sum(float(w2[k, c]) * pooled[c] for c in range(5)) + float(b2[k])
+            assert abs(float(out.cam_logits[i, k]) - ref) < 1e-4
+    assert Stage1Net(create_backbone("tiny"), num_classes=4, num_attentions=3)(x).cam_logits is None
+    with pytest.raises(ConfigError, match="no CAM head"):
+        Stage1Net(create_backbone("tiny"), num_classes=4, num_attentions=3).cam_features(feat)
+
+
 # --------------------------------------------------------------------------- center loss
 def test_center_loss_value_and_update_with_repeated_labels() -> None:
     torch.manual_seed(0)

@@ -60,8 +60,8 @@ class AOLM(HeatmapMethod):
 
     name = "aolm"
 
-    def __init__(self, model: Stage1Like, normalize: bool = True) -> None:
-        super().__init__(model, normalize)
+    def __init__(self, model: Stage1Like, normalize: bool = True, score: str = "auto") -> None:
+        super().__init__(model, normalize, score)
         stages = model.backbone.stage_names
         if len(stages) < 2:
             raise ConfigError(

@@ -3,9 +3,12 @@
 One call handles a whole batch with ONE forward and (for gradient methods) ONE backward:
 
 1. the backbone runs under ``no_grad`` and returns every stage (``model.features``);
-2. the feature map at ``model.feature_layer`` is detached and made a leaf that requires grad, and only
-   ``model.head`` runs with grad (nothing else lies between that map and the class scores);
-3. ``torch.autograd.grad(sum_b S_{c_b}, feat)`` gives every sample's dS_c/dA at once: in eval mode the
+2. the map A the gradient methods weight is detached and made a leaf that requires grad, and only what lies
+   between A and the class scores runs with grad: with ``score`` ``wsdan``, A is the map at
+   ``model.feature_layer`` and S the WS-DAN head's scores; with ``score`` ``cam`` (the default when the
+   checkpoint has a CAM head), A is the CAM head's last conv maps (1x1 conv + BN + ReLU on the feature
+   layer, non-negative, on the same grid) and S = linear(GAP(A)), TL-AAM's plain classifier;
+3. ``torch.autograd.grad(sum_b S_{c_b}, A)`` gives every sample's dS_c/dA at once: in eval mode the
    samples are independent, so d(sum_b S_b)/dA_b = dS_b/dA_b (no hooks);
 4. the method turns that into a heatmap (B, H, W) (its only job, :meth:`HeatmapMethod.compute`);
 5. each heatmap is divided by its own max (an all-zero map stays zero), so stored maps lie in [0, 1]: box
@@ -32,6 +35,7 @@ class HeadLike(Protocol):
     logits: Tensor  # (B, K) pre-softmax class scores
     embedding: Tensor  # (B, M*N) BAP feature
     attention: Tensor  # (B, M, H, W) WS-DAN attention maps
+    cam_logits: Tensor | None  # (B, K) the GAP + linear CAM head's scores, or None
 
 
 class Stage1Like(Protocol):
@@ -41,6 +45,11 @@ class Stage1Like(Protocol):
     feature_layer: str
     num_classes: int
     training: bool
+    cam_fc: torch.nn.Module | None
+
+    def cam_features(self, feat: Tensor) -> Tensor: ...
+
+    def cam_classify(self, cam_feat: Tensor) -> Tensor: ...
 
     def features(self, x: Tensor) -> dict[str, Tensor]: ...
 
@@ -62,7 +71,7 @@ class ForwardPass:
     """Everything one batched forward (and backward) produced, handed to :meth:`HeatmapMethod.compute`."""
 
     features: dict[str, Tensor]  # every backbone stage, computed under no_grad
-    activation: Tensor  # (B, C, H, W) the feature_layer map A, float32 (float64 if the model runs in float64)
+    activation: Tensor  # (B, C, H, W) A: the feature_layer map, or (score cam) the CAM head's last conv maps; float32+
     gradient: Tensor | None  # (B, C, H, W) dS_c/dA for each sample's target c; None for gradient-free methods
     output: HeadLike  # the head's output (logits, embedding, attention); compute() runs under no_grad
     targets: Tensor  # (B,) the class c whose score S_c was differentiated
@@ -80,9 +89,21 @@ class HeatmapMethod(ABC):
     #: whether :meth:`compute` needs dS_c/dA (one backward per batch)
     needs_gradient: ClassVar[bool] = False
 
-    def __init__(self, model: Stage1Like, normalize: bool = True) -> None:
+    def __init__(self, model: Stage1Like, normalize: bool = True, score: str = "auto") -> None:
+        """``score``: the classifier whose score gradient methods differentiate: ``cam`` (the CAM head, TL-AAM's
+        plain CNN classifier; A is then its last conv maps), ``wsdan`` (the BAP classifier; A is the feature
+        layer's map) or ``auto`` (cam when the model has a CAM head)."""
         self.model = model
         self.normalize = normalize
+        has_cam = getattr(model, "cam_fc", None) is not None
+        if score not in ("auto", "cam", "wsdan"):
+            raise ConfigError(f"attention.score must be auto, cam or wsdan, got `{score}`")
+        if score == "cam" and not has_cam:
+            raise ConfigError(
+                "attention.score is `cam` but the stage-1 checkpoint has no CAM head: train it with "
+                "model.cam_channels > 0, or set attention.score: wsdan"
+            )
+        self.score = ("cam" if has_cam else "wsdan") if score == "auto" else score
         stages = model.backbone.stage_names
         if model.feature_layer not in stages:
             raise ConfigError(
@@ -115,13 +136,26 @@ class HeatmapMethod(ABC):
         dtype = torch.promote_types(feat.dtype, torch.float32)  # half/bf16 -> float32, float64 stays
 
         gradient: Tensor | None = None
-        if self.needs_gradient:
+        activation = feat
+        if self.needs_gradient and self.score == "cam":
+            # A = the CAM head's last conv maps; S = GAP + linear on them: the only op with grad is that linear map
+            with torch.no_grad():
+                output = self.model.head(feat)
+                activation = self.model.cam_features(feat).detach()  # (B, C', H, W)
+            activation.requires_grad_(True)
+            with torch.enable_grad():
+                explained = self.model.cam_classify(activation)  # (B, K)
+                chosen = self._targets(explained, targets)
+                (gradient,) = torch.autograd.grad(explained.gather(1, chosen[:, None]).sum(), activation)
+            gradient = gradient.to(dtype)
+        elif self.needs_gradient:
             feat.requires_grad_(True)
             with torch.enable_grad():
                 output = self.model.head(feat)
-                chosen = self._targets(output.logits, targets)
+                explained = self._explained(output)  # (B, K) the scores S being explained
+                chosen = self._targets(explained, targets)
                 # sum over the batch of each sample's own S_c: one backward gives every dS_c/dA_b at once
-                score = output.logits.gather(1, chosen[:, None]).sum()
+                score = explained.gather(1, chosen[:, None]).sum()
                 (gradient,) = torch.autograd.grad(score, feat)
             gradient = gradient.to(dtype)
         else:
@@ -132,7 +166,7 @@ class HeatmapMethod(ABC):
         logits = output.logits.detach()
         fp = ForwardPass(
             features=features,
-            activation=feat.detach().to(dtype),
+            activation=activation.detach().to(dtype),
             gradient=gradient,
             output=output,
             targets=chosen,
@@ -145,6 +179,14 @@ class HeatmapMethod(ABC):
                 peak = heat.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
                 heat = heat / torch.where(peak > 0, peak, torch.ones_like(peak))
         return HeatmapBatch(heat.float(), logits.float(), logits.argmax(dim=1))
+
+    def _explained(self, output: HeadLike) -> Tensor:
+        """The class scores (B, K) gradient methods differentiate: the CAM head's or the WS-DAN classifier's."""
+        if self.score == "cam":
+            if output.cam_logits is None:
+                raise RuntimeError("the model returned no CAM-head scores although it has a CAM head")
+            return output.cam_logits
+        return output.logits
 
     def _grid(self, features: dict[str, Tensor]) -> tuple[int, int]:
         """(H, W) of the heatmaps: the grid of :attr:`layer`."""

@@ -4,8 +4,10 @@ Every image holds exactly one object, a bird-like figure made of four parts (``h
 ``wing``, ``tail``, ``body``) drawn in the same silhouette and the same colours for every class, at a
 random position, length (``object_size``, a fraction of the image side), rotation (``max_rotation``
 degrees either way) and facing (left or right), on a textured background with ``distractors`` clutter
-shapes: single parts with random markings, blobs in the object's colours, specks in the markings'
-colours and twigs, never a whole object. A class is a unique combination of one marking per part
+shapes: single parts (decoys: with a random class's marking, or plain with ``decoy_markings: false``),
+blobs in the object's colours, specks in the markings' colours and twigs, never a whole object. Plain
+decoys have the object's shapes and colours but none of its class evidence: they fool class-agnostic
+localisers (AOLM, the mean attention map), not a class-aware one (OAAM), which is TL-AAM's argument. A class is a unique combination of one marking per part
 (e.g. red crown + wing bars + white tail tip), so no single part decides the class, and at the default
 224-pixel image side the markings are only a few pixels wide in the whole image while a crop zoomed
 to the object shows them clearly.
@@ -51,7 +53,7 @@ from fgpipe.manifest import Box
 from fgpipe.runtime import available_cores
 
 # Bump whenever the rendering or the layout changes: an existing dataset with another version is regenerated.
-GENERATOR_VERSION = "synthetic-birds-1"
+GENERATOR_VERSION = "synthetic-birds-2"
 HOW_TO_GET = (
     "synthetic: nothing to download; `fgpipe prepare --dataset NAME` generates it under "
     "datasets.NAME.root from the options in datasets.NAME.synthetic (params.yaml)."
@@ -133,7 +135,7 @@ class Distractor:
     kind: str
     pose: Pose
     part: str = ""  # kind part: which part
-    marking: int = 0  # kind part: which marking of that part
+    marking: int = 0  # kind part: which marking of that part (-1: none, a plain decoy)
     colour: int = 0  # blob: index into OBJECT_COLOURS; speck: into MARK_COLOURS
     aspect: float = 1.0  # blob/speck: minor/major axis ratio; twig: width/length
 
@@ -149,6 +151,7 @@ class ImageSpec:
     brightness: float
     distractors: tuple[Distractor, ...]
     background_seed: int
+    detail: float = 1.0  # scale of the patterned markings' periods and sizes (marking_detail)
 
 
 @dataclass
@@ -178,31 +181,57 @@ def mask_box(mask: np.ndarray) -> Box:
 
 
 # --------------------------------------------------------------------------- classes
-def marking_counts(num_classes: int) -> tuple[int, ...]:
-    """How many markings each part uses: raised one part at a time (PARTS order) until the combinations suffice."""
-    if not 1 <= num_classes <= MAX_CLASSES:
-        raise DatasetError(f"datasets.*.synthetic.num_classes must be between 1 and {MAX_CLASSES}, got {num_classes}")
+Palette = tuple[tuple[int, ...], ...]  # per part (PARTS order): the marking indices classes draw from, in order
+FULL_PALETTE: Palette = tuple(tuple(range(len(MARKINGS[p]))) for p in PARTS)
+
+
+def marking_palette(opts: SyntheticOptions) -> Palette:
+    """The markings each part's classes use (``class_markings``; every marking, in MARKINGS order, by default)."""
+    chosen = opts.class_markings or {}
+    unknown = sorted(set(chosen) - set(PARTS))
+    if unknown:
+        raise DatasetError(f"datasets.*.synthetic.class_markings: unknown part `{unknown[0]}` (parts: {', '.join(PARTS)})")
+    palette = []
+    for part in PARTS:
+        names = chosen.get(part, list(MARKINGS[part]))
+        bad = [n for n in names if n not in MARKINGS[part]]
+        if bad or not names or len(set(names)) != len(names):
+            what = f"unknown marking `{bad[0]}`" if bad else "needs distinct markings, at least one"
+            raise DatasetError(
+                f"datasets.*.synthetic.class_markings.{part}: {what} (markings: {', '.join(MARKINGS[part])})"
+            )
+        palette.append(tuple(MARKINGS[part].index(n) for n in names))
+    return tuple(palette)
+
+
+def marking_counts(num_classes: int, palette: Palette = FULL_PALETTE) -> tuple[int, ...]:
+    """How many markings each part uses: raised one part at a time (PARTS order, within the palette) until
+    the combinations suffice."""
+    most = math.prod(len(m) for m in palette)
+    if not 1 <= num_classes <= most:
+        raise DatasetError(f"datasets.*.synthetic.num_classes must be between 1 and {most} (the palette's combinations), got {num_classes}")
     counts = [1] * len(PARTS)
     while math.prod(counts) < num_classes:
-        i = min(range(len(PARTS)), key=lambda k: (counts[k], k))
+        i = min((k for k in range(len(PARTS)) if counts[k] < len(palette[k])), key=lambda k: (counts[k], k))
         counts[i] += 1
     return tuple(counts)
 
 
-def class_attributes(num_classes: int) -> list[tuple[int, ...]]:
-    """The marking combination of each class: evenly spaced over the combinations of the used markings."""
-    counts = marking_counts(num_classes)
+def class_attributes(num_classes: int, palette: Palette = FULL_PALETTE) -> list[tuple[int, ...]]:
+    """The marking (index into MARKINGS[part]) of each part for each class: evenly spaced over the
+    combinations of the used markings."""
+    counts = marking_counts(num_classes, palette)
     combos = list(itertools.product(*(range(c) for c in counts)))
     picks = [int(round(k * len(combos) / num_classes)) for k in range(num_classes)]
-    return [combos[i] for i in picks]
+    return [tuple(palette[p][i] for p, i in enumerate(combos[j])) for j in picks]
 
 
-def class_names(num_classes: int) -> list[str]:
+def class_names(num_classes: int, palette: Palette = FULL_PALETTE) -> list[str]:
     """``01.redcrown-wingbars-whitetip``: a number and the markings of the parts that vary."""
-    counts = marking_counts(num_classes)
+    counts = marking_counts(num_classes, palette)
     width = len(str(num_classes))
     names = []
-    for k, attrs in enumerate(class_attributes(num_classes)):
+    for k, attrs in enumerate(class_attributes(num_classes, palette)):
         varying = [MARKINGS[p][a] for p, a, c in zip(PARTS, attrs, counts) if c > 1]
         names.append(f"{k + 1:0{width}d}." + "-".join(varying))
     return names
@@ -238,22 +267,24 @@ def sample_spec(opts: SyntheticOptions, class_index: int, split: str, index: int
     gain = tuple(float(g) for g in rng.uniform(0.92, 1.08, size=3))
     brightness = float(rng.uniform(0.85, 1.15))
 
-    counts = marking_counts(opts.num_classes)
+    palette = marking_palette(opts)
+    counts = marking_counts(opts.num_classes, palette)
     keep_out = (cx - rx * length, cy - ry * length, cx + rx * length, cy + ry * length)
-    distractors = tuple(_sample_distractor(rng, opts, counts, keep_out) for _ in range(opts.distractors))
+    distractors = tuple(_sample_distractor(rng, opts, counts, palette, keep_out) for _ in range(opts.distractors))
     return ImageSpec(
         size=size,
-        attributes=class_attributes(opts.num_classes)[class_index],
+        attributes=class_attributes(opts.num_classes, palette)[class_index],
         pose=pose,
         object_gain=gain,  # type: ignore[arg-type]
         brightness=brightness,
         distractors=distractors,
         background_seed=int(rng.integers(2**63)),
+        detail=opts.marking_detail,
     )
 
 
 def _sample_distractor(
-    rng: np.random.Generator, opts: SyntheticOptions, counts: tuple[int, ...], keep_out: tuple[float, ...]
+    rng: np.random.Generator, opts: SyntheticOptions, counts: tuple[int, ...], palette: Palette, keep_out: tuple[float, ...]
 ) -> Distractor:
     """A clutter shape placed away from the object's box when 20 tries allow (it is drawn behind the object)."""
     size = opts.image_size
@@ -271,7 +302,8 @@ def _sample_distractor(
     pose = Pose(cx, cy, length, angle, facing_left)
     if kind == "part":
         p = int(rng.integers(3))  # head, wing or tail: a lone part, with a marking some class uses
-        return Distractor("part", pose, part=PARTS[p], marking=int(rng.integers(counts[p])))
+        marking = palette[p][int(rng.integers(counts[p]))]  # drawn either way, so the rest of the image is the same
+        return Distractor("part", pose, part=PARTS[p], marking=marking if opts.decoy_markings else -1)
     if kind == "blob":
         return Distractor("blob", pose, colour=int(rng.integers(len(OBJECT_COLOURS))), aspect=float(rng.uniform(0.35, 0.9)))
     if kind == "speck":
@@ -336,7 +368,7 @@ BODY_SHAPE = _ellipse(BODY_C[0], BODY_C[1], BODY_AB[0], BODY_AB[1])
 TAIL_SHAPE = _convex(TAIL_POLY)
 
 
-def _head_marking(m: int, u: np.ndarray, v: np.ndarray) -> tuple[Mask, np.ndarray]:
+def _head_marking(m: int, u: np.ndarray, v: np.ndarray, detail: float = 1.0) -> tuple[Mask, np.ndarray]:
     hu, hv = u - HEAD_C[0], v - HEAD_C[1]
     if m == 0:  # red crown: the top of the head
         return hv < -0.05, RED
@@ -347,34 +379,34 @@ def _head_marking(m: int, u: np.ndarray, v: np.ndarray) -> tuple[Mask, np.ndarra
     return np.ones(u.shape, dtype=bool), DARK  # dark hood: the whole head
 
 
-def _wing_marking(m: int, u: np.ndarray, v: np.ndarray) -> tuple[Mask, np.ndarray]:
+def _wing_marking(m: int, u: np.ndarray, v: np.ndarray, detail: float = 1.0) -> tuple[Mask, np.ndarray]:
     a, c = _wing_coords(u, v)
     if m == 0:  # pale bars across the wing
-        return _band(a, 0.085, 0.035, phase=-0.02), WHITE
-    if m == 1:  # white spots
-        return _dots(a, c, 0.075, 0.022), WHITE
+        return _band(a, 0.085 * detail, 0.035 * detail, phase=-0.02), WHITE
+    if m == 1:  # white spots, as much white as the bars: the two differ in pattern, not in brightness
+        return _dots(a, c, 0.075 * detail, 0.028 * detail), WHITE
     if m == 2:  # pale edge all round
         return (a / (WING_AB[0] - 0.045)) ** 2 + (c / (WING_AB[1] - 0.045)) ** 2 > 1.0, WHITE
     return a > 0.06, YELLOW  # yellow shoulder patch
 
 
-def _tail_marking(m: int, u: np.ndarray, v: np.ndarray) -> tuple[Mask, np.ndarray]:
+def _tail_marking(m: int, u: np.ndarray, v: np.ndarray, detail: float = 1.0) -> tuple[Mask, np.ndarray]:
     if m == 0:  # white tip
         return u < -0.39, WHITE
     if m == 1:  # dark band across the tail
         return (u > -0.37) & (u < -0.30), DARK
     if m == 2:  # red base
         return u > -0.33, RED
-    return _band(v, 0.07, 0.03, phase=0.0), DARK  # stripes along the tail
+    return _band(v, 0.07 * detail, 0.03 * detail, phase=0.0), DARK  # stripes along the tail
 
 
-def _body_marking(m: int, u: np.ndarray, v: np.ndarray) -> tuple[Mask, np.ndarray]:
+def _body_marking(m: int, u: np.ndarray, v: np.ndarray, detail: float = 1.0) -> tuple[Mask, np.ndarray]:
     if m == 0:  # plain
         return np.zeros(u.shape, dtype=bool), BODY
     if m == 1:  # dark spots on the breast
-        return (v > 0.08) & _dots(u, v, 0.075, 0.024), DARK
+        return (v > 0.08) & _dots(u, v, 0.075 * detail, 0.029 * detail), DARK  # as dark as the streaks
     if m == 2:  # streaks along the breast
-        return (v > 0.07) & _band(v, 0.06, 0.025, phase=0.01), DARK
+        return (v > 0.07) & _band(v, 0.06 * detail, 0.025 * detail, phase=0.01), DARK
     return (v > 0.07) & (u > -0.1), YELLOW  # yellow breast
 
 
@@ -437,13 +469,14 @@ class _Window:
         return out
 
 
-def _draw_part(win: _Window, part: str, marking: int, gain: np.ndarray, owner: int) -> None:
-    """One part with its marking (the marking is clipped to the part's shape)."""
+def _draw_part(win: _Window, part: str, marking: int, gain: np.ndarray, owner: int, detail: float = 1.0) -> None:
+    """One part with its marking (the marking is clipped to the part's shape); marking -1: plain, no marking."""
     u, v = win.u, win.v
     shape = PART_SHAPE[part](u, v)
     win.paint(shape, PART_COLOUR[part] * gain, owner)
-    mark, colour = MARKING_DRAW[part](marking, u, v)
-    win.paint(shape & mark, colour, owner)
+    if marking >= 0:
+        mark, colour = MARKING_DRAW[part](marking, u, v, detail)
+        win.paint(shape & mark, colour, owner)
     if part == "head":
         win.paint(BEAK_SHAPE(u, v), BEAK * gain, owner)
         if marking != 3:  # the dark hood hides the eye
@@ -464,11 +497,11 @@ def _background(size: int, rng: np.random.Generator) -> np.ndarray:
     return (low + 14.0 * mid[:, :, None]).astype(np.float32)
 
 
-def _draw_distractor(image: np.ndarray, d: Distractor, gain: np.ndarray) -> None:
+def _draw_distractor(image: np.ndarray, d: Distractor, gain: np.ndarray, detail: float = 1.0) -> None:
     if d.kind == "part":
         win = _Window(image, d.pose, PART_EXTENT[d.part])
         if not win.empty:
-            _draw_part(win, d.part, d.marking, gain, owner=0)
+            _draw_part(win, d.part, d.marking, gain, owner=0, detail=detail)
             win.commit(image)
         return
     win = _Window(image, d.pose, ((-0.46, -0.2), (0.46, 0.2)))
@@ -492,11 +525,11 @@ def render(spec: ImageSpec) -> Rendered:
     image = _background(size, rng)
     gain = np.asarray(spec.object_gain, dtype=np.float64)
     for d in spec.distractors:
-        _draw_distractor(image, d, gain)
+        _draw_distractor(image, d, gain, spec.detail)
     win = _Window(image, spec.pose, OBJECT_EXTENT)
     for part in DRAW_ORDER:
         p = PARTS.index(part)
-        _draw_part(win, part, spec.attributes[p], gain, owner=p + 1)
+        _draw_part(win, part, spec.attributes[p], gain, owner=p + 1, detail=spec.detail)
     win.commit(image)
     owners = win.owner_masks(size)
     part_masks = {part: owners[PARTS.index(part) + 1] for part in PARTS}
@@ -513,7 +546,8 @@ def metadata_text(opts: SyntheticOptions) -> str:
         "generator_version": GENERATOR_VERSION,
         "options": dataclasses.asdict(opts),
         "classes": {name: dict(zip(PARTS, (MARKINGS[p][a] for p, a in zip(PARTS, attrs))))
-                    for name, attrs in zip(class_names(opts.num_classes), class_attributes(opts.num_classes))},
+                    for name, attrs in zip(class_names(opts.num_classes, marking_palette(opts)),
+                                            class_attributes(opts.num_classes, marking_palette(opts)))},
     }
     return json.dumps(meta, indent=2, sort_keys=True) + "\n"
 
@@ -577,7 +611,7 @@ def generate(root: Path, opts: SyntheticOptions) -> None:
 
 
 def _write_all(out: Path, opts: SyntheticOptions) -> None:
-    names = class_names(opts.num_classes)
+    names = class_names(opts.num_classes, marking_palette(opts))
     counts = {"train": opts.train_per_class, "test": opts.test_per_class}
     jobs = [(k, split, i) for k in range(opts.num_classes) for split in SPLIT_NAMES for i in range(counts[split])]
     annotations: list[list[object]] = []
@@ -603,7 +637,7 @@ def _write_all(out: Path, opts: SyntheticOptions) -> None:
             bar.advance(task)
     (out / "annotations.csv").write_text(_csv_text(ANNOTATION_COLUMNS, annotations), encoding="utf-8")
     (out / "parts.csv").write_text(_csv_text(PART_COLUMNS, parts), encoding="utf-8")
-    attrs = class_attributes(opts.num_classes)
+    attrs = class_attributes(opts.num_classes, marking_palette(opts))
     class_rows: list[list[object]] = [[n, *(MARKINGS[p][a] for p, a in zip(PARTS, at))] for n, at in zip(names, attrs)]
     (out / "classes.csv").write_text(_csv_text(("class_name", *PARTS), class_rows), encoding="utf-8")
     (out / "synthetic.json").write_text(metadata_text(opts), encoding="utf-8")

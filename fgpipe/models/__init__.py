@@ -106,6 +106,7 @@ def build_stage1(cfg: ModelConfig, num_classes: int, weights: str | os.PathLike[
         num_attentions=cfg.num_attentions,
         feature_layer=cfg.feature_layer,
         logit_scale=cfg.logit_scale,
+        cam_channels=cfg.cam_channels,
     )
 
 

@@ -41,10 +41,19 @@ class HeadOutput(NamedTuple):
     logits: Tensor  # (B, K) pre-softmax; = fc(logit_scale * embedding)
     embedding: Tensor  # (B, M*N) BAP feature after signed sqrt + L2 normalisation (center-loss input)
     attention: Tensor  # (B, M, H, W) attention maps, >= 0
+    cam_logits: Tensor | None = None  # (B, K) the CAM head's class scores (None without a CAM head)
 
 
 class Stage1Net(nn.Module):
-    """Backbone + WS-DAN head: A = ReLU(BN(Conv1x1(F))) on the feature layer, BAP, linear classifier."""
+    """Backbone + WS-DAN head: A = ReLU(BN(Conv1x1(F))) on the feature layer, BAP, linear classifier.
+
+    With ``cam_channels`` > 0 the feature layer also feeds a plain CNN classifier, TL-AAM's: a last conv
+    layer ``cam_conv`` (1x1 conv + BN + ReLU to ``cam_channels`` maps, like EfficientNet's and MobileNet's
+    conv head) then global average pooling and a linear layer ``cam_fc``. Its score is the one OAAM's
+    Grad-CAM++ differentiates, on its non-negative last conv maps (METHODS.md section 3); it trains beside
+    the WS-DAN loss on the raw, crop and drop views (the drops erase the strongest part, so its class
+    evidence has to spread over the whole object).
+    """
 
     def __init__(
         self,
@@ -53,6 +62,7 @@ class Stage1Net(nn.Module):
         num_attentions: int = 32,
         feature_layer: str = "",
         logit_scale: float = 100.0,
+        cam_channels: int = 0,
     ) -> None:
         """``feature_layer`` "" picks the backbone's last stage; an unknown name is a ConfigError."""
         super().__init__()
@@ -74,6 +84,16 @@ class Stage1Net(nn.Module):
             nn.ReLU(inplace=True),
         )
         self.fc = nn.Linear(num_attentions * self.feature_channels, num_classes, bias=False)
+        self.cam_channels = cam_channels
+        self.cam_conv: nn.Module | None = None
+        self.cam_fc: nn.Linear | None = None
+        if cam_channels > 0:
+            self.cam_conv = nn.Sequential(
+                nn.Conv2d(self.feature_channels, cam_channels, kernel_size=1, bias=False),
+                nn.BatchNorm2d(cam_channels),
+                nn.ReLU(inplace=True),
+            )
+            self.cam_fc = nn.Linear(cam_channels, num_classes)
 
     @property
     def embedding_dim(self) -> int:
@@ -89,7 +109,19 @@ class Stage1Net(nn.Module):
         attention = self.attention(feat)  # (B, M, h, w)
         embedding = bap(attention, feat)  # (B, M*N)
         logits = self.fc(embedding * self.logit_scale)  # (B, K)
-        return HeadOutput(logits, embedding, attention)
+        cam_logits = self.cam_classify(self.cam_features(feat)) if self.cam_conv is not None else None  # (B, K)
+        return HeadOutput(logits, embedding, attention, cam_logits)
+
+    def cam_features(self, feat: Tensor) -> Tensor:
+        """The CAM head's last conv maps (B, cam_channels, h, w), >= 0, from the feature layer's map."""
+        if self.cam_conv is None:
+            raise ConfigError("this stage-1 network has no CAM head (model.cam_channels: 0)")
+        return self.cam_conv(feat)
+
+    def cam_classify(self, cam_feat: Tensor) -> Tensor:
+        """Class scores (B, K) from the CAM head's maps: global average pooling, then the linear layer."""
+        assert self.cam_fc is not None
+        return self.cam_fc(cam_feat.mean(dim=(2, 3)))
 
     def forward(self, x: Tensor) -> HeadOutput:
         return self.head(self.features(x)[self.feature_layer])

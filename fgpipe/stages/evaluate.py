@@ -1,7 +1,8 @@
 """Stage `evaluate`: raw, object, parts and joint predictions on test (METHODS.md section 6).
 
-Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images, data/NAME/stage1/best.pt,
-        data/NAME/refine/best.pt, data/NAME/crops.h5, metrics/NAME/extract_crops.json; params `evaluate`.
+Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NAME/images.h5 when prepare
+        built it), data/NAME/stage1/best.pt, data/NAME/refine/best.pt, data/NAME/crops.h5,
+        metrics/NAME/extract_crops.json; params `evaluate`.
 Writes: metrics/NAME/evaluate.json, metrics/NAME/per_class.csv, metrics/NAME/confusion.csv,
         metrics/NAME/predictions.csv, data/NAME/confusion.png.
 
@@ -40,6 +41,7 @@ from PIL import Image, ImageDraw, ImageFont
 from fgpipe.config import EvaluateConfig, Settings, TrainBackboneConfig, TrainRefineConfig
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError
+from fgpipe.imagecache import ImageCache, open_image_cache
 from fgpipe.loader import resized_side
 from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.models.branches import RefineNet
@@ -62,6 +64,7 @@ def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
     return {
         "manifest": d / "manifest.csv",
         "dataset": d / "dataset.json",
+        "images": d / "images.h5",
         "stage1": d / "stage1" / "best.pt",
         "refine": d / "refine" / "best.pt",
         "crops": d / "crops.h5",
@@ -86,6 +89,7 @@ class Inputs:
     """Everything evaluation needs except the images, checked against each other."""
 
     root: Path
+    cache: ImageCache | None  # the decoded image cache (None: the image files are decoded)
     rows: dict[str, list[ManifestRow]]  # split -> rows
     classes: list[str]
     crops: Path
@@ -134,7 +138,7 @@ def open_inputs(settings: Settings, dataset: str, paths: dict[str, Path]) -> Inp
         refine = refine.to(memory_format=torch.channels_last)
     s1_cfg = dataclasses.replace(TrainBackboneConfig(**s1_state["config"]["train_backbone"]), test_refine=False)
     return Inputs(
-        root=root, rows={s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}, classes=classes,
+        root=root, cache=open_image_cache(paths["images"], root, manifest_sha, dataset), rows={s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}, classes=classes,
         crops=paths["crops"], manifest_sha256=manifest_sha, stage1=stage1, stage1_cfg=s1_cfg,
         refine=refine, refine_cfg=refine_config(r_state), rt=rt, batch_size=settings.params.evaluate.batch_size,
     )
@@ -145,10 +149,10 @@ def split_probabilities(inputs: Inputs, split: str) -> SplitProbabilities:
     rows = inputs.rows[split]
     boxes: list[ImageBoxes] = read_crops(inputs.crops, inputs.manifest_sha256, rows)
     s1 = inputs.stage1_cfg
-    whole = load_split(inputs.root, rows, resized_side(s1.input_size, s1.augment), split)
+    whole = load_split(inputs.root, rows, resized_side(s1.input_size, s1.augment), split, inputs.cache)
     raw, _ = predict_logits(inputs.stage1, whole.images, s1, inputs.rt, batch_size=inputs.batch_size)
     del whole
-    data = split_data(inputs.root, rows, boxes, inputs.refine_cfg, 0.0, split)
+    data = split_data(inputs.root, rows, boxes, inputs.refine_cfg, 0.0, split, inputs.cache)
     obj, parts = predict_branches(inputs.refine, data, inputs.refine_cfg, inputs.rt, batch_size=inputs.batch_size)
     probs = {name: torch.softmax(logits.double(), dim=1).numpy() for name, logits in zip(BRANCHES, (raw, obj, parts))}
     return SplitProbabilities([r.image_id for r in rows], np.array([r.label for r in rows], dtype=np.int64), probs)

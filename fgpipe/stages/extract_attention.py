@@ -1,7 +1,7 @@
 """Stage `extract-attention`: heatmaps of the stage-1 network for every image (METHODS.md section 3).
 
-Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images, data/NAME/stage1/{best,last}.pt
-        (``attention.checkpoint``); params `attention`.
+Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NAME/images.h5 when prepare
+        built it), data/NAME/stage1/{best,last}.pt (``attention.checkpoint``); params `attention`.
 Writes: data/NAME/attention.h5 (one row per manifest image, in manifest order; see fgpipe/h5schema.py),
         metrics/NAME/extract_attention.json.
 
@@ -30,6 +30,7 @@ from fgpipe.config import Settings
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, DatasetError
 from fgpipe.h5schema import AttentionMeta, AttentionWriter
+from fgpipe.imagecache import open_image_cache
 from fgpipe.loader import LoadRequest, decode_region, normalize
 from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.models.wsdan import Stage1Net
@@ -48,6 +49,7 @@ def stage_paths(settings: Settings, dataset: str, checkpoint: str) -> dict[str, 
         "manifest": d / "manifest.csv",
         "dataset": d / "dataset.json",
         "checkpoint": d / "stage1" / f"{checkpoint}.pt",
+        "images": d / "images.h5",
         "attention": d / "attention.h5",
         "metrics": settings.metrics_file(dataset, STAGE),
     }
@@ -88,7 +90,7 @@ def decode_batch(requests: Sequence[LoadRequest], out_wh: tuple[int, int], pool:
     def one(i: int) -> None:
         req = requests[i]
         try:
-            arr = decode_region(req.path, req.region, out_wh)  # (H, W, 3)
+            arr = decode_region(req.path, req.region, out_wh, req.cache)  # (H, W, 3)
         except OSError as exc:
             raise DatasetError(f"cannot read image {req.path}: {exc} (rerun `fgpipe prepare` to recheck the dataset)") from None
         out[i] = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
@@ -150,9 +152,9 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
     device = extraction_device()
     model, state = load_checked_stage1(paths["checkpoint"], manifest_sha, dataset, device)
     size = stage1_input_size(state)
-    method = create_method(cfg.method, model)
+    method = create_method(cfg.method, model, score=cfg.score)
     with torch.no_grad():
-        probe = model.features(torch.zeros(1, 3, size, size, device=device))[method.layer]  # (1, C, h, w)
+        probe = model.features(torch.zeros(1, 3, size, size, device=device))[method.layer]  # (1, C, h, w): the grid
     grid = (int(probe.shape[-2]), int(probe.shape[-1]))
 
     meta = AttentionMeta(
@@ -166,13 +168,15 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
             "checkpoint": cfg.checkpoint,
             "checkpoint_path": str(paths["checkpoint"]),
             "target": cfg.target,
+            "score": method.score,
             "batch_size": cfg.batch_size,
             "fgpipe_version": __version__,
             **settings.provenance(),
         },
     )
     row_batches = batched(rows, cfg.batch_size)
-    jobs = ((b, [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height))) for r in b]) for b in row_batches)
+    cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
+    jobs = ((b, [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height)), cache) for r in b]) for b in row_batches)
     predictions = np.empty(len(rows), dtype=np.int64)
     t0 = time.perf_counter()
     with AttentionWriter(paths["attention"], meta, grid, len(state["class_names"])) as writer, progress() as bar:
@@ -196,6 +200,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         "method": cfg.method,
         "layer": method.layer,
         "target": cfg.target,
+        "score": method.score if method.needs_gradient else None,
         "checkpoint": cfg.checkpoint,
         "input_size": size,
         "heatmap_size": list(grid),

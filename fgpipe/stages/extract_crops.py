@@ -1,7 +1,8 @@
 """Stage `extract-crops`: object boxes from the heatmaps and MPALM part boxes (METHODS.md sections 4-5).
 
-Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images, data/NAME/attention.h5 and the stage-1
-        checkpoint it was made from (named in its provenance, checked by SHA-256); params `crops`.
+Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NAME/images.h5 when prepare
+        built it), data/NAME/attention.h5 and the stage-1 checkpoint it was made from (named in its
+        provenance, checked by SHA-256); params `crops`.
 Writes: data/NAME/crops.h5 (one row per manifest image, in manifest order; see fgpipe/h5schema.py),
         data/NAME/crops_preview.png, metrics/NAME/extract_crops.json.
 
@@ -10,7 +11,7 @@ attention.h5, so changing ``crops.threshold`` reruns only this stage and what fo
 
 Per batch of ``crops.batch_size`` images: object boxes (threshold ``crops.threshold`` of each heatmap's
 max, largest 8-connected component, cell edges to original pixels; an empty heatmap gives the whole image
-and counts as a fallback); then each object crop, decoded from the original file and resized to the
+and counts as a fallback); then each object crop, cut from the image (or its cached copy) and resized to the
 stage-1 input size, goes through the stage-1 backbone (no grad) and MPALM turns its feature map into part
 boxes, stored in original-image pixels. Crops are never stored as images.
 """
@@ -30,6 +31,7 @@ from fgpipe.config import CropsConfig, Settings
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, AttentionRecords, CropsMeta, CropsReader, CropsWriter
+from fgpipe.imagecache import ImageCache, open_image_cache
 from fgpipe.loader import LoadRequest, normalize
 from fgpipe.localize import ObjectBoxes, PartBoxes, mpalm_parts_batch, object_boxes
 from fgpipe.manifest import ManifestRow, read_manifest
@@ -50,6 +52,7 @@ def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
     return {
         "manifest": d / "manifest.csv",
         "dataset": d / "dataset.json",
+        "images": d / "images.h5",
         "attention": d / "attention.h5",
         "crops": d / "crops.h5",
         "preview": d / "crops_preview.png",
@@ -92,14 +95,15 @@ def parts_of(
 
 
 def batches_with_boxes(
-    attention: AttentionReader, rows: Sequence[ManifestRow], root: Path, cfg: CropsConfig
+    attention: AttentionReader, rows: Sequence[ManifestRow], root: Path, cfg: CropsConfig, cache: ImageCache | None = None
 ) -> Iterator[tuple[tuple[slice, AttentionRecords, ObjectBoxes], list[LoadRequest]]]:
-    """Per batch: (rows slice, its attention records, its object boxes) and the crop regions to decode."""
+    """Per batch: (rows slice, its attention records, its object boxes) and the crop regions to decode (from ``cache``
+    when given)."""
     for start in range(0, len(rows), cfg.batch_size):
         sl = slice(start, min(start + cfg.batch_size, len(rows)))
         records = attention.read(sl.start, sl.stop)
         boxes = object_boxes_of(records, rows[sl], cfg.threshold)
-        requests = [LoadRequest(root / r.path, tuple(float(v) for v in b)) for r, b in zip(rows[sl], boxes.boxes, strict=True)]
+        requests = [LoadRequest(root / r.path, tuple(float(v) for v in b), cache) for r, b in zip(rows[sl], boxes.boxes, strict=True)]
         yield (sl, records, boxes), requests
 
 
@@ -134,6 +138,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
             )
         model, state = load_checked_stage1(checkpoint, manifest_sha, dataset, device)
         size = stage1_input_size(state)
+        cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
         meta = CropsMeta(
             method=attention.meta.method,
             threshold=cfg.threshold,
@@ -155,7 +160,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         with CropsWriter(paths["crops"], meta, cfg.max_parts) as writer, progress() as bar:
             task = bar.add_task("object boxes + MPALM parts", total=n)
-            jobs = batches_with_boxes(attention, rows, root, cfg)
+            jobs = batches_with_boxes(attention, rows, root, cfg, cache)
             for (sl, records, obj), crops in prefetched(jobs, (size, size)):
                 parts = parts_of(model, crops, obj.boxes, size, cfg, device)
                 writer.append(records.image_ids, obj.boxes, obj.scores, obj.fallback, parts.boxes, parts.scores, parts.counts)

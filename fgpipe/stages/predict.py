@@ -101,9 +101,11 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
     if attention_path.is_file():
         with AttentionReader(attention_path) as attention:
             method_name = attention.meta.method
+            score = str(attention.meta.provenance.get("score", "auto"))
             heat_path = checkpoint_of(attention, d, dataset)
     else:
         method_name = settings.params.attention.method
+        score = settings.params.attention.score
         heat_path = d / "stage1" / f"{settings.params.attention.checkpoint}.pt"
     raw_path = d / "stage1" / "best.pt"
     stage1, s1_state = load_checked_stage1(raw_path, manifest_sha, dataset, rt.device)
@@ -127,7 +129,7 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
         raise ArtifactError(f"{metrics_path}: `weights` must give raw, object and parts; rerun `fgpipe evaluate --dataset {dataset}`")
     s1_cfg = TrainBackboneConfig(**s1_state["config"]["train_backbone"])
     return Chain(
-        classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model),
+        classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model, score=score),
         heat_size=stage1_input_size(heat_state), stage1=stage1, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False),
         refine=refine, refine_cfg=refine_config(r_state), weights={b: float(weights[b]) for b in BRANCHES}, rt=rt,
     )

@@ -1,18 +1,22 @@
 """Stage `prepare`: read a dataset in its official layout and write data/NAME/manifest.csv.
 
-Reads:  datasets.NAME (params), the dataset root (or generates the synthetic one).
-Writes: data/NAME/manifest.csv, data/NAME/dataset.json, metrics/NAME/prepare.json.
+Reads:  datasets.NAME and prepare.cache_side (params), the dataset root (or generates the synthetic one).
+Writes: data/NAME/manifest.csv, data/NAME/dataset.json, data/NAME/images.h5 (the decoded image cache the
+        later stages cut their inputs from, see fgpipe/imagecache.py; empty with cache_side 0),
+        metrics/NAME/prepare.json.
 """
 
 from __future__ import annotations
 
 import time
 from collections import Counter, defaultdict
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from rich.markup import escape
 
 from fgpipe import __version__
 from fgpipe.config import DatasetConfig, Settings
@@ -20,9 +24,10 @@ from fgpipe.console import console, progress
 from fgpipe.datasets import reader
 from fgpipe.datasets.base import SourceListing, SourceRecord, safe_relpath
 from fgpipe.errors import BadImagesError, DatasetError
+from fgpipe.imagecache import build_image_cache
 from fgpipe.images import image_size
 from fgpipe.manifest import SPLITS, Box, ManifestRow, write_manifest
-from fgpipe.store import write_json
+from fgpipe.store import file_sha256, write_json
 
 STAGE = "prepare"
 
@@ -62,6 +67,10 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
             **settings.provenance(),
         },
     )
+    cache = build_image_cache(
+        out_dir / "images.h5", root, rows, settings.params.prepare.cache_side, file_sha256(out_dir / "manifest.csv"),
+        {"dataset": dataset, "root": str(root), "resample": "bilinear (antialiased)", "fgpipe_version": __version__, **settings.provenance()},
+    )
     per_split = Counter(r.split for r in rows)
     metrics = {
         "dataset": dataset,
@@ -72,6 +81,9 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         "skipped": counts["skipped"],
         "boxes_clipped": counts["boxes_clipped"],
         "boxes_dropped": counts["boxes_dropped"],
+        "classes_without_images": counts["classes_without_images"],
+        "classes_without_train_images": counts["classes_without_train_images"],
+        "image_cache": cache,
         **{f"reader_{k}": v for k, v in listing.notes.items()},
         "seconds": round(time.perf_counter() - t0, 3),
         **settings.provenance(),
@@ -82,13 +94,15 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
 
 def build_rows(root: Path, cfg: DatasetConfig, listing: SourceListing) -> tuple[list[ManifestRow], Counter[str]]:
     """Checks shared by every dataset, then labels and the val split."""
-    counts: Counter[str] = Counter(skipped=0, boxes_clipped=0, boxes_dropped=0)
+    counts: Counter[str] = Counter(
+        skipped=0, boxes_clipped=0, boxes_dropped=0, classes_without_images=0, classes_without_train_images=0
+    )
     records = _checked_records(root, listing.records)
     sizes, bad = _decode_all(root, records, verify=cfg.verify_images)
     if bad:
         if not cfg.skip_bad:
             raise BadImagesError(str(root), bad)
-        console.print(f"[yellow]skipping {len(bad)} unreadable image(s) (skip_bad: true)")
+        console.print(f"[yellow]skipping {len(bad)} unreadable image(s) (skip_bad: true):[/] {_named(p for p, _ in bad)}")
         bad_paths = {p for p, _ in bad}
         records = [r for r in records if r.path not in bad_paths]
         counts["skipped"] = len(bad)
@@ -100,10 +114,20 @@ def build_rows(root: Path, cfg: DatasetConfig, listing: SourceListing) -> tuple[
     if unknown:
         raise DatasetError(f"images refer to classes not in the class list: {', '.join(sorted(unknown))}")
     names = [c for c in listing.classes if c in present]  # only classes that have images become labels
+    empty = [c for c in listing.classes if c not in present]
+    if empty:
+        console.print(f"{len(empty)} class(es) without images left out of the labels: {_named(empty)}")
+        counts["classes_without_images"] = len(empty)
     label_of = {c: i for i, c in enumerate(names)}
     splits = carve_val([r for r in records], label_of, cfg.val_fraction, cfg.split_seed)
+    trained = {r.class_name for r in records if splits[r.image_id] == "train"}
+    untrained = [c for c in names if c not in trained]
+    if untrained:  # kept (a label the model will never predict well), but said and counted
+        console.print(f"[yellow]{len(untrained)} class(es) have no train image, so no network can learn them:[/] {_named(untrained)}")
+        counts["classes_without_train_images"] = len(untrained)
 
     rows = []
+    clipped_ids: list[str] = []
     for r in records:
         w, h = sizes[r.path]
         h -= listing.crop_bottom
@@ -115,8 +139,19 @@ def build_rows(root: Path, cfg: DatasetConfig, listing: SourceListing) -> tuple[
             box, clipped = clip_box(box, w, h)
             counts["boxes_clipped"] += clipped
             counts["boxes_dropped"] += box is None
+            if clipped:
+                clipped_ids.append(r.image_id if box is not None else f"{r.image_id} (dropped: nothing inside)")
         rows.append(ManifestRow(r.image_id, r.path, label_of[r.class_name], r.class_name, splits[r.image_id], w, h, box))
+    if clipped_ids:
+        console.print(f"{len(clipped_ids)} box(es) reach outside their image and were clipped, image ids: {_named(clipped_ids)}")
     return rows, counts
+
+
+def _named(items: Iterable[str], limit: int = 10) -> str:
+    """The first ``limit`` items, comma-separated and markup-escaped, then how many more."""
+    items = list(items)
+    more = f" and {len(items) - limit} more" if len(items) > limit else ""
+    return escape(", ".join(items[:limit])) + more
 
 
 def _checked_records(root: Path, records: list[SourceRecord]) -> list[SourceRecord]:

@@ -1,12 +1,15 @@
 """Stage `train-backbone`: train the stage-1 network (backbone + LCAM + WS-DAN head), METHODS.md 1-2.
 
-Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images; params `model`, `train_backbone`.
+Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NAME/images.h5 when prepare
+        built it); params `model`, `train_backbone`.
 Writes: data/NAME/stage1/{best,last}.pt, metrics/NAME/train_backbone.json,
         metrics/NAME/train_backbone/ (per-epoch curves for `dvc plots`, written by dvclive).
 
 The best epoch is selected on val (carved from train); test is only evaluated once, at the end, for
 the report. ``--resume`` continues from last.pt; each epoch is seeded from (seed, epoch), so a resumed
 run ends with the same weights as an uninterrupted one.
+Until the run ends its checkpoints say ``finished: False``, and the later stages refuse them: a killed or
+failed run leaves them for ``--resume`` only.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from torch import Tensor, nn
 from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, TrainingError
+from fgpipe.imagecache import ImageCache, open_image_cache
 from fgpipe.loader import center_crop, load_regions, normalize, resized_side, train_augment, whole_image_requests
 from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.models import build_stage1
@@ -43,7 +47,9 @@ from fgpipe.training import (
     epoch_seed,
     load_checkpoint,
     log_epoch,
+    mark_finished,
     open_live,
+    require_finished,
     resume_from,
     rng_state,
     save_checkpoint,
@@ -70,8 +76,9 @@ class Split:
         return len(self.labels)
 
 
-def load_split(root: Path, rows: list[ManifestRow], side: int, name: str) -> Split:
-    images = load_regions(whole_image_requests(root, rows), (side, side), desc=f"loading {name} images")
+def load_split(root: Path, rows: list[ManifestRow], side: int, name: str, cache: ImageCache | None = None) -> Split:
+    """The manifest areas of ``rows`` resized to ``side`` x ``side`` (cut from ``cache`` when given), with their labels."""
+    images = load_regions(whole_image_requests(root, rows, cache), (side, side), desc=f"loading {name} images")
     return Split(images, torch.tensor([r.label for r in rows], dtype=torch.long))
 
 
@@ -80,6 +87,7 @@ def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
     return {
         "manifest": d / "manifest.csv",
         "dataset": d / "dataset.json",
+        "images": d / "images.h5",
         "best": d / "stage1" / "best.pt",
         "last": d / "stage1" / "last.pt",
         "metrics": settings.metrics_file(dataset, STAGE),
@@ -115,8 +123,9 @@ def _run(
             raise ArtifactError(f"{paths['manifest']}: the {s} split is empty")
 
     side = resized_side(cfg.input_size, cfg.augment)
-    train = load_split(root, by_split["train"], side, "train")
-    val = load_split(root, by_split["val"], side, "val")
+    cache = open_image_cache(paths["images"], root, file_sha256(paths["manifest"]), dataset)
+    train = load_split(root, by_split["train"], side, "train", cache)
+    val = load_split(root, by_split["val"], side, "val", cache)
 
     seed_everything(cfg.seed)
     weights = mcfg.weights if mcfg.weights in ("none", "imagenet") else str(settings.resolve(mcfg.weights))
@@ -126,7 +135,7 @@ def _run(
     with torch.no_grad():
         probe = model(torch.zeros(2, 3, cfg.input_size, cfg.input_size, device=rt.device))
     center = CenterLoss(len(classes), probe.embedding.shape[1]).to(rt.device)
-    opt = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+    opt = build_optimizer(param_groups(model, cfg), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
     steps_per_epoch = len(batches(shard_indices(torch.arange(len(train)), rt), cfg.batch_size))
     sched = build_scheduler(
         opt, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
@@ -166,6 +175,7 @@ def _run(
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
                     "best": best, "history": history, "rng": rng_state(), "config": config,
                     "class_names": classes, "manifest_sha256": manifest_sha, "dataset": dataset,
+                    "finished": epoch + 1 == cfg.epochs,  # best.pt is marked at the end (mark_finished)
                 }
                 if improved:
                     save_checkpoint(paths["best"], state)
@@ -187,8 +197,10 @@ def _run(
         raise ArtifactError(f"no best checkpoint at {paths['best']}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})")
     # Report test accuracy of the val-selected checkpoint (test is never used for selection).
     best_state = load_checkpoint(paths["best"], map_location=rt.device)
+    if rt.is_main:
+        mark_finished(paths["best"], best_state)
     model.load_state_dict(best_state["model"])
-    test_stats = evaluate(model, load_split(root, by_split["test"], side, "test"), cfg, rt) if by_split["test"] else None
+    test_stats = evaluate(model, load_split(root, by_split["test"], side, "test", cache), cfg, rt) if by_split["test"] else None
     last = history[-1]
     metrics = {
         "dataset": dataset,
@@ -212,6 +224,20 @@ def _run(
     return metrics
 
 
+def param_groups(model: Stage1Net, cfg: TrainBackboneConfig) -> list[dict[str, Any]]:
+    """Everything at ``lr``; the CAM head (if any: its conv, BN and linear layer) at ``cam_lr`` (same schedule).
+
+    The WS-DAN classifier sees its feature times logit_scale (its effective rate is logit_scale^2 x lr); the
+    CAM head is a fresh, unscaled classifier, which at the fine-tuning rate of the backbone barely learns.
+    """
+    cam = [p for m in (model.cam_conv, model.cam_fc) if m is not None for p in m.parameters()]
+    ids = {id(p) for p in cam}
+    groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if id(p) not in ids]}]
+    if cam:
+        groups.append({"params": cam, "lr": cfg.cam_lr})
+    return groups
+
+
 def _check_resumable(state: dict[str, Any], config: dict[str, Any], manifest_sha: str, path: Path) -> None:
     if state.get("manifest_sha256") != manifest_sha:
         raise ArtifactError(f"{path} was trained on another manifest: delete it or run without --resume")
@@ -224,7 +250,8 @@ def train_one_epoch(
     net: nn.Module, center: CenterLoss, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
     data: Split, cfg: TrainBackboneConfig, rt: Runtime, gen: torch.Generator, epoch: int, on_step: StepHook | None,
 ) -> dict[str, float]:
-    """One epoch of WS-DAN training: loss = (CE_raw + CE_crop + CE_drop) / 3 + lambda * center."""
+    """One epoch of WS-DAN training: loss = (CE_raw + CE_crop + CE_drop) / 3 + lambda * center
+    (+ mu * the CAM head's CE on the same three views, / 3, when the model has one)."""
     net.train()
     order = torch.randperm(len(data), generator=gen)
     chunks = batches(shard_indices(order, rt), cfg.batch_size)
@@ -272,6 +299,7 @@ def train_step(
         with rt.autocast():
             out = net(x)
             loss_raw = F.cross_entropy(out.logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss_raw = loss_raw + _cam_loss(out.cam_logits, y, cfg)
         loss_center = center(out.embedding.float(), y)
         loss1 = loss_raw / 3 + cfg.center_loss_weight * loss_center
         _check_finite(loss1, epoch, step)
@@ -282,9 +310,11 @@ def train_step(
             drop_threshold=cfg.drop_threshold, padding=cfg.crop_padding, generator=gen,
         )
     with rt.autocast():
-        logits2 = net(rt.to_input(torch.cat([crops, drops]))).logits.float()
-        loss2 = (F.cross_entropy(logits2[: len(y)], y, label_smoothing=cfg.label_smoothing)
-                 + F.cross_entropy(logits2[len(y):], y, label_smoothing=cfg.label_smoothing)) / 3
+        out2 = net(rt.to_input(torch.cat([crops, drops])))
+        logits2 = out2.logits.float()
+        y2 = torch.cat([y, y])
+        loss2 = (F.cross_entropy(logits2, y2, label_smoothing=cfg.label_smoothing) * 2
+                 + _cam_loss(out2.cam_logits, y2, cfg) * 2) / 3
     _check_finite(loss2, epoch, step)
     loss2.backward()
     opt.step()
@@ -292,6 +322,13 @@ def train_step(
     sums, counts = center.batch_sums(out.embedding.detach().float(), y)
     center.update_from_sums(all_reduce_sum(sums, rt), all_reduce_sum(counts, rt), cfg.center_beta)
     return (loss1 + loss2).detach(), out.logits.detach()
+
+
+def _cam_loss(cam_logits: Tensor | None, y: Tensor, cfg: TrainBackboneConfig) -> Tensor | float:
+    """mu * CE of the CAM head (0 without one): it learns from the same views as the WS-DAN classifier."""
+    if cam_logits is None or cfg.cam_loss_weight == 0:
+        return 0.0
+    return cfg.cam_loss_weight * F.cross_entropy(cam_logits.float(), y, label_smoothing=cfg.label_smoothing)
 
 
 def _check_finite(loss: Tensor, epoch: int, step: int) -> None:
@@ -345,6 +382,7 @@ def load_stage1(path: str | Path, device: str | torch.device = "cpu") -> tuple[S
     state = load_checkpoint(path, map_location=device)
     if state.get("kind") != "stage1":
         raise ArtifactError(f"{path}: not a stage-1 checkpoint (kind {state.get('kind')!r})")
+    require_finished(state, path, f"fgpipe train-backbone --dataset {state.get('dataset', 'NAME')}")
     mcfg = ModelConfig(**state["config"]["model"])
     model = build_stage1(mcfg, len(state["class_names"]), weights="none")
     model.load_state_dict(state["model"])

@@ -1,6 +1,7 @@
 """Stage `train-refine`: the object branch on object crops and the part branch on MPALM patches (METHODS.md 6).
 
-Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images, data/NAME/crops.h5 (object and part boxes),
+Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NAME/images.h5 when prepare built it),
+        data/NAME/crops.h5 (object and part boxes),
         data/NAME/stage1/best.pt (backbone architecture and initial weights); params `train_refine`.
 Writes: data/NAME/refine/{best,last}.pt, metrics/NAME/train_refine.json,
         metrics/NAME/train_refine/ (per-epoch curves for `dvc plots`, written by dvclive).
@@ -15,6 +16,8 @@ part uses its object box as its single patch.
 Both branches train jointly (loss = CE_object + CE_parts); the epoch kept as best maximises the mean of the
 two branches' val top-1 (test is never read here). ``--resume`` continues from last.pt; each epoch is seeded
 from (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one.
+Until the run ends its checkpoints say ``finished: False``, and the later stages refuse them: a killed or
+failed run leaves them for ``--resume`` only.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from fgpipe.config import ModelConfig, Settings, TrainRefineConfig
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, TrainingError
 from fgpipe.h5schema import CropsReader
+from fgpipe.imagecache import ImageCache, open_image_cache
 from fgpipe.loader import LoadRequest, center_crop, load_regions, normalize, resized_side, train_augment
 from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.models.branches import RefineNet, build_refine_net
@@ -53,7 +57,9 @@ from fgpipe.training import (
     epoch_seed,
     load_checkpoint,
     log_epoch,
+    mark_finished,
     open_live,
+    require_finished,
     resume_from,
     rng_state,
     save_checkpoint,
@@ -163,12 +169,14 @@ class BranchData:
 def load_branch_data(
     paths: list[Path], sizes: list[tuple[int, int]], boxes: list[ImageBoxes], labels: list[int],
     object_side: int, part_side: int, margin: float, name: str, load: RegionLoader = load_regions,
+    cache: ImageCache | None = None,
 ) -> BranchData:
     """Decode every object box (at ``object_side``) and part box (at ``part_side``) of a split.
 
     With ``margin`` > 0 each region is the box grown by ``margin`` times its side (clipped to the image),
     decoded at ``side * (1 + 2 * margin)`` so that the box itself keeps about ``side`` pixels. ``load``
-    decodes a list of regions (default: :func:`fgpipe.loader.load_regions`, with a progress bar).
+    decodes a list of regions (default: :func:`fgpipe.loader.load_regions`, with a progress bar), cut from
+    ``cache`` when given.
     """
     obj_store = int(round(object_side * (1 + 2 * margin)))
     part_store = int(round(part_side * (1 + 2 * margin)))
@@ -177,10 +185,10 @@ def load_branch_data(
     part_regions = [margin_region(p, margin, wh) for b, wh in zip(boxes, sizes) for p in b.parts]
     part_paths = [path for path, b in zip(paths, boxes) for _ in range(len(b.parts))]
     objects = load(
-        [LoadRequest(p, tuple(r)) for p, r in zip(paths, obj_regions)], (obj_store, obj_store), desc=f"loading {name} objects"
+        [LoadRequest(p, tuple(r), cache) for p, r in zip(paths, obj_regions)], (obj_store, obj_store), desc=f"loading {name} objects"
     )
     patches = load(
-        [LoadRequest(p, tuple(r)) for p, r in zip(part_paths, part_regions)], (part_store, part_store), desc=f"loading {name} parts"
+        [LoadRequest(p, tuple(r), cache) for p, r in zip(part_paths, part_regions)], (part_store, part_store), desc=f"loading {name} parts"
     )
     counts = torch.tensor([len(b.parts) for b in boxes], dtype=torch.long)
 
@@ -201,12 +209,14 @@ def load_branch_data(
 
 
 def split_data(
-    root: Path, rows: list[ManifestRow], boxes: list[ImageBoxes], cfg: TrainRefineConfig, margin: float, name: str
+    root: Path, rows: list[ManifestRow], boxes: list[ImageBoxes], cfg: TrainRefineConfig, margin: float, name: str,
+    cache: ImageCache | None = None,
 ) -> BranchData:
-    """:func:`load_branch_data` for manifest rows at the sizes of ``cfg``."""
+    """:func:`load_branch_data` for manifest rows at the sizes of ``cfg`` (cut from ``cache`` when given)."""
     return load_branch_data(
         [root / r.path for r in rows], [(r.width, r.height) for r in rows], boxes, [r.label for r in rows],
         resized_side(cfg.input_size, cfg.augment), resized_side(part_size(cfg), cfg.augment), margin, name,
+        cache=cache,
     )
 
 
@@ -272,6 +282,7 @@ def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
     return {
         "manifest": d / "manifest.csv",
         "dataset": d / "dataset.json",
+        "images": d / "images.h5",
         "crops": d / "crops.h5",
         "stage1": d / "stage1" / "best.pt",
         "best": d / "refine" / "best.pt",
@@ -295,6 +306,7 @@ def load_stage1_state(path: Path, manifest_sha: str, classes: list[str], dataset
     state = load_checkpoint(path)
     if state.get("kind") != "stage1":
         raise ArtifactError(f"{path}: not a stage-1 checkpoint (kind {state.get('kind')!r}); rerun `fgpipe train-backbone`")
+    require_finished(state, path, f"fgpipe train-backbone --dataset {dataset}")
     if state.get("manifest_sha256") != manifest_sha or list(state.get("class_names", [])) != classes:
         raise ArtifactError(f"{path} was trained on another manifest: rerun `fgpipe train-backbone` (or `dvc repro`)")
     return state
@@ -327,8 +339,9 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
     boxes = {s: read_crops(paths["crops"], manifest_sha, by_split[s]) for s in ("train", "val")}
     hashes = {"manifest_sha256": manifest_sha, "crops_sha256": file_sha256(paths["crops"]), "stage1_sha256": file_sha256(paths["stage1"])}
 
-    train = split_data(root, by_split["train"], boxes["train"], cfg, cfg.box_jitter, "train")
-    val = split_data(root, by_split["val"], boxes["val"], cfg, 0.0, "val")
+    cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
+    train = split_data(root, by_split["train"], boxes["train"], cfg, cfg.box_jitter, "train", cache)
+    val = split_data(root, by_split["val"], boxes["val"], cfg, 0.0, "val", cache)
 
     seed_everything(cfg.seed)
     mcfg = ModelConfig(**stage1["config"]["model"])
@@ -377,6 +390,7 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
                     "kind": "refine", "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best, "history": history,
                     "rng": rng_state(), "config": config, "class_names": classes, "dataset": dataset, **hashes,
+                    "finished": epoch + 1 == cfg.epochs,  # best.pt is marked at the end (mark_finished)
                 }
                 if improved:
                     save_checkpoint(paths["best"], state)
@@ -396,6 +410,8 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
 
     if not paths["best"].is_file():
         raise ArtifactError(f"no best checkpoint at {paths['best']}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})")
+    if rt.is_main:
+        mark_finished(paths["best"], load_checkpoint(paths["best"]))
     last = history[-1]
     metrics = {
         "dataset": dataset,
@@ -521,6 +537,7 @@ def load_refine(path: str | Path, device: str | torch.device = "cpu") -> tuple[R
     state = load_checkpoint(path, map_location=device)
     if state.get("kind") != "refine":
         raise ArtifactError(f"{path}: not a train-refine checkpoint (kind {state.get('kind')!r}); rerun `fgpipe train-refine`")
+    require_finished(state, path, f"fgpipe train-refine --dataset {state.get('dataset', 'NAME')}")
     mcfg = ModelConfig(**state["config"]["model"])
     shared = bool(state["config"]["train_refine"]["shared_backbone"])
     model, _ = build_refine_net(mcfg, len(state["class_names"]), shared)
