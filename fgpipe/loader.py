@@ -53,7 +53,10 @@ def decode_region(path: Path, region: Box, out_wh: tuple[int, int], cache: Image
         if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK"):
             img.draft(img.mode, need)
         img.load()
-        sx, sy = img.size[0] / full_w, img.size[1] / full_h
+        # a JPEG draft decodes at exactly 1/k scale (k = 1, 2, 4, 8) but rounds the size up, so its last row or
+        # column may be block padding: map the region with 1/k, not with the rounded size
+        k = max(1, round(full_w / img.size[0]))
+        sx = sy = 1.0 / k
         rgb = to_rgb(img)
     box = (x0 * sx, y0 * sy, x1 * sx, y1 * sy)
     out = rgb.resize(out_wh, Image.BILINEAR, box=box, reducing_gap=None)

@@ -313,3 +313,25 @@ def test_manifest_rows_and_cache_rows_line_up(tmp_path: Path, make_settings) -> 
     _, root, rows, path = _prepared(tmp_path, make_settings, 64)
     cache = ImageCache(path, root)
     assert all((root / r.path) in cache for r in rows) and cache.image_ids == [r.image_id for r in rows]
+
+
+def test_jpeg_draft_path_maps_the_region_by_the_exact_scale(tmp_path: Path) -> None:
+    """A 375-pixel-high JPEG drafted at 1/2 decodes to 188 rows, the last one block padding: the file path
+    must still match a full decode + resize, last row included."""
+    from PIL import Image
+
+    from fgpipe.loader import decode_region
+
+    h, w = 375, 500
+    rng = np.random.default_rng(0)
+    stripes = (np.arange(h) // 3 % 2 * 200 + 30)[:, None].repeat(w, axis=1)  # 3-row stripes: a misalignment shows
+    pixels = np.stack([stripes, rng.integers(0, 255, (h, w)), np.full((h, w), 90)], axis=2).astype(np.uint8)
+    path = tmp_path / "img.jpg"
+    Image.fromarray(pixels).save(path, quality=95, subsampling=2)
+    out = decode_region(path, (0.0, 0.0, float(w), float(h)), (200, 150)).astype(int)  # drafted at 1/2
+    with Image.open(path) as img:
+        ref = np.asarray(img.convert("RGB").resize((200, 150), Image.BILINEAR, reducing_gap=None)).astype(int)
+    red = np.abs(out[..., 0] - ref[..., 0])  # the stripes: sharp, so a shifted row mapping is visible
+    # DCT-scaled decoding filters the stripes a little differently everywhere; a mis-scaled mapping adds a
+    # shift that grows towards the bottom (it was 3x the top rows' difference there)
+    assert red[-20:].mean() < 1.5 * red[:20].mean() + 1, (red[:20].mean(), red[-20:].mean())
