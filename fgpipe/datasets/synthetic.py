@@ -53,7 +53,7 @@ from fgpipe.manifest import Box
 from fgpipe.runtime import available_cores
 
 # Bump whenever the rendering or the layout changes: an existing dataset with another version is regenerated.
-GENERATOR_VERSION = "synthetic-birds-2"
+GENERATOR_VERSION = "synthetic-birds-1"
 HOW_TO_GET = (
     "synthetic: nothing to download; `fgpipe prepare --dataset NAME` generates it under "
     "datasets.NAME.root from the options in datasets.NAME.synthetic (params.yaml)."
@@ -383,8 +383,8 @@ def _wing_marking(m: int, u: np.ndarray, v: np.ndarray, detail: float = 1.0) -> 
     a, c = _wing_coords(u, v)
     if m == 0:  # pale bars across the wing
         return _band(a, 0.085 * detail, 0.035 * detail, phase=-0.02), WHITE
-    if m == 1:  # white spots, as much white as the bars: the two differ in pattern, not in brightness
-        return _dots(a, c, 0.075 * detail, 0.028 * detail), WHITE
+    if m == 1:  # white spots
+        return _dots(a, c, 0.075 * detail, 0.022 * detail), WHITE
     if m == 2:  # pale edge all round
         return (a / (WING_AB[0] - 0.045)) ** 2 + (c / (WING_AB[1] - 0.045)) ** 2 > 1.0, WHITE
     return a > 0.06, YELLOW  # yellow shoulder patch
@@ -404,7 +404,7 @@ def _body_marking(m: int, u: np.ndarray, v: np.ndarray, detail: float = 1.0) -> 
     if m == 0:  # plain
         return np.zeros(u.shape, dtype=bool), BODY
     if m == 1:  # dark spots on the breast
-        return (v > 0.08) & _dots(u, v, 0.075 * detail, 0.029 * detail), DARK  # as dark as the streaks
+        return (v > 0.08) & _dots(u, v, 0.075 * detail, 0.024 * detail), DARK
     if m == 2:  # streaks along the breast
         return (v > 0.07) & _band(v, 0.06 * detail, 0.025 * detail, phase=0.01), DARK
     return (v > 0.07) & (u > -0.1), YELLOW  # yellow breast
