@@ -24,6 +24,8 @@ def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
     git(root, "init", "-q")
     dvc(root, "init", "-q")
     (root / ".dvcignore").write_text("__pycache__/\n*.pyc\n")
+    git(root, "add", "-A")
+    git(root, "commit", "-q", "-m", "tiny project")  # dvclive reads the HEAD revision: the repo needs one
     out = dvc(root, "repro")
     git(root, "add", "-A")
     git(root, "commit", "-q", "-m", "tiny pipeline")
