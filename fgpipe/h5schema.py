@@ -682,6 +682,13 @@ class ImagesReader(_Reader[ImagesMeta, ImagesRecords]):
             offsets=columns["offset"].astype(np.int64),
         )
 
+    def pixels_offset(self) -> tuple[int, int]:
+        """(byte offset in the file, length) of the contiguous pixel block, for positioned reads."""
+        ds = self._h5["pixels"]
+        if ds.shape[0] == 0:
+            return 0, 0
+        return int(ds.id.get_offset()), int(ds.shape[0])
+
     def pixels(self) -> np.ndarray:
         """Every image's bytes (T,) uint8, memory-mapped read-only (valid after :meth:`close`)."""
         ds = self._h5["pixels"]

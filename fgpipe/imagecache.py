@@ -103,7 +103,11 @@ def build_image_cache(
 
 
 class ImageCache:
-    """images.h5 opened for reading: the decoded copies, memory-mapped, cut on demand (thread-safe).
+    """images.h5 opened for reading: the decoded copies, read on demand with positioned reads (thread-safe).
+
+    Each image is read with ``os.pread`` rather than through a memory map, so the pages of images already
+    used are not counted in the process's resident memory: a pass over N images keeps memory flat in N (the
+    OS page cache still keeps the file hot).
 
     Images are found by their file path (``root`` joined with the manifest path), as :class:`fgpipe.loader.LoadRequest`
     names them; :meth:`cut` returns None for a file it does not hold.
@@ -114,7 +118,8 @@ class ImageCache:
         with ImagesReader(self.path) as reader:
             self.meta = reader.meta
             rec = reader.read()
-            self._pixels = reader.pixels()  # (T,) uint8, memory-mapped
+            self._base, self._length = reader.pixels_offset()  # the pixel block's place in the file
+        self._fd = os.open(self.path, os.O_RDONLY)
         self._original = rec.original_wh  # (N, 2)
         self._cached = rec.cached_wh  # (N, 2)
         self._offsets = rec.offsets  # (N,)
@@ -135,8 +140,22 @@ class ImageCache:
     def image(self, i: int) -> np.ndarray:
         """Cached copy of image ``i`` (manifest order): a read-only (h, w, 3) uint8 view."""
         w, h = (int(v) for v in self._cached[i])
-        start = int(self._offsets[i])
-        return self._pixels[start : start + w * h * 3].reshape(h, w, 3)
+        start, size = int(self._offsets[i]), w * h * 3
+        if start + size > self._length:
+            raise DatasetError(f"{self.path}: image {i} lies outside the pixel block (rerun `fgpipe prepare`)")
+        data = os.pread(self._fd, size, self._base + start)
+        if len(data) != size:
+            raise DatasetError(f"{self.path}: truncated (image {i}); rerun `fgpipe prepare`")
+        return np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
+
+    def close(self) -> None:
+        """Close the file (also done when the object is collected)."""
+        if getattr(self, "_fd", None) is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def __del__(self) -> None:
+        self.close()
 
     def cut(self, path: str | os.PathLike[str], region: Box, out_wh: tuple[int, int]) -> np.ndarray | None:
         """``region`` (original pixels) of the image at ``path`` resized to ``out_wh``: (H, W, 3) uint8, or None."""
