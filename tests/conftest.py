@@ -264,3 +264,16 @@ def one_torch_thread(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     yield
     torch.set_num_threads(n)
 
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    """Run a module's stages with one torch thread (FGPIPE_THREADS=1): on tiny tensors thread start-up and
+    spinning cost more than they save, several times more on a busy 2-core machine. Restored afterwards."""
+    import torch
+
+    before = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("FGPIPE_THREADS", "1")
+        yield
+    torch.set_num_threads(before)

@@ -9,7 +9,6 @@ one row per image, attrs and provenance, refusals of stale inputs, batch-by-batc
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,18 +76,7 @@ def write_project_params(base: Path, **sections: Any) -> Path:
 
 
 @pytest.fixture(scope="module")
-def one_thread() -> Iterator[None]:
-    """Run the stages with one torch thread (FGPIPE_THREADS=1): on these tiny tensors thread start-up and
-    spinning cost more than they save, several times more on a busy 2-core machine. Restored afterwards."""
-    before = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FGPIPE_THREADS", "1")
-        yield
-    torch.set_num_threads(before)
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory: pytest.TempPathFactory, one_thread: None) -> Path:
+def trained(tmp_path_factory: pytest.TempPathFactory, one_thread_module: None) -> Path:
     """A prepared dataset and a trained stage-1 checkpoint (1 epoch), built once for the module."""
     base = tmp_path_factory.mktemp("extract")
     write_colour_cub(base / "raw" / "CUB_200_2011")

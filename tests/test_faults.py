@@ -29,7 +29,7 @@ import multiprocessing
 import os
 import shutil
 import signal
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -215,16 +215,6 @@ TOY_PARAMS: dict[str, Any] = {
     "train_refine": {"input_size": 32, "epochs": 2, "batch_size": 4, "lr": 0.05, "warmup_epochs": 0.0, "device": "cpu"},
     "evaluate": {"combine": "val", "weight_step": 0.5, "batch_size": 8},
 }
-
-
-@pytest.fixture(scope="module")
-def one_thread_module() -> Iterator[None]:
-    """FGPIPE_THREADS=1 for the whole module (tiny models lose time to thread start-up), restored after."""
-    before = torch.get_num_threads()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("FGPIPE_THREADS", "1")
-        yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
