@@ -345,17 +345,23 @@ class Settings:
         return {"params_file": str(self.params_file), "preset": self.params.preset, "overrides": dict(self.overrides)}
 
 
+def _read_mapping(path: Path, what: str) -> dict[str, Any]:
+    """A YAML file whose top level is a mapping (empty file: {}); ConfigError naming the file otherwise."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: {what}, got {type(data).__name__}")
+    return data
+
+
 def load_params(path: str | os.PathLike[str] = "params.yaml", overrides: dict[str, Any] | None = None) -> Settings:
     """Read, override and validate params.yaml; raise ConfigError naming the culprit."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path} (pass --params FILE or run from the project root)")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(raw).__name__}")
+    raw = _read_mapping(path, "the top level must be a mapping of sections")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
     preset = overrides.get("preset", raw.get("preset", "none"))
     if preset not in (None, "none"):
@@ -391,12 +397,7 @@ def apply_preset(raw: dict[str, Any], name: str, params_path: Path) -> dict[str,
     A preset may only set the pipeline sections (PRESET_SECTIONS): datasets, `run` and paths stay the project's.
     """
     path = preset_path(name, params_path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: a preset must be a mapping of sections")
+    data = _read_mapping(path, "a preset must be a mapping of sections")
     data.pop("description", None)
     bad = sorted(set(data) - set(PRESET_SECTIONS))
     if bad:
