@@ -33,7 +33,7 @@ SYNTHETIC_SOURCE = "fgpipe/datasets/synthetic.py"
 class SyntheticOptions:
     """The built-in fine-grained synthetic dataset (see fgpipe/datasets/synthetic.py)."""
 
-    num_classes: int = Field(8, ge=2, le=256)  # 256: every combination of the 4 parts' 4 markings
+    num_classes: int = Field(8, ge=2, le=600)  # 600: every combination of the parts' markings (5, 5, 4, 6)
     train_per_class: int = Field(60, ge=2, le=100_000)
     test_per_class: int = Field(20, ge=1, le=100_000)
     image_size: int = Field(224, ge=64, le=2048)
@@ -45,7 +45,7 @@ class SyntheticOptions:
     class_markings: dict[str, list[str]] | None = None
     # period and size of the patterned markings (bars, spots, streaks, stripes) relative to the default:
     # below 1 they are finer, so telling them apart needs a closer look (a zoomed crop)
-    marking_detail: float = Field(1.0, ge=0.25, le=2.0)
+    marking_detail: float = Field(1.0, ge=0.1, le=2.0)
     seed: int = Field(0, ge=0)
 
     @model_validator(mode="after")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 from pathlib import Path
 
 import numpy as np
@@ -172,7 +173,10 @@ def test_classes_differ_only_inside_the_changed_parts() -> None:
             other = syn.render(dataclasses.replace(base_spec, attributes=attrs))
             assert np.array_equal(other.object_mask, base.object_mask)
             diff = np.abs(other.image.astype(int) - base.image.astype(int)).max(axis=2) > 0
-            x0, y0, x1, y1 = (int(v) for v in base.part_boxes()[part])
+            changed = syn.PLUMAGE_PARTS if part == "body" and m in syn.PLUMAGE else (part,)  # plumage: head, tail, body
+            boxes = np.array([base.part_boxes()[q] for q in changed])
+            x0, y0 = (int(v) for v in boxes[:, :2].min(axis=0))
+            x1, y1 = (int(v) for v in boxes[:, 2:].max(axis=0))
             assert diff.sum() >= 12, (part, syn.MARKINGS[part][m])
             assert not diff[:y0].any() and not diff[y1:].any() and not diff[:, :x0].any() and not diff[:, x1:].any()
 
@@ -256,6 +260,66 @@ def test_marking_detail_scales_the_patterns_only() -> None:
     assert spec.detail == 0.5
 
 
+def test_wing_streaks_are_the_bars_turned_a_quarter_turn() -> None:
+    """wingstreaks: wingbars' bands along the wing's other axis. The same colour and the same share of the wing
+    (blurred beyond resolution, the two wings look alike), but they alternate across the wing, not along it."""
+    streaks_index = syn.MARKINGS["wing"].index("wingstreaks")
+    u, v = np.meshgrid(np.linspace(-0.3, 0.2, 1001), np.linspace(-0.15, 0.15, 601))
+    wing = syn.WING_SHAPE(u, v)
+    for detail in (1.0, 0.22):
+        bars, bars_colour = syn._wing_marking(0, u, v, detail)
+        streaks, streaks_colour = syn._wing_marking(streaks_index, u, v, detail)
+        assert np.array_equal(bars_colour, streaks_colour)
+        share_bars, share_streaks = (bars & wing).sum() / wing.sum(), (streaks & wing).sum() / wing.sum()
+        assert 0.3 < share_bars < 0.5 and abs(share_bars - share_streaks) < 0.03, (detail, share_bars, share_streaks)
+
+    # sample the wing's own axes: `along` its long axis through its centre, `across` it
+    t = np.linspace(-0.1, 0.1, 4001)
+    cos, sin = math.cos(syn.WING_TILT), math.sin(syn.WING_TILT)
+
+    def changes(m: int, along: np.ndarray, across: np.ndarray) -> int:
+        du, dv = along * cos - across * sin, along * sin + across * cos
+        mask, _ = syn._wing_marking(m, syn.WING_C[0] + du, syn.WING_C[1] + dv, 0.5)
+        return int(np.abs(np.diff(mask.astype(int))).sum())
+
+    zero = np.zeros_like(t)
+    assert changes(0, t, zero) >= 8 and changes(0, zero + 0.001, t) == 0  # bars: cross the long axis
+    assert changes(streaks_index, zero + 0.001, t) >= 8 and changes(streaks_index, t, zero) == 0  # streaks: run along it
+    assert changes(0, t, zero) == changes(streaks_index, zero + 0.001, t)  # same period
+    names = syn.class_names(8, syn.marking_palette(SyntheticOptions(class_markings={"wing": ["wingbars", "wingstreaks"]})))
+    assert names[0] == "1.redcrown-wingbars-whitetip" and names[2] == "3.redcrown-wingstreaks-whitetip"
+
+
+def test_coarse_colour_markings() -> None:
+    """bluecrown: the red crown's region in blue; the plumage markings: the whole body (and the head and
+    tail under their markings), in colours no distractor and no other marking uses: evidence a whole-image view reads."""
+    u, v = np.meshgrid(np.linspace(-0.5, 0.55, 421), np.linspace(-0.3, 0.25, 221))
+    red, red_colour = syn._head_marking(0, u, v)
+    blue, blue_colour = syn._head_marking(syn.MARKINGS["head"].index("bluecrown"), u, v)
+    assert np.array_equal(red, blue) and red.any() and not np.array_equal(red_colour, blue_colour)
+    others = [*syn.OBJECT_COLOURS, *syn.MARK_COLOURS, syn.BEAK, syn.EYE, *syn.BACKGROUND]
+    plumage = [n for n in syn.MARKINGS["body"] if n.endswith("plumage")]
+    assert len(plumage) == 4 and sorted(syn.MARKINGS["body"].index(n) for n in plumage) == sorted(syn.PLUMAGE)
+    for name in plumage:
+        mask, colour = syn._body_marking(syn.MARKINGS["body"].index(name), u, v)
+        assert mask.all()  # clipped to the body's shape when drawn
+        rivals = others + [c for i, c in syn.PLUMAGE.items() if c is not colour]
+        assert min(np.abs(colour - o).max() for o in rivals) >= 30, name
+    assert min(np.abs(syn.BLUE - o).max() for o in others) >= 30
+
+    # a plumage marking recolours the head and the tail too, under their own markings, and never the wing
+    opts = SyntheticOptions(image_size=224, object_size=(0.5, 0.5), distractors=0)
+    spec = syn.sample_spec(opts, 0, "test", 0)
+    brown = syn.render(dataclasses.replace(spec, attributes=(0, 0, 0, 0)))
+    grey = syn.render(dataclasses.replace(spec, attributes=(0, 0, 0, syn.MARKINGS["body"].index("greyplumage"))))
+    changed = np.abs(grey.image.astype(int) - brown.image.astype(int)).max(axis=2) > 20
+    only = {q: brown.part_masks[q] & ~np.logical_or.reduce([brown.part_masks[o] for o in syn.PARTS if o != q])
+            for q in syn.PARTS}
+    for q in syn.PLUMAGE_PARTS:
+        assert changed[only[q]].mean() > 0.4, q
+    assert changed[only["wing"]].mean() < 0.05
+
+
 def test_classes_are_unique_marking_combinations() -> None:
     assert syn.marking_counts(8) == (2, 2, 2, 1)  # head, wing and tail vary; the body is the same for all
     for n in (2, 3, 8, 10, 27, syn.MAX_CLASSES):
@@ -273,7 +337,7 @@ def test_classes_are_unique_marking_combinations() -> None:
 
 def test_option_validation_names_the_key(tmp_path: Path) -> None:
     ds = {"kind": "synthetic", "root": str(tmp_path / "raw")}
-    for bad, key in (({"num_classes": 257}, "num_classes"), ({"object_size": [0.5, 0.9]}, "object_size"),
+    for bad, key in (({"num_classes": 601}, "num_classes"), ({"object_size": [0.5, 0.9]}, "object_size"),
                      ({"max_rotation": -1.0}, "max_rotation")):
         path = write_params(tmp_path, {"syn": {**ds, "synthetic": bad}})
         with pytest.raises(ConfigError, match=rf"datasets\.syn\.synthetic\.?.*{key}"):

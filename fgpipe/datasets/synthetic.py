@@ -1,16 +1,23 @@
 """The built-in fine-grained synthetic dataset: one small "bird" per image, classes differ only in part details.
 
 Every image holds exactly one object, a bird-like figure made of four parts (``head`` with beak and eye,
-``wing``, ``tail``, ``body``) drawn in the same silhouette and the same colours for every class, at a
-random position, length (``object_size``, a fraction of the image side), rotation (``max_rotation``
-degrees either way) and facing (left or right), on a textured background with ``distractors`` clutter
-shapes: single parts (decoys: with a random class's marking, or plain with ``decoy_markings: false``),
-blobs in the object's colours, specks in the markings' colours and twigs, never a whole object. Plain
-decoys have the object's shapes and colours but none of its class evidence: they fool class-agnostic
-localisers (AOLM, the mean attention map), not a class-aware one (OAAM), which is TL-AAM's argument. A class is a unique combination of one marking per part
-(e.g. red crown + wing bars + white tail tip), so no single part decides the class, and at the default
-224-pixel image side the markings are only a few pixels wide in the whole image while a crop zoomed
-to the object shows them clearly.
+``wing``, ``tail``, ``body``) drawn in the same silhouette for every class, at a random position, length
+(``object_size``, a fraction of the image side), rotation (``max_rotation`` degrees either way) and facing
+(left or right), on a textured background with ``distractors`` clutter shapes: single parts (decoys: with a
+random class's marking, or plain with ``decoy_markings: false``), blobs in the object's colours, specks in
+the markings' colours and twigs, never a whole object. Plain decoys have the object's shapes and colours
+but none of its class evidence: they fool class-agnostic localisers (AOLM, the mean attention map), not a
+class-aware one (OAAM), which is TL-AAM's argument.
+
+A class is a unique combination of one marking per part (e.g. red crown + wing bars + white tail tip), so no
+single part decides the class. ``class_markings`` picks the markings each part's classes draw from. Some
+markings are coarse colours a whole-image view reads at any resolution (``redcrown``/``bluecrown``, and the
+plumage markings ``greyplumage``, ``skyplumage``, ``lilacplumage``, ``tealplumage``, which colour the body, head and tail); others are fine
+patterns whose period ``marking_detail`` scales. ``wingbars`` and ``wingstreaks`` are the same pale bands
+across or along the wing: the same colour and the same share of the wing, so once the bands are too fine to
+resolve the two wings look alike, and only a crop zoomed to the object tells them apart. The defaults in
+params.yaml combine both: plumage and crown colours spread class evidence over the whole bird, for the
+class-aware heatmap to outline, and the wing needs the object crop's resolution.
 
 On-disk layout under ``root`` (written by :func:`generate`, read by :func:`read`)::
 
@@ -65,14 +72,15 @@ FILES = ["annotations.csv", "classes.csv", "images"]
 JPEG_QUALITY = 92
 SUPERSAMPLE = 2  # sub-pixels per pixel side when drawing shapes (anti-aliasing)
 
-# Parts in the order classes vary them; each has four markings. Class k uses the first few markings of
-# each part (see class_attributes), so the default 8 classes vary head, wing and tail with two each.
+# Parts in the order classes vary them, each with its markings. Class k uses the first few markings of each
+# part (see class_attributes), so 8 classes vary head, wing and tail with two each unless class_markings
+# says otherwise (params.yaml: head, wing and body).
 PARTS = ("head", "wing", "tail", "body")
 MARKINGS: dict[str, tuple[str, ...]] = {
-    "head": ("redcrown", "eyestripe", "whitecheek", "darkhood"),
-    "wing": ("wingbars", "wingspots", "paleedge", "yellowpatch"),
+    "head": ("redcrown", "eyestripe", "whitecheek", "darkhood", "bluecrown"),
+    "wing": ("wingbars", "wingspots", "paleedge", "yellowpatch", "wingstreaks"),
     "tail": ("whitetip", "tailband", "redbase", "tailstripes"),
-    "body": ("plain", "spotted", "streaked", "yellowbreast"),
+    "body": ("plain", "spotted", "streaked", "yellowbreast", "greyplumage", "skyplumage", "lilacplumage", "tealplumage"),
 }
 MAX_CLASSES = math.prod(len(m) for m in MARKINGS.values())
 
@@ -87,6 +95,13 @@ RED = np.array([205.0, 45.0, 35.0])
 DARK = np.array([38.0, 32.0, 28.0])
 WHITE = np.array([238.0, 234.0, 220.0])
 YELLOW = np.array([228.0, 196.0, 48.0])
+BLUE = np.array([52.0, 92.0, 196.0])
+GREY = np.array([112.0, 118.0, 138.0])
+SKY = np.array([96.0, 160.0, 226.0])
+LILAC = np.array([150.0, 112.0, 178.0])
+TEAL = np.array([48.0, 150.0, 160.0])
+PLUMAGE = {4: GREY, 5: SKY, 6: LILAC, 7: TEAL}  # body markings that colour the whole plumage: index -> colour
+PLUMAGE_PARTS = ("head", "tail", "body")  # the parts a plumage marking recolours (the wing keeps its own)
 OBJECT_COLOURS = (BODY, WING, HEAD, TAIL)
 MARK_COLOURS = (RED, DARK, WHITE, YELLOW)
 BACKGROUND = np.array(
@@ -293,13 +308,7 @@ def _sample_distractor(
     length = float(rng.uniform(lo, hi)) * size
     angle = float(rng.uniform(0.0, 360.0))
     facing_left = bool(rng.random() < 0.5)
-    x0, y0, x1, y1 = keep_out
-    pad = 0.1 * length
-    for _ in range(20):
-        cx, cy = (float(v) for v in rng.uniform(0, size, size=2))
-        if not (x0 - pad <= cx <= x1 + pad and y0 - pad <= cy <= y1 + pad):
-            break
-    pose = Pose(cx, cy, length, angle, facing_left)
+    pose = _place(rng, size, keep_out, length, angle, facing_left)
     if kind == "part":
         p = int(rng.integers(3))  # head, wing or tail: a lone part, with a marking some class uses
         marking = palette[p][int(rng.integers(counts[p]))]  # drawn either way, so the rest of the image is the same
@@ -309,6 +318,19 @@ def _sample_distractor(
     if kind == "speck":
         return Distractor("speck", pose, colour=int(rng.integers(len(MARK_COLOURS))), aspect=float(rng.uniform(0.4, 1.0)))
     return Distractor("twig", pose, aspect=float(rng.uniform(0.03, 0.05)))
+
+
+def _place(
+    rng: np.random.Generator, size: int, keep_out: tuple[float, ...], length: float, angle: float, facing_left: bool
+) -> Pose:
+    """A pose whose centre is outside ``keep_out`` (padded by 0.1 length) when 20 tries allow."""
+    x0, y0, x1, y1 = keep_out
+    pad = 0.1 * length
+    for _ in range(20):
+        cx, cy = (float(v) for v in rng.uniform(0, size, size=2))
+        if not (x0 - pad <= cx <= x1 + pad and y0 - pad <= cy <= y1 + pad):
+            break
+    return Pose(cx, cy, length, angle, facing_left)
 
 
 # --------------------------------------------------------------------------- shapes (object frame)
@@ -376,7 +398,9 @@ def _head_marking(m: int, u: np.ndarray, v: np.ndarray, detail: float = 1.0) -> 
         return np.abs(v - EYE_C[1]) < 0.04, DARK
     if m == 2:  # white cheek patch below the eye
         return (hu - 0.03) ** 2 + (hv - 0.07) ** 2 < 0.07**2, WHITE
-    return np.ones(u.shape, dtype=bool), DARK  # dark hood: the whole head
+    if m == 3:  # dark hood: the whole head
+        return np.ones(u.shape, dtype=bool), DARK
+    return hv < -0.05, BLUE  # blue crown: the red crown's region in blue
 
 
 def _wing_marking(m: int, u: np.ndarray, v: np.ndarray, detail: float = 1.0) -> tuple[Mask, np.ndarray]:
@@ -387,7 +411,11 @@ def _wing_marking(m: int, u: np.ndarray, v: np.ndarray, detail: float = 1.0) -> 
         return _dots(a, c, 0.075 * detail, 0.022 * detail), WHITE
     if m == 2:  # pale edge all round
         return (a / (WING_AB[0] - 0.045)) ** 2 + (c / (WING_AB[1] - 0.045)) ** 2 > 1.0, WHITE
-    return a > 0.06, YELLOW  # yellow shoulder patch
+    if m == 3:  # yellow shoulder patch
+        return a > 0.06, YELLOW
+    # pale streaks along the wing: the bars turned a quarter turn, same period, width and colour, so the two
+    # differ only in orientation; once too fine to resolve, both blur to the same mean colour
+    return _band(c, 0.085 * detail, 0.035 * detail, phase=-0.02), WHITE
 
 
 def _tail_marking(m: int, u: np.ndarray, v: np.ndarray, detail: float = 1.0) -> tuple[Mask, np.ndarray]:
@@ -407,7 +435,11 @@ def _body_marking(m: int, u: np.ndarray, v: np.ndarray, detail: float = 1.0) -> 
         return (v > 0.08) & _dots(u, v, 0.075 * detail, 0.024 * detail), DARK
     if m == 2:  # streaks along the breast
         return (v > 0.07) & _band(v, 0.06 * detail, 0.025 * detail, phase=0.01), DARK
-    return (v > 0.07) & (u > -0.1), YELLOW  # yellow breast
+    if m == 3:  # yellow breast
+        return (v > 0.07) & (u > -0.1), YELLOW
+    # grey, sky-blue, lilac or teal plumage: the whole body, and the head and tail under their markings (PLUMAGE_PARTS), in a
+    # colour no distractor has: class evidence spread over the whole bird, readable at any resolution
+    return np.ones(u.shape, dtype=bool), PLUMAGE[m]
 
 
 MARKING_DRAW = {"head": _head_marking, "wing": _wing_marking, "tail": _tail_marking, "body": _body_marking}
@@ -469,11 +501,14 @@ class _Window:
         return out
 
 
-def _draw_part(win: _Window, part: str, marking: int, gain: np.ndarray, owner: int, detail: float = 1.0) -> None:
-    """One part with its marking (the marking is clipped to the part's shape); marking -1: plain, no marking."""
+def _draw_part(
+    win: _Window, part: str, marking: int, gain: np.ndarray, owner: int, detail: float = 1.0, plumage: np.ndarray | None = None
+) -> None:
+    """One part with its marking (the marking is clipped to the part's shape); marking -1: plain, no marking.
+    ``plumage``: the part's base colour instead of its own (a plumage marking of the body)."""
     u, v = win.u, win.v
     shape = PART_SHAPE[part](u, v)
-    win.paint(shape, PART_COLOUR[part] * gain, owner)
+    win.paint(shape, (PART_COLOUR[part] if plumage is None else plumage) * gain, owner)
     if marking >= 0:
         mark, colour = MARKING_DRAW[part](marking, u, v, detail)
         win.paint(shape & mark, colour, owner)
@@ -527,9 +562,11 @@ def render(spec: ImageSpec) -> Rendered:
     for d in spec.distractors:
         _draw_distractor(image, d, gain, spec.detail)
     win = _Window(image, spec.pose, OBJECT_EXTENT)
+    plumage = PLUMAGE.get(spec.attributes[PARTS.index("body")])
     for part in DRAW_ORDER:
         p = PARTS.index(part)
-        _draw_part(win, part, spec.attributes[p], gain, owner=p + 1, detail=spec.detail)
+        base = plumage if part in PLUMAGE_PARTS else None
+        _draw_part(win, part, spec.attributes[p], gain, owner=p + 1, detail=spec.detail, plumage=base)
     win.commit(image)
     owners = win.owner_masks(size)
     part_masks = {part: owners[PARTS.index(part) + 1] for part in PARTS}
