@@ -260,6 +260,7 @@ class EvaluateConfig:
     combine: Literal["val", "fixed"] = "val"
     weights: BranchWeights = BranchWeights()  # used when combine: fixed
     weight_step: float = Field(0.25, gt=0, le=1)  # grid step of the weights searched on val
+    select_by: Literal["nll", "top1"] = "nll"  # what the weights searched on val optimise: log-loss or top-1
     top_k: int = Field(5, ge=1, le=100)
     batch_size: int = Field(32, ge=1, le=4096)
 

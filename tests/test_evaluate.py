@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from pathlib import Path
 
 import numpy as np
@@ -85,15 +86,15 @@ def test_weights_are_selected_before_test_is_read(trained: Path, tmp_path: Path,
         events.append(name)
         return real_split(inputs, name)
 
-    def select(val: evaluate.SplitProbabilities, step: float) -> dict[str, float]:
-        events.append("select")
+    def select(val: evaluate.SplitProbabilities, step: float, select_by: str) -> dict[str, float]:
+        events.append(f"select by {select_by}")
         assert len(val.labels) == 6  # the val split only
-        return real_select(val, step)
+        return real_select(val, step, select_by)
 
     monkeypatch.setattr(evaluate, "split_probabilities", split)
     monkeypatch.setattr(evaluate, "select_weights", select)
     evaluate.run(load_params(params), "toy")
-    assert events == ["val", "select", "test"]
+    assert events == ["val", "select by nll", "test"]
 
 
 def test_fixed_weights_are_honoured_and_val_is_not_read(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,6 +122,55 @@ def test_grid_search_prefers_the_more_uniform_weighting_on_ties() -> None:
     assert evaluate.select_weights(val, 0.25)["object"] > 0.5
     with pytest.raises(ConfigError, match="weight_step must divide 1"):
         evaluate.weight_grid(0.3)
+
+
+def _brute_force_weights(probs: dict[str, np.ndarray], labels: np.ndarray, n: int, select_by: str) -> tuple[float, ...]:
+    """The grid point (i, j, k) / n an independent loop picks: lowest mean -log p(true) (nll), or the most
+    correct images with that log-loss breaking ties (top1); sums in plain Python, probabilities floored at 1e-12."""
+    best: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    for i in range(n + 1):
+        for j in range(n + 1 - i):
+            k = n - i - j
+            correct, nll = 0, 0.0
+            for row, label in enumerate(labels):
+                joint = [(i * probs["raw"][row, c] + j * probs["object"][row, c] + k * probs["parts"][row, c]) / n
+                         for c in range(probs["raw"].shape[1])]
+                correct += int(max(range(len(joint)), key=joint.__getitem__) == label)
+                nll -= math.log(max(joint[label], 1e-12)) / len(labels)
+            key = (0, nll) if select_by == "nll" else (-correct, nll)
+            if best is None or key[0] < best[0][0] or (key[0] == best[0][0] and key[1] < best[0][1] - 1e-9):
+                best = (key, (i / n, j / n, k / n))
+    assert best is not None
+    return best[1]
+
+
+@pytest.mark.parametrize("select_by", ["nll", "top1"])
+def test_weights_are_chosen_by_val_log_loss_or_top1(select_by: str) -> None:
+    """select_by nll: the grid point with the lowest val log-loss of the joint probabilities; top1: the most
+    accurate point, its ties broken by that log-loss. Both checked against a brute-force loop on random branches."""
+    rng = np.random.default_rng(3)
+    for trial in range(6):
+        labels = rng.integers(0, 5, size=40)
+        probs = {b: rng.dirichlet(np.ones(5) * 0.7, size=40) for b in evaluate.BRANCHES}
+        for b, boost in zip(evaluate.BRANCHES, rng.uniform(0.0, 1.5, size=3)):  # branches of unequal skill
+            probs[b][np.arange(40), labels] += boost
+            probs[b] /= probs[b].sum(axis=1, keepdims=True)
+        val = evaluate.SplitProbabilities([str(i) for i in range(40)], labels, probs)
+        chosen = evaluate.select_weights(val, 0.125, select_by)
+        assert tuple(chosen.values()) == _brute_force_weights(probs, labels, 8, select_by), trial
+
+
+def test_log_loss_tells_apart_weightings_top1_ties_on() -> None:
+    """Both weightings get both val images right; the object branch is the more confident, so nll (and top1's
+    tie-break) pick it alone, where the old tie rule (the most uniform weighting) would have mixed in raw."""
+    labels = np.array([0, 1])
+    raw = np.array([[0.55, 0.45], [0.45, 0.55]])
+    sure = np.array([[0.95, 0.05], [0.05, 0.95]])
+    val = evaluate.SplitProbabilities(["a", "b"], labels, {"raw": raw, "object": sure, "parts": raw})
+    for select_by in ("nll", "top1"):
+        assert evaluate.select_weights(val, 0.5, select_by) == {"raw": 0.0, "object": 1.0, "parts": 0.0}
+    assert evaluate.joint_nll(sure, labels) == pytest.approx(-math.log(0.95))
+    assert evaluate.joint_nll(np.array([[1.0, 0.0]]), np.array([1])) == pytest.approx(-math.log(1e-12))
 
 
 def test_localization_is_left_out_when_null(trained: Path, tmp_path: Path) -> None:

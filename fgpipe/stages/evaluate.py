@@ -13,8 +13,11 @@ Branches, each a softmax over the classes:
   logits), cut from crops.h5's boxes as train-refine evaluates them.
 
 The joint prediction is the weighted mean of the three probability vectors. ``evaluate.combine: val``
-searches the weights on the grid of step ``evaluate.weight_step`` (non-negative, summing to 1) for the
-highest val top-1 (ties: the most uniform weighting, i.e. the smallest sum of squared weights);
+searches the weights on the grid of step ``evaluate.weight_step`` (non-negative, summing to 1) for the best
+fit to val: by default (``select_by: nll``) the lowest negative log-likelihood of the true class under the
+joint probabilities, which uses every val image's confidence and so varies less on a small val split than
+top-1 does; ``select_by: top1`` takes the highest val top-1 (ties: the lowest NLL). Remaining ties go to the
+most uniform weighting (the smallest sum of squared weights), then grid order;
 ``fixed`` uses ``evaluate.weights`` normalised to sum 1. The test split is loaded only once the weights
 are fixed (see :func:`run`): nothing is ever selected on test.
 
@@ -172,16 +175,29 @@ def joint_probabilities(probs: dict[str, np.ndarray], weights: dict[str, float])
     return sum(weights[b] * probs[b] for b in BRANCHES)  # type: ignore[return-value]
 
 
-def select_weights(val: SplitProbabilities, step: float) -> dict[str, float]:
-    """Grid weights with the highest val top-1 of the joint prediction; ties -> the most uniform (then grid order)."""
+NLL_FLOOR = 1e-12  # probabilities are floored here before the log: a confident miss costs 27.6, not infinity
+
+
+def joint_nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean negative log-likelihood of the true classes under probabilities (N, K)."""
+    picked = probs[np.arange(len(labels)), labels]
+    return float(-np.log(np.maximum(picked, NLL_FLOOR)).mean())
+
+
+def select_weights(val: SplitProbabilities, step: float, select_by: str = "nll") -> dict[str, float]:
+    """Grid weights that fit val best: the lowest NLL of the joint prediction (``nll``) or the highest top-1
+    (``top1``, ties -> the lowest NLL); remaining ties -> the most uniform (then grid order)."""
     grid = weight_grid(step)
     n = sum(grid[0])
-    best_key: tuple[int, int] | None = None
+    best_key: tuple[float, ...] | None = None
     best = grid[0]
     for point in grid:
         weights = dict(zip(BRANCHES, (v / n for v in point)))
-        correct = int((joint_probabilities(val.probs, weights).argmax(1) == val.labels).sum())
-        key = (-correct, sum(v * v for v in point))  # integers: ties compare exactly
+        joint = joint_probabilities(val.probs, weights)
+        correct = int((joint.argmax(1) == val.labels).sum())
+        nll = round(joint_nll(joint, val.labels), 9)  # rounded: float noise must not break a tie
+        uniformity = sum(v * v for v in point)
+        key = (nll, uniformity) if select_by == "nll" else (-correct, nll, uniformity)
         if best_key is None or key < best_key:
             best_key, best = key, point
     return dict(zip(BRANCHES, (v / n for v in best)))
@@ -237,10 +253,12 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         if not inputs.rows["val"]:
             raise ArtifactError(f"{paths['manifest']}: the val split is empty; use evaluate.combine: fixed")
         val = split_probabilities(inputs, "val")
-        weights = select_weights(val, cfg.weight_step)
-        val_top1 = float((joint_probabilities(val.probs, weights).argmax(1) == val.labels).mean())
+        weights = select_weights(val, cfg.weight_step, cfg.select_by)
+        val_joint = joint_probabilities(val.probs, weights)
+        val_top1 = float((val_joint.argmax(1) == val.labels).mean())
         console.print(
-            "weights chosen on val: " + ", ".join(f"{b} {w:.3f}" for b, w in weights.items()) + f" (val joint top-1 {val_top1:.4f})",
+            f"weights chosen on val ({cfg.select_by}): " + ", ".join(f"{b} {w:.3f}" for b, w in weights.items())
+            + f" (val joint top-1 {val_top1:.4f}, NLL {joint_nll(val_joint, val.labels):.4f})",
             highlight=False,
         )
     else:
