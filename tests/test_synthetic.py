@@ -337,7 +337,8 @@ def test_classes_are_unique_marking_combinations() -> None:
 
 def test_option_validation_names_the_key(tmp_path: Path) -> None:
     ds = {"kind": "synthetic", "root": str(tmp_path / "raw")}
-    for bad, key in (({"num_classes": 601}, "num_classes"), ({"object_size": [0.5, 0.9]}, "object_size"),
+    assert SyntheticOptions(num_classes=syn.MAX_CLASSES).num_classes == syn.MAX_CLASSES  # the bound is the palette's
+    for bad, key in (({"num_classes": syn.MAX_CLASSES + 1}, "num_classes"), ({"object_size": [0.5, 0.9]}, "object_size"),
                      ({"max_rotation": -1.0}, "max_rotation")):
         path = write_params(tmp_path, {"syn": {**ds, "synthetic": bad}})
         with pytest.raises(ConfigError, match=rf"datasets\.syn\.synthetic\.?.*{key}"):

@@ -100,7 +100,11 @@ GREY = np.array([112.0, 118.0, 138.0])
 SKY = np.array([96.0, 160.0, 226.0])
 LILAC = np.array([150.0, 112.0, 178.0])
 TEAL = np.array([48.0, 150.0, 160.0])
-PLUMAGE = {4: GREY, 5: SKY, 6: LILAC, 7: TEAL}  # body markings that colour the whole plumage: index -> colour
+# body markings that colour the whole plumage: index in MARKINGS["body"] -> colour
+PLUMAGE = {
+    MARKINGS["body"].index(name): colour
+    for name, colour in (("greyplumage", GREY), ("skyplumage", SKY), ("lilacplumage", LILAC), ("tealplumage", TEAL))
+}
 PLUMAGE_PARTS = ("head", "tail", "body")  # the parts a plumage marking recolours (the wing keeps its own)
 OBJECT_COLOURS = (BODY, WING, HEAD, TAIL)
 MARK_COLOURS = (RED, DARK, WHITE, YELLOW)
