@@ -33,7 +33,7 @@ SYNTHETIC_SOURCE = "fgpipe/datasets/synthetic.py"
 class SyntheticOptions:
     """The built-in fine-grained synthetic dataset (see fgpipe/datasets/synthetic.py)."""
 
-    num_classes: int = Field(8, ge=2, le=800)  # 800 = synthetic.MAX_CLASSES, every combination of markings (a test ties them)
+    num_classes: int = Field(8, ge=2, le=900)  # 900 = synthetic.MAX_CLASSES, every combination of markings (a test ties them)
     train_per_class: int = Field(60, ge=2, le=100_000)
     test_per_class: int = Field(20, ge=1, le=100_000)
     image_size: int = Field(224, ge=64, le=2048)

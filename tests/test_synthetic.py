@@ -299,7 +299,7 @@ def test_coarse_colour_markings() -> None:
     assert np.array_equal(red, blue) and red.any() and not np.array_equal(red_colour, blue_colour)
     others = [*syn.OBJECT_COLOURS, *syn.MARK_COLOURS, syn.BEAK, syn.EYE, *syn.BACKGROUND]
     plumage = [n for n in syn.MARKINGS["body"] if n.endswith("plumage")]
-    assert len(plumage) == 4 and sorted(syn.MARKINGS["body"].index(n) for n in plumage) == sorted(syn.PLUMAGE)
+    assert len(plumage) == 5 and sorted(syn.MARKINGS["body"].index(n) for n in plumage) == sorted(syn.PLUMAGE)
     for name in plumage:
         mask, colour = syn._body_marking(syn.MARKINGS["body"].index(name), u, v)
         assert mask.all()  # clipped to the body's shape when drawn

@@ -12,8 +12,8 @@ class-aware one (OAAM), which is TL-AAM's argument.
 A class is a unique combination of one marking per part (e.g. red crown + wing bars + white tail tip), so no
 single part decides the class. ``class_markings`` picks the markings each part's classes draw from. Some
 markings are coarse colours a whole-image view reads at any resolution (``redcrown``/``bluecrown``, and the
-plumage markings ``greyplumage``, ``skyplumage``, ``lilacplumage``, ``tealplumage``, which colour the body,
-head and tail); others are fine patterns whose period ``marking_detail`` scales. ``wingbars`` and ``wingstreaks`` are the same pale bands
+plumage markings ``greyplumage``, ``skyplumage``, ``lilacplumage``, ``tealplumage``, ``roseplumage``, which
+colour the body, head and tail); others are fine patterns whose period ``marking_detail`` scales. ``wingbars`` and ``wingstreaks`` are the same pale bands
 across or along the wing: the same colour and the same share of the wing, so once the bands are too fine to
 resolve the two wings look alike, and only a crop zoomed to the object tells them apart. The defaults in
 params.yaml combine both: plumage and crown colours spread class evidence over the whole bird, for the
@@ -80,7 +80,8 @@ MARKINGS: dict[str, tuple[str, ...]] = {
     "head": ("redcrown", "eyestripe", "whitecheek", "darkhood", "bluecrown"),
     "wing": ("wingbars", "wingspots", "paleedge", "yellowpatch", "wingstreaks"),
     "tail": ("whitetip", "tailband", "redbase", "tailstripes"),
-    "body": ("plain", "spotted", "streaked", "yellowbreast", "greyplumage", "skyplumage", "lilacplumage", "tealplumage"),
+    "body": ("plain", "spotted", "streaked", "yellowbreast", "greyplumage", "skyplumage", "lilacplumage", "tealplumage",
+             "roseplumage"),
 }
 MAX_CLASSES = math.prod(len(m) for m in MARKINGS.values())
 
@@ -100,10 +101,12 @@ GREY = np.array([112.0, 118.0, 138.0])
 SKY = np.array([96.0, 160.0, 226.0])
 LILAC = np.array([150.0, 112.0, 178.0])
 TEAL = np.array([48.0, 150.0, 160.0])
+ROSE = np.array([180.0, 100.0, 115.0])
 # body markings that colour the whole plumage: index in MARKINGS["body"] -> colour
 PLUMAGE = {
     MARKINGS["body"].index(name): colour
-    for name, colour in (("greyplumage", GREY), ("skyplumage", SKY), ("lilacplumage", LILAC), ("tealplumage", TEAL))
+    for name, colour in (("greyplumage", GREY), ("skyplumage", SKY), ("lilacplumage", LILAC), ("tealplumage", TEAL),
+                         ("roseplumage", ROSE))
 }
 PLUMAGE_PARTS = ("head", "tail", "body")  # the parts a plumage marking recolours (the wing keeps its own)
 OBJECT_COLOURS = (BODY, WING, HEAD, TAIL)
@@ -441,7 +444,7 @@ def _body_marking(m: int, u: np.ndarray, v: np.ndarray, detail: float = 1.0) -> 
         return (v > 0.07) & _band(v, 0.06 * detail, 0.025 * detail, phase=0.01), DARK
     if m == 3:  # yellow breast
         return (v > 0.07) & (u > -0.1), YELLOW
-    # grey, sky-blue, lilac or teal plumage: the whole body, and the head and tail under their markings
+    # grey, sky-blue, lilac, teal or rose plumage: the whole body, and the head and tail under their markings
     # (PLUMAGE_PARTS), in a colour no distractor has: class evidence over the whole bird, read at any resolution
     return np.ones(u.shape, dtype=bool), PLUMAGE[m]
 
