@@ -15,6 +15,8 @@ One picture per image, as a pair of tiles and a caption:
 
 from __future__ import annotations
 
+import itertools
+
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -212,9 +214,16 @@ def natural_key(text: str) -> list[int | str]:
 
 
 def preview_indices(rows: Sequence[ManifestRow], count: int) -> list[int]:
-    """Manifest indices of the first ``count`` test images in image-id order (natural order of digit runs)."""
-    test = [i for i, r in enumerate(rows) if r.split == "test"]
-    return sorted(test, key=lambda i: natural_key(rows[i].image_id))[:count]
+    """Manifest indices of ``count`` test images taken class by class: the first image of every class (in label
+    order), then the second of every class, and so on, each class's images in image-id order (natural order
+    of digit runs). A preview of 8 images of an 8-class dataset shows every class once."""
+    per_class: dict[int, list[int]] = {}
+    test = sorted((i for i, r in enumerate(rows) if r.split == "test"), key=lambda i: natural_key(rows[i].image_id))
+    for i in test:
+        per_class.setdefault(rows[i].label, []).append(i)
+    queues = [per_class[label] for label in sorted(per_class)]
+    rounds = itertools.zip_longest(*queues)  # (first of each class), (second of each class), ...
+    return [i for i in itertools.chain.from_iterable(rounds) if i is not None][:count]
 
 
 def safe_name(image_id: str) -> str:

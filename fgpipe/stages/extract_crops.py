@@ -219,7 +219,7 @@ def localization(rows: Sequence[ManifestRow], boxes: np.ndarray) -> dict[str, fl
 def write_preview(
     paths: dict[str, Path], rows: Sequence[ManifestRow], root: Path, dataset: str, cfg: CropsConfig, method: str
 ) -> Path:
-    """data/NAME/crops_preview.png: the first ``crops.preview_images`` test images (id order)."""
+    """data/NAME/crops_preview.png: ``crops.preview_images`` test images, class by class (``preview_indices``)."""
     indices = preview_indices(rows, cfg.preview_images)
     title = f"{dataset}: {method} heatmaps, object threshold {cfg.threshold:g}, MPALM parts (first {len(indices)} test images)"
     with AttentionReader(paths["attention"]) as attention, CropsReader(paths["crops"]) as crops:
