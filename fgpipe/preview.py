@@ -16,7 +16,6 @@ One picture per image, as a pair of tiles and a caption:
 from __future__ import annotations
 
 import itertools
-
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass

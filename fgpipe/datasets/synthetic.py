@@ -13,11 +13,12 @@ A class is a unique combination of one marking per part (e.g. red crown + wing b
 single part decides the class. ``class_markings`` picks the markings each part's classes draw from. Some
 markings are coarse colours a whole-image view reads at any resolution (``redcrown``/``bluecrown``, and the
 plumage markings ``greyplumage``, ``skyplumage``, ``lilacplumage``, ``tealplumage``, ``roseplumage``, which
-colour the body, head and tail); others are fine patterns whose period ``marking_detail`` scales. ``wingbars`` and ``wingstreaks`` are the same pale bands
-across or along the wing: the same colour and the same share of the wing, so once the bands are too fine to
-resolve the two wings look alike, and only a crop zoomed to the object tells them apart. The defaults in
-params.yaml combine both: plumage and crown colours spread class evidence over the whole bird, for the
-class-aware heatmap to outline, and the wing needs the object crop's resolution.
+colour the body, head and tail); others are fine patterns whose period ``marking_detail`` scales.
+``wingbars`` and ``wingstreaks`` are the same pale bands across or along the wing: the same colour and the
+same share of the wing, so once the bands are too fine to resolve the two wings look alike, and only a crop
+zoomed to the object tells them apart. The defaults in params.yaml combine both: plumage and crown colours
+spread class evidence over the whole bird, for the class-aware heatmap to outline, and the wing needs the
+object crop's resolution.
 
 On-disk layout under ``root`` (written by :func:`generate`, read by :func:`read`)::
 

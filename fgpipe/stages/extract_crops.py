@@ -221,7 +221,10 @@ def write_preview(
 ) -> Path:
     """data/NAME/crops_preview.png: ``crops.preview_images`` test images, class by class (``preview_indices``)."""
     indices = preview_indices(rows, cfg.preview_images)
-    title = f"{dataset}: {method} heatmaps, object threshold {cfg.threshold:g}, MPALM parts ({len(indices)} test images, class by class)"
+    title = (
+        f"{dataset}: {method} heatmaps, object threshold {cfg.threshold:g}, "
+        f"MPALM parts ({len(indices)} test images, class by class)"
+    )
     with AttentionReader(paths["attention"]) as attention, CropsReader(paths["crops"]) as crops:
         samples = load_samples(rows, indices, root, attention, crops)
     return save_png(render(samples, title), paths["preview"])
