@@ -309,3 +309,49 @@ def test_full_trunk_weights_load_into_a_truncated_backbone(tmp_path: Path) -> No
     assert not any(k.startswith(("layer4.", "lcam.layer4")) for k in cut.state_dict())
     for k, v in cut.state_dict().items():
         assert torch.equal(v, full.state_dict()[k]), k
+
+
+# --------------------------------------------------------------------------- output stride (dilation)
+# A trunk whose last downsampling is removed and whose later spatial convs are dilated by the removed stride
+# computes the same values as the original at every second cell (the "a trous" identity), border padding
+# included: symmetric "same" padding keeps the even cells; TF-style "same" padding, which pads a stride-2
+# conv one cell more at the end, keeps the odd cells. The weights are not touched.
+@pytest.mark.parametrize(
+    ("name", "layer", "offset"),
+    [("tiny", "layer3", 0), ("resnet18", "layer4", 0), ("resnet50", "layer4", 0), ("efficientnet_lite0", "head", 1)],
+)
+def test_output_stride_16_is_the_dilated_trunk(name: str, layer: str, offset: int) -> None:
+    torch.manual_seed(0)
+    plain = create_backbone(name).eval()
+    dilated = create_backbone(name, output_stride=16 if name != "tiny" else 8).eval()
+    dilated.load_state_dict(plain.state_dict())
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        want = plain(x)[layer]  # (B, C, 3, 3) at stride 32 (tiny: 6 x 6 at 16)
+        got = dilated(x)[layer]  # (B, C, 6, 6) at stride 16 (tiny: 12 x 12 at 8)
+    assert got.shape[-1] == 2 * want.shape[-1]
+    torch.testing.assert_close(got[..., offset::2, offset::2], want, rtol=1e-4, atol=1e-4)
+    assert dilated.stage_strides[layer] == (16 if name != "tiny" else 8)
+    assert set(dilated.state_dict()) == set(plain.state_dict())
+
+
+def test_output_stride_leaves_earlier_stages_and_refuses_what_it_cannot_dilate() -> None:
+    bb = create_backbone("resnet18", output_stride=16)
+    assert bb.stage_strides == {"layer1": 4, "layer2": 8, "layer3": 16, "layer4": 16}
+    assert bb.layer3[0].conv1.stride == (2, 2) and bb.layer3[1].conv1.dilation == (1, 1)
+    assert bb.layer4[0].conv1.stride == (1, 1) and bb.layer4[0].conv1.dilation == (1, 1)  # the strided conv itself
+    assert bb.layer4[0].conv2.dilation == (2, 2) and bb.layer4[0].conv2.padding == (2, 2)  # after it, same block
+    assert bb.layer4[0].downsample[0].stride == (1, 1)
+    assert bb.layer4[1].conv1.dilation == (2, 2)
+    assert create_backbone("resnet18", output_stride=32).stage_strides["layer4"] == 32  # its own stride: no change
+    with pytest.raises(ConfigError, match="output_stride: 12 is not a stride"):
+        create_backbone("resnet18", output_stride=12)
+    with pytest.raises(ConfigError, match="cannot dilate Mixed_7a"):
+        create_backbone("inception_v3", output_stride=16)
+
+
+def test_bn_momentum_applies_to_every_batch_norm() -> None:
+    net = build_stage1(ModelConfig(backbone="efficientnet_lite0", bn_momentum=0.1, lcam="none"), 3)
+    assert {m.momentum for m in net.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.1}
+    kept = build_stage1(ModelConfig(backbone="efficientnet_lite0", bn_momentum=0.0, lcam="none"), 3)
+    assert {round(m.momentum, 6) for m in kept.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)} == {0.01}

@@ -352,3 +352,21 @@ def test_cuda_bf16_head_and_augmentation() -> None:
     ]
     for a, b in zip(*runs):
         assert a.device.type == "cuda" and a.shape == x.shape and torch.equal(a, b)
+
+
+def test_plain_head_is_gap_then_linear_on_the_feature_layer() -> None:
+    torch.manual_seed(0)
+    net = Stage1Net(create_backbone("tiny"), num_classes=5, head="plain").eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        out = net(x)
+        feat = net.features(x)["layer3"]  # (3, 64, 4, 4)
+    want = feat.mean(dim=(2, 3)) @ net.cam_fc.weight.T + net.cam_fc.bias  # (3, 5)
+    torch.testing.assert_close(out.logits, want)
+    assert out.cam_logits is out.logits and out.attention is None
+    torch.testing.assert_close(out.embedding, feat.mean(dim=(2, 3)))
+    assert net.plain and net.embedding_dim == 64
+    assert torch.equal(net.cam_features(feat), feat)  # OAAM's A is the feature layer itself
+    assert net.fc is None and net.attention is None and "fc.weight" not in net.state_dict()
+    with pytest.raises(ConfigError, match="model.head must be wsdan or plain"):
+        Stage1Net(create_backbone("tiny"), num_classes=5, head="bilinear")

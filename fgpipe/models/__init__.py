@@ -11,6 +11,8 @@ import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from torch import nn
+
 from fgpipe.config import ModelConfig
 from fgpipe.errors import ConfigError
 from fgpipe.models.base import Backbone
@@ -75,12 +77,19 @@ def describe_backbones() -> dict[str, str]:
 
 
 def create_backbone(
-    name: str, weights: str | os.PathLike[str] = "none", lcam: str = "none", lcam_kernel: int = 0, until: str = ""
+    name: str,
+    weights: str | os.PathLike[str] = "none",
+    lcam: str = "none",
+    lcam_kernel: int = 0,
+    until: str = "",
+    output_stride: int = 0,
 ) -> StagedBackbone:
     """Build backbone ``name`` with LCAM placed per ``lcam`` and load ``weights`` (none | imagenet | a file).
 
     ``until`` names the last stage to keep (``truncate``); weights of the stages cut off are ignored, so
-    a full-trunk file and a truncated one both load. ``weights_report`` says what was loaded (None for none).
+    a full-trunk file and a truncated one both load. ``output_stride`` (0: the trunk's own) dilates the
+    stages past that stride instead of downsampling (``set_output_stride``); it changes no weight.
+    ``weights_report`` says what was loaded (None for none).
     """
     if name not in _REGISTRY:
         raise ConfigError(f"model.backbone: unknown backbone `{name}` (allowed: {', '.join(list_backbones())})")
@@ -89,6 +98,7 @@ def create_backbone(
     backbone = _REGISTRY[name].builder(lcam, lcam_kernel)
     if until:
         backbone.truncate(until)
+    backbone.set_output_stride(output_stride)
     backbone.weights_report = load_backbone_weights(backbone, weights)
     return backbone
 
@@ -98,16 +108,28 @@ def build_stage1(cfg: ModelConfig, num_classes: int, weights: str | os.PathLike[
     when a checkpoint will be loaded next)."""
     # the head reads feature_layer: stages after it would be dead weight, so they are cut off
     backbone = create_backbone(
-        cfg.backbone, cfg.weights if weights is None else weights, cfg.lcam, cfg.lcam_kernel, until=cfg.feature_layer
+        cfg.backbone, cfg.weights if weights is None else weights, cfg.lcam, cfg.lcam_kernel,
+        until=cfg.feature_layer, output_stride=cfg.output_stride,
     )
-    return Stage1Net(
+    net = Stage1Net(
         backbone,
         num_classes,
         num_attentions=cfg.num_attentions,
         feature_layer=cfg.feature_layer,
         logit_scale=cfg.logit_scale,
         cam_channels=cfg.cam_channels,
+        head=cfg.head,
     )
+    set_bn_momentum(net, cfg.bn_momentum)
+    return net
+
+
+def set_bn_momentum(module: nn.Module, momentum: float) -> None:
+    """Set the running-statistics momentum of every batch norm in ``module``; 0 leaves each as built."""
+    if momentum > 0:
+        for m in module.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.momentum = momentum
 
 
 # --------------------------------------------------------------------------- registered backbones
@@ -168,5 +190,6 @@ __all__ = [
     "refine_crop",
     "register_backbone",
     "select_attention_maps",
+    "set_bn_momentum",
     "selection_probabilities",
 ]

@@ -2,7 +2,8 @@
 
 A :class:`Backbone` is a CNN trunk with *named stages*. ``forward_features`` returns every stage's
 output in a dict, so the attention methods read any stage without hooks: the WS-DAN head and Grad-CAM++
-read ``feature_layer`` (default: the last stage), AOLM reads the last stage and the one before it.
+read ``feature_layer`` (default: the last stage); AOLM reads the last block's output (the last stage) and,
+asked with ``penultimate=True``, the output of the block before it (MMAL-Net's conv5_c and conv5_b).
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from torch import Tensor, nn
+
+#: key of the block before the last in ``forward_features(x, penultimate=True)``; the brackets keep it apart
+#: from every stage name (stage names are module-like identifiers)
+PENULTIMATE_BLOCK = "block[-2]"
 
 
 class Backbone(nn.Module, ABC):
@@ -22,9 +27,16 @@ class Backbone(nn.Module, ABC):
     #: total stride (input pixels per feature cell) per stage
     stage_strides: dict[str, int]
 
+    #: submodule path of the block before the last (MMAL-Net's conv5_b), or None where there is none
+    penultimate_block: str | None = None
+
     @abstractmethod
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
-        """Every stage's output for input ``x`` (B, 3, H, W): name -> (B, C_s, H / s, W / s)."""
+    def forward_features(self, x: Tensor, penultimate: bool = False) -> dict[str, Tensor]:
+        """Every stage's output for input ``x`` (B, 3, H, W): name -> (B, C_s, H / s, W / s).
+
+        With ``penultimate``, also the output of the block before the last (the map the last block reads)
+        under :data:`PENULTIMATE_BLOCK`.
+        """
 
     def forward(self, x: Tensor) -> dict[str, Tensor]:
         return self.forward_features(x)

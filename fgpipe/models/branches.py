@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from fgpipe.config import ModelConfig
-from fgpipe.models import create_backbone
+from fgpipe.models import create_backbone, set_bn_momentum
 from fgpipe.models.base import Backbone
 from fgpipe.models.weights import WeightsReport, apply_state_dict
 
@@ -95,7 +95,11 @@ def build_refine_net(
     (None: random init, e.g. before a refine checkpoint is loaded). Returns the net and the weights report.
     """
     # the same trunk as stage-1's, cut after the feature layer the heads read (as build_stage1 does)
-    backbone = create_backbone(model_cfg.backbone, "none", model_cfg.lcam, model_cfg.lcam_kernel, until=model_cfg.feature_layer)
+    backbone = create_backbone(
+        model_cfg.backbone, "none", model_cfg.lcam, model_cfg.lcam_kernel,
+        until=model_cfg.feature_layer, output_stride=model_cfg.output_stride,
+    )
+    set_bn_momentum(backbone, model_cfg.bn_momentum)
     report = apply_state_dict(backbone, stage1_state, source or "stage-1 checkpoint") if stage1_state is not None else None
     part_backbone = None if shared else copy.deepcopy(backbone)
     net = RefineNet(backbone, part_backbone, num_classes, model_cfg.feature_layer)

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING
 from torch import Tensor, nn
 
 from fgpipe.errors import ConfigError
-from fgpipe.models.base import Backbone
+from fgpipe.models.base import PENULTIMATE_BLOCK, Backbone
 from fgpipe.models.lcam import LCAM, check_kernel_size, check_placement
 
 if TYPE_CHECKING:
@@ -38,6 +38,22 @@ class StageSpec:
     name: str
     stride: int
     blocks: tuple[BlockSpec, ...]
+
+
+def _pair(value: int | tuple[int, ...] | list[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (int(value[0]), int(value[-1]))
+
+
+def _set_dilation(conv: nn.Conv2d, dilation: tuple[int, int], where: str) -> None:
+    """Set a conv's dilation, growing a symmetric "same" padding with it (TF-style dynamic padding has none)."""
+    kernel, old, pad = _pair(conv.kernel_size), _pair(conv.dilation), conv.padding
+    if isinstance(pad, str) or _pair(pad) == (0, 0) and type(conv) is not nn.Conv2d:
+        conv.dilation = dilation  # padding computed from the dilation at run time ("same")
+        return
+    if _pair(pad) != (old[0] * (kernel[0] - 1) // 2, old[1] * (kernel[1] - 1) // 2):
+        raise ConfigError(f"model.output_stride: cannot dilate {where} (padding {conv.padding} is not 'same'); set model.output_stride: 0")
+    conv.dilation = dilation
+    conv.padding = (dilation[0] * (kernel[0] - 1) // 2, dilation[1] * (kernel[1] - 1) // 2)
 
 
 def lcam_key(path: str) -> str:
@@ -105,6 +121,50 @@ class StagedBackbone(Backbone):
         self.stage_strides = {n: self.stage_strides[n] for n in self.stage_names}
         self._block_modules = {b.path: self._block_modules[b.path] for st in self._stages for b in st.blocks}
 
+    def set_output_stride(self, output_stride: int) -> None:
+        """Dilate instead of downsample once the stride reaches ``output_stride`` (DeepLab's atrous trunk).
+
+        In the first stage whose stride exceeds ``output_stride``, every strided conv of that stage becomes
+        stride 1; every spatial conv after it (in that stage and the later ones) has its dilation multiplied
+        by the stride removed so far, so each kernel still sees the area it saw in the pretrained network.
+        The weights are unchanged (a pretrained file loads as before); the maps of the later stages are
+        larger by the same factor. ``output_stride`` 0, or at least the trunk's own stride, changes nothing.
+        """
+        if output_stride == 0 or output_stride >= self.stage_strides[self.stage_names[-1]]:
+            return
+        if output_stride not in self.stage_strides.values():
+            raise ConfigError(
+                f"model.output_stride: {output_stride} is not a stride of `{self.name}` "
+                f"(its stages: {', '.join(f'{n} {s}' for n, s in self.stage_strides.items())}); or 0 for the trunk's own"
+            )
+        rate = 1  # the stride removed so far = the dilation every later spatial conv needs
+        for stage in self._stages:
+            if self.stage_strides[stage.name] <= output_stride:
+                continue
+            for spec in stage.blocks:
+                block = self._block_modules[spec.path]
+                applied, after = rate, rate  # the dilation of this block's convs; the rate after the block
+                for name, mod in block.named_modules():
+                    where = f"{spec.path}.{name}" if name else spec.path
+                    if isinstance(mod, (nn.MaxPool2d, nn.AvgPool2d)) and _pair(mod.stride) != (1, 1):
+                        raise ConfigError(
+                            f"model.output_stride: `{self.name}` downsamples by pooling in {where}; "
+                            "it cannot be dilated (set model.output_stride: 0)"
+                        )
+                    if not isinstance(mod, nn.Conv2d):
+                        continue
+                    kernel, stride, old = _pair(mod.kernel_size), _pair(mod.stride), _pair(mod.dilation)
+                    if kernel != (1, 1) and applied > 1:
+                        _set_dilation(mod, (old[0] * applied, old[1] * applied), where)
+                    if stride != (1, 1):
+                        mod.stride = (1, 1) if isinstance(mod.stride, tuple) else [1, 1]
+                        # convs after this one (here and in later blocks) see a map `stride` times larger;
+                        # a parallel strided shortcut (ResNet's 1x1 downsample) gives the same rate
+                        after = rate * stride[0]
+                        applied = after
+                rate = after
+            self.stage_strides[stage.name] = output_stride
+
     @abstractmethod
     def forward_stem(self, x: Tensor) -> Tensor:
         """Everything before the first stage's first block."""
@@ -113,12 +173,24 @@ class StagedBackbone(Backbone):
         """Run block number ``index`` (counted over all stages); override for blocks with extra arguments."""
         return block(x)
 
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+    @property
+    def penultimate_block(self) -> str | None:  # type: ignore[override]
+        """Path of the block before the last one (ResNet ``layer4.<n-2>``, Inception ``Mixed_7b``,
+        EfficientNet ``_blocks.15`` before the ``head`` conv); None for a one-block trunk."""
+        paths = [b.path for st in self._stages for b in st.blocks]
+        return paths[-2] if len(paths) > 1 else None
+
+    def forward_features(self, x: Tensor, penultimate: bool = False) -> dict[str, Tensor]:
         feats: dict[str, Tensor] = {}
+        last = sum(len(st.blocks) for st in self._stages) - 1  # index of the last block
+        if penultimate and last < 1:
+            raise ConfigError(f"backbone `{self.name}` has a single block: there is no block before the last")
         x = self.forward_stem(x)
         index = 0
         for stage in self._stages:
             for spec in stage.blocks:
+                if penultimate and index == last:
+                    feats[PENULTIMATE_BLOCK] = x  # the block before the last one's output, with the LCAM after it
                 x = self.forward_block(index, self._block_modules[spec.path], x)
                 index += 1
                 if self.lcam_placement == "block" and spec.lcam:

@@ -38,10 +38,10 @@ def bap(attention: Tensor, features: Tensor) -> Tensor:
 class HeadOutput(NamedTuple):
     """What the WS-DAN head returns."""
 
-    logits: Tensor  # (B, K) pre-softmax; = fc(logit_scale * embedding)
-    embedding: Tensor  # (B, M*N) BAP feature after signed sqrt + L2 normalisation (center-loss input)
-    attention: Tensor  # (B, M, H, W) attention maps, >= 0
-    cam_logits: Tensor | None = None  # (B, K) the CAM head's class scores (None without a CAM head)
+    logits: Tensor  # (B, K) pre-softmax; = fc(logit_scale * embedding) (plain head: the GAP + linear scores)
+    embedding: Tensor  # (B, M*N) BAP feature after signed sqrt + L2 normalisation (center-loss input); plain: (B, N) pooled
+    attention: Tensor | None  # (B, M, H, W) attention maps, >= 0; None for the plain head
+    cam_logits: Tensor | None = None  # (B, K) the CAM head's class scores (None without a CAM head; plain: = logits)
 
 
 class Stage1Net(nn.Module):
@@ -53,6 +53,10 @@ class Stage1Net(nn.Module):
     Grad-CAM++ differentiates, on its non-negative last conv maps (METHODS.md section 3); it trains beside
     the WS-DAN loss on the raw, crop and drop views (the drops erase the strongest part, so its class
     evidence has to spread over the whole object).
+
+    With ``head`` ``plain`` there is no WS-DAN part at all: the classifier is global average pooling and a
+    linear layer on the feature layer itself (``cam_conv`` is the identity, ``cam_fc`` the linear layer), the
+    plain fine-tune every paper reports beside its method, and the classifier OAAM explains in TL-AAM.
     """
 
     def __init__(
@@ -63,8 +67,11 @@ class Stage1Net(nn.Module):
         feature_layer: str = "",
         logit_scale: float = 100.0,
         cam_channels: int = 0,
+        head: str = "wsdan",
     ) -> None:
         """``feature_layer`` "" picks the backbone's last stage; an unknown name is a ConfigError."""
+        if head not in ("wsdan", "plain"):
+            raise ConfigError(f"model.head must be wsdan or plain, got `{head}`")
         super().__init__()
         if feature_layer and feature_layer not in backbone.stage_names:
             raise ConfigError(
@@ -78,6 +85,16 @@ class Stage1Net(nn.Module):
         self.num_attentions = num_attentions
         self.logit_scale = logit_scale
         self.feature_channels = backbone.stage_channels[self.feature_layer]  # N
+        self.head_kind = head
+        self.cam_conv: nn.Module | None = None
+        self.cam_fc: nn.Linear | None = None
+        if head == "plain":
+            self.cam_channels = self.feature_channels
+            self.cam_conv = nn.Identity()  # the classifier reads the feature layer itself
+            self.cam_fc = nn.Linear(self.feature_channels, num_classes)
+            self.attention: nn.Module | None = None
+            self.fc: nn.Linear | None = None
+            return
         self.attention = nn.Sequential(
             nn.Conv2d(self.feature_channels, num_attentions, kernel_size=1, bias=False),
             nn.BatchNorm2d(num_attentions, eps=1e-3),
@@ -85,8 +102,6 @@ class Stage1Net(nn.Module):
         )
         self.fc = nn.Linear(num_attentions * self.feature_channels, num_classes, bias=False)
         self.cam_channels = cam_channels
-        self.cam_conv: nn.Module | None = None
-        self.cam_fc: nn.Linear | None = None
         if cam_channels > 0:
             self.cam_conv = nn.Sequential(
                 nn.Conv2d(self.feature_channels, cam_channels, kernel_size=1, bias=False),
@@ -96,16 +111,27 @@ class Stage1Net(nn.Module):
             self.cam_fc = nn.Linear(cam_channels, num_classes)
 
     @property
-    def embedding_dim(self) -> int:
-        """M * N: the BAP feature's (and the center loss's) dimension."""
-        return self.num_attentions * self.feature_channels
+    def plain(self) -> bool:
+        """Whether this is the plain GAP + linear classifier (no attention maps, crop, drop or center loss)."""
+        return self.head_kind == "plain"
 
-    def features(self, x: Tensor) -> dict[str, Tensor]:
-        """Every backbone stage for input ``x`` (B, 3, H, W)."""
-        return self.backbone.forward_features(x)
+    @property
+    def embedding_dim(self) -> int:
+        """M * N: the BAP feature's (and the center loss's) dimension; N for the plain head."""
+        return self.feature_channels if self.plain else self.num_attentions * self.feature_channels
+
+    def features(self, x: Tensor, penultimate: bool = False) -> dict[str, Tensor]:
+        """Every backbone stage for input ``x`` (B, 3, H, W); with ``penultimate`` also the block before the
+        last (key ``fgpipe.models.base.PENULTIMATE_BLOCK``, for AOLM)."""
+        return self.backbone.forward_features(x, penultimate=penultimate)
 
     def head(self, feat: Tensor) -> HeadOutput:
         """The head on the feature layer's map ``feat`` (B, N, h, w)."""
+        if self.plain:
+            assert self.cam_fc is not None
+            pooled = feat.mean(dim=(2, 3))  # (B, N)
+            logits = self.cam_fc(pooled)  # (B, K)
+            return HeadOutput(logits, pooled, None, logits)
         attention = self.attention(feat)  # (B, M, h, w)
         embedding = bap(attention, feat)  # (B, M*N)
         logits = self.fc(embedding * self.logit_scale)  # (B, K)

@@ -166,7 +166,7 @@ def _run(
                       "val_top1": val_stats["top1"], "val_top1_raw": val_stats["top1_raw"],
                       "lr": opt.param_groups[0]["lr"], "images_per_s": stats["images_per_s"]}
             history.append(record)
-            improved = val_stats["top1"] > best["val_top1"]
+            improved = val_stats["top1"] >= best["val_top1"]  # a tie goes to the later, longer-trained epoch
             if improved:
                 best = {"epoch": epoch + 1, "val_top1": val_stats["top1"]}
             if rt.is_main:
@@ -225,14 +225,21 @@ def _run(
 
 
 def param_groups(model: Stage1Net, cfg: TrainBackboneConfig) -> list[dict[str, Any]]:
-    """Everything at ``lr``; the CAM head (if any: its conv, BN and linear layer) at ``cam_lr`` (same schedule).
+    """The trunk at ``lr``; the WS-DAN head (attention conv, BAP classifier) at ``wsdan_lr``; the CAM head or the
+    plain head (conv, BN, linear layer) at ``cam_lr``; all on the same schedule.
 
-    The WS-DAN classifier sees its feature times logit_scale (its effective rate is logit_scale^2 x lr); the
-    CAM head is a fresh, unscaled classifier, which at the fine-tuning rate of the backbone barely learns.
+    The WS-DAN classifier sees its feature times logit_scale (its effective rate is logit_scale^2 x its lr), so it
+    keeps WS-DAN's rate whatever the trunk fine-tunes at; the CAM head is a fresh, unscaled classifier, which at
+    the fine-tuning rate of the trunk barely learns.
     """
-    cam = [p for m in (model.cam_conv, model.cam_fc) if m is not None for p in m.parameters()]
-    ids = {id(p) for p in cam}
+    def params_of(*modules: nn.Module | None) -> list[nn.Parameter]:
+        return [p for m in modules if m is not None for p in m.parameters()]
+
+    cam, wsdan = params_of(model.cam_conv, model.cam_fc), params_of(model.attention, model.fc)
+    ids = {id(p) for p in cam + wsdan}
     groups: list[dict[str, Any]] = [{"params": [p for p in model.parameters() if id(p) not in ids]}]
+    if wsdan:
+        groups.append({"params": wsdan, "lr": cfg.wsdan_lr})
     if cam:
         groups.append({"params": cam, "lr": cfg.cam_lr})
     return groups
@@ -289,11 +296,23 @@ def train_step(
 ) -> tuple[Tensor, Tensor]:
     """One optimisation step on a normalised batch; returns (total loss, raw logits), both detached.
 
+    The plain head (``model.head: plain``) takes a plain cross-entropy step on the batch: no attention
+    crop or drop, no center loss.
+
     The raw pass is backpropagated first (its attention maps, detached, define the crops and drops),
     then the crop+drop pass: the gradients add up to those of the summed loss, and under DDP only the
     second backward synchronises (``no_sync`` on the first). Center-loss centers are updated from sums
     all-reduced over ranks, so they stay identical everywhere.
     """
+    if unwrap(net).plain:
+        with rt.autocast():
+            logits = net(x).logits.float()
+            loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+        _check_finite(loss, epoch, step)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return loss.detach(), logits.detach()
     sync_first = net.no_sync() if rt.distributed else contextlib.nullcontext()
     with sync_first:
         with rt.autocast():
@@ -344,7 +363,8 @@ def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, r
     """Raw and refined logits (B, K) of uint8 images (N, 3, S, S) center-cropped to the input size.
 
     Refined = mean of the raw logits and those of the test-time attention crop (mean of all maps,
-    threshold ``refine_threshold`` * max, padding ``refine_padding``); equal to raw when test_refine is off.
+    threshold ``refine_threshold`` * max, padding ``refine_padding``); equal to raw when test_refine is off
+    or the head is plain (no attention maps).
     """
     model.eval()
     raw_all, ref_all = [], []
@@ -353,7 +373,7 @@ def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, r
         with rt.autocast():
             out = model(x)
             raw = out.logits.float()
-            if cfg.test_refine:
+            if cfg.test_refine and out.attention is not None:
                 crop = refine_crop(x.float(), out.attention.float(), threshold=cfg.refine_threshold, padding=cfg.refine_padding)
                 refined = (raw + model(rt.to_input(crop)).logits.float()) / 2
             else:

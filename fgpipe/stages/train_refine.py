@@ -382,7 +382,7 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
                 "lr": opt.param_groups[0]["lr"], "images_per_s": stats["images_per_s"],
             }
             history.append(record)
-            improved = val_stats["mean"] > best["val_top1"]
+            improved = val_stats["mean"] >= best["val_top1"]  # a tie goes to the later, longer-trained epoch
             if improved:
                 best = {"epoch": epoch + 1, "val_top1": val_stats["mean"], "object": val_stats["object"], "parts": val_stats["parts"]}
             if rt.is_main:
