@@ -130,7 +130,7 @@ def run(
     corr = float(np.corrcoef(mine.flatten().numpy(), ref.flatten().numpy())[0, 1])
     package.activations_and_grads.release()
 
-    cfg = CropsConfig(batch_size=batch_size)
+    cfg = CropsConfig(batch_size=batch_size, threshold=0.2)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         rows = write_images(root, images)

@@ -79,7 +79,7 @@ def run(
     """Measure both loads with and without the cache; return the figures (images/s, ratio) as a dict."""
     rounds = rounds or (1 if quick else 5)
     configure_threads()
-    settings = load_params(params)
+    settings = load_params(params, dataset=dataset)  # that dataset's sizes (its per_dataset blocks merged in)
     tb, tr = settings.params.train_backbone, settings.params.train_refine
     side = settings.params.prepare.cache_side
     if side == 0:

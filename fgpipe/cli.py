@@ -44,12 +44,13 @@ def _guard(fn: Callable[[], T]) -> T:
 _PRESET: dict[str, str] = {}  # `fgpipe --preset NAME`: applied to every command's settings
 
 
-def _settings(params: Path, overrides: dict[str, Any]) -> Settings:
-    return load_params(params, {**_PRESET, **overrides})
+def _settings(params: Path, overrides: dict[str, Any], dataset: str) -> Settings:
+    """params.yaml for ``dataset``: its per_dataset blocks merged into the stage sections, then the preset and options."""
+    return load_params(params, {**_PRESET, **overrides}, dataset=dataset)
 
 
 def _report(stage: str, dataset: str, metrics: dict[str, Any]) -> None:
-    shown = {k: v for k, v in metrics.items() if k not in ("params_file", "overrides", "dataset")}
+    shown = {k: v for k, v in metrics.items() if k not in ("params_file", "overrides", "per_dataset", "dataset")}
     console.print(f"[green]{stage}[/] {dataset}: " + json.dumps(shown, sort_keys=True), highlight=False, soft_wrap=True)
 
 
@@ -90,7 +91,7 @@ def prepare(
     overrides: dict[str, Any] = {f"datasets.{dataset}.root": root}
     if download:
         overrides[f"datasets.{dataset}.download"] = True
-    metrics = _guard(lambda: stage.run(_settings(params, overrides), dataset))
+    metrics = _guard(lambda: stage.run(_settings(params, overrides, dataset), dataset))
     _report("prepare", dataset, metrics)
 
 
@@ -109,7 +110,7 @@ def train_backbone(
     from fgpipe.stages import train_backbone as stage
 
     overrides = {"train_backbone.epochs": epochs, "model.backbone": backbone, "model.weights": weights}
-    metrics = _guard(lambda: stage.run(_settings(params, overrides), dataset, resume=resume))
+    metrics = _guard(lambda: stage.run(_settings(params, overrides, dataset), dataset, resume=resume))
     _report("train-backbone", dataset, metrics)
 
 
@@ -124,7 +125,7 @@ def extract_attention(
     """Heatmaps of the stage-1 network for every image: data/NAME/attention.h5."""
     from fgpipe.stages import extract_attention as stage
 
-    metrics = _guard(lambda: stage.run(_settings(params, {"attention.method": method}), dataset))
+    metrics = _guard(lambda: stage.run(_settings(params, {"attention.method": method}, dataset), dataset))
     _report("extract-attention", dataset, metrics)
 
 
@@ -133,14 +134,65 @@ def extract_crops(
     dataset: DatasetOpt = "synthetic",
     params: ParamsOpt = Path("params.yaml"),
     threshold: Annotated[
-        float | None, typer.Option(help="Override crops.threshold, a fraction of each heatmap's max (recorded).")
+        str | None,
+        typer.Option(
+            help="Override crops.threshold: a fraction of each heatmap's max, or auto (the crops.thresholds value "
+            "localising the train and val boxes best) (recorded).",
+            show_default=False,
+        ),
     ] = None,
 ) -> None:
-    """Object boxes from the heatmaps and MPALM part boxes: data/NAME/crops.h5 and crops_preview.png."""
+    """Object boxes from the heatmaps and MPALM part boxes: data/NAME/crops.h5 and crops_preview.png.
+
+    Also the localisation of every stored heatmap method x crops.thresholds x split: metrics/NAME/localization.json
+    and metrics/NAME/localization/METHOD.csv.
+    """
     from fgpipe.stages import extract_crops as stage
 
-    metrics = _guard(lambda: stage.run(_settings(params, {"crops.threshold": threshold}), dataset))
+    value = None if threshold is None else _threshold(threshold)
+    metrics = _guard(lambda: stage.run(_settings(params, {"crops.threshold": value}, dataset), dataset))
     _report("extract-crops", dataset, metrics)
+
+
+def _threshold(text: str) -> float | str:
+    """``--threshold``: auto or a number."""
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        return float(text)
+    except ValueError:
+        raise typer.BadParameter(f"`{text}` is neither auto nor a number", param_hint="--threshold") from None
+
+
+def _thresholds(text: str | None) -> list[float] | None:
+    """``--thresholds``: comma-separated numbers."""
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.replace(" ", "").split(",") if v]
+    except ValueError:
+        raise typer.BadParameter(f"`{text}` is not a comma-separated list of numbers", param_hint="--thresholds") from None
+
+
+@app.command()
+def localize(
+    dataset: DatasetOpt = "synthetic",
+    params: ParamsOpt = Path("params.yaml"),
+    thresholds: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated object thresholds (default: crops.thresholds), e.g. 0.1,0.2,0.3.", show_default=False),
+    ] = None,
+) -> None:
+    """Localisation of every heatmap method in attention.h5 x threshold x split (IoU >= 0.5 with the boxes); no network."""
+    import sys
+
+    from rich.console import Console
+
+    from fgpipe.stages import localize as stage
+
+    grid = _thresholds(thresholds)
+    report = _guard(lambda: stage.run(_settings(params, {}, dataset), dataset, grid))
+    stage.print_table(Console(file=sys.stdout), report)
 
 
 @app.command()
@@ -153,7 +205,7 @@ def show(
     """Draw one image's heatmap, object box, ground-truth box and parts; print the PNG's path."""
     from fgpipe.preview import show as draw
 
-    path = _guard(lambda: draw(_settings(params, {}), dataset, image, out))
+    path = _guard(lambda: draw(_settings(params, {}, dataset), dataset, image, out))
     typer.echo(str(path))
 
 
@@ -168,7 +220,7 @@ def train_refine(
     from fgpipe.stages import train_refine as stage
 
     overrides = {"train_refine.epochs": epochs}
-    metrics = _guard(lambda: stage.run(_settings(params, overrides), dataset, resume=resume))
+    metrics = _guard(lambda: stage.run(_settings(params, overrides, dataset), dataset, resume=resume))
     _report("train-refine", dataset, metrics)
 
 
@@ -183,7 +235,7 @@ def evaluate(
     """Top-1/top-k of the raw, object, parts and joint predictions on test; joint weights chosen on val or fixed."""
     from fgpipe.stages import evaluate as stage
 
-    metrics = _guard(lambda: stage.run(_settings(params, {"evaluate.combine": combine}), dataset))
+    metrics = _guard(lambda: stage.run(_settings(params, {"evaluate.combine": combine}, dataset), dataset))
     _report("evaluate", dataset, metrics)
 
 
@@ -205,7 +257,7 @@ def predict(
     """
     from fgpipe.stages import predict as stage
 
-    failed = _guard(lambda: stage.run(_settings(params, {}), dataset, images, top_k=top_k, as_json=as_json, save_png=save_png))
+    failed = _guard(lambda: stage.run(_settings(params, {}, dataset), dataset, images, top_k=top_k, as_json=as_json, save_png=save_png))
     if failed:
         raise typer.Exit(1)
 

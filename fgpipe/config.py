@@ -4,6 +4,8 @@ Validation is done by pydantic dataclasses (``extra="forbid"``, strict types): a
 wrong type or a value out of range fails before any work, with a message naming the key path
 (``datasets.cub.val_fraction``) and what is allowed. CLI options that override a param are applied
 as dotted keys *before* validation and recorded, so every artefact can say how it was made.
+A dataset's own values of the stage sections (``per_dataset.NAME``) are merged in for a run on that
+dataset, in the order params.yaml < per_dataset.NAME < preset < CLI options.
 """
 
 from __future__ import annotations
@@ -13,8 +15,9 @@ import json
 import dataclasses
 import os
 import typing
+from collections.abc import Collection
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
@@ -133,6 +136,15 @@ class ModelConfig:
     lcam_kernel: int = Field(0, ge=0, le=31)  # 0: adaptive k from the channel count; else a fixed odd k
     num_attentions: int = Field(32, ge=1, le=512)  # M
     feature_layer: str = ""  # backbone stage the head and every attention method read; "" = the last stage
+    # 0: the trunk's own stride; 8/16: dilate the stages past it instead of downsampling (finer heatmaps, same weights)
+    output_stride: int = Field(0, ge=0, le=64)
+    # wsdan: attention maps + BAP classifier (+ the CAM head); plain: global average pooling + linear on the
+    # feature layer, trained with cross-entropy on the whole image only (the baseline every paper reports)
+    head: Literal["wsdan", "plain"] = "wsdan"
+    # momentum of every batch norm's running statistics (PyTorch's default 0.1); 0 keeps the trunk's own
+    # (EfficientNet's TF-ported 0.01 lags so far behind a fine-tuned trunk on a small dataset that eval-mode
+    # predictions stay near chance for epochs while training accuracy climbs)
+    bn_momentum: float = Field(0.1, ge=0.0, le=1.0)
     logit_scale: float = Field(100.0, gt=0)  # the classifier sees the normalised BAP feature times this
     # the CAM head: 1x1 conv + BN + ReLU to this many maps, GAP, linear; the classifier OAAM explains (0: none)
     cam_channels: int = Field(256, ge=0, le=8192)
@@ -183,7 +195,10 @@ class TrainBackboneConfig(TrainingConfig):
     center_loss_weight: float = Field(1.0, ge=0)  # lambda
     center_beta: float = Field(0.05, gt=0, le=1)  # center update rate
     cam_loss_weight: float = Field(1.0, ge=0)  # mu: CE of the CAM head (model.cam_channels) on raw, crop and drop views
-    cam_lr: float = Field(0.05, gt=0, le=10)  # the CAM head's own learning rate (it starts from scratch)
+    cam_lr: float = Field(0.05, gt=0, le=10)  # the CAM head's (or the plain head's) own learning rate (it starts from scratch)
+    # the WS-DAN head's (attention conv and BAP classifier) own rate: its classifier sees logit_scale x the unit
+    # feature, so its effective rate is logit_scale^2 x this; WS-DAN's 1e-3 whatever rate the trunk fine-tunes at
+    wsdan_lr: float = Field(0.001, gt=0, le=10)
     crop_threshold: tuple[float, float] = (0.4, 0.6)  # theta_c ~ U(a, b) * max(A_k)
     crop_padding: float = Field(0.1, ge=0, le=1)  # pad the crop box by this fraction of the image side
     drop_threshold: tuple[float, float] = (0.2, 0.5)  # theta_d ~ U(a, b) * max(A_k)
@@ -217,7 +232,11 @@ class AttentionConfig:
 class CropsConfig:
     """Stage extract-crops: object boxes from heatmaps and MPALM part boxes (METHODS.md sections 4-5)."""
 
-    threshold: float = Field(0.2, gt=0.0, le=1.0)  # of the heatmap's max
+    # object mask: heatmap >= threshold * its max; auto = the `thresholds` value with the best localisation on the
+    # train and val boxes (ties: the higher mean IoU, then the lower threshold; 0.2 when they have no boxes)
+    threshold: Annotated[float, Field(gt=0.0, le=1.0)] | Literal["auto"] = "auto"
+    # the grid localisation is reported on (every stored method x split, metrics/NAME/localization.json) and auto picks from
+    thresholds: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.45, 0.5, 0.55, 0.6)
     part_top_k: int = Field(4, ge=1, le=64)  # channels whose peaks become part centres
     part_sizes: tuple[int, ...] = (96, 160, 224)  # box sides at a 448-pixel input; scaled with the input size
     part_nms_iou: float = Field(0.5, gt=0.0, le=1.0)
@@ -229,6 +248,9 @@ class CropsConfig:
     def _sizes(self) -> CropsConfig:
         if not self.part_sizes or any(v < 8 for v in self.part_sizes):
             raise ValueError(f"part_sizes must be a non-empty list of sides >= 8 pixels, got {self.part_sizes!r}")
+        t = self.thresholds
+        if not t or any(not 0 < v <= 1 for v in t) or any(a >= b for a, b in zip(t, t[1:])):
+            raise ValueError(f"thresholds must be a non-empty increasing list of values in (0, 1], got {list(t)!r}")
         return self
 
 
@@ -266,6 +288,32 @@ class EvaluateConfig:
 
 
 # --------------------------------------------------------------------------- the whole file
+# The stage sections: shared by every dataset, each one settable per dataset (per_dataset.NAME.SECTION).
+STAGE_SECTIONS = ("model", "train_backbone", "attention", "crops", "train_refine", "evaluate")
+
+
+@dataclass(frozen=True, config=_CFG)
+class DatasetOverrides:
+    """One dataset's own values of the stage sections (``per_dataset.NAME``), set over the shared sections.
+
+    A block holds any keys of its section, nested ones too (``train_backbone: {augment: {hflip: false}}``),
+    and is checked against that section whenever the file is loaded. ``{}`` (or no block) keeps the shared
+    values. For ``dvc repro`` a dataset under ``run`` needs all six blocks, ``{}`` at least: dvc.yaml tracks each
+    one and DVC refuses a missing params key (fgpipe itself does not need them).
+    """
+
+    model: dict[str, Any] | None = None
+    train_backbone: dict[str, Any] | None = None
+    attention: dict[str, Any] | None = None
+    crops: dict[str, Any] | None = None
+    train_refine: dict[str, Any] | None = None
+    evaluate: dict[str, Any] | None = None
+
+    def blocks(self) -> dict[str, dict[str, Any]]:
+        """The non-empty blocks: section -> values (a copy)."""
+        return {s: copy.deepcopy(v) for s in STAGE_SECTIONS if (v := getattr(self, s))}
+
+
 @dataclass(frozen=True, config=_CFG)
 class Params:
     """The whole params.yaml."""
@@ -283,6 +331,8 @@ class Params:
     crops: CropsConfig = CropsConfig()
     train_refine: TrainRefineConfig = TrainRefineConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    # dataset name -> its own values of the stage sections, over the shared ones (README "Per-dataset parameters")
+    per_dataset: dict[str, DatasetOverrides] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _check_run(self) -> Params:
@@ -298,6 +348,13 @@ class Params:
                 )
         return self
 
+    @model_validator(mode="after")
+    def _check_per_dataset(self) -> Params:
+        for name in self.per_dataset:
+            if name not in self.datasets:
+                raise ValueError(f"per_dataset.{name}: no such dataset under `datasets` (known: {', '.join(sorted(self.datasets))})")
+        return self
+
 
 _PARAMS_ADAPTER = TypeAdapter(Params)
 
@@ -305,18 +362,24 @@ _PARAMS_ADAPTER = TypeAdapter(Params)
 # --------------------------------------------------------------------------- loading
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Validated params plus where they came from and which CLI overrides were applied."""
+    """Validated params plus where they came from and which CLI overrides were applied.
+
+    With ``dataset_name`` set (``load_params(..., dataset=NAME)`` or :meth:`for_dataset`), the stage sections of
+    ``params`` are that dataset's: its ``per_dataset`` blocks merged in, so stage code just reads ``params.SECTION``.
+    """
 
     params: Params
     params_file: Path
     overrides: dict[str, Any]
+    dataset_name: str | None = None  # the dataset whose per_dataset blocks are merged in; None: the shared sections
+    raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)  # the file as read
 
     @property
     def base_dir(self) -> Path:
         """Relative paths in params.yaml are relative to the folder holding it."""
         return self.params_file.resolve().parent
 
-    def dataset(self, name: str) -> DatasetConfig:
+    def _lookup(self, name: str) -> DatasetConfig:
         try:
             return self.params.datasets[name]
         except KeyError:
@@ -324,6 +387,29 @@ class Settings:
             raise ConfigError(
                 f"{self.params_file}: no dataset `{name}` under `datasets` (known: {known})"
             ) from None
+
+    def dataset(self, name: str) -> DatasetConfig:
+        cfg = self._lookup(name)
+        if self.dataset_name is not None and name != self.dataset_name:
+            raise ConfigError(
+                f"{self.params_file}: these settings hold dataset `{self.dataset_name}`'s parameters, not `{name}`'s "
+                f"(load them with dataset={name!r})"
+            )
+        return cfg
+
+    def for_dataset(self, name: str) -> Settings:
+        """These settings for dataset ``name``: its per_dataset blocks merged into the stage sections, in the order
+        params.yaml < per_dataset.NAME < preset < CLI overrides, and validated."""
+        self._lookup(name)
+        entry = self.params.per_dataset.get(name)
+        blocks = entry.blocks() if entry is not None else {}
+        params = validate(_effective_raw(self.raw, blocks, self.overrides, self.params_file), self.params_file, name, blocks)
+        return dataclasses.replace(self, params=params, dataset_name=name)
+
+    def dataset_overrides(self) -> dict[str, dict[str, Any]]:
+        """The per_dataset blocks merged into these settings' stage sections (section -> values; {} for none)."""
+        entry = self.params.per_dataset.get(self.dataset_name) if self.dataset_name is not None else None
+        return entry.blocks() if entry is not None else {}
 
     def resolve(self, path: str) -> Path:
         """A path from params.yaml, made absolute against the params file's folder."""
@@ -343,7 +429,12 @@ class Settings:
 
     def provenance(self) -> dict[str, Any]:
         """What to record with an artefact so it says how it was made."""
-        return {"params_file": str(self.params_file), "preset": self.params.preset, "overrides": dict(self.overrides)}
+        return {
+            "params_file": str(self.params_file),
+            "preset": self.params.preset,
+            "overrides": dict(self.overrides),
+            "per_dataset": self.dataset_overrides(),
+        }
 
 
 def _read_mapping(path: Path, what: str) -> dict[str, Any]:
@@ -357,23 +448,49 @@ def _read_mapping(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
-def load_params(path: str | os.PathLike[str] = "params.yaml", overrides: dict[str, Any] | None = None) -> Settings:
-    """Read, override and validate params.yaml; raise ConfigError naming the culprit."""
+def load_params(
+    path: str | os.PathLike[str] = "params.yaml", overrides: dict[str, Any] | None = None, dataset: str | None = None
+) -> Settings:
+    """Read, override and validate params.yaml; raise ConfigError naming the culprit.
+
+    With ``dataset``, the stage sections are that dataset's (:meth:`Settings.for_dataset`). Either way every
+    dataset's per_dataset blocks are checked, so a typo in one dataset's block stops a run of another.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path} (pass --params FILE or run from the project root)")
     raw = _read_mapping(path, "the top level must be a mapping of sections")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
+    shared = _effective_raw(raw, {}, overrides, path)
+    params = validate(shared, path)
+    for name, entry in params.per_dataset.items():
+        blocks = entry.blocks()
+        if blocks:  # each block over the (valid) shared sections: any error is the block's own
+            validate(_merge(shared, blocks), path, name, blocks)
+    settings = Settings(params=params, params_file=path, overrides=overrides, raw=raw)
+    return settings if dataset is None else settings.for_dataset(dataset)
+
+
+def _effective_raw(raw: dict[str, Any], blocks: dict[str, Any], overrides: dict[str, Any], path: Path) -> dict[str, Any]:
+    """The raw params a stage sees: the file's sections < a dataset's blocks < the preset < CLI overrides."""
+    out = _merge(raw, blocks)
     preset = overrides.get("preset", raw.get("preset", "none"))
     if preset not in (None, "none"):
-        raw = apply_preset(raw, str(preset), path)
-    raw = apply_overrides(raw, overrides, path)
-    return Settings(params=validate(raw, path), params_file=path, overrides=overrides)
+        out = apply_preset(out, str(preset), path)
+    return apply_overrides(out, overrides, path)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """A deep copy of ``base`` with ``top`` set over it key by key, nested mappings merged too."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
 
 
 # --------------------------------------------------------------------------- presets
 PRESETS_DIR = Path(__file__).parent / "presets"
-PRESET_SECTIONS = ("model", "train_backbone", "attention", "crops", "train_refine", "evaluate")
+PRESET_SECTIONS = STAGE_SECTIONS
 
 
 def preset_names() -> list[str]:
@@ -404,13 +521,7 @@ def apply_preset(raw: dict[str, Any], name: str, params_path: Path) -> dict[str,
     if bad:
         raise ConfigError(f"{path}: a preset may set only {', '.join(PRESET_SECTIONS)}; not {', '.join(bad)}")
 
-    def merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-        out = dict(base)
-        for key, value in top.items():
-            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-        return out
-
-    return merge(copy.deepcopy(raw), data)
+    return _merge(raw, data)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], path: Path) -> dict[str, Any]:
@@ -430,20 +541,31 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], path: Path) 
     return out
 
 
-def validate(raw: dict[str, Any], path: str | os.PathLike[str] = "params.yaml") -> Params:
+def validate(
+    raw: dict[str, Any],
+    path: str | os.PathLike[str] = "params.yaml",
+    dataset: str | None = None,
+    blocks: Collection[str] = (),
+) -> Params:
     """Validate raw params strictly: YAML scalars are JSON types, so JSON-mode strict validation
-    refuses "1" for an int or 1 for a bool, yet accepts a list where a tuple is declared."""
+    refuses "1" for an int or 1 for a bool, yet accepts a list where a tuple is declared.
+
+    ``raw`` holding dataset ``dataset``'s per_dataset ``blocks`` (section names): an error in one of those
+    sections is named by its full path, ``per_dataset.DATASET.SECTION.KEY``."""
     try:
         return _PARAMS_ADAPTER.validate_json(json.dumps(raw, default=str), strict=True)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, path)) from None
+        raise ConfigError(format_validation_error(exc, path, dataset, blocks)) from None
 
 
-def format_validation_error(exc: ValidationError, path: str | os.PathLike[str]) -> str:
+def format_validation_error(
+    exc: ValidationError, path: str | os.PathLike[str], dataset: str | None = None, blocks: Collection[str] = ()
+) -> str:
     lines = []
     for err in exc.errors():
         loc = [str(p) for p in err["loc"]]
-        key = ".".join(loc) or "(top level)"
+        shown = ["per_dataset", dataset, *loc] if dataset is not None and loc and loc[0] in blocks else loc
+        key = ".".join(shown) or "(top level)"
         if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
             allowed = allowed_keys(loc[:-1])
             hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
@@ -453,8 +575,8 @@ def format_validation_error(exc: ValidationError, path: str | os.PathLike[str]) 
         else:
             msg = err["msg"].removeprefix("Value error, ")
             got = err.get("input")
-            shown = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-            lines.append(f"  {key}: {msg}{shown}")
+            value = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
+            lines.append(f"  {key}: {msg}{value}")
     n = len(lines)
     return f"{path}: {n} invalid setting{'s' if n > 1 else ''}:\n" + "\n".join(lines)
 

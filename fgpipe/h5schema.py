@@ -7,13 +7,17 @@ dataset         shape, dtype    meaning
 ==============  ==============  ======================================================================
 image_id        (N,) utf-8 str  the manifest's image_id
 label           (N,) int64      the manifest's label
-heatmap         (N, H, W) f16   heatmap at feature resolution, each in [0, 1] (chunked, gzip)
-logits          (N, K) f32      pre-softmax class scores of the stage-1 network
-prediction      (N,) int64      argmax of the logits
+heatmap         (N, M, H, W)    the heatmap of each of the M stored methods (attr ``methods``, in that
+                f16             order) at feature resolution, each in [0, 1] (chunked, gzip)
+logits          (N, K) f32      pre-softmax class scores of the classifier the gradient methods explain
+                                (provenance ``score``: the CAM head's for ``cam``, the WS-DAN head's for ``wsdan``)
+prediction      (N,) int64      argmax of the logits (= the class explained, with target ``predicted``)
 ==============  ==============  ======================================================================
 
-attrs: ``schema`` ("fgpipe.attention"), ``schema_version``, ``method``, ``layer``, ``input_size``,
-``checkpoint_sha256``, ``manifest_sha256``, ``provenance`` (free JSON text).
+attrs: ``schema`` ("fgpipe.attention"), ``schema_version``, ``method`` (the selected method, one of
+``methods``: the one extract-crops cuts its crops from), ``methods`` (JSON list of the stored methods),
+``layer``, ``input_size``, ``checkpoint_sha256``, ``manifest_sha256``, ``provenance`` (free JSON text).
+Version 2 stores every method the checkpoint supports (version 1 held one ``heatmap`` (N, H, W)).
 
 ``crops.h5`` (written by ``fgpipe extract-crops``), one row per image, P = max parts per image:
 
@@ -57,7 +61,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -69,7 +73,7 @@ import numpy as np
 from fgpipe.errors import ArtifactError
 from fgpipe.store import _json_default, atomic_path
 
-ATTENTION_SCHEMA_VERSION = 1
+ATTENTION_SCHEMA_VERSION = 2
 CROPS_SCHEMA_VERSION = 1
 IMAGES_SCHEMA_VERSION = 1
 
@@ -107,11 +111,14 @@ ATTENTION = FileSchema(
     datasets=(
         DatasetSpec("image_id", "str"),
         DatasetSpec("label", "int64"),
-        DatasetSpec("heatmap", "float16", ("H", "W"), compress=True),
+        DatasetSpec("heatmap", "float16", ("M", "H", "W"), compress=True),
         DatasetSpec("logits", "float32", ("K",)),
         DatasetSpec("prediction", "int64"),
     ),
-    attrs={"method": str, "layer": str, "input_size": int, "checkpoint_sha256": str, "manifest_sha256": str},
+    attrs={
+        "method": str, "methods": tuple, "layer": str, "input_size": int, "checkpoint_sha256": str,
+        "manifest_sha256": str,
+    },
     sources={"manifest_sha256": "manifest", "checkpoint_sha256": "checkpoint"},
 )
 
@@ -158,6 +165,13 @@ class AttentionMeta:
     checkpoint_sha256: str
     manifest_sha256: str
     provenance: dict[str, Any] = field(default_factory=dict)
+    methods: tuple[str, ...] = ()  # every stored method, in the file's order; () = just ``method``
+
+    def __post_init__(self) -> None:
+        methods = tuple(self.methods) or (self.method,)
+        if self.method not in methods or len(set(methods)) != len(methods):
+            raise ValueError(f"methods {list(methods)} must be distinct names and hold method `{self.method}`")
+        object.__setattr__(self, "methods", methods)
 
 
 @dataclass(frozen=True)
@@ -185,9 +199,10 @@ class AttentionRecords(NamedTuple):
 
     image_ids: list[str]
     labels: np.ndarray  # (n,) int64
-    heatmaps: np.ndarray  # (n, H, W) float32
+    heatmaps: np.ndarray  # (n, H, W) float32: the selected method's (``meta.method``)
     logits: np.ndarray  # (n, K) float32
     predictions: np.ndarray  # (n,) int64
+    all_heatmaps: np.ndarray  # (n, M, H, W) float32: every stored method's, in ``meta.methods`` order
 
 
 class CropsRecords(NamedTuple):
@@ -221,6 +236,24 @@ def _array(x: Any) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()
     return np.asarray(x)
+
+
+def _attr_out(typ: type, value: Any) -> Any:
+    """An attr value as written: a tuple of names as JSON text (h5py stores no numpy unicode arrays)."""
+    if typ is tuple:
+        return json.dumps([str(v) for v in value])
+    return typ(value)
+
+
+def _attr_in(typ: type, raw: Any) -> Any:
+    """An attr value as read back (inverse of :func:`_attr_out`); TypeError/ValueError when malformed."""
+    raw = raw.decode() if isinstance(raw, bytes) else raw
+    if typ is tuple:
+        names = json.loads(str(raw))
+        if not isinstance(names, list) or not all(isinstance(v, str) for v in names):
+            raise ValueError("not a JSON list of names")
+        return tuple(names)
+    return typ(raw)
 
 
 def _kind_ok(spec: DatasetSpec, dtype: np.dtype) -> bool:
@@ -262,7 +295,7 @@ class _Writer(Generic[MetaT]):
             h5.attrs["schema"] = self.schema.kind
             h5.attrs["schema_version"] = self.schema.version
             for name, typ in self.schema.attrs.items():
-                h5.attrs[name] = typ(attrs[name])
+                h5.attrs[name] = _attr_out(typ, attrs[name])
             h5.attrs["provenance"] = json.dumps(provenance, sort_keys=True, default=_json_default)
             for spec in self.schema.datasets:
                 row = self._shape(spec)
@@ -336,7 +369,8 @@ class AttentionWriter(_Writer[AttentionMeta]):
     def __init__(
         self, path: str | os.PathLike[str], meta: AttentionMeta, heatmap_hw: tuple[int, int], num_classes: int
     ) -> None:
-        super().__init__(path, meta, {"H": heatmap_hw[0], "W": heatmap_hw[1], "K": num_classes})
+        dims = {"M": len(meta.methods), "H": heatmap_hw[0], "W": heatmap_hw[1], "K": num_classes}
+        super().__init__(path, meta, dims)
 
     def __enter__(self) -> AttentionWriter:
         super().__enter__()
@@ -345,9 +379,22 @@ class AttentionWriter(_Writer[AttentionMeta]):
     def append(
         self, image_ids: Sequence[str], labels: Any, heatmaps: Any, logits: Any, predictions: Any
     ) -> None:
-        """Append B images: ids (B,), labels (B,), heatmaps (B, H, W), logits (B, K), predictions (B,)."""
+        """Append B images: ids (B,), labels (B,), heatmaps, logits (B, K), predictions (B,).
+
+        ``heatmaps``: a mapping of every method in ``meta.methods`` to its (B, H, W) maps, or one (B, M, H, W)
+        array in that order ((B, H, W) when the file stores one method).
+        """
+        methods = self.meta.methods
+        if isinstance(heatmaps, Mapping):
+            if set(heatmaps) != set(methods):
+                raise ValueError(f"{self.path}: heatmaps must be given for exactly {list(methods)}, got {sorted(heatmaps)}")
+            stacked = np.stack([_array(heatmaps[m]) for m in methods], axis=1)  # (B, M, H, W)
+        else:
+            stacked = _array(heatmaps)
+            if stacked.ndim == 3 and len(methods) == 1:
+                stacked = stacked[:, None]  # (B, 1, H, W)
         self._append(
-            {"image_id": image_ids, "label": labels, "heatmap": heatmaps, "logits": logits, "prediction": predictions}
+            {"image_id": image_ids, "label": labels, "heatmap": stacked, "logits": logits, "prediction": predictions}
         )
 
 
@@ -493,7 +540,7 @@ class _Reader(Generic[MetaT, RecordsT]):
         for name, typ in self.schema.attrs.items():
             raw = h5.attrs[name]
             try:
-                values[name] = typ(raw.decode() if isinstance(raw, bytes) else raw)
+                values[name] = _attr_in(typ, raw)
             except (TypeError, ValueError) as err:
                 raise ArtifactError(f"{where}: attr `{name}` = {raw!r} is not a {typ.__name__}; {rerun}") from err
 
@@ -581,17 +628,45 @@ class AttentionReader(_Reader[AttentionMeta, AttentionRecords]):
     def __enter__(self) -> AttentionReader:
         return self
 
+    def _validate(self, rerun: str) -> tuple[AttentionMeta, dict[str, int], int]:
+        meta, dims, n = super()._validate(rerun)
+        if len(meta.methods) != dims["M"]:
+            raise ArtifactError(
+                f"{self.path}: attr `methods` names {len(meta.methods)} methods, `heatmap` holds {dims['M']}; {rerun}"
+            )
+        return meta, dims, n
+
     def _meta(self, values: dict[str, Any], provenance: dict[str, Any]) -> AttentionMeta:
-        return AttentionMeta(**values, provenance=provenance)
+        try:
+            return AttentionMeta(**values, provenance=provenance)
+        except ValueError as err:
+            raise ArtifactError(f"{self.path}: attrs `method` / `methods`: {err}; rerun `{self.schema.producer}`") from err
 
     def _records(self, columns: dict[str, np.ndarray]) -> AttentionRecords:
+        every = columns["heatmap"].astype(np.float32)  # (n, M, H, W)
         return AttentionRecords(
             image_ids=list(columns["image_id"]),
             labels=columns["label"].astype(np.int64),
-            heatmaps=columns["heatmap"].astype(np.float32),
+            heatmaps=every[:, self.meta.methods.index(self.meta.method)],
             logits=columns["logits"].astype(np.float32),
             predictions=columns["prediction"].astype(np.int64),
+            all_heatmaps=every,
         )
+
+    @property
+    def methods(self) -> tuple[str, ...]:
+        """The stored methods, in the file's order."""
+        return self.meta.methods
+
+    def method_heatmaps(self, method: str, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Rows ``start:stop`` of one stored method's heatmaps (n, H, W) float32 (only those are read)."""
+        if method not in self.meta.methods:
+            raise ArtifactError(
+                f"{self.path} holds no `{method}` heatmaps (it holds {', '.join(self.meta.methods)}); "
+                f"rerun `{self.schema.producer}`"
+            )
+        sl = slice(*slice(start, stop).indices(self._len)[:2])
+        return self._h5["heatmap"][sl, self.meta.methods.index(method)].astype(np.float32)
 
     @property
     def heatmap_hw(self) -> tuple[int, int]:

@@ -8,13 +8,26 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from skimage import measure
 from torch import Tensor, nn
 
-from fgpipe.attention import AOLM, BAP, METHODS, OAAM, GradCAM, create_method
-from fgpipe.attention.aolm import aolm_region, box_indicator, previous_mask_on_grid
+from fgpipe.attention import (
+    AOLM,
+    BAP,
+    METHODS,
+    OAAM,
+    GradCAM,
+    companion_methods,
+    create_method,
+    forward_pass,
+    heatmaps_of,
+)
+from fgpipe.attention.aolm import aolm_region, box_indicator
 from fgpipe.errors import ConfigError
 from fgpipe.localize import object_box
-from fgpipe.models.base import Backbone
+from fgpipe.models import create_backbone
+from fgpipe.models.base import PENULTIMATE_BLOCK, Backbone
+from fgpipe.models.wsdan import Stage1Net
 
 
 # --------------------------------------------------------------------------- a small model with the Stage1Net API
@@ -26,18 +39,27 @@ class HeadOutput(NamedTuple):
 
 
 class TinyBackbone(Backbone):
+    """Stage s1, then stage s2 of two blocks (a strided conv, then a 3x3 conv): AOLM reads both s2 blocks."""
+
     stage_names = ("s1", "s2")
     stage_channels = {"s1": 6, "s2": 8}
     stage_strides = {"s1": 2, "s2": 4}
+    penultimate_block = "s2.0"
 
     def __init__(self) -> None:
         super().__init__()
         self.s1 = nn.Sequential(nn.Conv2d(3, 6, 3, 2, 1), nn.BatchNorm2d(6), nn.ReLU())
-        self.s2 = nn.Sequential(nn.Conv2d(6, 8, 3, 2, 1), nn.ReLU())
+        self.s2 = nn.Sequential(
+            nn.Sequential(nn.Conv2d(6, 8, 3, 2, 1), nn.ReLU()), nn.Sequential(nn.Conv2d(8, 8, 3, 1, 1), nn.ReLU())
+        )
 
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
+    def forward_features(self, x: Tensor, penultimate: bool = False) -> dict[str, Tensor]:
         f1 = self.s1(x)
-        return {"s1": f1, "s2": self.s2(f1)}
+        mid = self.s2[0](f1)
+        out = {"s1": f1, "s2": self.s2[1](mid)}
+        if penultimate:
+            out[PENULTIMATE_BLOCK] = mid
+        return out
 
 
 class TinyStage1(nn.Module):
@@ -57,8 +79,8 @@ class TinyStage1(nn.Module):
             bn.running_var.uniform_(0.5, 1.5)
         self.att[0].bias.data.fill_(0.5)  # keep attention maps alive
 
-    def features(self, x: Tensor) -> dict[str, Tensor]:
-        return self.backbone.forward_features(x)
+    def features(self, x: Tensor, penultimate: bool = False) -> dict[str, Tensor]:
+        return self.backbone.forward_features(x, penultimate)
 
     def head(self, feat: Tensor) -> HeadOutput:
         a = self.att(feat)  # (B, M, H, W)
@@ -248,47 +270,149 @@ def test_registry_and_errors(model, images) -> None:
         GradCAM(model)
 
 
-# --------------------------------------------------------------------------- AOLM on hand-made activations
+# --------------------------------------------------------------------------- the classifier explained is the one stored
+def test_logits_are_those_of_the_classifier_explained(cam_model, images) -> None:
+    """score cam: the logits (and predictions) returned are the CAM head's, the class OAAM explained."""
+    out = OAAM(cam_model)(images)
+    with torch.no_grad():
+        head = cam_model(images)
+    torch.testing.assert_close(out.logits, head.cam_logits.float())
+    assert not torch.allclose(out.logits, head.logits.float())  # not the WS-DAN head's
+    fp = forward_pass(cam_model, "cam", images, gradient=True)
+    assert torch.equal(out.predictions, fp.targets)  # the class explained = the class stored as predicted
+    explicit = OAAM(cam_model)(images, out.predictions)
+    torch.testing.assert_close(explicit.heatmaps, out.heatmaps)
+    for method in (BAP(cam_model), AOLM(cam_model), OAAM(cam_model, score="wsdan")):
+        want = head.cam_logits if method.score == "cam" else head.logits
+        torch.testing.assert_close(method(images).logits, want.float())  # the same for every method
+
+
+# --------------------------------------------------------------------------- several methods, one pass
+@pytest.mark.parametrize("which", ["model", "cam_model"])
+def test_heatmaps_of_every_method_in_one_pass(which, request, images, monkeypatch) -> None:
+    model = request.getfixturevalue(which)
+    methods = companion_methods(create_method("gradcam", model))
+    assert [m.name for m in methods] == ["oaam", "gradcam", "aolm", "bap"]  # registry order
+    alone = {m.name: m(images) for m in methods}
+    calls = {"features": 0, "grad": 0}
+    features, grad = model.features, torch.autograd.grad
+
+    def counting_features(*args, **kwargs):
+        calls["features"] += 1
+        return features(*args, **kwargs)
+
+    def counting_grad(*args, **kwargs):
+        calls["grad"] += 1
+        return grad(*args, **kwargs)
+
+    monkeypatch.setattr(model, "features", counting_features)
+    monkeypatch.setattr(torch.autograd, "grad", counting_grad)
+    together = heatmaps_of(methods, images)
+    assert calls == {"features": 1, "grad": 1}  # one forward, and one backward shared by OAAM and Grad-CAM
+    for name, out in alone.items():
+        torch.testing.assert_close(together.heatmaps[name], out.heatmaps)
+        torch.testing.assert_close(together.logits, out.logits)
+    with pytest.raises(ValueError, match="another model or score"):
+        heatmaps_of([OAAM(model, score="wsdan"), BAP(TinyStage1().double().eval())], images)
+
+
+def test_plain_head_explains_its_own_classifier_and_has_no_bap() -> None:
+    torch.manual_seed(0)
+    model = Stage1Net(create_backbone("tiny"), num_classes=4, head="plain").eval()
+    x = torch.randn(3, 3, 64, 64)
+    out = OAAM(model)(x)
+    assert OAAM(model).score == "cam"
+    with torch.no_grad():
+        torch.testing.assert_close(out.logits, model(x).logits)
+    assert [m.name for m in companion_methods(OAAM(model))] == ["oaam", "gradcam", "aolm"]
+    with pytest.raises(ConfigError, match="plain head"):
+        BAP(model)
+
+
+# --------------------------------------------------------------------------- AOLM against MMAL-Net's procedure
+def aolm_reference(last: np.ndarray, pen: np.ndarray) -> np.ndarray:
+    """MMAL-Net's AOLM written plainly (skimage label + regionprops, as its utils/AOLM.py) on one image's
+    last-block (C, h, w) and penultimate-block (C, h, w) maps -> the box indicator (h, w); empty: all zero."""
+    a = last.sum(axis=0)
+    component_labels = measure.label(a > a.mean())  # default connectivity: 8 in 2-D
+    areas = [prop.area for prop in measure.regionprops(component_labels)]
+    out = np.zeros(a.shape)
+    if not areas:  # MMAL-Net would fail here; the whole image, as for an empty intersection
+        return out
+    max_idx = areas.index(max(areas))
+    a1 = pen.sum(axis=0)
+    intersection = ((component_labels == (max_idx + 1)).astype(int) + (a1 > a1.mean()).astype(int)) == 2
+    props = measure.regionprops(intersection.astype(int))
+    if not props:  # MMAL-Net: bbox = the whole image
+        return out
+    r0, c0, r1, c1 = props[0].bbox
+    out[r0:r1, c0:c1] = 1.0
+    return out
+
+
 class FixedBackbone(Backbone):
-    """Returns fixed stage outputs whatever the input (for hand-made activations)."""
+    """Returns fixed outputs whatever the input (for hand-made activations); ``pen`` is the block before the last."""
 
     stage_names = ("s1", "s2")
-    stage_channels = {"s1": 2, "s2": 2}
+    stage_channels = {"s1": 3, "s2": 3}
     stage_strides = {"s1": 5, "s2": 10}
+    penultimate_block = "s2.0"
 
-    def __init__(self, stages: dict[str, Tensor]) -> None:
+    def __init__(self, last: Tensor, pen: Tensor) -> None:
         super().__init__()
-        self.stages = stages
+        self.last, self.pen = last, pen
 
-    def forward_features(self, x: Tensor) -> dict[str, Tensor]:
-        return {k: v[: x.shape[0]] for k, v in self.stages.items()}
+    def forward_features(self, x: Tensor, penultimate: bool = False) -> dict[str, Tensor]:
+        n = x.shape[0]
+        out = {"s1": torch.zeros(n, 3, 2 * self.last.shape[2], 2 * self.last.shape[3]), "s2": self.last[:n]}
+        if penultimate:
+            out[PENULTIMATE_BLOCK] = self.pen[:n]
+        return out
 
 
 class FixedStage1(nn.Module):
-    def __init__(self, stages: dict[str, Tensor]) -> None:
+    def __init__(self, last: Tensor, pen: Tensor) -> None:
         super().__init__()
-        self.backbone = FixedBackbone(stages)
+        self.backbone = FixedBackbone(last, pen)
         self.feature_layer = "s2"
-        self.num_classes = 2
+        self.num_classes = 3
+        self.cam_fc = None
 
-    def features(self, x: Tensor) -> dict[str, Tensor]:
-        return self.backbone.forward_features(x)
+    def features(self, x: Tensor, penultimate: bool = False) -> dict[str, Tensor]:
+        return self.backbone.forward_features(x, penultimate)
 
     def head(self, feat: Tensor) -> HeadOutput:
-        pooled = feat.mean(dim=(2, 3))  # (B, 2)
+        pooled = feat.mean(dim=(2, 3))  # (B, 3)
         return HeadOutput(pooled, pooled, feat)
 
 
-def _split(total: np.ndarray) -> Tensor:
-    """Two channels whose sum is ``total`` (h, w) -> (1, 2, h, w)."""
-    t = torch.as_tensor(total, dtype=torch.float32)
-    return torch.stack([0.25 * t, 0.75 * t])[None]
+def _aolm_of(last: np.ndarray, pen: np.ndarray) -> np.ndarray:
+    model = FixedStage1(torch.as_tensor(last), torch.as_tensor(pen))
+    return AOLM(model)(torch.zeros(len(last), 3, 8, 8)).heatmaps.numpy()
 
 
-LAST = np.array(  # 4 x 6 channel sum of the last stage; mean 46/24: mask = the 2x2 block and the 2-cell bar
+def test_aolm_matches_mmal_net_on_random_maps() -> None:
+    rng = np.random.default_rng(0)
+    # small integers: exact channel sums on both sides, and many ties between component areas
+    last = rng.integers(0, 4, size=(60, 3, 6, 7)).astype(np.float64)
+    pen = rng.integers(0, 4, size=(60, 3, 6, 7)).astype(np.float64)
+    pen[::4] = 3 - last[::4]  # high where the last block is low: mostly an empty intersection
+    got = _aolm_of(last, pen)
+    expected = np.stack([aolm_reference(last[i], pen[i]) for i in range(len(last))])
+    np.testing.assert_array_equal(got, expected)
+    assert 0 < (got.reshape(60, -1).max(1) == 0).sum() < 60  # some empty intersections, not all
+    assert (got.reshape(60, -1).sum(1) < 42).sum() >= 30  # and mostly real boxes, not the whole grid
+
+
+def _channels(total: np.ndarray) -> np.ndarray:
+    """Three channels whose sum is ``total`` (h, w) -> (1, 3, h, w)."""
+    return np.stack([0.5 * total, 0.25 * total, 0.25 * total])[None]
+
+
+LAST = np.array(  # channel sum of the last block; mean 45/24: mask = the 2x2 block (area 4) and a bar (area 2)
     [
         [9, 9, 0, 0, 0, 0],
-        [9, 9, 0, 0, 5, 0],
+        [9, 9, 0, 0, 4, 0],
         [0, 0, 0, 0, 5, 0],
         [0, 0, 0, 0, 0, 0],
     ],
@@ -296,73 +420,109 @@ LAST = np.array(  # 4 x 6 channel sum of the last stage; mean 46/24: mask = the 
 )
 
 
-def _previous(cells: dict[tuple[int, int], int]) -> np.ndarray:
-    """An 8 x 12 earlier-stage activation with ``n`` of the 4 fine cells of coarse cell (r, c) set to 1."""
-    prev = np.zeros((8, 12))
-    for (r, c), n in cells.items():
-        for q in range(n):
-            prev[2 * r + q // 2, 2 * c + q % 2] = 1.0
-    return prev
+def _on(*cells: tuple[int, int]) -> np.ndarray:
+    out = np.zeros((4, 6))
+    for r, c in cells:
+        out[r, c] = 1.0
+    return out
 
 
-def test_previous_mask_majority_resize() -> None:
-    prev = _previous({(0, 0): 4, (0, 1): 2, (1, 0): 1, (3, 5): 3})
-    got = previous_mask_on_grid(torch.as_tensor(prev)[None], (4, 6))[0].numpy()
-    expected = np.zeros((4, 6), dtype=bool)
-    expected[0, 0] = expected[0, 1] = expected[3, 5] = True  # 4/4, 2/4 and 3/4 in; 1/4 out
-    np.testing.assert_array_equal(got, expected)
-
-
-def test_aolm_region_cases() -> None:
-    on = lambda *cells: np.isin(np.arange(24).reshape(4, 6), [r * 6 + c for r, c in cells])  # noqa: E731
-    # largest component (the 2x2 block) intersected with the earlier mask
-    np.testing.assert_array_equal(aolm_region(LAST, on((0, 0), (0, 1), (2, 4))), on((0, 0), (0, 1)))
-    # empty intersection: the component alone
-    np.testing.assert_array_equal(aolm_region(LAST, on((3, 0))), on((0, 0), (0, 1), (1, 0), (1, 1)))
-    # constant activation: empty mask, empty region
-    assert not aolm_region(np.ones((4, 6)), on((0, 0))).any()
-    # ties by area: the component holding the max activation wins
-    tie = np.zeros((4, 6))
-    tie[0, 0:2] = 3.0
-    tie[3, 4:6] = [3.0, 4.0]
-    np.testing.assert_array_equal(aolm_region(tie, np.ones((4, 6), bool)), on((3, 4), (3, 5)))
-
-
-def test_aolm_boxes_the_whole_intersection() -> None:
-    region = np.zeros((4, 6), bool)
-    region[1, 1] = region[2, 4] = True  # two pieces: the box spans both
+@pytest.mark.parametrize(
+    ("last", "pen", "box"),
+    [
+        # the largest component (the 2x2 block) intersected with the penultimate mask: its top row
+        (LAST, _on((0, 0), (0, 1), (2, 4)), ((0, 0), (0, 1))),
+        # the intersection splits into two pieces: the box spans both (regionprops of the whole intersection)
+        (LAST, _on((0, 0), (1, 1), (2, 4)), ((0, 0), (1, 1))),
+        # empty intersection: the whole image (MMAL-Net's [0, 0, 14, 14]), not the component alone
+        (LAST, _on((3, 0), (2, 4)), None),
+        # a constant last block: empty mask, the whole image
+        (np.ones((4, 6)), _on((0, 0)), None),
+        # equal areas: the first component in raster order wins, not the one holding the max
+        (_on((0, 0), (0, 1)) * 3 + _on((3, 4)) * 3 + _on((3, 5)) * 4, np.ones((4, 6)) - _on((2, 2)), ((0, 0), (0, 1))),
+    ],
+)
+def test_aolm_hand_made_cases(last: np.ndarray, pen: np.ndarray, box) -> None:
+    got = _aolm_of(_channels(last), _channels(pen))[0]
     expected = np.zeros((4, 6))
-    expected[1:3, 1:5] = 1
+    if box is not None:
+        (r0, c0), (r1, c1) = box
+        expected[r0 : r1 + 1, c0 : c1 + 1] = 1.0
+    np.testing.assert_array_equal(got, expected)
+    np.testing.assert_array_equal(aolm_reference(_channels(last)[0], _channels(pen)[0]), expected)
+    # section 4's box logic gives AOLM's box (10-pixel cells on a 60 x 40 image) at any threshold;
+    # the empty case is section 4's whole-image fallback
+    for t in (0.05, 0.5, 1.0):
+        found, fallback = object_box(got, t, (60, 40))
+        if box is None:
+            assert fallback and found.tolist() == [0, 0, 60, 40]
+        else:
+            (r0, c0), (r1, c1) = box
+            assert not fallback and found.tolist() == [10 * c0, 10 * r0, 10 * (c1 + 1), 10 * (r1 + 1)]
+
+
+def test_aolm_region_and_box_indicator() -> None:
+    region = aolm_region(LAST, _on((0, 0), (1, 1), (2, 4)))
+    np.testing.assert_array_equal(region, _on((0, 0), (1, 1)).astype(bool))
+    expected = np.zeros((4, 6))
+    expected[0:2, 0:2] = 1
     np.testing.assert_array_equal(box_indicator(region), expected)
     assert not box_indicator(np.zeros((4, 6), bool)).any()
+    with pytest.raises(ValueError, match="same grid"):
+        aolm_region(LAST, np.zeros((8, 12)))
 
 
-def test_aolm_method_end_to_end() -> None:
-    prev_a = _previous({(0, 0): 4, (0, 1): 2, (1, 0): 1})
-    prev_b = np.ones((8, 12))  # constant: everything is "not above the mean", intersection empty
-    stages = {
-        "s1": torch.cat([_split(prev_a), _split(prev_b), _split(prev_a)]),  # (3, 2, 8, 12)
-        "s2": torch.cat([_split(LAST), _split(LAST), _split(np.ones((4, 6)))]),  # (3, 2, 4, 6)
-    }
-    model = FixedStage1(stages)
-    out = AOLM(model)(torch.zeros(3, 3, 40, 60))
-    assert AOLM(model).layer == "s2"
-    expected = np.zeros((3, 4, 6), dtype=np.float32)
-    expected[0, 0, 0:2] = 1  # block & earlier mask = the top row of the block
-    expected[1, 0:2, 0:2] = 1  # no intersection: the block alone
-    np.testing.assert_array_equal(out.heatmaps.numpy(), expected)  # image 2: empty mask, all zero
-    # section 4's box logic gives AOLM's box (10-pixel cells on a 60 x 40 image), for any threshold
-    for t in (0.2, 1.0):
-        box, fallback = object_box(out.heatmaps[0], t, (60, 40))
-        np.testing.assert_array_equal(box, [0, 0, 20, 10])
-        assert not fallback
-        box, fallback = object_box(out.heatmaps[2], t, (60, 40))
-        np.testing.assert_array_equal(box, [0, 0, 60, 40])
-        assert fallback
-
-
-def test_aolm_needs_two_stages() -> None:
-    model = FixedStage1({"s2": _split(LAST)})
-    model.backbone.stage_names = ("s2",)
-    with pytest.raises(ConfigError, match="at least two stages"):
+def test_aolm_refuses_maps_on_two_grids_and_trunks_without_a_penultimate_block() -> None:
+    model = FixedStage1(torch.ones(1, 3, 4, 6), torch.ones(1, 3, 8, 12))
+    with pytest.raises(ConfigError, match="one grid"):
+        AOLM(model)(torch.zeros(1, 3, 8, 8))
+    model.backbone.penultimate_block = None
+    with pytest.raises(ConfigError, match="no block before the last"):
         AOLM(model)
+    assert "aolm" not in [m.name for m in companion_methods(BAP(model))]
+
+
+# --------------------------------------------------------------------------- the penultimate block of the real trunks
+@pytest.mark.parametrize(
+    ("name", "block"),
+    [("tiny", "layer3.0"), ("resnet18", "layer4.0"), ("resnet50", "layer4.1"), ("inception_v3", "Mixed_7b"),
+     ("efficientnet_lite0", "_blocks.15")],
+)
+def test_penultimate_block_of_each_backbone(name: str, block: str) -> None:
+    backbone = create_backbone(name)
+    assert backbone.penultimate_block == block
+    assert PENULTIMATE_BLOCK not in backbone.stage_names
+
+
+def test_aolm_reads_the_penultimate_block_of_a_real_tiny_model() -> None:
+    """Hooks on the tiny trunk's last two blocks (layer3.0 and layer3.1, each followed by its LCAM): AOLM's
+    maps are exactly theirs, and its heatmaps MMAL-Net's procedure on them."""
+    torch.manual_seed(0)
+    model = Stage1Net(create_backbone("tiny", lcam="block"), num_classes=3, num_attentions=4).eval()
+    seen: dict[str, Tensor] = {}
+    hooks = [
+        model.backbone.lcam[key].register_forward_hook(lambda _m, _i, out, key=key: seen.__setitem__(key, out.detach()))
+        for key in ("layer2_1", "layer3_0", "layer3_1")
+    ]
+    x = torch.randn(8, 3, 64, 64)
+    fp = forward_pass(model, "wsdan", x, penultimate=True)
+    assert torch.equal(fp.features[PENULTIMATE_BLOCK], seen["layer3_0"])  # layer3.0: the block before the last
+    assert torch.equal(fp.features["layer3"], seen["layer3_1"])
+    assert not torch.equal(seen["layer3_0"], seen["layer3_1"])
+    heat = AOLM(model)(x).heatmaps.numpy()
+    for h in hooks:
+        h.remove()
+    last, pen = seen["layer3_1"].double().numpy(), seen["layer3_0"].double().numpy()
+    expected = np.stack([aolm_reference(last[i], pen[i]) for i in range(len(x))])
+    np.testing.assert_array_equal(heat, expected)
+    # the previous stage (layer2, stride 8) is neither what AOLM reads nor on its grid
+    assert seen["layer2_1"].shape[-2:] != seen["layer3_0"].shape[-2:]
+
+
+def test_efficientnet_penultimate_block_is_the_last_mbconv() -> None:
+    backbone = create_backbone("efficientnet_lite0").eval()
+    with torch.no_grad():
+        feats = backbone.forward_features(torch.randn(1, 3, 64, 64), penultimate=True)
+    # _blocks.15 closes stage5; the head conv (the last block) reads it
+    assert torch.equal(feats[PENULTIMATE_BLOCK], feats["stage5"])
+    assert feats[PENULTIMATE_BLOCK].shape[-2:] == feats["head"].shape[-2:]

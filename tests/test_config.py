@@ -99,7 +99,9 @@ def test_overrides_validated_and_recorded(tmp_path: Path) -> None:
     settings = load_params(path, {"datasets.birds.root": "/data/cub", "datasets.birds.download": None})
     assert settings.overrides == {"datasets.birds.root": "/data/cub"}  # unset CLI options are not recorded
     assert settings.dataset_root("birds") == Path("/data/cub")
-    assert settings.provenance() == {"params_file": str(path), "preset": "none", "overrides": {"datasets.birds.root": "/data/cub"}}
+    assert settings.provenance() == {
+        "params_file": str(path), "preset": "none", "overrides": {"datasets.birds.root": "/data/cub"}, "per_dataset": {}
+    }
 
 
 def test_missing_file_and_unknown_dataset(tmp_path: Path) -> None:
@@ -154,3 +156,131 @@ def test_preset_errors_name_the_culprit(tmp_path: Path) -> None:
     (tmp_path / "typo.yaml").write_text("train_backbone: {learning_rate: 0.1}\n")
     with pytest.raises(ConfigError, match=r"train_backbone\.learning_rate: unknown key"):
         load_params(path, {"preset": "typo.yaml"})
+
+
+# --------------------------------------------------------------------------- per-dataset parameters
+REPO = REAL_PARAMS.parent
+
+
+def _two_datasets(**blocks: dict) -> dict:
+    """Two datasets sharing a train_backbone section; ``blocks`` is per_dataset.birds."""
+    return {
+        "run": {},
+        "datasets": {"birds": {"kind": "cub", "root": "raw/cub"}, "toy": {"kind": "synthetic", "root": "raw/toy"}},
+        "train_backbone": {"input_size": 160, "epochs": 3, "lr": 0.5, "augment": {"hflip": True, "color_jitter": 0.3}},
+        "crops": {"threshold": 0.4},
+        "per_dataset": {"birds": blocks, "toy": {"crops": {}}},
+    }
+
+
+def test_per_dataset_blocks_merge_for_their_dataset_only(tmp_path: Path) -> None:
+    blocks = {"train_backbone": {"input_size": 224, "epochs": 12, "augment": {"hflip": False}}, "crops": {"threshold": 0.2}}
+    path = _write(tmp_path, _two_datasets(**blocks))
+    birds = load_params(path, dataset="birds")
+    tb = birds.params.train_backbone
+    assert (tb.input_size, tb.epochs, tb.lr) == (224, 12, 0.5)  # the dataset's values; lr kept from the file
+    assert tb.augment.hflip is False and tb.augment.color_jitter == 0.3  # a nested key, its siblings kept
+    assert birds.params.crops.threshold == 0.2 and birds.dataset_name == "birds"
+    assert birds.provenance()["per_dataset"] == blocks and birds.dataset_overrides() == blocks
+    for other in (load_params(path, dataset="toy"), load_params(path), load_params(path).for_dataset("toy")):
+        assert (other.params.train_backbone.input_size, other.params.train_backbone.epochs) == (160, 3)
+        assert other.params.train_backbone.augment.hflip is True and other.params.crops.threshold == 0.4
+        assert other.provenance()["per_dataset"] == {}
+    assert load_params(path).for_dataset("birds").params == birds.params
+    with pytest.raises(ConfigError, match=r"no dataset `dogs` under `datasets` \(known: birds, toy\)"):
+        load_params(path, dataset="dogs")
+    with pytest.raises(ConfigError, match=r"these settings hold dataset `birds`'s parameters, not `toy`'s"):
+        birds.dataset("toy")  # a stage handed another dataset's settings stops instead of using the wrong values
+
+
+def test_per_dataset_precedence_file_dataset_preset_cli(tmp_path: Path) -> None:
+    """params.yaml < per_dataset.NAME < preset < CLI options: the preset wins over the dataset's block."""
+    raw = _two_datasets(train_backbone={"epochs": 12, "lr": 0.1, "batch_size": 8}, crops={"threshold": 0.2})
+    (tmp_path / "mine.yaml").write_text("train_backbone: {lr: 0.002, batch_size: 4}\n")
+    path = _write(tmp_path, raw)
+    tb = load_params(path, dataset="birds").params.train_backbone
+    assert (tb.epochs, tb.lr, tb.batch_size) == (12, 0.1, 8)  # no preset: the dataset's values over the file's
+    p = load_params(path, {"preset": "mine.yaml"}, dataset="birds").params
+    assert (p.train_backbone.epochs, p.train_backbone.lr, p.train_backbone.batch_size) == (12, 0.002, 4)  # preset wins
+    assert p.crops.threshold == 0.2  # a key the preset leaves alone keeps the dataset's value
+    p = load_params(path, {"preset": "mine.yaml", "train_backbone.lr": 0.03, "crops.threshold": 0.5}, dataset="birds").params
+    assert (p.train_backbone.lr, p.train_backbone.epochs, p.crops.threshold) == (0.03, 12, 0.5)  # CLI wins over all
+    assert load_params(path, {"preset": "mine.yaml"}, dataset="toy").params.train_backbone.epochs == 3  # toy: the file's
+
+
+@pytest.mark.parametrize(
+    "blocks, pattern",
+    [
+        ({"train_backbone": {"epochs": 0}},
+         r"per_dataset\.birds\.train_backbone\.epochs: Input should be greater than or equal to 1 \(got 0\)"),
+        ({"train_backbone": {"epoch": 3}}, r"per_dataset\.birds\.train_backbone\.epoch: unknown key \(allowed: input_size, epochs"),
+        ({"train_backbone": {"augment": {"hflpi": False}}},
+         r"per_dataset\.birds\.train_backbone\.augment\.hflpi: unknown key \(allowed: resize_ratio, hflip, color_jitter\)"),
+        ({"train_backbone": {"augment": {"hflip": 1}}}, r"per_dataset\.birds\.train_backbone\.augment\.hflip: .*bool"),
+        ({"attention": {"batch_size": "32"}}, r"per_dataset\.birds\.attention\.batch_size: .*integer \(got '32'\)"),
+        ({"model": {"lcam": "everywhere"}}, r"per_dataset\.birds\.model\.lcam: .*'block'"),
+        ({"train_backbone": {"crop_threshold": [0.7, 0.2]}}, r"per_dataset\.birds\.train_backbone: crop_threshold must satisfy"),
+        ({"trian_backbone": {"epochs": 3}},
+         r"per_dataset\.birds\.trian_backbone: unknown key \(allowed: model, train_backbone, attention, crops, train_refine, evaluate\)"),
+        ({"prepare": {"data_dir": "x"}}, r"per_dataset\.birds\.prepare: unknown key"),
+        ({"crops": 0.2}, r"per_dataset\.birds\.crops: Input should be an object \(got 0\.2\)"),
+    ],
+)
+def test_per_dataset_errors_name_the_full_key_whichever_dataset_runs(tmp_path: Path, blocks: dict, pattern: str) -> None:
+    path = _write(tmp_path, _two_datasets(**blocks))
+    for dataset in ("birds", "toy", None):  # a typo in birds' block stops a run on toy too
+        with pytest.raises(ConfigError, match=pattern) as exc:
+            load_params(path, dataset=dataset)
+        assert str(exc.value).startswith(f"{path}: 1 invalid setting")
+
+
+def test_per_dataset_checked_even_where_a_preset_hides_it(tmp_path: Path) -> None:
+    raw = _two_datasets(train_backbone={"lr": 50.0})  # out of range, though the preset sets lr
+    (tmp_path / "mine.yaml").write_text("train_backbone: {lr: 0.002}\n")
+    path = _write(tmp_path, raw)
+    with pytest.raises(ConfigError, match=r"per_dataset\.birds\.train_backbone\.lr: Input should be less than or equal to 10"):
+        load_params(path, {"preset": "mine.yaml"}, dataset="toy")
+
+
+def test_per_dataset_unknown_dataset(tmp_path: Path) -> None:
+    raw = _two_datasets()
+    raw["per_dataset"]["dogs"] = {"crops": {}}
+    with pytest.raises(ConfigError, match=r"per_dataset\.dogs: no such dataset under `datasets` \(known: birds, toy\)"):
+        load_params(_write(tmp_path, raw))
+
+
+def test_real_params_have_every_per_dataset_block() -> None:
+    """dvc.yaml tracks per_dataset.NAME.SECTION and DVC fails on a missing key: every dataset of params.yaml
+    carries all six blocks, so adding it under `run` (or `-S '+run.NAME=...'`) works."""
+    from fgpipe.config import STAGE_SECTIONS
+
+    raw = yaml.safe_load(REAL_PARAMS.read_text())
+    assert set(raw["per_dataset"]) == set(raw["datasets"])
+    for name, blocks in raw["per_dataset"].items():
+        assert set(blocks) == set(STAGE_SECTIONS), name
+        assert all(isinstance(v, dict) for v in blocks.values()), name
+
+
+def test_dvc_yaml_tracks_each_stages_per_dataset_blocks() -> None:
+    """Every stage lists per_dataset.${key}.SECTION for exactly the stage sections it reads (those it lists and
+    those its module reads), so a dataset's change reruns its own stages; prepare tracks no per_dataset key."""
+    import re
+
+    from fgpipe.config import PRESET_SECTIONS, STAGE_SECTIONS
+
+    assert PRESET_SECTIONS == STAGE_SECTIONS
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    covered: set[str] = set()
+    for stage, spec in stages.items():
+        params = [k for k in spec["do"]["params"] if isinstance(k, str)]
+        module = (REPO / "fgpipe/stages" / f"{stage.replace('-', '_')}.py").read_text()
+        reads = set(re.findall(r"params\.(\w+)", module)) & set(STAGE_SECTIONS)
+        shared = {k for k in params if k in STAGE_SECTIONS}
+        own = {k.removeprefix("per_dataset.${key}.") for k in params if k.startswith("per_dataset.")}
+        assert reads <= shared, f"{stage} reads {sorted(reads - shared)} but dvc.yaml does not track them"
+        assert own == shared, f"{stage}: per_dataset.${{key}} lists {sorted(own)}, shared sections {sorted(shared)}"
+        assert all(k.startswith("per_dataset.${key}.") for k in params if k.startswith("per_dataset")), stage
+        assert not any("per_dataset".startswith(k) for k in params), stage  # nothing that holds every block
+        covered |= own
+    assert not any(k.startswith("per_dataset") for k in stages["prepare"]["do"]["params"])
+    assert covered == set(STAGE_SECTIONS)

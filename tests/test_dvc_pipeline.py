@@ -70,10 +70,33 @@ def test_a_second_dataset_runs_its_own_chain_only(project: Path) -> None:
     params["datasets"]["birds"] = {**params["datasets"]["synthetic"], "root": "data/birds/raw"}
     params["datasets"]["birds"]["synthetic"] = {**params["datasets"]["synthetic"]["synthetic"], "seed": 3}
     params["run"]["birds"] = "fgpipe/datasets/synthetic.py"
+    params["per_dataset"]["birds"] = {section: {} for section in params["per_dataset"]["synthetic"]}  # tracked by dvc.yaml
     write_params(project, params)
     out = dvc(project, "repro")
     stages = ["prepare", "train-backbone", "extract-attention", "extract-crops", "train-refine", "evaluate"]
     assert ran(out) == {f"{s}@birds" for s in stages}
     assert lock_hash(project, "train-backbone@synthetic", "data/synthetic/stage1/best.pt") == before["synthetic"]
     assert "joint" in json.loads((project / "metrics/birds/evaluate.json").read_text())
+    assert "up to date" in dvc(project, "status")
+
+
+def test_a_datasets_own_values_rerun_its_chain_only(project: Path) -> None:
+    """per_dataset.birds.crops.threshold reruns birds' extract-crops onwards with that value; synthetic and
+    birds' prepare stay up to date. per_dataset.birds.train_backbone would rerun birds from train-backbone."""
+    params = read_params(project)
+    assert "birds" in params["run"], "runs after test_a_second_dataset_runs_its_own_chain_only"
+    synthetic = lock_hash(project, "extract-crops@synthetic", "data/synthetic/crops.h5")
+    params["per_dataset"]["birds"]["train_backbone"] = {"epochs": 2}
+    write_params(project, params)
+    status = dvc(project, "status")
+    assert "train-backbone@birds" in status and "per_dataset.birds.train_backbone" in status
+    assert "@synthetic" not in status and "prepare@birds" not in status
+    params["per_dataset"]["birds"]["train_backbone"] = {}
+    params["per_dataset"]["birds"]["crops"] = {"threshold": 0.25}  # the shared value is 0.2 or 0.3 (the ablation above)
+    write_params(project, params)
+    out = dvc(project, "repro")
+    assert ran(out) == {"extract-crops@birds", "train-refine@birds", "evaluate@birds"}
+    assert json.loads((project / "metrics/birds/extract_crops.json").read_text())["threshold"] == 0.25
+    assert json.loads((project / "metrics/synthetic/extract_crops.json").read_text())["threshold"] == params["crops"]["threshold"]
+    assert lock_hash(project, "extract-crops@synthetic", "data/synthetic/crops.h5") == synthetic
     assert "up to date" in dvc(project, "status")

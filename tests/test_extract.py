@@ -26,7 +26,7 @@ from fgpipe.config import load_params
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
 from fgpipe.loader import load_regions, normalize, whole_image_requests
-from fgpipe.localize import box_iou
+from fgpipe.localize import box_iou, object_box
 from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.stages import extract_attention, extract_crops, prepare, train_backbone
 from fgpipe.store import file_sha256, read_json
@@ -331,6 +331,7 @@ def test_show_without_crops_says_what_to_run(project: Path) -> None:
         ("extract-attention", ("--dataset", "--params", "--method")),
         ("extract-crops", ("--dataset", "--params", "--threshold")),
         ("show", ("--dataset", "--params", "--image", "--out")),
+        ("localize", ("--dataset", "--params", "--thresholds")),
     ],
 )
 def test_help(command: str, options: tuple[str, ...]) -> None:
@@ -357,3 +358,113 @@ def test_preview_order_names_and_empty_grid() -> None:
     empty = preview.render([], "nothing")  # crops.preview_images: 0 still gives a (small) picture for DVC
     assert empty.size[0] > 0 and empty.size[1] > 0
     np.testing.assert_array_equal(preview.colormap(np.array([[0.0, 1.0]]))[0], [[0, 0, 128], [128, 0, 0]])
+
+
+# --------------------------------------------------------------------------- every method stored; localisation per split
+def test_attention_stores_every_supported_method_and_the_explained_logits(project: Path) -> None:
+    extract_attention.run(load_params(project / "params.yaml"), "toy")
+    rows = _rows(project)
+    root = Path(read_json(project / "data/toy/dataset.json")["root"])
+    model, _ = train_backbone.load_stage1(project / "data/toy/stage1/best.pt")
+    x = normalize(load_regions(whole_image_requests(root, rows), (INPUT, INPUT)))
+    with AttentionReader(project / "data/toy/attention.h5") as att:
+        assert att.meta.method == "oaam" and att.methods == ("oaam", "gradcam", "aolm", "bap")
+        rec = att.read()
+        assert att.meta.provenance["score"] == "cam"
+    for m, name in enumerate(att.methods):
+        ref = create_method(name, model)(x)
+        np.testing.assert_allclose(rec.all_heatmaps[:, m], ref.heatmaps.numpy(), atol=2e-3)  # stored as float16
+    np.testing.assert_array_equal(rec.heatmaps, rec.all_heatmaps[:, 0])
+    with torch.no_grad():
+        head = model(x)
+    # the stored prediction is the class OAAM explained: the CAM head's, not the WS-DAN head's
+    np.testing.assert_allclose(rec.logits, head.cam_logits.numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_array_equal(rec.predictions, head.cam_logits.argmax(1).numpy())
+    metrics = read_json(project / "metrics/toy/extract_attention.json")
+    assert metrics["methods"] == ["oaam", "gradcam", "aolm", "bap"] and metrics["score"] == "cam"
+
+
+def _localization_by_hand(rows: list[ManifestRow], maps: np.ndarray, t: float, splits: set[str]) -> tuple[float, float]:
+    """(accuracy, mean IoU) of the section-4 boxes at ``t`` over the images of ``splits``, one image at a time."""
+    ious = []
+    for i, r in enumerate(rows):
+        if r.split in splits and r.box is not None:
+            box, _ = object_box(maps[i], t, (r.width, r.height))
+            ious.append(float(box_iou(box[None], np.array([r.box]))[0, 0]))
+    return float(np.mean([v >= 0.5 for v in ious])), float(np.mean(ious))
+
+
+def test_crops_auto_threshold_localization_json_and_curves(project: Path) -> None:
+    settings = load_params(project / "params.yaml", {"crops.thresholds": [0.1, 0.2, 0.3, 0.5, 0.7]})
+    extract_attention.run(settings, "toy")
+    metrics = extract_crops.run(settings, "toy")
+    rows = _rows(project)
+    with AttentionReader(project / "data/toy/attention.h5") as att:
+        maps = {m: att.method_heatmaps(m) for m in att.methods}
+    grid = (0.1, 0.2, 0.3, 0.5, 0.7)
+    # auto: the best train+val localisation of the selected method (ties: mean IoU, then the lower threshold)
+    pooled = [_localization_by_hand(rows, maps["oaam"], t, {"train", "val"}) for t in grid]
+    best = grid[max(range(len(grid)), key=lambda i: (pooled[i], -i))]
+    assert metrics["threshold"] == best and metrics["threshold_source"] == "auto"
+    with CropsReader(project / "data/toy/crops.h5") as crops:
+        assert crops.meta.threshold == best and crops.meta.provenance["threshold_param"] == "auto"
+    report = read_json(project / "metrics/toy/localization.json")
+    assert report["method"] == "oaam" and report["threshold"] == best and report["chosen_on"] == ["train", "val"]
+    assert set(report["methods"]) == {"oaam", "gradcam", "aolm", "bap"} and report["thresholds"] == list(grid)
+    for method in ("oaam", "bap"):
+        for split in ("train", "val", "test"):
+            for t in grid:
+                fig = report["methods"][method][split][f"{t:g}"]
+                acc, miou = _localization_by_hand(rows, maps[method], t, {split})
+                assert fig["accuracy"] == pytest.approx(acc) and fig["mean_iou"] == pytest.approx(miou)
+    assert list(report["methods"]["aolm"]["test"]) == ["any"]
+    # extract_crops.json's test localisation is the chosen threshold's test row
+    test = report["methods"]["oaam"]["test"][f"{best:g}"]
+    loc = metrics["localization"]
+    assert (loc["accuracy"], loc["images"]) == (test["accuracy"], test["images"])
+    assert loc["mean_iou"] == pytest.approx(test["mean_iou"])
+    curves = project / "metrics/toy/localization"
+    assert sorted(p.name for p in curves.iterdir()) == ["aolm.csv", "bap.csv", "gradcam.csv", "oaam.csv"]
+    assert (curves / "oaam.csv").read_text().splitlines()[0] == "threshold,train,val,test"
+    # a fixed threshold is used as given, and recorded as such
+    fixed = extract_crops.run(load_params(project / "params.yaml", {"crops.threshold": 0.3}), "toy")
+    assert fixed["threshold"] == 0.3 and fixed["threshold_source"] == "params"
+    assert read_json(project / "metrics/toy/localization.json")["threshold_source"] == "params"
+
+
+def test_predict_uses_the_threshold_extract_crops_chose(project: Path) -> None:
+    from fgpipe.stages import predict
+
+    settings = load_params(project / "params.yaml")
+    with pytest.raises(ArtifactError, match="crops.threshold is auto.*fgpipe extract-crops --dataset toy"):
+        predict.object_threshold(settings, "toy")
+    extract_attention.run(settings, "toy")
+    chosen = extract_crops.run(settings, "toy")["threshold"]
+    assert predict.object_threshold(settings, "toy") == chosen
+    assert predict.object_threshold(load_params(project / "params.yaml", {"crops.threshold": 0.45}), "toy") == 0.45
+
+
+def test_localize_prints_the_table_without_a_network(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = str(project / "params.yaml")
+    result = _invoke("localize", "-d", "toy", "-p", params)
+    assert result.exit_code == 1 and "fgpipe extract-attention --dataset toy" in " ".join(result.output.split())
+    extract_attention.run(load_params(project / "params.yaml"), "toy")
+
+    def no_network(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("fgpipe localize must not load a checkpoint")
+
+    monkeypatch.setattr(torch, "load", no_network)
+    result = CliRunner().invoke(app, ["localize", "-d", "toy", "-p", params, "--thresholds", "0.2,0.4"], terminal_width=200)
+    assert result.exit_code == 0, result.output
+    out = result.stdout
+    for name in ("oaam", "gradcam", "aolm", "bap", "train", "val", "test", "0.2", "0.4", "any"):
+        assert name in out
+    from fgpipe.stages import localize
+
+    report = localize.run(load_params(project / "params.yaml"), "toy", [0.2, 0.4])
+    fig = report["methods"]["gradcam"]["val"]["0.4"]
+    assert f"{fig['accuracy']:.3f} ({fig['mean_iou']:.2f})" in out
+    result = _invoke("localize", "-d", "toy", "-p", params, "--thresholds", "0.4,0.2")
+    assert result.exit_code == 1 and "--thresholds must be increasing" in result.output
+    result = _invoke("localize", "-d", "toy", "-p", params, "--thresholds", "a,b")
+    assert result.exit_code != 0 and "comma-separated" in result.output

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import h5py
@@ -25,6 +26,9 @@ SHA_B = "b" * 64
 SHA_C = "c" * 64
 
 
+METHODS = ("gradcam", "oaam", "aolm")  # the selected method (oaam) is not the first stored
+
+
 def _attention_meta() -> AttentionMeta:
     return AttentionMeta(
         method="oaam",
@@ -33,6 +37,7 @@ def _attention_meta() -> AttentionMeta:
         checkpoint_sha256=SHA_A,
         manifest_sha256=SHA_B,
         provenance={"params": {"threshold": 0.2}, "path": Path("data/x")},
+        methods=METHODS,
     )
 
 
@@ -41,7 +46,7 @@ def _attention_data(n: int, seed: int = 0) -> dict[str, object]:
     return {
         "image_ids": [f"img_{i:03d}_ü" for i in range(n)],
         "labels": rng.integers(0, 5, n),
-        "heatmaps": rng.random((n, 14, 14), dtype=np.float32),
+        "heatmaps": {m: rng.random((n, 14, 14), dtype=np.float32) for m in METHODS},
         "logits": rng.standard_normal((n, 5)).astype(np.float32),
         "predictions": rng.integers(0, 5, n),
     }
@@ -54,6 +59,8 @@ def _write_attention(path: Path, batches: list[int]) -> dict[str, list]:
             data = _attention_data(n, seed)
             w.append(**data)
             for k, v in data.items():
+                if k == "heatmaps":
+                    v = np.stack([v[m] for m in METHODS], axis=1)  # (n, M, H, W)
                 written[k].extend(list(v))
     return written
 
@@ -63,12 +70,21 @@ def test_attention_round_trip_and_lazy_slices(tmp_path: Path) -> None:
     written = _write_attention(path, [4, 4, 3])
     with AttentionReader(path) as r:
         assert len(r) == 11 and r.heatmap_hw == (14, 14) and r.num_classes == 5
-        assert r.meta == AttentionMeta("oaam", "layer4", 448, SHA_A, SHA_B, {"params": {"threshold": 0.2}, "path": "data/x"})
+        assert r.meta == AttentionMeta(
+            "oaam", "layer4", 448, SHA_A, SHA_B, {"params": {"threshold": 0.2}, "path": "data/x"}, METHODS
+        )
+        assert r.methods == METHODS
         assert r.image_ids() == written["image_ids"]
         part = r.read(3, 7)
         assert part.image_ids == written["image_ids"][3:7]
         np.testing.assert_array_equal(part.labels, written["labels"][3:7])
-        np.testing.assert_allclose(part.heatmaps, np.stack(written["heatmaps"][3:7]), atol=1e-3)  # float16
+        every = np.stack(written["heatmaps"][3:7])  # (4, M, H, W)
+        np.testing.assert_allclose(part.all_heatmaps, every, atol=1e-3)  # float16
+        np.testing.assert_allclose(part.heatmaps, every[:, 1], atol=1e-3)  # the selected method's: oaam
+        for m, name in enumerate(METHODS):
+            np.testing.assert_array_equal(r.method_heatmaps(name, 3, 7), part.all_heatmaps[:, m])
+        with pytest.raises(ArtifactError, match="holds no `bap` heatmaps"):
+            r.method_heatmaps("bap")
         np.testing.assert_array_equal(part.logits, np.stack(written["logits"][3:7]))
         np.testing.assert_array_equal(part.predictions, written["predictions"][3:7])
         assert part.heatmaps.dtype == np.float32
@@ -79,7 +95,8 @@ def test_attention_round_trip_and_lazy_slices(tmp_path: Path) -> None:
     with h5py.File(path, "r") as f:
         heat = f["heatmap"]
         assert heat.dtype == np.float16 and heat.compression in ("gzip", "lzf")
-        assert heat.maxshape == (None, 14, 14) and heat.chunks is not None
+        assert heat.maxshape == (None, 3, 14, 14) and heat.chunks is not None
+        assert json.loads(f.attrs["methods"]) == list(METHODS)
         assert all(f[name].maxshape[0] is None for name in f)
 
 
@@ -90,7 +107,7 @@ def test_writer_appends_to_disk_batch_by_batch(tmp_path: Path) -> None:
             w.append(**_attention_data(6, i))
             # the rows are in the file's datasets, not held by the writer
             assert len(w) == 6 * (i + 1)
-            assert w._h5["heatmap"].shape == (6 * (i + 1), 14, 14)
+            assert w._h5["heatmap"].shape == (6 * (i + 1), 3, 14, 14)
             assert w._h5["image_id"].shape == (6 * (i + 1),)
         assert not path.exists()  # only renamed onto the target when the block succeeds
     assert path.exists()
@@ -100,7 +117,8 @@ def test_tensors_are_accepted(tmp_path: Path) -> None:
     path = tmp_path / "attention.h5"
     data = _attention_data(2)
     with AttentionWriter(path, _attention_meta(), (14, 14), 5) as w:
-        w.append(data["image_ids"], torch.as_tensor(data["labels"]), torch.as_tensor(data["heatmaps"]),
+        heat = {m: torch.as_tensor(v) for m, v in data["heatmaps"].items()}
+        w.append(data["image_ids"], torch.as_tensor(data["labels"]), heat,
                  torch.as_tensor(data["logits"]), torch.as_tensor(data["predictions"]))
     with AttentionReader(path) as r:
         np.testing.assert_array_equal(r.read().logits, data["logits"])
@@ -118,7 +136,7 @@ def test_exception_in_writer_leaves_nothing(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="rows must have shape"):
         with AttentionWriter(path, _attention_meta(), (14, 14), 5) as w:
             bad = _attention_data(3)
-            bad["heatmaps"] = np.zeros((3, 7, 7))
+            bad["heatmaps"] = np.zeros((3, 3, 7, 7))
             w.append(**bad)
     assert path.read_bytes() == b"previous"
     assert [p.name for p in tmp_path.iterdir()] == ["attention.h5"]
@@ -131,8 +149,12 @@ def test_writer_checks_batches(tmp_path: Path) -> None:
         with pytest.raises(ValueError, match="`label` has 2 rows"):
             w.append(**data)
         data = _attention_data(3)
-        data["heatmaps"][0, 0, 0] = 1e6  # beyond float16
+        data["heatmaps"]["aolm"][0, 0, 0] = 1e6  # beyond float16
         with pytest.raises(ValueError, match="infinite"):
+            w.append(**data)
+        data = _attention_data(3)
+        del data["heatmaps"]["aolm"]
+        with pytest.raises(ValueError, match=r"heatmaps must be given for exactly \['gradcam', 'oaam', 'aolm'\]"):
             w.append(**data)
 
 
@@ -208,3 +230,45 @@ def test_crops_round_trip_and_refusal(tmp_path: Path) -> None:
             r.check_source(attention_sha256=SHA_C)
     with pytest.raises(ArtifactError, match="not an fgpipe.attention file"):
         AttentionReader(path)
+
+
+def test_attention_meta_and_stored_methods_are_checked(tmp_path: Path) -> None:
+    assert AttentionMeta("bap", "l", 1, SHA_A, SHA_B).methods == ("bap",)  # one method by default
+    with pytest.raises(ValueError, match="must be distinct names and hold method `bap`"):
+        AttentionMeta("bap", "l", 1, SHA_A, SHA_B, methods=("oaam", "aolm"))
+    with pytest.raises(ValueError, match="distinct"):
+        AttentionMeta("oaam", "l", 1, SHA_A, SHA_B, methods=("oaam", "oaam"))
+    path = tmp_path / "attention.h5"
+    _write_attention(path, [2])
+    with h5py.File(path, "a") as f:
+        f.attrs["methods"] = json.dumps(["gradcam", "oaam"])  # names 2 of the 3 stored maps
+    with pytest.raises(ArtifactError, match="names 2 methods, `heatmap` holds 3"):
+        AttentionReader(path)
+    with h5py.File(path, "a") as f:
+        f.attrs["methods"] = json.dumps(["gradcam", "aolm", "bap"])  # lacks the selected method
+    with pytest.raises(ArtifactError, match="attrs `method` / `methods`.*rerun `fgpipe extract-attention`"):
+        AttentionReader(path)
+    with h5py.File(path, "a") as f:
+        f.attrs["methods"] = "oaam"
+    with pytest.raises(ArtifactError, match="attr `methods` = 'oaam' is not a tuple"):
+        AttentionReader(path)
+
+
+def test_a_version_1_file_says_to_rerun_extract_attention(tmp_path: Path) -> None:
+    path = tmp_path / "attention.h5"
+    _write_attention(path, [2])
+    with h5py.File(path, "a") as f:
+        f.attrs["schema_version"] = 1
+    with pytest.raises(ArtifactError, match="schema version 1, this fgpipe reads version 2; rerun `fgpipe extract-attention`"):
+        AttentionReader(path)
+
+
+def test_a_single_method_file_takes_plain_maps(tmp_path: Path) -> None:
+    path = tmp_path / "attention.h5"
+    meta = AttentionMeta("bap", "layer4", 448, SHA_A, SHA_B)
+    maps = np.random.default_rng(0).random((2, 14, 14), dtype=np.float32)
+    with AttentionWriter(path, meta, (14, 14), 5) as w:
+        w.append(["a", "b"], [0, 1], maps, np.zeros((2, 5)), [0, 0])
+    with AttentionReader(path) as r:
+        assert r.methods == ("bap",)
+        np.testing.assert_allclose(r.read().heatmaps, maps, atol=1e-3)

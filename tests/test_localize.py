@@ -244,3 +244,165 @@ def test_mpalm_arguments_are_checked() -> None:
         mpalm_parts(torch.rand(4, 7, 7), (10, 10, 10, 20), 224)
     with pytest.raises(ValueError, match="top_k"):
         mpalm_parts(torch.rand(4, 7, 7), (0, 0, 10, 20), 224, top_k=0)
+
+
+# --------------------------------------------------------------------------- localisation over a threshold grid
+from fgpipe.h5schema import AttentionMeta, AttentionReader, AttentionWriter  # noqa: E402
+from fgpipe.localize import sweep as sw  # noqa: E402
+from fgpipe.manifest import ManifestRow  # noqa: E402
+
+GRID = (0.05, 0.1, 0.2, 0.3, 0.45, 0.6, 1.0)
+
+
+def _random_maps(rng: np.random.Generator, n: int, h: int = 6, w: int = 7) -> np.ndarray:
+    """Heatmaps with the hard cases: float16 values, ties of equal areas, all-zero and one-hot maps."""
+    maps = rng.random((n, h, w)) ** 3
+    maps[::5] = (maps[::5] > 0.5) * rng.choice([0.5, 1.0], size=maps[::5].shape)  # equal areas, several maxima
+    maps[1::7] = 0.0  # fallback
+    maps[2::9] = 0.0
+    maps[2::9, 3, 4] = 0.7  # a single cell
+    return maps.astype(np.float16).astype(np.float32)
+
+
+@pytest.mark.parametrize("cells", [4_000_000, 150])  # one mosaic, or many small chunks
+def test_grid_boxes_equal_object_boxes_at_every_threshold(cells: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(sw, "_MOSAIC_CELLS", cells)
+    rng = np.random.default_rng(0)
+    maps = _random_maps(rng, 120)
+    wh = rng.uniform(10, 500, (120, 2))
+    got = sw.boxes_over_thresholds(maps, GRID, wh)
+    assert got.boxes.shape == (len(GRID), 120, 4)
+    for t, boxes in zip(GRID, got.boxes):
+        ref = object_boxes(maps, t, wh)
+        np.testing.assert_array_equal(boxes, ref.boxes)
+        np.testing.assert_array_equal(got.fallback, ref.fallback)
+    assert got.fallback.any() and not got.fallback.all()
+
+
+def test_grid_boxes_keep_neighbouring_maps_apart_and_check_arguments() -> None:
+    maps = np.zeros((2, 3, 3))
+    maps[0, 2, :] = 1.0  # bottom row of map 0 ...
+    maps[1, 0, 1] = 1.0  # ... and the top row of map 1 would touch in a mosaic without the empty row
+    maps[1, 2, 2] = 0.9
+    got = sw.boxes_over_thresholds(maps, [0.5], np.array([[30.0, 30.0], [30.0, 30.0]]))
+    np.testing.assert_array_equal(got.boxes[0], [[0, 20, 30, 30], [10, 0, 20, 10]])
+    with pytest.raises(ValueError, match="threshold must be in"):
+        sw.boxes_over_thresholds(maps, [0.0], np.ones((2, 2)))
+    with pytest.raises(ValueError, match="non-empty list of thresholds"):
+        sw.boxes_over_thresholds(maps, [], np.ones((2, 2)))
+    with pytest.raises(ValueError, match="NaN"):
+        sw.boxes_over_thresholds(np.full((2, 3, 3), np.nan), [0.5], np.ones((2, 2)))
+
+
+def _rows_and_file(tmp_path, rng: np.random.Generator, n: int = 90):
+    """A manifest (three splits, some images without a box) and an attention.h5 of three methods."""
+    splits = rng.choice(["train", "val", "test"], size=n)
+    rows, maps = [], {m: _random_maps(rng, n) for m in ("oaam", "aolm", "bap")}
+    for i in range(n):
+        w, h = int(rng.integers(40, 300)), int(rng.integers(40, 300))
+        x0, y0 = rng.uniform(0, w / 2), rng.uniform(0, h / 2)
+        box = None if i % 11 == 3 else (x0, y0, rng.uniform(x0 + 1, w), rng.uniform(y0 + 1, h))
+        rows.append(ManifestRow(f"i{i}", f"{i}.jpg", 0, "a", str(splits[i]), w, h, box))
+    # AOLM's maps are box indicators, as the method stores them
+    aolm = np.zeros_like(maps["aolm"])
+    for i in range(n):
+        r0, c0 = rng.integers(0, 3, 2)
+        aolm[i, r0 : r0 + 3, c0 : c0 + 4] = 1.0 if i % 13 else 0.0
+    maps["aolm"] = aolm
+    path = tmp_path / "attention.h5"
+    meta = AttentionMeta("oaam", "layer4", 64, "a" * 64, "b" * 64, methods=("oaam", "aolm", "bap"))
+    with AttentionWriter(path, meta, (6, 7), 3) as writer:
+        writer.append([r.image_id for r in rows], [0] * n, maps, np.zeros((n, 3)), [0] * n)
+    return rows, path
+
+
+def _iou(a, b) -> float:
+    iw = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    ih = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - iw * ih
+    return iw * ih / union if union > 0 else 0.0
+
+
+def _brute_force(rows, maps: np.ndarray, t: float, splits) -> dict:
+    """Accuracy and mean IoU over the images of ``splits`` with a box: one image at a time, by hand."""
+    ious = []
+    for i, r in enumerate(rows):
+        if r.box is None or r.split not in splits:
+            continue
+        box, _ = object_box(maps[i], t, (r.width, r.height))
+        ious.append(_iou(box, r.box))
+    if not ious:
+        return {"accuracy": None, "mean_iou": None, "images": 0}
+    return {"accuracy": sum(v >= 0.5 for v in ious) / len(ious), "mean_iou": sum(ious) / len(ious), "images": len(ious)}
+
+
+def test_sweep_report_matches_a_brute_force_computation(tmp_path) -> None:
+    rng = np.random.default_rng(1)
+    rows, path = _rows_and_file(tmp_path, rng)
+    with AttentionReader(path) as att:
+        sweeps = sw.localization_sweep(att, rows, GRID)
+        maps = {m: att.method_heatmaps(m) for m in att.methods}
+    assert list(sweeps) == ["oaam", "aolm", "bap"]
+    report = sw.localization_report(sweeps, "oaam", 0.2, "params")
+    assert report["threshold_free"] == ["aolm"] and report["thresholds"] == list(GRID)
+    for method, per_split in report["methods"].items():
+        for split in sw.SPLITS:
+            figures = per_split[split]
+            keys = ["any"] if method == "aolm" else [f"{t:g}" for t in GRID]
+            assert list(figures) == keys
+            for key in keys:
+                ref = _brute_force(rows, maps[method], 0.5 if key == "any" else float(key), [split])
+                assert figures[key]["images"] == ref["images"] > 0
+                assert figures[key]["accuracy"] == pytest.approx(ref["accuracy"], abs=1e-12)
+                assert figures[key]["mean_iou"] == pytest.approx(ref["mean_iou"], abs=1e-12)
+    # AOLM is threshold-free: its brute-force figures are the same at every threshold
+    assert _brute_force(rows, maps["aolm"], 0.05, ["test"]) == _brute_force(rows, maps["aolm"], 1.0, ["test"])
+    # auto: the best pooled train+val accuracy (then mean IoU, then the lower threshold), brute force
+    pooled = [_brute_force(rows, maps["oaam"], t, ["train", "val"]) for t in GRID]
+    best = max(range(len(GRID)), key=lambda i: (pooled[i]["accuracy"], pooled[i]["mean_iou"], -i))
+    assert sw.choose_threshold(sweeps["oaam"]) == GRID[best]
+    assert sw.resolve_threshold("auto", sweeps["oaam"]) == (GRID[best], "auto")
+    assert sw.resolve_threshold(0.3, sweeps["oaam"]) == (0.3, "params")
+    assert sw.choose_threshold(sweeps["aolm"]) == GRID[0]
+
+
+def test_choose_threshold_ties_and_splits() -> None:
+    splits = np.array(["train", "val", "train", "test", "test"], dtype=object)
+    iou = np.array(
+        [
+            [0.6, 0.1, 0.1, 0.9, 0.9],  # 1 hit on train+val
+            [0.6, 0.6, 0.2, 0.0, 0.0],  # 2 hits, mean 0.467
+            [0.7, 0.5, 0.2, 0.0, 0.0],  # 2 hits, mean 0.467: a tie with the row above
+            [0.9, 0.5, 0.1, 0.0, 0.0],  # 2 hits, mean 0.5: the best
+        ]
+    )
+    s = sw.MethodSweep((0.1, 0.2, 0.3, 0.4), False, iou, splits)
+    assert sw.choose_threshold(s) == 0.4  # most hits, then the higher mean IoU
+    s = sw.MethodSweep((0.1, 0.2, 0.3), False, iou[:3], splits)
+    assert sw.choose_threshold(s) == 0.2  # equal hits and mean IoU: the lower threshold
+    assert sw.choose_threshold(s, ["test"]) == 0.1  # test would choose otherwise; auto never looks at it
+    no_boxes = sw.MethodSweep((0.1, 0.2), False, np.zeros((2, 1)), np.array(["test"], dtype=object))
+    assert sw.choose_threshold(no_boxes) is None
+    assert sw.resolve_threshold("auto", no_boxes) == (sw.FALLBACK_THRESHOLD, "auto-fallback")
+
+
+def test_curves_csv_one_per_method(tmp_path) -> None:
+    rng = np.random.default_rng(2)
+    rows, path = _rows_and_file(tmp_path, rng, n=40)
+    with AttentionReader(path) as att:
+        sweeps = sw.localization_sweep(att, rows, GRID)
+    folder = tmp_path / "curves"
+    folder.mkdir()
+    (folder / "gradcam.csv").write_text("stale\n")
+    written = sw.write_curves(folder, sweeps)
+    assert sorted(p.name for p in folder.iterdir()) == ["aolm.csv", "bap.csv", "oaam.csv"] == sorted(p.name for p in written)
+    report = sw.localization_report(sweeps, "oaam", 0.2, "params")
+    for method in ("oaam", "aolm"):
+        lines = (folder / f"{method}.csv").read_text().splitlines()
+        assert lines[0] == "threshold,train,val,test" and len(lines) == 1 + len(GRID)
+        for line, t in zip(lines[1:], GRID):
+            key = "any" if method == "aolm" else f"{t:g}"
+            cells = line.split(",")
+            assert cells[0] == f"{t:g}"
+            for split, cell in zip(sw.SPLITS, cells[1:]):
+                assert float(cell) == pytest.approx(report["methods"][method][split][key]["accuracy"], abs=1e-6)

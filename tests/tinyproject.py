@@ -74,12 +74,23 @@ def with_dvc_params(params: dict[str, Any]) -> dict[str, Any]:
 
     DVC refuses to run a stage whose params key is missing from params.yaml, even where fgpipe has a
     default; so a key added to the pipeline (say ``prepare.cache_side``) does not break the tiny params.
+    A per-dataset key (``per_dataset.${key}.crops``) missing for a dataset under ``run`` gets ``{}``.
     """
     real = yaml.safe_load((REPO / "params.yaml").read_text())
     out = copy.deepcopy(params)
     for stage in yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"].values():
         for key in stage.get("do", stage).get("params", []):
-            if not isinstance(key, str) or "${" in key:
+            if not isinstance(key, str):
+                continue
+            if "${key}" in key:
+                for name in out.get("run", {}):
+                    *parents, leaf = key.replace("${key}", name).split(".")
+                    dst = out
+                    for part in parents:
+                        dst = dst.setdefault(part, {})
+                    dst.setdefault(leaf, {})
+                continue
+            if "${" in key:
                 continue
             *parents, leaf = key.split(".")
             src, dst = real, out

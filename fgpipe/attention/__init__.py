@@ -6,7 +6,16 @@ from typing import Any
 
 from fgpipe.attention.aolm import AOLM
 from fgpipe.attention.bap import BAP
-from fgpipe.attention.base import CAMMethod, ForwardPass, HeatmapBatch, HeatmapMethod, Stage1Like
+from fgpipe.attention.base import (
+    CAMMethod,
+    ForwardPass,
+    HeatmapBatch,
+    HeatmapMethod,
+    HeatmapSet,
+    Stage1Like,
+    forward_pass,
+    heatmaps_of,
+)
 from fgpipe.attention.cam import OAAM, GradCAM
 from fgpipe.errors import ConfigError
 
@@ -25,6 +34,23 @@ def create_method(name: str, model: Stage1Like, **kwargs: Any) -> HeatmapMethod:
     return METHODS[name](model, **kwargs)
 
 
+def companion_methods(selected: HeatmapMethod) -> list[HeatmapMethod]:
+    """Every registered method that runs on ``selected``'s model, score and grid, in registry order (``selected``
+    itself included, as that object): what one :func:`heatmaps_of` pass can compute beside it. BAP needs the
+    WS-DAN head, AOLM a block before the last on the heatmaps' grid."""
+    out: list[HeatmapMethod] = []
+    for name, cls in METHODS.items():
+        if name == selected.name:
+            out.append(selected)
+            continue
+        if cls.unsupported(selected.model) is not None:
+            continue
+        method = cls(selected.model, normalize=selected.normalize, score=selected.score)
+        if method.layer == selected.layer:
+            out.append(method)
+    return out
+
+
 __all__ = [
     "AOLM",
     "BAP",
@@ -33,8 +59,12 @@ __all__ = [
     "GradCAM",
     "HeatmapBatch",
     "HeatmapMethod",
+    "HeatmapSet",
     "METHODS",
     "OAAM",
     "Stage1Like",
+    "companion_methods",
     "create_method",
+    "forward_pass",
+    "heatmaps_of",
 ]

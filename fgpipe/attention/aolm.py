@@ -1,40 +1,46 @@
 """MMAL-Net's attention object location module (AOLM), stored as a heatmap (METHODS.md section 3).
 
-AOLM is box-valued: activation a = sum over channels of the last stage (B, h, w); mask = a > mean(a);
-keep the largest 8-connected component (ties: the one holding max a); intersect it with the same mask from
-the stage before the last; the object is the bounding box of that intersection (of the component alone if
-the intersection is empty; the whole image if even the mask is empty).
+AOLM is box-valued and follows MMAL-Net's reference code (``utils/AOLM.py``) on the backbone's last block
+(conv5_c: the last stage's output) and the block before it (conv5_b, ``PENULTIMATE_BLOCK``), both on the
+same grid: A = sum_c F_last (B, h, w); M = A > mean(A); label M (8-connectivity, ``skimage.measure.label``)
+and keep the largest component by area (ties: the first in raster order, the lowest label, as
+``areas.index(max(areas))`` picks); A1 = sum_c F_penultimate, M1 = A1 > mean(A1); the object is the
+bounding box of ``component & M1`` (all its pieces), and the whole image when that intersection is empty
+(also when M itself is empty, where the reference code would fail).
 
-Resizing the earlier stage's mask to the last stage's grid (choice): area interpolation
-(``adaptive_avg_pool2d``, which for the usual 2x stride ratio is the mean of each 2x2 block), keeping a
-cell when at least half of what it covers is in the mask (a majority vote).
-
-Stored heatmap (choice): the *indicator of AOLM's box* on the grid (1 inside the box's cells, 0 outside;
-all zero if the mask is empty). Section 4's common box logic then reproduces AOLM's box exactly for every
+Stored heatmap (choice): the *indicator of AOLM's box* on the grid (1 inside the box's cells, 0 outside; all
+zero for an empty intersection). Section 4's common box logic then reproduces AOLM's box exactly for every
 threshold T in (0, 1], and the empty case becomes section 4's whole-image fallback. The masked activation
 would not: thresholding at T * max drops the weak cells of the region, and keeping the largest component
-drops the pieces into which the intersection may split, whereas AOLM boxes the whole intersection.
+drops the pieces into which the intersection may split, whereas AOLM boxes the whole intersection. Cells
+map to pixels by their edges (section 4); the reference code's ``bbox * 32 - 1`` is the same box a pixel
+to the top-left.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from skimage.measure import label as label_components
 from torch import Tensor
 
 from fgpipe.attention.base import ForwardPass, HeatmapMethod, Stage1Like
 from fgpipe.errors import ConfigError
-from fgpipe.localize.boxes import largest_component
+from fgpipe.models.base import PENULTIMATE_BLOCK
 
 
-def aolm_region(activation: np.ndarray, previous_mask: np.ndarray) -> np.ndarray:
-    """AOLM's region (h, w) bool from the last stage's channel-summed ``activation`` (h, w) and the
-    earlier stage's mask already on the same grid: the largest component of ``activation > mean``
-    intersected with ``previous_mask``; the component alone if that is empty (empty if the mask is)."""
-    component = largest_component(activation > activation.mean(), activation)
-    intersection = component & previous_mask
-    return intersection if intersection.any() else component
+def aolm_region(last: np.ndarray, penultimate: np.ndarray) -> np.ndarray:
+    """AOLM's region (h, w) bool from the channel sums of the last block ``last`` (h, w) and of the block
+    before it ``penultimate`` (h, w): the largest 8-connected component of ``last > mean`` (ties: lowest
+    label) intersected with ``penultimate > mean``; empty when that intersection (or the mask) is."""
+    if last.ndim != 2 or last.shape != penultimate.shape:
+        raise ValueError(f"AOLM needs two maps on the same grid, got {last.shape} and {penultimate.shape}")
+    labels = label_components(last > last.mean(), connectivity=2)  # (h, w) int, 0 = background
+    if labels.max() == 0:
+        return np.zeros(last.shape, dtype=bool)
+    areas = np.bincount(labels.ravel())[1:]  # (n,) area of labels 1..n
+    component = labels == int(np.argmax(areas)) + 1  # argmax: the first of equal areas, as MMAL-Net
+    return component & (penultimate > penultimate.mean())
 
 
 def box_indicator(region: np.ndarray) -> np.ndarray:
@@ -47,38 +53,31 @@ def box_indicator(region: np.ndarray) -> np.ndarray:
     return out
 
 
-def previous_mask_on_grid(previous: Tensor, grid_hw: tuple[int, int]) -> Tensor:
-    """The mask ``a' > mean(a')`` of the earlier stage's channel sum ``previous`` (B, h', w'), resized to
-    ``grid_hw`` by area interpolation and a majority vote -> (B, h, w) bool."""
-    mask = (previous > previous.mean(dim=(1, 2), keepdim=True)).to(torch.float32)  # (B, h', w')
-    share = F.adaptive_avg_pool2d(mask[:, None], grid_hw)[:, 0]  # (B, h, w) fraction of covered cells in mask
-    return share >= 0.5
-
-
 class AOLM(HeatmapMethod):
-    """AOLM (Zhang et al., MMAL-Net, 2021) on the backbone's last two stages; class-agnostic, no gradient."""
+    """AOLM (Zhang et al., MMAL-Net, 2021) on the last block and the one before it; class-agnostic, no gradient."""
 
     name = "aolm"
+    needs_penultimate = True
 
-    def __init__(self, model: Stage1Like, normalize: bool = True, score: str = "auto") -> None:
-        super().__init__(model, normalize, score)
-        stages = model.backbone.stage_names
-        if len(stages) < 2:
-            raise ConfigError(
-                f"method `aolm` needs a backbone with at least two stages (the last and the one before), "
-                f"got {list(stages)}"
-            )
-        self.last, self.previous = stages[-1], stages[-2]
+    @classmethod
+    def unsupported(cls, model: Stage1Like) -> str | None:
+        if getattr(model.backbone, "penultimate_block", None) is None:
+            return "AOLM reads the last block and the block before it, and this backbone has no block before the last"
+        return None
 
     @property
     def layer(self) -> str:
-        return self.last
+        return self.model.backbone.stage_names[-1]  # the last block's output
 
     def compute(self, fp: ForwardPass) -> Tensor:
-        # MMAL-Net AOLM: a = sum_c F_c (last stage); M = a > mean(a); box(largest CC(M) & M_prev)
-        last = fp.features[self.last].to(fp.activation.dtype).sum(dim=1)  # (B, h, w)
-        previous = fp.features[self.previous].to(fp.activation.dtype).sum(dim=1)  # (B, h', w')
-        prev_mask = previous_mask_on_grid(previous, tuple(last.shape[-2:])).cpu().numpy()  # (B, h, w)
-        last_np = last.cpu().numpy()
-        maps = [box_indicator(aolm_region(last_np[i], prev_mask[i])) for i in range(last_np.shape[0])]
+        # MMAL-Net AOLM: A = sum_c F_last; M = A > mean(A); box(largest CC(M) & (A1 > mean(A1))), A1 from conv5_b
+        last = fp.features[self.layer].to(fp.activation.dtype).sum(dim=1)  # (B, h, w)
+        pen = fp.features[PENULTIMATE_BLOCK].to(fp.activation.dtype).sum(dim=1)  # (B, h, w)
+        if pen.shape != last.shape:
+            raise ConfigError(
+                f"attention.method `aolm`: the block before the last ({self.model.backbone.penultimate_block}) "
+                f"gives a {tuple(pen.shape[1:])} map, the last block a {tuple(last.shape[1:])} one; AOLM needs one grid"
+            )
+        last_np, pen_np = last.cpu().numpy(), pen.cpu().numpy()
+        maps = [box_indicator(aolm_region(last_np[i], pen_np[i])) for i in range(last_np.shape[0])]
         return torch.as_tensor(np.stack(maps), dtype=last.dtype, device=last.device)  # (B, h, w)

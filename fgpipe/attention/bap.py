@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from fgpipe.attention.base import ForwardPass, HeatmapMethod
+from fgpipe.attention.base import ForwardPass, HeatmapMethod, Stage1Like
 
 
 class BAP(HeatmapMethod):
@@ -12,6 +12,14 @@ class BAP(HeatmapMethod):
 
     name = "bap"
 
+    @classmethod
+    def unsupported(cls, model: Stage1Like) -> str | None:
+        if getattr(model, "plain", False):
+            return "it averages the WS-DAN head's attention maps, and this checkpoint has the plain head (model.head: plain)"
+        return None
+
     def compute(self, fp: ForwardPass) -> Tensor:
         # WS-DAN: L = (1/M) sum_m A_m, A = ReLU(BN(Conv1x1(F))) (B, M, H, W)
+        if fp.output.attention is None:
+            raise RuntimeError("BAP: the head returned no attention maps")
         return fp.output.attention.to(fp.activation.dtype).mean(dim=1)  # (B, H, W)

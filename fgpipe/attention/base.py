@@ -2,23 +2,33 @@
 
 One call handles a whole batch with ONE forward and (for gradient methods) ONE backward:
 
-1. the backbone runs under ``no_grad`` and returns every stage (``model.features``);
+1. the backbone runs under ``no_grad`` and returns every stage (``model.features``; with the block before
+   the last too when a method reads it);
 2. the map A the gradient methods weight is detached and made a leaf that requires grad, and only what lies
    between A and the class scores runs with grad: with ``score`` ``wsdan``, A is the map at
    ``model.feature_layer`` and S the WS-DAN head's scores; with ``score`` ``cam`` (the default when the
    checkpoint has a CAM head), A is the CAM head's last conv maps (1x1 conv + BN + ReLU on the feature
-   layer, non-negative, on the same grid) and S = linear(GAP(A)), TL-AAM's plain classifier;
+   layer, non-negative, on the same grid; the feature layer itself for the plain head) and
+   S = linear(GAP(A)), TL-AAM's plain classifier;
 3. ``torch.autograd.grad(sum_b S_{c_b}, A)`` gives every sample's dS_c/dA at once: in eval mode the
    samples are independent, so d(sum_b S_b)/dA_b = dS_b/dA_b (no hooks);
 4. the method turns that into a heatmap (B, H, W) (its only job, :meth:`HeatmapMethod.compute`);
 5. each heatmap is divided by its own max (an all-zero map stays zero), so stored maps lie in [0, 1]: box
    extraction normalises by the max anyway (METHODS.md section 4) and float16 storage keeps full relative
    precision whatever the raw scale.
+
+The logits returned with the heatmaps are those of the classifier ``score`` names (the CAM head's with
+``cam``, the WS-DAN classifier's with ``wsdan``), for every method: with the predicted class as target, the
+class a gradient method explains is exactly the argmax of the logits returned (and stored) beside it.
+
+:func:`heatmaps_of` runs several methods on ONE such pass (Grad-CAM and Grad-CAM++ share the backward,
+AOLM and BAP need none): extract-attention stores every method the checkpoint supports that way.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar, NamedTuple, Protocol
 
@@ -34,7 +44,7 @@ class HeadLike(Protocol):
 
     logits: Tensor  # (B, K) pre-softmax class scores
     embedding: Tensor  # (B, M*N) BAP feature
-    attention: Tensor  # (B, M, H, W) WS-DAN attention maps
+    attention: Tensor | None  # (B, M, H, W) WS-DAN attention maps; None for the plain head
     cam_logits: Tensor | None  # (B, K) the GAP + linear CAM head's scores, or None
 
 
@@ -51,7 +61,7 @@ class Stage1Like(Protocol):
 
     def cam_classify(self, cam_feat: Tensor) -> Tensor: ...
 
-    def features(self, x: Tensor) -> dict[str, Tensor]: ...
+    def features(self, x: Tensor, penultimate: bool = False) -> dict[str, Tensor]: ...
 
     def head(self, feat: Tensor) -> HeadLike: ...
 
@@ -62,7 +72,15 @@ class HeatmapBatch(NamedTuple):
     """Heatmaps of a batch with the classification that came with them."""
 
     heatmaps: Tensor  # (B, H, W) float32 at feature resolution, each in [0, 1] (max 1 unless all zero)
-    logits: Tensor  # (B, K) float32 pre-softmax scores
+    logits: Tensor  # (B, K) float32 pre-softmax scores of the explained classifier (``score``)
+    predictions: Tensor  # (B,) int64 argmax of the logits
+
+
+class HeatmapSet(NamedTuple):
+    """Several methods' heatmaps of a batch from one forward pass, with the classification that came with them."""
+
+    heatmaps: dict[str, Tensor]  # method name -> (B, H, W) float32, each as in HeatmapBatch
+    logits: Tensor  # (B, K) float32 pre-softmax scores of the explained classifier (``score``)
     predictions: Tensor  # (B,) int64 argmax of the logits
 
 
@@ -70,11 +88,12 @@ class HeatmapBatch(NamedTuple):
 class ForwardPass:
     """Everything one batched forward (and backward) produced, handed to :meth:`HeatmapMethod.compute`."""
 
-    features: dict[str, Tensor]  # every backbone stage, computed under no_grad
+    features: dict[str, Tensor]  # every backbone stage (+ PENULTIMATE_BLOCK when asked), computed under no_grad
     activation: Tensor  # (B, C, H, W) A: the feature_layer map, or (score cam) the CAM head's last conv maps; float32+
-    gradient: Tensor | None  # (B, C, H, W) dS_c/dA for each sample's target c; None for gradient-free methods
+    gradient: Tensor | None  # (B, C, H, W) dS_c/dA for each sample's target c; None without a backward
     output: HeadLike  # the head's output (logits, embedding, attention); compute() runs under no_grad
-    targets: Tensor  # (B,) the class c whose score S_c was differentiated
+    targets: Tensor  # (B,) the class c whose score S_c is explained (differentiated when there is a gradient)
+    logits: Tensor  # (B, K) S: the explained classifier's scores, detached
 
 
 class HeatmapMethod(ABC):
@@ -88,11 +107,21 @@ class HeatmapMethod(ABC):
     name: ClassVar[str]
     #: whether :meth:`compute` needs dS_c/dA (one backward per batch)
     needs_gradient: ClassVar[bool] = False
+    #: whether :meth:`compute` reads the block before the last (``features[PENULTIMATE_BLOCK]``)
+    needs_penultimate: ClassVar[bool] = False
+
+    @classmethod
+    def unsupported(cls, model: Stage1Like) -> str | None:
+        """Why this method cannot run on ``model`` (None: it can); the constructor raises it as a ConfigError."""
+        return None
 
     def __init__(self, model: Stage1Like, normalize: bool = True, score: str = "auto") -> None:
-        """``score``: the classifier whose score gradient methods differentiate: ``cam`` (the CAM head, TL-AAM's
-        plain CNN classifier; A is then its last conv maps), ``wsdan`` (the BAP classifier; A is the feature
-        layer's map) or ``auto`` (cam when the model has a CAM head)."""
+        """``score``: the classifier whose score gradient methods differentiate and whose logits are returned:
+        ``cam`` (the CAM head, TL-AAM's plain CNN classifier; A is then its last conv maps), ``wsdan`` (the BAP
+        classifier; A is the feature layer's map) or ``auto`` (cam when the model has a CAM head)."""
+        reason = self.unsupported(model)
+        if reason is not None:
+            raise ConfigError(f"attention.method `{self.name}` cannot run on this stage-1 network: {reason}")
         self.model = model
         self.normalize = normalize
         has_cam = getattr(model, "cam_fc", None) is not None
@@ -123,88 +152,135 @@ class HeatmapMethod(ABC):
 
     def __call__(self, images: Tensor, targets: Tensor | None = None) -> HeatmapBatch:
         """Heatmaps of ``images`` (B, 3, H, W); gradient methods explain ``targets`` (B,) or the predicted class."""
-        if images.ndim != 4:
-            raise ValueError(f"images must be a batch (B, 3, H, W), got shape {tuple(images.shape)}")
-        if self.model.training:
-            raise RuntimeError(
-                f"{type(self).__name__}: the model is in training mode; batch statistics would couple the "
-                "samples of a batch. Call model.eval() first."
-            )
-        with torch.no_grad():
-            features = self.model.features(images)
-        feat = features[self.model.feature_layer].detach()  # (B, C, H, W)
-        dtype = torch.promote_types(feat.dtype, torch.float32)  # half/bf16 -> float32, float64 stays
-
-        gradient: Tensor | None = None
-        activation = feat
-        if self.needs_gradient and self.score == "cam":
-            # A = the CAM head's last conv maps; S = GAP + linear on them: the only op with grad is that linear map
-            with torch.no_grad():
-                output = self.model.head(feat)
-                activation = self.model.cam_features(feat).detach()  # (B, C', H, W)
-            activation.requires_grad_(True)
-            with torch.enable_grad():
-                explained = self.model.cam_classify(activation)  # (B, K)
-                chosen = self._targets(explained, targets)
-                (gradient,) = torch.autograd.grad(explained.gather(1, chosen[:, None]).sum(), activation)
-            gradient = gradient.to(dtype)
-        elif self.needs_gradient:
-            feat.requires_grad_(True)
-            with torch.enable_grad():
-                output = self.model.head(feat)
-                explained = self._explained(output)  # (B, K) the scores S being explained
-                chosen = self._targets(explained, targets)
-                # sum over the batch of each sample's own S_c: one backward gives every dS_c/dA_b at once
-                score = explained.gather(1, chosen[:, None]).sum()
-                (gradient,) = torch.autograd.grad(score, feat)
-            gradient = gradient.to(dtype)
-        else:
-            with torch.no_grad():
-                output = self.model.head(feat)
-            chosen = self._targets(output.logits, targets)
-
-        logits = output.logits.detach()
-        fp = ForwardPass(
-            features=features,
-            activation=activation.detach().to(dtype),
-            gradient=gradient,
-            output=output,
-            targets=chosen,
+        fp = forward_pass(
+            self.model, self.score, images, targets,
+            gradient=self.needs_gradient, penultimate=self.needs_penultimate, who=type(self).__name__,
         )
+        logits = fp.logits.float()
+        return HeatmapBatch(self.finish(fp), logits, logits.argmax(dim=1))
+
+    def finish(self, fp: ForwardPass) -> Tensor:
+        """:meth:`compute` on ``fp``, shape-checked and (``normalize``) divided by each map's max: (B, H, W) float32."""
         with torch.no_grad():
             heat = self.compute(fp)  # (B, H, W)
-            if heat.shape != (feat.shape[0], *self._grid(features)):
+            if heat.shape != (fp.activation.shape[0], *self._grid(fp.features)):
                 raise RuntimeError(f"{type(self).__name__}.compute returned shape {tuple(heat.shape)}")
             if self.normalize:
                 peak = heat.amax(dim=(1, 2), keepdim=True)  # (B, 1, 1)
                 heat = heat / torch.where(peak > 0, peak, torch.ones_like(peak))
-        return HeatmapBatch(heat.float(), logits.float(), logits.argmax(dim=1))
-
-    def _explained(self, output: HeadLike) -> Tensor:
-        """The class scores (B, K) gradient methods differentiate: the CAM head's or the WS-DAN classifier's."""
-        if self.score == "cam":
-            if output.cam_logits is None:
-                raise RuntimeError("the model returned no CAM-head scores although it has a CAM head")
-            return output.cam_logits
-        return output.logits
+        return heat.float()
 
     def _grid(self, features: dict[str, Tensor]) -> tuple[int, int]:
         """(H, W) of the heatmaps: the grid of :attr:`layer`."""
         h, w = features[self.layer].shape[-2:]
         return int(h), int(w)
 
-    @staticmethod
-    def _targets(logits: Tensor, targets: Tensor | None) -> Tensor:
-        """The class explained per sample: ``targets`` if given (checked), else the predicted class."""
-        if targets is None:
-            return logits.detach().argmax(dim=1)
-        targets = torch.as_tensor(targets, device=logits.device).long()
-        b, k = logits.shape
-        if targets.shape != (b,):
-            raise ValueError(f"targets must have shape ({b},), got {tuple(targets.shape)}")
-        if ((targets < 0) | (targets >= k)).any():
-            raise ValueError(f"targets must be class indices in [0, {k}), got {targets.tolist()}")
-        return targets
+
+def _explained(output: HeadLike, score: str) -> Tensor:
+    """The class scores (B, K) being explained: the CAM head's (``score`` cam) or the WS-DAN classifier's."""
+    if score == "cam":
+        if output.cam_logits is None:
+            raise RuntimeError("the model returned no CAM-head scores although it has a CAM head")
+        return output.cam_logits
+    return output.logits
+
+
+def _targets(logits: Tensor, targets: Tensor | None) -> Tensor:
+    """The class explained per sample: ``targets`` if given (checked), else the predicted class."""
+    if targets is None:
+        return logits.detach().argmax(dim=1)
+    targets = torch.as_tensor(targets, device=logits.device).long()
+    b, k = logits.shape
+    if targets.shape != (b,):
+        raise ValueError(f"targets must have shape ({b},), got {tuple(targets.shape)}")
+    if ((targets < 0) | (targets >= k)).any():
+        raise ValueError(f"targets must be class indices in [0, {k}), got {targets.tolist()}")
+    return targets
+
+
+def forward_pass(
+    model: Stage1Like,
+    score: str,
+    images: Tensor,
+    targets: Tensor | None = None,
+    gradient: bool = False,
+    penultimate: bool = False,
+    who: str = "forward_pass",
+) -> ForwardPass:
+    """ONE batched forward of ``images`` (B, 3, H, W) and, with ``gradient``, ONE backward of the ``score``
+    classifier's S_c to A, c = ``targets`` or the predicted class (steps 1-3 of the module docstring)."""
+    if images.ndim != 4:
+        raise ValueError(f"images must be a batch (B, 3, H, W), got shape {tuple(images.shape)}")
+    if model.training:
+        raise RuntimeError(
+            f"{who}: the model is in training mode; batch statistics would couple the "
+            "samples of a batch. Call model.eval() first."
+        )
+    with torch.no_grad():
+        features = model.features(images, penultimate=True) if penultimate else model.features(images)
+    feat = features[model.feature_layer].detach()  # (B, C, H, W)
+    dtype = torch.promote_types(feat.dtype, torch.float32)  # half/bf16 -> float32, float64 stays
+
+    grad: Tensor | None = None
+    activation = feat
+    if gradient and score == "cam":
+        # A = the CAM head's last conv maps; S = GAP + linear on them: the only op with grad is that linear map
+        with torch.no_grad():
+            output = model.head(feat)
+            activation = model.cam_features(feat).detach()  # (B, C', H, W)
+        activation.requires_grad_(True)
+        with torch.enable_grad():
+            explained = model.cam_classify(activation)  # (B, K)
+            chosen = _targets(explained, targets)
+            (grad,) = torch.autograd.grad(explained.gather(1, chosen[:, None]).sum(), activation)
+        grad = grad.to(dtype)
+    elif gradient:
+        feat.requires_grad_(True)
+        with torch.enable_grad():
+            output = model.head(feat)
+            explained = _explained(output, score)  # (B, K) the scores S being explained
+            chosen = _targets(explained, targets)
+            # sum over the batch of each sample's own S_c: one backward gives every dS_c/dA_b at once
+            (grad,) = torch.autograd.grad(explained.gather(1, chosen[:, None]).sum(), feat)
+        grad = grad.to(dtype)
+    else:
+        with torch.no_grad():
+            output = model.head(feat)
+        explained = _explained(output, score)  # (B, K)
+        chosen = _targets(explained, targets)
+    return ForwardPass(
+        features=features,
+        activation=activation.detach().to(dtype),
+        gradient=grad,
+        output=output,
+        targets=chosen,
+        logits=explained.detach(),
+    )
+
+
+def heatmaps_of(methods: Sequence[HeatmapMethod], images: Tensor, targets: Tensor | None = None) -> HeatmapSet:
+    """Every method's heatmaps of ``images`` from ONE forward pass (and at most one backward).
+
+    The methods must share the model and the ``score`` (hence the gradient, the targets and the logits);
+    each heatmap equals what the method alone returns.
+    """
+    if not methods:
+        raise ValueError("heatmaps_of needs at least one method")
+    first = methods[0]
+    names = [m.name for m in methods]
+    if len(set(names)) != len(names):
+        raise ValueError(f"heatmaps_of: a method is named twice in {names}")
+    for m in methods[1:]:
+        if m.model is not first.model or m.score != first.score:
+            raise ValueError(f"heatmaps_of: `{m.name}` runs on another model or score than `{first.name}`")
+    fp = forward_pass(
+        first.model, first.score, images, targets,
+        gradient=any(m.needs_gradient for m in methods),
+        penultimate=any(m.needs_penultimate for m in methods),
+        who="+".join(names),
+    )
+    logits = fp.logits.float()
+    return HeatmapSet({m.name: m.finish(fp) for m in methods}, logits, logits.argmax(dim=1))
 
 
 class CAMMethod(HeatmapMethod):

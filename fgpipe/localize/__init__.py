@@ -1,4 +1,5 @@
-"""Localisation: heatmap -> object box (section 4), MPALM part boxes (section 5), IoU and NMS."""
+"""Localisation: heatmap -> object box (section 4), MPALM part boxes (section 5), IoU and NMS; `sweep`: the
+localisation of stored heatmaps over a threshold grid, per split."""
 
 from fgpipe.localize.boxes import (
     ObjectBoxes,

@@ -5,6 +5,12 @@ Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NA
 Writes: data/NAME/attention.h5 (one row per manifest image, in manifest order; see fgpipe/h5schema.py),
         metrics/NAME/extract_attention.json.
 
+Besides ``attention.method`` (recorded as the file's ``method``, the one extract-crops cuts crops from), the
+file stores the heatmaps of every other method the checkpoint supports on the same grid, from the same
+forward pass (Grad-CAM and Grad-CAM++ share the backward; AOLM and BAP need none; BAP only with the WS-DAN
+head), so extract-crops and ``fgpipe localize`` can compare their localisation without a network pass. The
+logits stored are those of the classifier the gradient methods explain (``attention.score``).
+
 Every image is the manifest's area (0, 0, width, height) resized to the checkpoint's input size on both
 sides (no centre crop), so heatmap cell j spans ``[j * W / w, (j + 1) * W / w)`` of the original width,
 the convention the box extraction relies on. Images are decoded batch by batch (the next batch while the
@@ -25,7 +31,8 @@ import torch
 from torch import Tensor
 
 from fgpipe import __version__
-from fgpipe.attention import HeatmapBatch, HeatmapMethod, create_method
+from fgpipe.attention import HeatmapMethod, HeatmapSet, companion_methods, create_method
+from fgpipe.attention import heatmaps_of as method_heatmaps
 from fgpipe.config import Settings
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, DatasetError
@@ -153,12 +160,15 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
     model, state = load_checked_stage1(paths["checkpoint"], manifest_sha, dataset, device)
     size = stage1_input_size(state)
     method = create_method(cfg.method, model, score=cfg.score)
+    methods = companion_methods(method)  # every method the checkpoint supports on this grid, one pass for all
+    names = [m.name for m in methods]
     with torch.no_grad():
         probe = model.features(torch.zeros(1, 3, size, size, device=device))[method.layer]  # (1, C, h, w): the grid
     grid = (int(probe.shape[-2]), int(probe.shape[-1]))
 
     meta = AttentionMeta(
         method=cfg.method,
+        methods=tuple(names),
         layer=method.layer,
         input_size=size,
         checkpoint_sha256=file_sha256(paths["checkpoint"]),
@@ -180,10 +190,10 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
     predictions = np.empty(len(rows), dtype=np.int64)
     t0 = time.perf_counter()
     with AttentionWriter(paths["attention"], meta, grid, len(state["class_names"])) as writer, progress() as bar:
-        task = bar.add_task(f"{cfg.method} heatmaps", total=len(rows))
+        task = bar.add_task(f"{' + '.join(names)} heatmaps", total=len(rows))
         done = 0
         for batch_rows, images in prefetched(jobs, (size, size)):
-            out = heatmaps_of(method, images, batch_rows, cfg.target, device)
+            out = heatmaps_of(methods, images, batch_rows, cfg.target, device)
             writer.append(
                 [r.image_id for r in batch_rows], [r.label for r in batch_rows],
                 out.heatmaps, out.logits, out.predictions,
@@ -198,16 +208,17 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
     metrics = {
         "dataset": dataset,
         "method": cfg.method,
+        "methods": names,  # every method stored in attention.h5
         "layer": method.layer,
         "target": cfg.target,
-        "score": method.score if method.needs_gradient else None,
+        "score": method.score,  # the classifier explained, whose logits and predictions are stored
         "checkpoint": cfg.checkpoint,
         "input_size": size,
         "heatmap_size": list(grid),
         "images": len(rows),
         "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
         "seconds": round(time.perf_counter() - t_start, 3),
-        # raw stage-1 predictions stored with the heatmaps (no test-time refinement): a sanity figure
+        # predictions of the explained classifier stored with the heatmaps (no test-time refinement): a sanity figure
         "stage1_test_top1": float((predictions[test] == labels[test]).mean()) if test.any() else None,
         "device": str(device),
         **settings.provenance(),
@@ -218,9 +229,9 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
 
 
 def heatmaps_of(
-    method: HeatmapMethod, images: Tensor, rows: Sequence[ManifestRow], target: str, device: torch.device
-) -> HeatmapBatch:
-    """One batch of uint8 images (B, 3, S, S) -> :class:`fgpipe.attention.HeatmapBatch` (on ``device``)."""
+    methods: Sequence[HeatmapMethod], images: Tensor, rows: Sequence[ManifestRow], target: str, device: torch.device
+) -> HeatmapSet:
+    """One batch of uint8 images (B, 3, S, S) -> every method's heatmaps, one forward pass (on ``device``)."""
     x = normalize(images.to(device))  # (B, 3, S, S) float32
     targets = torch.tensor([r.label for r in rows], device=device) if target == "true" else None
-    return method(x, targets)
+    return method_heatmaps(methods, x, targets)

@@ -4,10 +4,16 @@ Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NA
         built it), data/NAME/attention.h5 and the stage-1 checkpoint it was made from (named in its
         provenance, checked by SHA-256); params `crops`.
 Writes: data/NAME/crops.h5 (one row per manifest image, in manifest order; see fgpipe/h5schema.py),
-        data/NAME/crops_preview.png, metrics/NAME/extract_crops.json.
+        data/NAME/crops_preview.png, metrics/NAME/extract_crops.json, metrics/NAME/localization.json and
+        metrics/NAME/localization/METHOD.csv (one per stored method, for ``dvc plots``).
 
 The stage reads no `attention` params: the method, the checkpoint and the input size all come from
 attention.h5, so changing ``crops.threshold`` reruns only this stage and what follows it.
+
+First, from the stored heatmaps alone (no network): the localisation of every method attention.h5 holds, at
+every threshold of ``crops.thresholds``, on train, val and test (``fgpipe.localize.sweep``; the boxes only
+measure). ``crops.threshold: auto`` takes the grid value with the best train+val localisation of the
+selected method (attention.h5's ``method``); test never chooses anything.
 
 Per batch of ``crops.batch_size`` images: object boxes (threshold ``crops.threshold`` of each heatmap's
 max, largest 8-connected component, cell edges to original pixels; an empty heatmap gives the whole image
@@ -34,6 +40,7 @@ from fgpipe.h5schema import AttentionReader, AttentionRecords, CropsMeta, CropsR
 from fgpipe.imagecache import ImageCache, open_image_cache
 from fgpipe.loader import LoadRequest, normalize
 from fgpipe.localize import ObjectBoxes, PartBoxes, mpalm_parts_batch, object_boxes
+from fgpipe.localize.sweep import IOU_HIT, localization_report, localization_sweep, resolve_threshold, write_curves
 from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.models.wsdan import Stage1Net
 from fgpipe.preview import load_samples, preview_indices, render, save_png
@@ -43,7 +50,6 @@ from fgpipe.stages.train_backbone import stage1_input_size
 from fgpipe.store import file_sha256, write_json
 
 STAGE = "extract_crops"
-IOU_HIT = 0.5  # a test image is localised correctly when its object box has IoU >= this with the ground truth
 
 
 def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
@@ -57,6 +63,8 @@ def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
         "crops": d / "crops.h5",
         "preview": d / "crops_preview.png",
         "metrics": settings.metrics_file(dataset, STAGE),
+        "localization": settings.metrics_file(dataset, "localization"),
+        "curves": settings.metrics_file(dataset, "localization").with_suffix(""),  # metrics/NAME/localization/
     }
 
 
@@ -95,14 +103,23 @@ def parts_of(
 
 
 def batches_with_boxes(
-    attention: AttentionReader, rows: Sequence[ManifestRow], root: Path, cfg: CropsConfig, cache: ImageCache | None = None
+    attention: AttentionReader,
+    rows: Sequence[ManifestRow],
+    root: Path,
+    cfg: CropsConfig,
+    cache: ImageCache | None = None,
+    threshold: float | None = None,
 ) -> Iterator[tuple[tuple[slice, AttentionRecords, ObjectBoxes], list[LoadRequest]]]:
     """Per batch: (rows slice, its attention records, its object boxes) and the crop regions to decode (from ``cache``
-    when given)."""
+    when given). ``threshold``: the object threshold (None: ``cfg.threshold``, which must then be a number)."""
+    if threshold is None:
+        if cfg.threshold == "auto":
+            raise ValueError("crops.threshold is auto: pass the threshold resolve_threshold chose")
+        threshold = float(cfg.threshold)
     for start in range(0, len(rows), cfg.batch_size):
         sl = slice(start, min(start + cfg.batch_size, len(rows)))
         records = attention.read(sl.start, sl.stop)
-        boxes = object_boxes_of(records, rows[sl], cfg.threshold)
+        boxes = object_boxes_of(records, rows[sl], threshold)
         requests = [LoadRequest(root / r.path, tuple(float(v) for v in b), cache) for r, b in zip(rows[sl], boxes.boxes, strict=True)]
         yield (sl, records, boxes), requests
 
@@ -136,17 +153,23 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
                 f"{paths['attention']} does not hold the images of {paths['manifest']} in its order: "
                 f"rerun `fgpipe extract-attention --dataset {dataset}`"
             )
+        # localisation of every stored method x threshold x split, from the heatmaps alone; auto picks on train+val
+        sweeps = localization_sweep(attention, rows, cfg.thresholds)
+        threshold, source = resolve_threshold(cfg.threshold, sweeps[attention.meta.method])
+        report = localization_report(sweeps, attention.meta.method, threshold, source)
         model, state = load_checked_stage1(checkpoint, manifest_sha, dataset, device)
         size = stage1_input_size(state)
         cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
         meta = CropsMeta(
             method=attention.meta.method,
-            threshold=cfg.threshold,
+            threshold=threshold,
             attention_sha256=attention_sha,
             manifest_sha256=manifest_sha,
             provenance={
                 "dataset": dataset,
                 "checkpoint": str(checkpoint),
+                "threshold_param": cfg.threshold,
+                "threshold_source": source,
                 "input_size": size,
                 "part_top_k": cfg.part_top_k,
                 "part_sizes": list(cfg.part_sizes),
@@ -160,7 +183,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         t0 = time.perf_counter()
         with CropsWriter(paths["crops"], meta, cfg.max_parts) as writer, progress() as bar:
             task = bar.add_task("object boxes + MPALM parts", total=n)
-            jobs = batches_with_boxes(attention, rows, root, cfg, cache)
+            jobs = batches_with_boxes(attention, rows, root, cfg, cache, threshold)
             for (sl, records, obj), crops in prefetched(jobs, (size, size)):
                 parts = parts_of(model, crops, obj.boxes, size, cfg, device)
                 writer.append(records.image_ids, obj.boxes, obj.scores, obj.fallback, parts.boxes, parts.scores, parts.counts)
@@ -175,7 +198,8 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
     metrics = {
         "dataset": dataset,
         "method": method,
-        "threshold": cfg.threshold,
+        "threshold": threshold,
+        "threshold_source": source,  # params | auto (best train+val localisation on crops.thresholds) | auto-fallback
         # test images against their ground-truth boxes; null when the dataset has no boxes
         "localization": None if located is None else {**located, "fallback_rate": fallback_rate},
         "fallback_rate": fallback_rate,  # over every image, also when there is no localisation to report
@@ -186,10 +210,12 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         "device": str(device),
         **settings.provenance(),
     }
-    write_preview(paths, rows, root, dataset, cfg, method)
+    write_preview(paths, rows, root, dataset, cfg, method, threshold)
+    write_json(paths["localization"], {"dataset": dataset, **report})
+    write_curves(paths["curves"], sweeps)
     metrics["seconds"] = round(time.perf_counter() - t_start, 3)
     write_json(paths["metrics"], metrics)
-    console.print(f"wrote {paths['crops']} and {paths['preview']}", highlight=False)
+    console.print(f"wrote {paths['crops']}, {paths['preview']} and {paths['localization']}", highlight=False)
     return metrics
 
 
@@ -217,12 +243,18 @@ def localization(rows: Sequence[ManifestRow], boxes: np.ndarray) -> dict[str, fl
 
 
 def write_preview(
-    paths: dict[str, Path], rows: Sequence[ManifestRow], root: Path, dataset: str, cfg: CropsConfig, method: str
+    paths: dict[str, Path],
+    rows: Sequence[ManifestRow],
+    root: Path,
+    dataset: str,
+    cfg: CropsConfig,
+    method: str,
+    threshold: float,
 ) -> Path:
     """data/NAME/crops_preview.png: ``crops.preview_images`` test images, class by class (``preview_indices``)."""
     indices = preview_indices(rows, cfg.preview_images)
     title = (
-        f"{dataset}: {method} heatmaps, object threshold {cfg.threshold:g}, "
+        f"{dataset}: {method} heatmaps, object threshold {threshold:g}, "
         f"MPALM parts ({len(indices)} test images, class by class)"
     )
     with AttentionReader(paths["attention"]) as attention, CropsReader(paths["crops"]) as crops:

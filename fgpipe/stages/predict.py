@@ -5,7 +5,8 @@ Per image, as the pipeline does for the dataset's own images:
 1. heatmap: the attention method recorded in data/NAME/attention.h5 (``attention.method`` when that file is
    absent), on the stage-1 checkpoint it was made from (``attention.checkpoint``), the whole image resized to
    the stage-1 input size (as extract-attention);
-2. object box: ``crops.threshold`` of the heatmap's max, largest component (as extract-crops);
+2. object box: ``crops.threshold`` of the heatmap's max, largest component (as extract-crops); with
+   ``crops.threshold: auto``, the threshold extract-crops chose (recorded in data/NAME/crops.h5);
 3. MPALM parts of the object crop with the ``crops`` settings (as extract-crops, same functions);
 4. the raw stage-1 prediction (stage1/best.pt, as evaluate), the object branch on the object box and the part
    branch on the part patches (refine/best.pt, as evaluate);
@@ -37,7 +38,7 @@ from fgpipe.attention import HeatmapMethod, create_method
 from fgpipe.config import Settings, TrainBackboneConfig, TrainRefineConfig
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError
-from fgpipe.h5schema import AttentionReader
+from fgpipe.h5schema import AttentionReader, CropsReader
 from fgpipe.images import image_size
 from fgpipe.loader import LoadRequest, decode_region, normalize, resized_side
 from fgpipe.localize import object_boxes
@@ -67,6 +68,7 @@ class Chain:
     heat_model: Stage1Net  # the stage-1 network the heatmaps (and MPALM features) come from
     heat_method: HeatmapMethod  # on heat_model
     heat_size: int  # its input size
+    threshold: float  # the object threshold: crops.threshold, or (auto) the one crops.h5 records
     stage1: Stage1Net  # the raw branch (stage1/best.pt)
     stage1_cfg: TrainBackboneConfig  # as evaluate uses it: no test-time refinement
     refine: RefineNet
@@ -130,9 +132,24 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
     s1_cfg = TrainBackboneConfig(**s1_state["config"]["train_backbone"])
     return Chain(
         classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model, score=score),
-        heat_size=stage1_input_size(heat_state), stage1=stage1, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False),
+        heat_size=stage1_input_size(heat_state), threshold=object_threshold(settings, dataset), stage1=stage1, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False),
         refine=refine, refine_cfg=refine_config(r_state), weights={b: float(weights[b]) for b in BRANCHES}, rt=rt,
     )
+
+
+def object_threshold(settings: Settings, dataset: str) -> float:
+    """``crops.threshold``; for ``auto``, the threshold extract-crops chose on train+val (crops.h5's ``threshold``)."""
+    param = settings.params.crops.threshold
+    if param != "auto":
+        return float(param)
+    path = settings.data_dir(dataset) / "crops.h5"
+    if not path.is_file():
+        raise ArtifactError(
+            f"crops.threshold is auto and {path} (which records the threshold chosen) is not there: "
+            f"run `fgpipe extract-crops --dataset {dataset}` first, or set crops.threshold to a number"
+        )
+    with CropsReader(path) as crops:
+        return float(crops.meta.threshold)
 
 
 def _quiet_load(requests: list[LoadRequest], out_wh: tuple[int, int], desc: str = "") -> Tensor:
@@ -148,7 +165,7 @@ def predict_batch(chain: Chain, paths: list[Path], sizes: list[tuple[int, int]],
     heat_in = decode_batch(whole, (chain.heat_size, chain.heat_size))
     heat = chain.heat_method(normalize(heat_in.to(rt.device)))
     heatmaps = heat.heatmaps.cpu().numpy()  # (B, h, w)
-    found = object_boxes(heatmaps, cfg.threshold, np.array(sizes, dtype=np.float64))
+    found = object_boxes(heatmaps, chain.threshold, np.array(sizes, dtype=np.float64))
     crops = decode_batch([LoadRequest(p, tuple(float(v) for v in b)) for p, b in zip(paths, found.boxes)], (chain.heat_size, chain.heat_size))
     parts = parts_of(chain.heat_model, crops, found.boxes, chain.heat_size, cfg, rt.device)
     # 4: the three branches (as evaluate)
