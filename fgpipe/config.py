@@ -225,6 +225,9 @@ class AttentionConfig:
     # conv maps; needs model.cam_channels > 0), wsdan = the BAP classifier on the feature layer, auto = cam if any
     score: Literal["auto", "cam", "wsdan"] = "auto"
     checkpoint: Literal["best", "last"] = "best"
+    # mean of each map-valued heatmap (oaam, gradcam, bap) and the mirrored-back map of the mirrored image (AOLM,
+    # box-valued, stays MMAL-Net's): one more pass; smoother maps that cover the whole object
+    flip: bool = False
     batch_size: int = Field(32, ge=1, le=4096)
 
 

@@ -526,3 +526,30 @@ def test_efficientnet_penultimate_block_is_the_last_mbconv() -> None:
     # _blocks.15 closes stage5; the head conv (the last block) reads it
     assert torch.equal(feats[PENULTIMATE_BLOCK], feats["stage5"])
     assert feats[PENULTIMATE_BLOCK].shape[-2:] == feats["head"].shape[-2:]
+
+
+# --------------------------------------------------------------------------- test-time mirroring
+def test_flip_averages_each_map_with_the_mirrored_images_map_of_the_same_class(model, images) -> None:
+    """``flip``: mean of the normalised map of x and the mirrored-back map of mirror(x), explaining x's class."""
+    methods = [create_method(name, model) for name in ("oaam", "gradcam", "bap")]
+    plain = heatmaps_of(methods, images)
+    out = heatmaps_of(methods, images, flip=True)
+    torch.testing.assert_close(out.logits, plain.logits)  # the classification is the unmirrored pass's
+    mirrored = images.flip(-1)
+    for method in methods:
+        for i in range(len(images)):
+            c = int(plain.predictions[i])
+            a = _normalise(method(images[i : i + 1], torch.tensor([c])).heatmaps[0].numpy())
+            b = _normalise(method(mirrored[i : i + 1], torch.tensor([c])).heatmaps[0].numpy())[:, ::-1]
+            np.testing.assert_allclose(out.heatmaps[method.name][i].numpy(), _normalise((a + b) / 2), rtol=1e-5, atol=1e-6)
+    # a mirrored image gives a different map (the check above is not trivially about symmetric maps)
+    assert not torch.allclose(out.heatmaps["oaam"], plain.heatmaps["oaam"])
+
+
+def test_flip_leaves_aolm_as_mmal_net_defines_it() -> None:
+    torch.manual_seed(0)
+    net = Stage1Net(create_backbone("tiny"), num_classes=3, head="plain").eval()
+    x = torch.randn(4, 3, 64, 64)
+    aolm, oaam = create_method("aolm", net), create_method("oaam", net)
+    torch.testing.assert_close(heatmaps_of([aolm, oaam], x, flip=True).heatmaps["aolm"], aolm(x).heatmaps)
+    torch.testing.assert_close(aolm(x, flip=True).heatmaps, aolm(x).heatmaps)

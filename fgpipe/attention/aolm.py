@@ -58,6 +58,7 @@ class AOLM(HeatmapMethod):
 
     name = "aolm"
     needs_penultimate = True
+    flip_averaged = False  # box-valued: always MMAL-Net's own box
 
     @classmethod
     def unsupported(cls, model: Stage1Like) -> str | None:

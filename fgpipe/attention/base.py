@@ -109,6 +109,9 @@ class HeatmapMethod(ABC):
     needs_gradient: ClassVar[bool] = False
     #: whether :meth:`compute` reads the block before the last (``features[PENULTIMATE_BLOCK]``)
     needs_penultimate: ClassVar[bool] = False
+    #: whether ``flip`` averages this method's map with that of the mirrored image (map-valued methods);
+    #: False for a box-valued method (AOLM), which always runs as its paper defines it
+    flip_averaged: ClassVar[bool] = True
 
     @classmethod
     def unsupported(cls, model: Stage1Like) -> str | None:
@@ -150,14 +153,11 @@ class HeatmapMethod(ABC):
     def compute(self, fp: ForwardPass) -> Tensor:
         """The raw heatmaps (B, H, W) of one forward pass (non-negative; normalised by the caller)."""
 
-    def __call__(self, images: Tensor, targets: Tensor | None = None) -> HeatmapBatch:
-        """Heatmaps of ``images`` (B, 3, H, W); gradient methods explain ``targets`` (B,) or the predicted class."""
-        fp = forward_pass(
-            self.model, self.score, images, targets,
-            gradient=self.needs_gradient, penultimate=self.needs_penultimate, who=type(self).__name__,
-        )
-        logits = fp.logits.float()
-        return HeatmapBatch(self.finish(fp), logits, logits.argmax(dim=1))
+    def __call__(self, images: Tensor, targets: Tensor | None = None, flip: bool = False) -> HeatmapBatch:
+        """Heatmaps of ``images`` (B, 3, H, W); gradient methods explain ``targets`` (B,) or the predicted class.
+        ``flip``: see :func:`heatmaps_of`."""
+        out = heatmaps_of([self], images, targets, flip=flip)
+        return HeatmapBatch(out.heatmaps[self.name], out.logits, out.predictions)
 
     def finish(self, fp: ForwardPass) -> Tensor:
         """:meth:`compute` on ``fp``, shape-checked and (``normalize``) divided by each map's max: (B, H, W) float32."""
@@ -258,11 +258,18 @@ def forward_pass(
     )
 
 
-def heatmaps_of(methods: Sequence[HeatmapMethod], images: Tensor, targets: Tensor | None = None) -> HeatmapSet:
+def heatmaps_of(
+    methods: Sequence[HeatmapMethod], images: Tensor, targets: Tensor | None = None, flip: bool = False
+) -> HeatmapSet:
     """Every method's heatmaps of ``images`` from ONE forward pass (and at most one backward).
 
     The methods must share the model and the ``score`` (hence the gradient, the targets and the logits);
     each heatmap equals what the method alone returns.
+
+    ``flip`` (test-time mirroring): a second pass on the mirrored images, explaining the same classes; each
+    map-valued method's heatmap becomes the mean of its (normalised) map and the mirrored-back map of the
+    mirrored image, normalised again. Box-valued methods (``flip_averaged`` False: AOLM) keep the first
+    pass's map; the logits and predictions are always the first pass's.
     """
     if not methods:
         raise ValueError("heatmaps_of needs at least one method")
@@ -280,7 +287,22 @@ def heatmaps_of(methods: Sequence[HeatmapMethod], images: Tensor, targets: Tenso
         who="+".join(names),
     )
     logits = fp.logits.float()
-    return HeatmapSet({m.name: m.finish(fp) for m in methods}, logits, logits.argmax(dim=1))
+    heat = {m.name: m.finish(fp) for m in methods}
+    averaged = [m for m in methods if m.flip_averaged]
+    if flip and averaged:
+        fp_flip = forward_pass(
+            first.model, first.score, images.flip(-1), fp.targets,
+            gradient=any(m.needs_gradient for m in averaged),
+            penultimate=any(m.needs_penultimate for m in averaged),
+            who="+".join(m.name for m in averaged) + " (mirrored)",
+        )
+        for m in averaged:
+            mean = (heat[m.name] + m.finish(fp_flip).flip(-1)) / 2  # (B, H, W)
+            if m.normalize:
+                peak = mean.amax(dim=(1, 2), keepdim=True)
+                mean = mean / torch.where(peak > 0, peak, torch.ones_like(peak))
+            heat[m.name] = mean
+    return HeatmapSet(heat, logits, logits.argmax(dim=1))
 
 
 class CAMMethod(HeatmapMethod):

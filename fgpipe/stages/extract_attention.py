@@ -178,6 +178,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
             "checkpoint": cfg.checkpoint,
             "checkpoint_path": str(paths["checkpoint"]),
             "target": cfg.target,
+            "flip": cfg.flip,
             "score": method.score,
             "batch_size": cfg.batch_size,
             "fgpipe_version": __version__,
@@ -193,7 +194,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         task = bar.add_task(f"{' + '.join(names)} heatmaps", total=len(rows))
         done = 0
         for batch_rows, images in prefetched(jobs, (size, size)):
-            out = heatmaps_of(methods, images, batch_rows, cfg.target, device)
+            out = heatmaps_of(methods, images, batch_rows, cfg.target, device, cfg.flip)
             writer.append(
                 [r.image_id for r in batch_rows], [r.label for r in batch_rows],
                 out.heatmaps, out.logits, out.predictions,
@@ -211,6 +212,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         "methods": names,  # every method stored in attention.h5
         "layer": method.layer,
         "target": cfg.target,
+        "flip": cfg.flip,
         "score": method.score,  # the classifier explained, whose logits and predictions are stored
         "checkpoint": cfg.checkpoint,
         "input_size": size,
@@ -229,9 +231,10 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
 
 
 def heatmaps_of(
-    methods: Sequence[HeatmapMethod], images: Tensor, rows: Sequence[ManifestRow], target: str, device: torch.device
+    methods: Sequence[HeatmapMethod], images: Tensor, rows: Sequence[ManifestRow], target: str, device: torch.device,
+    flip: bool = False,
 ) -> HeatmapSet:
-    """One batch of uint8 images (B, 3, S, S) -> every method's heatmaps, one forward pass (on ``device``)."""
+    """One batch of uint8 images (B, 3, S, S) -> every method's heatmaps, one forward pass (two with ``flip``)."""
     x = normalize(images.to(device))  # (B, 3, S, S) float32
     targets = torch.tensor([r.label for r in rows], device=device) if target == "true" else None
-    return method_heatmaps(methods, x, targets)
+    return method_heatmaps(methods, x, targets, flip=flip)

@@ -67,6 +67,7 @@ class Chain:
     method_name: str
     heat_model: Stage1Net  # the stage-1 network the heatmaps (and MPALM features) come from
     heat_method: HeatmapMethod  # on heat_model
+    flip: bool  # heatmaps averaged with the mirrored image's (attention.flip, as recorded in attention.h5)
     heat_size: int  # its input size
     threshold: float  # the object threshold: crops.threshold, or (auto) the one crops.h5 records
     stage1: Stage1Net  # the raw branch (stage1/best.pt)
@@ -104,10 +105,12 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
         with AttentionReader(attention_path) as attention:
             method_name = attention.meta.method
             score = str(attention.meta.provenance.get("score", "auto"))
+            flip = bool(attention.meta.provenance.get("flip", False))
             heat_path = checkpoint_of(attention, d, dataset)
     else:
         method_name = settings.params.attention.method
         score = settings.params.attention.score
+        flip = settings.params.attention.flip
         heat_path = d / "stage1" / f"{settings.params.attention.checkpoint}.pt"
     raw_path = d / "stage1" / "best.pt"
     stage1, s1_state = load_checked_stage1(raw_path, manifest_sha, dataset, rt.device)
@@ -131,7 +134,7 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
         raise ArtifactError(f"{metrics_path}: `weights` must give raw, object and parts; rerun `fgpipe evaluate --dataset {dataset}`")
     s1_cfg = TrainBackboneConfig(**s1_state["config"]["train_backbone"])
     return Chain(
-        classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model, score=score),
+        classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model, score=score), flip=flip,
         heat_size=stage1_input_size(heat_state), threshold=object_threshold(settings, dataset), stage1=stage1, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False),
         refine=refine, refine_cfg=refine_config(r_state), weights={b: float(weights[b]) for b in BRANCHES}, rt=rt,
     )
@@ -163,7 +166,7 @@ def predict_batch(chain: Chain, paths: list[Path], sizes: list[tuple[int, int]],
     whole = [LoadRequest(p, (0.0, 0.0, float(w), float(h))) for p, (w, h) in zip(paths, sizes)]
     # 1-3: heatmap, object box, MPALM parts (as extract-attention and extract-crops)
     heat_in = decode_batch(whole, (chain.heat_size, chain.heat_size))
-    heat = chain.heat_method(normalize(heat_in.to(rt.device)))
+    heat = chain.heat_method(normalize(heat_in.to(rt.device)), flip=chain.flip)
     heatmaps = heat.heatmaps.cpu().numpy()  # (B, h, w)
     found = object_boxes(heatmaps, chain.threshold, np.array(sizes, dtype=np.float64))
     crops = decode_batch([LoadRequest(p, tuple(float(v) for v in b)) for p, b in zip(paths, found.boxes)], (chain.heat_size, chain.heat_size))
