@@ -178,3 +178,40 @@ def test_two_process_gloo_ddp_run_trains(tmp_path: Path) -> None:
     assert metrics["world_size"] == 2
     ckpt = torch.load(tmp_path / "data/toy/stage1/last.pt", weights_only=True)
     assert ckpt["history"][-1]["train_loss"] < ckpt["history"][0]["train_loss"]
+
+
+def test_param_groups_give_each_head_its_own_rate() -> None:
+    from fgpipe.config import ModelConfig, TrainBackboneConfig
+    from fgpipe.models import build_stage1
+
+    cfg = TrainBackboneConfig(lr=0.01, wsdan_lr=0.002, cam_lr=0.3)
+    net = build_stage1(ModelConfig(backbone="tiny", num_attentions=4, cam_channels=8), 3)
+    groups = train_backbone.param_groups(net, cfg)
+    ids = [{id(p) for p in g["params"]} for g in groups]
+    assert [g.get("lr") for g in groups] == [None, 0.002, 0.3]  # None: the optimiser's lr (the trunk's)
+    assert ids[1] == {id(p) for m in (net.attention, net.fc) for p in m.parameters()}
+    assert ids[2] == {id(p) for m in (net.cam_conv, net.cam_fc) for p in m.parameters()}
+    assert ids[0] == {id(p) for p in net.backbone.parameters()}
+    plain = build_stage1(ModelConfig(backbone="tiny", head="plain"), 3)
+    groups = train_backbone.param_groups(plain, cfg)
+    assert [g.get("lr") for g in groups] == [None, 0.3]
+    assert {id(p) for p in groups[1]["params"]} == {id(p) for p in plain.cam_fc.parameters()}
+
+
+def test_plain_head_trains_with_cross_entropy_only(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = make_project(tmp_path, epochs=4)
+    raw = yaml.safe_load(params.read_text())
+    raw["model"]["head"] = "plain"
+    params.write_text(yaml.safe_dump(raw))
+
+    def no_crop_drop(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the plain head must not use attention crop and drop")
+
+    monkeypatch.setattr(train_backbone, "attention_crop_drop", no_crop_drop)
+    metrics = train_backbone.run(load_params(params), "toy")
+    ckpt = torch.load(tmp_path / "data/toy/stage1/last.pt", weights_only=True)
+    assert ckpt["config"]["model"]["head"] == "plain"
+    assert "cam_fc.weight" in ckpt["model"] and "fc.weight" not in ckpt["model"]
+    assert ckpt["history"][-1]["train_loss"] < ckpt["history"][0]["train_loss"]
+    assert ckpt["history"][-1]["train_top1"] > 0.5
+    assert metrics["test"]["top1"] == metrics["test"]["top1_raw"]  # no test-time refinement without attention maps
