@@ -1,7 +1,7 @@
 """The whole chain on real photographs: a few classes of the shared CUB-200-2011 development set.
 
 Runs only where ``../shared/realdata/cub200_2011_dev20`` exists (the images are not ours to redistribute and
-never enter the repository); skipped elsewhere. The classes are linked, not copied, into a temporary
+never enter the repository); skipped elsewhere. The classes are copied (prepare refuses links that resolve outside the root) into a temporary
 CUB_200_2011 root with the annotation files filtered to them, and the repo's real dvc.yaml runs the chain
 with EfficientNet-Lite0's ImageNet weights at a small size.
 """
@@ -9,6 +9,7 @@ with EfficientNet-Lite0's ImageNet weights at a small size.
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -24,7 +25,7 @@ pytestmark = [
 
 
 def subset_root(dst: Path, classes: tuple[int, ...]) -> Path:
-    """A CUB_200_2011 root holding only ``classes``: annotation files filtered, image folders linked."""
+    """A CUB_200_2011 root holding only ``classes``: annotation files filtered, image folders copied."""
     root = dst / "CUB_200_2011"
     (root / "images").mkdir(parents=True)
     labels = dict(line.split() for line in (DEV20 / "image_class_labels.txt").read_text().splitlines() if line.strip())
@@ -36,7 +37,7 @@ def subset_root(dst: Path, classes: tuple[int, ...]) -> Path:
     for line in (DEV20 / "classes.txt").read_text().splitlines():
         class_id, folder = line.split()
         if int(class_id) in classes:
-            (root / "images" / folder).symlink_to(DEV20 / "images" / folder, target_is_directory=True)
+            shutil.copytree(DEV20 / "images" / folder, root / "images" / folder)
     return root
 
 
