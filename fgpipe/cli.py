@@ -121,11 +121,16 @@ def extract_attention(
     method: Annotated[
         str | None, typer.Option(help="Override attention.method: oaam, gradcam, aolm or bap (recorded with the outputs).")
     ] = None,
+    input_size: Annotated[
+        int | None,
+        typer.Option(help="Override attention.input_size: the side heatmaps are computed at; 0 = stage 1's (recorded).", show_default=False),
+    ] = None,
 ) -> None:
     """Heatmaps of the stage-1 network for every image: data/NAME/attention.h5."""
     from fgpipe.stages import extract_attention as stage
 
-    metrics = _guard(lambda: stage.run(_settings(params, {"attention.method": method}, dataset), dataset))
+    overrides = {"attention.method": method, "attention.input_size": input_size}
+    metrics = _guard(lambda: stage.run(_settings(params, overrides, dataset), dataset))
     _report("extract-attention", dataset, metrics)
 
 

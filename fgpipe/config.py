@@ -228,7 +228,17 @@ class AttentionConfig:
     # mean of each map-valued heatmap (oaam, gradcam, bap) and the mirrored-back map of the mirrored image (AOLM,
     # box-valued, stays MMAL-Net's): one more pass; smoother maps that cover the whole object
     flip: bool = False
+    # side of the square input the heatmaps are computed at; 0 = stage 1's `input_size`. A larger input gives a
+    # finer map of the same network (every method, AOLM included, at that size); the stored logits come from it too
+    input_size: int = Field(0, ge=0, le=1024)
     batch_size: int = Field(32, ge=1, le=4096)
+
+    @field_validator("input_size")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if 0 < v < 32:
+            raise ValueError(f"must be 0 (stage 1's input size) or at least 32, got {v}")
+        return v
 
 
 @dataclass(frozen=True, config=_CFG)

@@ -328,7 +328,7 @@ def test_show_without_crops_says_what_to_run(project: Path) -> None:
 @pytest.mark.parametrize(
     ("command", "options"),
     [
-        ("extract-attention", ("--dataset", "--params", "--method")),
+        ("extract-attention", ("--dataset", "--params", "--method", "--input-size")),
         ("extract-crops", ("--dataset", "--params", "--threshold")),
         ("show", ("--dataset", "--params", "--image", "--out")),
         ("localize", ("--dataset", "--params", "--thresholds")),
@@ -468,3 +468,28 @@ def test_localize_prints_the_table_without_a_network(project: Path, monkeypatch:
     assert result.exit_code == 1 and "--thresholds must be increasing" in result.output
     result = _invoke("localize", "-d", "toy", "-p", params, "--thresholds", "a,b")
     assert result.exit_code != 0 and "comma-separated" in result.output
+
+
+def test_attention_input_size_computes_every_method_at_that_size(project: Path) -> None:
+    """attention.input_size 96 on a network trained at 64: a 6 x 6 grid, maps and logits of the 96-px input."""
+    size = 96
+    extract_attention.run(load_params(project / "params.yaml", {"attention.input_size": size}), "toy")
+    rows = _rows(project)
+    root = Path(read_json(project / "data/toy/dataset.json")["root"])
+    model, _ = train_backbone.load_stage1(project / "data/toy/stage1/best.pt")
+    x = normalize(load_regions(whole_image_requests(root, rows), (size, size)))
+    with AttentionReader(project / "data/toy/attention.h5") as att:
+        assert att.meta.input_size == size and att.heatmap_hw == (size // 16, size // 16)
+        rec = att.read()
+        for m, name in enumerate(att.methods):
+            ref = create_method(name, model)(x)
+            np.testing.assert_allclose(rec.all_heatmaps[:, m], ref.heatmaps.numpy(), atol=2e-3)
+            if name == "oaam":
+                np.testing.assert_allclose(rec.logits, ref.logits.numpy(), rtol=1e-4, atol=1e-4)
+    assert read_json(project / "metrics/toy/extract_attention.json")["input_size"] == size
+    # 0 is stage 1's own size; 1..31 is refused, naming the key
+    extract_attention.run(load_params(project / "params.yaml", {"attention.input_size": 0}), "toy")
+    with AttentionReader(project / "data/toy/attention.h5") as att:
+        assert att.meta.input_size == INPUT
+    result = _invoke("extract-attention", "-d", "toy", "-p", str(project / "params.yaml"), "--input-size", "16")
+    assert result.exit_code == 1 and "attention.input_size" in result.output and "Traceback" not in result.output

@@ -98,3 +98,31 @@ def test_missing_evaluate_json_names_the_file_and_the_fix(project: Path, tmp_pat
 def test_help() -> None:
     result = CliRunner().invoke(app, ["predict", "--help"])
     assert result.exit_code == 0 and "--save-png" in result.output and "--json" in result.output
+
+
+def test_heatmaps_at_the_recorded_input_size_parts_at_stage_1s(
+    project: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """attention.h5 made at 48 px (stage 1 trained at 32): predict decodes the whole image at 48 for the heatmap
+    and the object crop at stage 1's 32 for MPALM, as extract-attention and extract-crops do."""
+    from fgpipe.stages import predict as stage
+
+    data = tmp_path / "data/toy"
+    meta = AttentionMeta(
+        method="oaam", layer="layer3", input_size=48, checkpoint_sha256=file_sha256(data / "stage1/best.pt"),
+        manifest_sha256=file_sha256(data / "manifest.csv"), provenance={"checkpoint": "best", "score": "cam"},
+    )
+    with AttentionWriter(data / "attention.h5", meta, (3, 3), 3) as w:
+        w.append(["x"], [0], np.zeros((1, 3, 3)), np.zeros((1, 3)), [0])
+    sizes: list[tuple[int, int]] = []
+    real = stage.decode_batch
+
+    def recording(requests, out_wh, pool=None):
+        sizes.append(tuple(out_wh))
+        return real(requests, out_wh, pool)
+
+    monkeypatch.setattr(stage, "decode_batch", recording)
+    good = tmp_path / "toy_raw/test/class0/001.png"
+    result = CliRunner().invoke(app, ["predict", str(good), "--dataset", "toy", "--params", str(project), "--json"])
+    assert result.exit_code == 0, result.output
+    assert sizes[:2] == [(48, 48), (32, 32)]  # heatmap input, then the object crop MPALM reads

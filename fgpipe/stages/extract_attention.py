@@ -158,7 +158,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
     manifest_sha = file_sha256(paths["manifest"])
     device = extraction_device()
     model, state = load_checked_stage1(paths["checkpoint"], manifest_sha, dataset, device)
-    size = stage1_input_size(state)
+    size = cfg.input_size or stage1_input_size(state)  # 0: the size stage 1 was trained at
     method = create_method(cfg.method, model, score=cfg.score)
     methods = companion_methods(method)  # every method the checkpoint supports on this grid, one pass for all
     names = [m.name for m in methods]

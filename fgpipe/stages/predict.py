@@ -68,7 +68,8 @@ class Chain:
     heat_model: Stage1Net  # the stage-1 network the heatmaps (and MPALM features) come from
     heat_method: HeatmapMethod  # on heat_model
     flip: bool  # heatmaps averaged with the mirrored image's (attention.flip, as recorded in attention.h5)
-    heat_size: int  # its input size
+    heat_size: int  # the input size the heatmaps are computed at (attention.input_size, as attention.h5 records)
+    part_size: int  # the input size MPALM feeds object crops at (heat_model's stage-1 input size, as extract-crops)
     threshold: float  # the object threshold: crops.threshold, or (auto) the one crops.h5 records
     stage1: Stage1Net  # the raw branch (stage1/best.pt)
     stage1_cfg: TrainBackboneConfig  # as evaluate uses it: no test-time refinement
@@ -106,11 +107,13 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
             method_name = attention.meta.method
             score = str(attention.meta.provenance.get("score", "auto"))
             flip = bool(attention.meta.provenance.get("flip", False))
+            heat_size: int | None = int(attention.meta.input_size)
             heat_path = checkpoint_of(attention, d, dataset)
     else:
         method_name = settings.params.attention.method
         score = settings.params.attention.score
         flip = settings.params.attention.flip
+        heat_size = settings.params.attention.input_size or None
         heat_path = d / "stage1" / f"{settings.params.attention.checkpoint}.pt"
     raw_path = d / "stage1" / "best.pt"
     stage1, s1_state = load_checked_stage1(raw_path, manifest_sha, dataset, rt.device)
@@ -135,7 +138,7 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
     s1_cfg = TrainBackboneConfig(**s1_state["config"]["train_backbone"])
     return Chain(
         classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model, score=score), flip=flip,
-        heat_size=stage1_input_size(heat_state), threshold=object_threshold(settings, dataset), stage1=stage1, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False),
+        heat_size=heat_size or stage1_input_size(heat_state), part_size=stage1_input_size(heat_state), threshold=object_threshold(settings, dataset), stage1=stage1, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False),
         refine=refine, refine_cfg=refine_config(r_state), weights={b: float(weights[b]) for b in BRANCHES}, rt=rt,
     )
 
@@ -169,8 +172,8 @@ def predict_batch(chain: Chain, paths: list[Path], sizes: list[tuple[int, int]],
     heat = chain.heat_method(normalize(heat_in.to(rt.device)), flip=chain.flip)
     heatmaps = heat.heatmaps.cpu().numpy()  # (B, h, w)
     found = object_boxes(heatmaps, chain.threshold, np.array(sizes, dtype=np.float64))
-    crops = decode_batch([LoadRequest(p, tuple(float(v) for v in b)) for p, b in zip(paths, found.boxes)], (chain.heat_size, chain.heat_size))
-    parts = parts_of(chain.heat_model, crops, found.boxes, chain.heat_size, cfg, rt.device)
+    crops = decode_batch([LoadRequest(p, tuple(float(v) for v in b)) for p, b in zip(paths, found.boxes)], (chain.part_size, chain.part_size))
+    parts = parts_of(chain.heat_model, crops, found.boxes, chain.part_size, cfg, rt.device)
     # 4: the three branches (as evaluate)
     s1 = chain.stage1_cfg
     raw_in = decode_batch(whole, (resized_side(s1.input_size, s1.augment),) * 2)
