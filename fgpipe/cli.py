@@ -37,8 +37,12 @@ def _guard(fn: Callable[[], T]) -> T:
     try:
         return fn()
     except FgpipeError as exc:
-        console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        _print_error(exc)
         raise typer.Exit(1) from None
+
+
+def _print_error(exc: FgpipeError) -> None:
+    console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
 
 
 _PRESET: dict[str, str] = {}  # `fgpipe --preset NAME`: applied to every command's settings
@@ -274,6 +278,11 @@ def main() -> None:
 
     from fgpipe.runtime import malloc_tuning_wanted, reexec_with_malloc_tuning
 
-    if malloc_tuning_wanted(os.environ):
+    try:
+        wanted = malloc_tuning_wanted(os.environ)
+    except FgpipeError as exc:  # a malformed FGPIPE_MALLOC_TUNING, before any command runs
+        _print_error(exc)
+        raise SystemExit(1) from None
+    if wanted:
         reexec_with_malloc_tuning(sys.argv[1:])
     app()

@@ -25,7 +25,7 @@ from pydantic.dataclasses import dataclass
 
 from fgpipe.errors import ConfigError
 
-_CFG = ConfigDict(extra="forbid")
+_CFG = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float field: NaN and +-inf are refused, naming the key
 
 DatasetKind = Literal["synthetic", "cub", "aircraft", "cars", "imagefolder"]
 SYNTHETIC_SOURCE = "fgpipe/datasets/synthetic.py"
@@ -117,6 +117,10 @@ class PrepareConfig:
     data_dir: str = "data"
     # longest side of the decoded copies in data/NAME/images.h5 (aspect kept, never enlarged); 0 = no cache
     cache_side: int = Field(512, ge=0, le=8192)
+    # an image declaring more pixels is unreadable (a decompression bomb): prepare lists it (or skips it with
+    # skip_bad), predict reports and skips it. Default: PIL's own MAX_IMAGE_PIXELS; at most twice that, where
+    # PIL itself refuses to open a file (fgpipe.images.DEFAULT_MAX_PIXELS / PIXEL_CEILING, a test ties them)
+    max_pixels: int = Field(89_478_485, ge=1, le=178_956_970)
 
     @field_validator("cache_side")
     @classmethod

@@ -35,3 +35,7 @@ class ArtifactError(FgpipeError):
 
 class TrainingError(FgpipeError):
     """Training cannot go on (e.g. the loss became NaN)."""
+
+
+class OutputError(FgpipeError):
+    """An output cannot be written (disk full, read-only file system, no permission); the previous one is kept."""

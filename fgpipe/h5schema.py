@@ -256,6 +256,26 @@ def _attr_in(typ: type, raw: Any) -> Any:
     return typ(raw)
 
 
+_BOX_RULE = "(x0, y0, x1, y1) with 0 <= x0 < x1 and 0 <= y0 < y1"
+_EDGE_TOLERANCE = 1e-2  # pixels: float32 rounding of a box edge on the image's border
+
+
+def _rows_not_finite(a: np.ndarray) -> np.ndarray:
+    """(n,) True where row i of ``a`` (n, ...) holds a NaN or an infinity."""
+    return ~np.isfinite(a).all(axis=tuple(range(1, a.ndim)))
+
+
+def _rows_outside(a: np.ndarray, low: float, high: float) -> np.ndarray:
+    """(n,) True where row i of ``a`` (n, ...) holds a value outside [low, high] (NaN is not counted here)."""
+    return ((a < low) | (a > high)).any(axis=tuple(range(1, a.ndim)))
+
+
+def _bad_boxes(boxes: np.ndarray) -> np.ndarray:
+    """(...) True where a box (..., 4) (x0, y0, x1, y1) starts left of or above the image or has no area."""
+    x0, y0, x1, y1 = (boxes[..., j] for j in range(4))
+    return (x0 < 0) | (y0 < 0) | ~(x1 > x0) | ~(y1 > y0)
+
+
 def _kind_ok(spec: DatasetSpec, dtype: np.dtype) -> bool:
     if spec.dtype == "str":
         return h5py.check_string_dtype(dtype) is not None
@@ -572,6 +592,28 @@ class _Reader(Generic[MetaT, RecordsT]):
     def _records(self, columns: dict[str, np.ndarray]) -> RecordsT:
         raise NotImplementedError
 
+    def _check_values(self, columns: dict[str, np.ndarray], start: int) -> None:
+        """Refuse values the writer never stores (NaN, infinities, out of range: a damaged or hand-edited file) in
+        the rows read into ``columns`` (the first is row ``start``); vectorised. The base checks nothing more."""
+
+    def _refuse(
+        self, name: str, bad: np.ndarray, rows: int | np.ndarray, what: str, image_ids: Sequence[str] | None = None
+    ) -> None:
+        """If any entry of ``bad`` ((n,) bool) is set, an ArtifactError naming dataset ``name``, the first bad row and its
+        image id, and ``what`` is wrong. ``rows``: the file row of each entry ((n,) ints), or the first of n consecutive
+        rows; ``image_ids``: each entry's id (None: read from the file)."""
+        if not bad.any():
+            return
+        first = int(np.argmax(bad))
+        row = int(rows[first]) if isinstance(rows, np.ndarray) else rows + first
+        image_id = image_ids[first] if image_ids is not None else self._h5["image_id"].asstr()[row]
+        more = int(bad.sum()) - 1
+        raise ArtifactError(
+            f"{self.path}: dataset `{name}`, row {row} (image {image_id!r}) {what}"
+            + (f" (and {more} more of the {len(bad)} rows read)" if more else "")
+            + f"; the file is damaged or was edited: rerun `{self.schema.producer}`"
+        )
+
     def __len__(self) -> int:
         return self._len
 
@@ -595,6 +637,7 @@ class _Reader(Generic[MetaT, RecordsT]):
         for spec in self.schema.datasets:
             ds = self._h5[spec.name]
             columns[spec.name] = ds.asstr()[sl] if spec.dtype == "str" else ds[sl]
+        self._check_values(columns, sl.start)
         return self._records(columns)
 
     def iter_batches(self, batch_size: int) -> Iterator[RecordsT]:
@@ -642,6 +685,15 @@ class AttentionReader(_Reader[AttentionMeta, AttentionRecords]):
         except ValueError as err:
             raise ArtifactError(f"{self.path}: attrs `method` / `methods`: {err}; rerun `{self.schema.producer}`") from err
 
+    def _check_values(self, columns: dict[str, np.ndarray], start: int) -> None:
+        ids, k = columns["image_id"], self.dims["K"]
+        for name in ("heatmap", "logits"):
+            self._refuse(name, _rows_not_finite(columns[name]), start, "holds NaN or infinite values", ids)
+        self._refuse("heatmap", _rows_outside(columns["heatmap"], 0, 1), start, "holds values outside [0, 1]", ids)
+        for name in ("label", "prediction"):
+            what = f"is not a class index in [0, {k - 1}] (`logits` holds {k} classes)"
+            self._refuse(name, _rows_outside(columns[name], 0, k - 1), start, what, ids)
+
     def _records(self, columns: dict[str, np.ndarray]) -> AttentionRecords:
         every = columns["heatmap"].astype(np.float32)  # (n, M, H, W)
         return AttentionRecords(
@@ -666,7 +718,10 @@ class AttentionReader(_Reader[AttentionMeta, AttentionRecords]):
                 f"rerun `{self.schema.producer}`"
             )
         sl = slice(*slice(start, stop).indices(self._len)[:2])
-        return self._h5["heatmap"][sl, self.meta.methods.index(method)].astype(np.float32)
+        maps = self._h5["heatmap"][sl, self.meta.methods.index(method)].astype(np.float32)  # (n, H, W)
+        self._refuse("heatmap", _rows_not_finite(maps), sl.start, f"holds NaN or infinite `{method}` values")
+        self._refuse("heatmap", _rows_outside(maps, 0, 1), sl.start, f"holds `{method}` values outside [0, 1]")
+        return maps
 
     @property
     def heatmap_hw(self) -> tuple[int, int]:
@@ -692,7 +747,37 @@ class CropsReader(_Reader[CropsMeta, CropsRecords]):
         return self
 
     def _meta(self, values: dict[str, Any], provenance: dict[str, Any]) -> CropsMeta:
+        if not 0 < values["threshold"] <= 1:  # also NaN
+            raise ArtifactError(
+                f"{self.path}: attr `threshold` = {values['threshold']!r} is not in (0, 1]; rerun `{self.schema.producer}`"
+            )
         return CropsMeta(**values, provenance=provenance)
+
+    def _check_values(self, columns: dict[str, np.ndarray], start: int) -> None:
+        ids, p = columns["image_id"], self.dims["P"]
+        for name in ("box", "score", "parts", "part_scores"):
+            self._refuse(name, _rows_not_finite(columns[name]), start, "holds NaN or infinite values", ids)
+        self._refuse("box", _bad_boxes(columns["box"]), start, f"is not a box {_BOX_RULE}", ids)
+        counts = columns["part_count"]
+        self._refuse("part_count", _rows_outside(counts, 0, p), start, f"is outside [0, {p}] (the parts slots)", ids)
+        valid = np.arange(p)[None, :] < counts[:, None]  # (n, P) the parts in use
+        bad_parts = (_bad_boxes(columns["parts"]) & valid).any(axis=1)  # (n,)
+        self._refuse("parts", bad_parts, start, f"holds a part that is not a box {_BOX_RULE}", ids)
+
+    def check_inside(self, records: CropsRecords, rows: np.ndarray, image_wh: np.ndarray) -> None:
+        """Refuse an object or part box of ``records`` rows ``rows`` ((n,), read from row 0) that reaches outside its
+        image, ``image_wh`` (n, 2): each one's (width, height) of the manifest area, the boxes' frame."""
+        rows = np.asarray(rows, dtype=np.int64)
+        wh = np.asarray(image_wh, dtype=np.float64)  # (n, 2)
+        limit = wh + _EDGE_TOLERANCE  # x1 <= width, y1 <= height (x0, y0 >= 0 is checked on every read)
+        ids = [records.image_ids[r] for r in rows]
+        valid = np.arange(self.dims["P"])[None, :] < records.part_counts[rows][:, None]  # (n, P) the parts in use
+        for name, outside in (
+            ("box", (records.boxes[rows][:, 2:] > limit).any(axis=1)),  # (n,)
+            ("parts", ((records.parts[rows][..., 2:] > limit[:, None]).any(axis=2) & valid).any(axis=1)),  # (n,)
+        ):
+            w, h = (int(v) for v in wh[int(np.argmax(outside))]) if outside.any() else (0, 0)
+            self._refuse(name, outside, rows, f"reaches outside its {w} x {h} image (the manifest's size)", ids)
 
     def _records(self, columns: dict[str, np.ndarray]) -> CropsRecords:
         return CropsRecords(
@@ -747,6 +832,10 @@ class ImagesReader(_Reader[ImagesMeta, ImagesRecords]):
 
     def _meta(self, values: dict[str, Any], provenance: dict[str, Any]) -> ImagesMeta:
         return ImagesMeta(**values, provenance=provenance)
+
+    def _check_values(self, columns: dict[str, np.ndarray], start: int) -> None:
+        bad = (columns["original_wh"] < 1).any(axis=1)
+        self._refuse("original_wh", bad, start, "is not a size of at least 1 x 1", columns["image_id"])
 
     def _records(self, columns: dict[str, np.ndarray]) -> ImagesRecords:
         return ImagesRecords(

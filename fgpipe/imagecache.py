@@ -28,7 +28,7 @@ from rich.markup import escape
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, DatasetError
 from fgpipe.h5schema import ImagesMeta, ImagesReader, ImagesWriter
-from fgpipe.images import to_rgb
+from fgpipe.images import open_image, to_rgb
 from fgpipe.manifest import Box, ManifestRow
 from fgpipe.runtime import available_cores
 
@@ -52,7 +52,7 @@ def cache_image(path: str | os.PathLike[str], area_wh: tuple[int, int], out_wh: 
     Antialiased bilinear (PIL's ``BILINEAR``, ``reducing_gap=None``, as :func:`fgpipe.loader.decode_region`);
     a JPEG at least ``DRAFT_MARGIN`` times larger than ``out_wh`` is first decoded at a reduced DCT scale.
     """
-    with Image.open(path) as img:
+    with open_image(path) as img:
         full_w, full_h = img.size
         if img.format == "JPEG" and img.mode in ("RGB", "L", "CMYK") and out_wh != area_wh:
             need = (DRAFT_MARGIN * out_wh[0] * full_w // area_wh[0], DRAFT_MARGIN * out_wh[1] * full_h // area_wh[1])

@@ -1,22 +1,79 @@
-"""Image decoding: every mode (grayscale, CMYK, alpha, 16-bit, palette) becomes 8-bit RGB."""
+"""Image decoding: every mode (grayscale, CMYK, alpha, 16-bit, palette) becomes 8-bit RGB.
+
+Every image fgpipe decodes is opened by :func:`open_image`, which refuses one that declares more pixels than
+a limit (``prepare.max_pixels`` where a stage passes it) before any pixel is decoded: a small file declaring
+20000 x 10000 pixels (a decompression bomb) would otherwise take gigabytes. It is refused as an
+:class:`ImageTooLargeError`, an OSError like every other unreadable image, so each caller's handling of
+unreadable images (prepare's list and ``skip_bad``, predict's report-and-skip, the loaders' clean error)
+covers it. PIL's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``: a warning above it, an error above
+twice it) is left as it is; its warning is silenced only while fgpipe opens a file, since fgpipe applies its
+own limit right after.
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import threading
+import warnings
+from typing import IO
 
 import numpy as np
 from PIL import Image, ImageFile
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently padded
 
+# The default of prepare.max_pixels: PIL's own default Image.MAX_IMAGE_PIXELS (1024**3 / 4 / 3, about a
+# 9459 x 9459 image, 268 MB as 8-bit RGB), past which PIL warns of a decompression bomb.
+DEFAULT_MAX_PIXELS = 89_478_485
+# The highest limit fgpipe accepts: twice PIL's default, past which PIL's Image.open itself refuses a file.
+# Loaders of images prepare already accepted apply it (they never refuse what prepare let through).
+PIXEL_CEILING = 2 * DEFAULT_MAX_PIXELS
+_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings is process-wide: one open at a time holds it
 
-def open_rgb(path: str | os.PathLike[str]) -> Image.Image:
+
+class ImageTooLargeError(OSError):
+    """An image declares more pixels than the limit: refused before any pixel is decoded."""
+
+
+def open_image(path: str | os.PathLike[str] | IO[bytes], max_pixels: int = PIXEL_CEILING) -> ImageFile.ImageFile:
+    """``Image.open(path)`` (the header only, nothing decoded yet) that refuses an image over ``max_pixels``.
+
+    Raises :class:`ImageTooLargeError` naming the declared size and ``prepare.max_pixels``, or OSError
+    (PIL's UnidentifiedImageError included) for a missing or unidentifiable file. The caller closes the image.
+    """
+    with _OPEN_LOCK, warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # fgpipe's own limit follows
+        try:
+            img = Image.open(path)
+        except Image.DecompressionBombError as exc:  # over twice PIL's Image.MAX_IMAGE_PIXELS: PIL refuses it
+            found = re.search(r"\((\d+) pixels\)", str(exc))
+            raise ImageTooLargeError(_too_large(f"{found.group(1)} pixels" if found else f"too many pixels ({exc})", max_pixels)) from None
+    width, height = img.size
+    if width * height > max_pixels:
+        img.close()
+        raise ImageTooLargeError(_too_large(f"{width} x {height} = {width * height} pixels", max_pixels))
+    return img
+
+
+def _too_large(declared: str, max_pixels: int) -> str:
+    return (
+        f"image declares {declared}, over the limit of {max_pixels} pixels (a decompression bomb; if the image is "
+        f"genuine, raise prepare.max_pixels, at most {PIXEL_CEILING})"
+    )
+
+
+def open_rgb(path: str | os.PathLike[str], max_pixels: int = PIXEL_CEILING) -> Image.Image:
     """Decode an image fully and return it as 8-bit RGB.
 
-    Raises OSError (PIL's UnidentifiedImageError included) for a missing, corrupt or truncated file.
+    Raises OSError (PIL's UnidentifiedImageError and :class:`ImageTooLargeError` included) for a missing,
+    corrupt, truncated or too large file.
     """
-    with Image.open(path) as img:
-        img.load()
+    with open_image(path, max_pixels) as img:
+        try:
+            img.load()
+        except Image.DecompressionBombError as exc:  # a GIF frame or TIFF tile larger than its header said
+            raise ImageTooLargeError(str(exc)) from None
         return to_rgb(img)
 
 
@@ -40,10 +97,13 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def image_size(path: str | os.PathLike[str], verify: bool) -> tuple[int, int]:
-    """(width, height); with ``verify`` the whole image is decoded so corrupt files are caught."""
+def image_size(path: str | os.PathLike[str], verify: bool, max_pixels: int = PIXEL_CEILING) -> tuple[int, int]:
+    """(width, height); with ``verify`` the whole image is decoded so corrupt files are caught.
+
+    An image over ``max_pixels`` raises :class:`ImageTooLargeError` either way, before any decoding.
+    """
     if verify:
-        img = open_rgb(path)
+        img = open_rgb(path, max_pixels)
         return img.size
-    with Image.open(path) as img:
+    with open_image(path, max_pixels) as img:
         return img.size

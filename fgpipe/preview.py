@@ -27,10 +27,10 @@ from PIL import Image, ImageDraw, ImageFont
 from fgpipe.config import Settings
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
-from fgpipe.loader import decode_region
+from fgpipe.loader import check_image_files, decode_region
 from fgpipe.localize import box_iou
-from fgpipe.manifest import ManifestRow, class_names, read_manifest
-from fgpipe.store import atomic_path, file_sha256, read_json
+from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
+from fgpipe.store import atomic_path, file_sha256
 
 TILE = 224  # longest side of each tile, pixels
 GAP = 8
@@ -247,9 +247,8 @@ def show(settings: Settings, dataset: str, image_id: str, out: Path | None = Non
         if not path.is_file():
             raise ArtifactError(f"{path} not found (run `fgpipe {command} --dataset {dataset}` first)")
     dataset_json = d / "dataset.json"
-    if not dataset_json.is_file():
-        raise ArtifactError(f"{dataset_json} not found (run `fgpipe prepare --dataset {dataset}` first)")
-    root = Path(read_json(dataset_json)["root"])
+    root = read_dataset_json(dataset_json, dataset).root
+    check_image_files(dataset_json, [rows[index[image_id]]], None, dataset)
     with AttentionReader(attention_path) as att, CropsReader(crops_path) as crops:
         att.check_source(manifest_sha256=file_sha256(manifest))
         crops.check_source(manifest_sha256=file_sha256(manifest), attention_sha256=file_sha256(attention_path))

@@ -9,6 +9,7 @@ by a killed process is removed by the next write of the same target.
 from __future__ import annotations
 
 import contextlib
+import errno
 import glob
 import hashlib
 import json
@@ -17,6 +18,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+from fgpipe.errors import OutputError
 
 
 def _current_umask() -> int:
@@ -28,27 +31,66 @@ def _current_umask() -> int:
 _UMASK = _current_umask()
 
 
+# errno values only a write raises: whatever runs inside atomic_path's block, they are about the file it writes
+_WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+_WRITE_HINTS = {
+    errno.ENOSPC: "free some disk space",
+    errno.EDQUOT: "free some space within your disk quota",
+    errno.EFBIG: "write to a file system that allows larger files",
+    errno.EROFS: "the file system is mounted read-only: make it writable, or point prepare.data_dir / "
+    "prepare.metrics_dir at a writable folder",
+    errno.EACCES: "give this user write permission on that folder, or point prepare.data_dir / prepare.metrics_dir "
+    "at a writable folder",
+}
+
+
+def output_error(target: str | os.PathLike[str], exc: OSError, atomic: bool = True) -> OutputError:
+    """The OutputError of a failed write of ``target``: the path, what the errno means and what to do (``atomic``:
+    it was an :func:`atomic_path` write, so the message can say the previous file is intact)."""
+    code = exc.errno if exc.errno is not None else 0
+    name = errno.errorcode.get(code, "")
+    meaning = os.strerror(code) if code else str(exc)
+    hint = _WRITE_HINTS.get(errno.EACCES if code == errno.EPERM else code, "fix the cause")
+    kept = f" Nothing was written in its place: the previous {Path(target).name}, if any, is unchanged" if atomic else ""
+    return OutputError(f"cannot write {target}: {meaning}{f' ({name})' if name else ''}; {hint}, then rerun the command.{kept}")
+
+
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success it is renamed onto ``target``.
 
-    On any exception the temporary file is removed and ``target`` is left untouched.
+    On any exception the temporary file is removed and ``target`` is left untouched. A failure to write (a full
+    disk, a read-only folder: an OSError while creating, syncing or renaming the file, or one of the write-only
+    errnos from the block) becomes an :class:`OutputError` naming ``target``.
     """
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(target)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(target)
+        fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.{os.getpid()}.", suffix=".tmp", dir=target.parent)
+    except OSError as exc:
+        raise output_error(target, exc) from None
     tmp_path = Path(tmp)
     try:
-        yield tmp_path
-        with open(tmp_path, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp_path, target)
+        try:
+            os.close(fd)
+            os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp creates 0600; give the file the usual permissions
+        except OSError as exc:
+            raise output_error(target, exc) from None
+        try:
+            yield tmp_path
+        except OSError as exc:
+            if exc.errno in _WRITE_ERRNOS:
+                raise output_error(target, exc) from None
+            raise
+        try:
+            with open(tmp_path, "rb+") as fh:
+                os.fsync(fh.fileno())
+            os.replace(tmp_path, target)
+        except OSError as exc:
+            raise output_error(target, exc) from None
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        tmp_path.unlink(missing_ok=True)
 
 
 def remove_stale_temps(target: str | os.PathLike[str]) -> list[Path]:

@@ -11,7 +11,9 @@ import contextlib
 import dataclasses
 import math
 import os
+import pickle
 import random
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,11 +22,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from pydantic import ValidationError
 from torch import Tensor, nn
 
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError
-from fgpipe.store import atomic_path
+from fgpipe.runtime import env_int
+from fgpipe.store import atomic_path, output_error
 
 CHECKPOINT_FORMAT = "fgpipe-checkpoint-1"
 
@@ -60,12 +64,23 @@ class Runtime:
 
 def setup_runtime(device: str, amp: str, channels_last: str) -> Runtime:
     """Pick the device (starting torch.distributed when launched by torchrun) and the precision."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    launched = "(set by torchrun; leave it unset for a single process)"
+    world_size = env_int("WORLD_SIZE", 1, 1, f"an integer >= 1, the number of processes {launched}")
+    rank = env_int("RANK", 0, 0, f"an integer from 0 to WORLD_SIZE - 1 = {world_size - 1} {launched}")
+    local_rank = env_int("LOCAL_RANK", 0, 0, f"an integer >= 0, this process's GPU on its machine {launched}")
+    if rank >= world_size:
+        raise ConfigError(
+            f"environment variable RANK={rank} is invalid: it must be an integer from 0 to WORLD_SIZE - 1 = "
+            f"{world_size - 1} {launched}"
+        )
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("device: cuda was asked for, but torch sees no CUDA device (use device: auto or cpu)")
     use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise ConfigError(
+            f"environment variable LOCAL_RANK={local_rank} is invalid: torch sees {torch.cuda.device_count()} CUDA "
+            f"device(s), so it must be from 0 to {torch.cuda.device_count() - 1} {launched}"
+        )
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
@@ -105,24 +120,32 @@ def open_live(directory: str | os.PathLike[str], resume: bool) -> Any:
     """A dvclive logger writing per-epoch curves under ``directory`` (``resume`` appends to existing ones)."""
     from dvclive import Live
 
-    return Live(dir=str(directory), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
+    try:
+        return Live(dir=str(directory), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
+    except OSError as exc:  # a read-only or full metrics folder
+        raise output_error(directory, exc, atomic=False) from None
 
 
 def log_epoch(live: Any, record: dict[str, float]) -> None:
     """Log one epoch's figures to dvclive: ``train_loss`` -> ``train/loss`` (a plot per split), others as named."""
-    for key, value in record.items():
-        if key == "epoch":
-            continue
-        split, _, rest = key.partition("_")
-        live.log_metric(f"{split}/{rest}" if split in ("train", "val") and rest else key, value)
-    live.next_step()
+    try:
+        for key, value in record.items():
+            if key == "epoch":
+                continue
+            split, _, rest = key.partition("_")
+            live.log_metric(f"{split}/{rest}" if split in ("train", "val") and rest else key, value)
+        live.next_step()
+    except OSError as exc:  # dvclive writes the curves at each step
+        raise output_error(live.dir, exc, atomic=False) from None
 
 
 def resume_from(
-    path: Path, resume: bool, rt: Runtime, check: Callable[[dict[str, Any]], None], parts: dict[str, Any]
+    path: Path, resume: bool, rt: Runtime, check: Callable[[dict[str, Any]], None], parts: dict[str, Any],
+    kind: str | None = None, dataset: str | None = None,
 ) -> tuple[int, dict[str, Any], list[dict[str, Any]]]:
-    """``--resume``: load ``path``, ``check`` it, restore each object in ``parts`` (checkpoint key -> anything
-    with ``load_state_dict``) and the global RNGs; return (start epoch, best, history).
+    """``--resume``: load ``path`` (a checkpoint of ``kind`` for ``dataset``), ``check`` it, restore each object in
+    ``parts`` (checkpoint key -> anything with ``load_state_dict``) and the global RNGs; return (start epoch, best,
+    history).
 
     Without ``resume``, or with no checkpoint yet, returns a fresh start.
     """
@@ -133,11 +156,13 @@ def resume_from(
         if rt.is_main:
             console.print(f"[yellow]--resume: no checkpoint at {path}, starting from scratch")
         return fresh
-    state = load_checkpoint(path, map_location=rt.device)
+    keys = {**RESUME_KEYS, **{key: dict for key in parts}} if kind is not None else None
+    state = load_checkpoint(path, map_location=rt.device, kind=kind, dataset=dataset, keys=keys)
     check(state)
-    for key, obj in parts.items():
-        obj.load_state_dict(state[key])
-    set_rng_state(state["rng"])
+    with rebuilding(path, kind, dataset) if kind is not None else contextlib.nullcontext():
+        for key, obj in parts.items():
+            obj.load_state_dict(state[key])
+        set_rng_state(state["rng"])
     if rt.is_main:
         console.print(f"resuming from {path} after epoch {state['epoch']}")
     return state["epoch"], state["best"], state["history"]
@@ -226,24 +251,120 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 # --------------------------------------------------------------------------- checkpoints
+# kind -> (the name error messages give it, the command that writes it)
+CHECKPOINT_KINDS = {"stage1": ("stage-1", "fgpipe train-backbone"), "refine": ("train-refine", "fgpipe train-refine")}
+# what every checkpoint of a kind holds to rebuild its network: key -> type, and the config sections it needs
+_REBUILD_KEYS: dict[str, type] = {"model": dict, "config": dict, "class_names": list}
+_CONFIG_SECTIONS = {"stage1": ("model", "train_backbone"), "refine": ("model", "train_refine")}
+# what --resume needs besides (and each object of ``parts`` it restores: a dict)
+RESUME_KEYS: dict[str, type] = {"epoch": int, "best": dict, "history": list, "rng": dict}
+# what torch.load(weights_only=True) raises on a damaged file besides UnpicklingError (found by fuzzing real
+# checkpoints); UnpicklingError's text tells the user to retry with weights_only=False, which fgpipe never says nor does
+_LOAD_ERRORS = (RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, AssertionError)
+
+
+def rerun_hint(kind: str | None, dataset: str | None) -> str:
+    """``rerun `fgpipe train-backbone --dataset NAME` (or `dvc repro`)``: how to rewrite a checkpoint of ``kind``."""
+    if kind not in CHECKPOINT_KINDS:
+        return "rerun the training stage that writes it (or `dvc repro`)"
+    return f"rerun `{CHECKPOINT_KINDS[kind][1]} --dataset {dataset or 'NAME'}` (or `dvc repro`)"
+
+
 def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Atomically write a checkpoint (temp file + rename: a crash never leaves a partial one)."""
-    with atomic_path(path) as tmp:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, tmp)
+    """Atomically write a checkpoint (temp file + rename: a crash never leaves a partial one).
+
+    Written through a Python file object, so a full disk raises OSError(ENOSPC) (which atomic_path reports) rather
+    than torch's opaque RuntimeError from its own C++ writer."""
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
 
 
-def load_checkpoint(path: str | os.PathLike[str], map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True``; errors name the file."""
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    map_location: str | torch.device = "cpu",
+    kind: str | None = None,
+    dataset: str | None = None,
+    keys: dict[str, type] | None = None,
+) -> dict[str, Any]:
+    """Load a checkpoint with ``weights_only=True`` (nothing in the file is ever executed); errors name the file
+    and the command that rewrites it.
+
+    With ``kind`` (stage1 or refine; ``dataset`` names the command in messages), refuse a checkpoint of another
+    kind or one without what rebuilding its network needs; ``keys``: what else it must hold (key -> type).
+    """
     path = Path(path)
+    rerun = rerun_hint(kind, dataset)
     if not path.is_file():
-        raise ArtifactError(f"checkpoint not found: {path}")
+        raise ArtifactError(f"checkpoint not found: {path} ({rerun})")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise ArtifactError(f"{path}: not a readable checkpoint ({exc}); delete it and rerun the stage") from None
-    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ArtifactError(f"{path}: not an fgpipe checkpoint (format {state.get('format') if isinstance(state, dict) else None!r})")
+        if path.stat().st_size == 0:
+            raise EOFError("the file is empty")
+        with warnings.catch_warnings():  # a damaged pickle header also warns about its protocol
+            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+            state = torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError as exc:
+        raise ArtifactError(f"{path}: cannot be read ({exc.strerror}): give this user read access to it") from None
+    except pickle.UnpicklingError:
+        raise ArtifactError(
+            f"{path} is not an fgpipe checkpoint: not a readable checkpoint (damaged, or it holds Python objects "
+            f"besides tensors and plain data, which fgpipe never unpickles); {rerun}"
+        ) from None
+    except (*_LOAD_ERRORS, OSError) as exc:
+        detail = " ".join(str(exc).split(". ")[0].split())[:160] if "weights_only" not in str(exc) else ""
+        raise ArtifactError(
+            f"{path} is not an fgpipe checkpoint: not a readable checkpoint (truncated or damaged"
+            f"{': ' + detail if detail else ''}); {rerun}"
+        ) from None
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{path} is not an fgpipe checkpoint (it holds a {type(state).__name__}, not a dict); {rerun}")
+    if state.get("format") != CHECKPOINT_FORMAT:
+        what = (
+            f"format {state['format']!r}, this fgpipe reads {CHECKPOINT_FORMAT!r}" if "format" in state
+            else "a dict without fgpipe's `format` key: a plain state_dict, or another program's checkpoint"
+        )
+        raise ArtifactError(f"{path} is not an fgpipe checkpoint ({what}); {rerun}")
+    if kind is not None:
+        name = CHECKPOINT_KINDS[kind][0]
+        if state.get("kind") != kind:
+            raise ArtifactError(f"{path}: not a {name} checkpoint (kind {state.get('kind')!r}); {rerun}")
+        wrong = [_key_problem(state, key, typ) for key, typ in {**_REBUILD_KEYS, **(keys or {})}.items()]
+        if all(w is None for w in wrong[: len(_REBUILD_KEYS)]):  # model, config, class_names have their types: look inside
+            wrong += [_key_problem(state["config"], sec, dict, "config.") for sec in _CONFIG_SECTIONS[kind]]
+            if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state["model"].items()):
+                wrong.append("`model` is not a mapping of names to tensors")
+            if not all(isinstance(c, str) for c in state["class_names"]):
+                wrong.append("`class_names` is not a list of names")
+        problems = [w for w in wrong if w is not None]
+        if problems:
+            raise ArtifactError(f"{path} is not a complete fgpipe {name} checkpoint: {'; '.join(problems)}; {rerun}")
     return state
+
+
+def _key_problem(state: dict[str, Any], key: str, typ: type, prefix: str = "") -> str | None:
+    """What is wrong with ``state[key]`` (missing, or not a ``typ``), or None."""
+    if key not in state:
+        return f"no `{prefix}{key}`"
+    if not isinstance(state[key], typ) or (typ is int and isinstance(state[key], bool)):
+        return f"`{prefix}{key}` is a {type(state[key]).__name__}, not a {typ.__name__}"
+    return None
+
+
+@contextlib.contextmanager
+def rebuilding(path: str | os.PathLike[str], kind: str, dataset: str | None) -> Iterator[None]:
+    """Around code that rebuilds a network (or resumes training) from a loaded checkpoint: contents that do not fit
+    (edited by hand, another fgpipe's) become an ArtifactError naming the file, not a traceback from inside torch."""
+    try:
+        yield
+    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:  # pydantic's ValidationError is a ValueError
+        if isinstance(exc, ValidationError):
+            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        else:
+            detail = " ".join(str(exc).split())
+        detail = f"{exc.title if isinstance(exc, ValidationError) else type(exc).__name__}: {detail[:240]}"
+        raise ArtifactError(
+            f"{path} is not a complete fgpipe {CHECKPOINT_KINDS[kind][0]} checkpoint: its contents do not rebuild "
+            f"the network ({detail}); {rerun_hint(kind, dataset)}"
+        ) from None
 
 
 def mark_finished(path: str | os.PathLike[str], state: dict[str, Any]) -> None:

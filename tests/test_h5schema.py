@@ -206,6 +206,8 @@ def test_crops_round_trip_and_refusal(tmp_path: Path) -> None:
     rng = np.random.default_rng(0)
     boxes = rng.random((5, 4)).astype(np.float32) * 100
     parts = rng.random((5, 6, 4)).astype(np.float32) * 100
+    boxes[:, 2:] += boxes[:, :2] + 1  # boxes the reader accepts: x0 < x1, y0 < y1
+    parts[..., 2:] += parts[..., :2] + 1
     part_scores = rng.random((5, 6)).astype(np.float32)
     counts = np.array([6, 0, 3, 1, 6])
     fallback = np.array([False, True, False, False, True])

@@ -16,7 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fgpipe.config import AircraftOptions, DatasetConfig
-from fgpipe.datasets.base import SourceListing, SourceRecord, read_lines, require_files, safe_relpath
+from fgpipe.datasets.base import SourceListing, SourceRecord, parse_box, read_lines, require_files, safe_relpath, text_lines
 from fgpipe.errors import DatasetError
 from fgpipe.manifest import Box
 
@@ -57,46 +57,47 @@ def read(root: Path, cfg: DatasetConfig) -> SourceListing:
     records = []
     for split, name in files:
         path = root / name
-        with open(path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                text = line.strip()
-                if not text:
-                    continue
-                origin = f"{path}:{lineno}"
-                fields = text.split(None, 1)
-                if len(fields) != 2:
-                    raise DatasetError(f"{origin}: expected `<image_id> <class name>`, got {text!r}")
-                image_id, class_name = fields
-                if class_name not in known:
-                    raise DatasetError(f"{origin}: class {class_name!r} is not listed in {root / class_file}")
-                records.append(
-                    SourceRecord(
-                        image_id=image_id,
-                        path=safe_relpath(root, f"data/images/{image_id}.jpg", origin),
-                        class_name=class_name,
-                        split=split,
-                        box=boxes.get(image_id),
-                        origin=origin,
-                    )
+        for lineno, line in text_lines(path):
+            text = line.strip()
+            if not text:
+                continue
+            origin = f"{path}:{lineno}"
+            fields = text.split(None, 1)
+            if len(fields) != 2:
+                raise DatasetError(f"{origin}: expected `<image_id> <class name>`, got {text!r}")
+            image_id, class_name = fields
+            if class_name not in known:
+                raise DatasetError(f"{origin}: class {class_name!r} is not listed in {root / class_file}")
+            records.append(
+                SourceRecord(
+                    image_id=image_id,
+                    path=safe_relpath(root, f"data/images/{image_id}.jpg", origin),
+                    class_name=class_name,
+                    split=split,
+                    box=boxes.get(image_id),
+                    origin=origin,
                 )
+            )
+    listed = {r.image_id for r in records}
     return SourceListing(
         records=records,
         classes=classes,
         crop_bottom=BANNER_PIXELS if opts.drop_banner else 0,
+        # boxes of images no split file read here lists: an image left out, or an id mistyped
+        issues={"annotation_lines_without_image": sorted(i for i in boxes if i not in listed)},
     )
 
 
 def _classes(path: Path) -> list[str]:
     """Class names, one per line, in official order; a repeated name is an error."""
     seen: dict[str, int] = {}
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            name = line.strip()
-            if not name:
-                continue
-            if name in seen:
-                raise DatasetError(f"{path}:{lineno}: class {name!r} is listed twice (first at line {seen[name]})")
-            seen[name] = lineno
+    for lineno, line in text_lines(path):
+        name = line.strip()
+        if not name:
+            continue
+        if name in seen:
+            raise DatasetError(f"{path}:{lineno}: class {name!r} is listed twice (first at line {seen[name]})")
+        seen[name] = lineno
     if not seen:
         raise DatasetError(f"{path}: lists no classes")
     return list(seen)
@@ -114,10 +115,7 @@ def _boxes(path: Path) -> dict[str, Box]:
             raise DatasetError(
                 f"{path}:{lineno}: image id {image_id} has a second box (first at line {first[image_id]})"
             )
-        try:
-            xmin, ymin, xmax, ymax = (float(v) for v in parts[1:])
-        except ValueError:
-            raise DatasetError(f"{path}:{lineno}: box values must be numbers, got {' '.join(parts[1:])}") from None
+        xmin, ymin, xmax, ymax = parse_box(parts[1:], f"{path}:{lineno}", corners=True)
         out[image_id] = (xmin - 1.0, ymin - 1.0, xmax, ymax)
         first[image_id] = lineno
     return out

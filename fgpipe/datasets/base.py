@@ -8,6 +8,7 @@ rest for every dataset alike: path safety, missing files, decoding, box clipping
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +34,9 @@ class SourceListing:
     records: list[SourceRecord]
     classes: list[str]  # every class in the dataset's official order (labels follow this order)
     notes: dict[str, int] = field(default_factory=dict)  # reader-specific counts for the metrics
+    # annotation problems the reader found but that do not stop prepare: kind -> the image ids concerned
+    # (reported on the console and in the prepare metrics, with prepare's own, under `annotation_issues`)
+    issues: dict[str, list[str]] = field(default_factory=dict)
     # pixels to drop from the bottom of every image (FGVC-Aircraft's 20-pixel banner): the manifest's
     # height excludes them and every image loader crops images to the manifest's width x height
     crop_bottom: int = 0
@@ -49,15 +53,71 @@ def require_files(root: Path, names: list[str], how_to_get: str) -> None:
         )
 
 
+def text_lines(path: Path) -> list[tuple[int, str]]:
+    """Every line of a UTF-8 annotation file as (line number, text without the line break).
+
+    A byte-order mark at the start is dropped; bytes that are not UTF-8 stop with the file, line and column.
+    """
+    data = path.read_bytes()
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    out = []
+    for lineno, raw in enumerate(data.splitlines(), start=1):  # \n, \r\n or \r, as text mode reads them
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DatasetError(
+                f"{path}:{lineno}: not valid UTF-8 (byte {raw[exc.start:exc.start + 1]!r} at column {exc.start + 1}): "
+                f"{raw!r}; save the file as UTF-8"
+            ) from None
+        out.append((lineno, text))
+    return out
+
+
 def read_lines(path: Path) -> list[tuple[int, list[str]]]:
     """Non-empty lines of a whitespace-separated annotation file as (line number, fields)."""
-    out = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            parts = line.split()
-            if parts:
-                out.append((lineno, parts))
-    return out
+    return [(lineno, parts) for lineno, text in text_lines(path) if (parts := text.split())]
+
+
+def parse_box(values: list[str], origin: str, corners: bool = False) -> Box:
+    """Four annotation numbers as ``(x, y, w, h)`` (``corners``: ``(x0, y0, x1, y1)``), returned as given.
+
+    Refuses, naming ``origin``, a value that is not a finite number, and an empty box: width or height not
+    positive (``corners``, 1-based inclusive: x1 < x0 or y1 < y0); a box partly outside its image is for
+    prepare to clip.
+    """
+    shown = " ".join(values)
+    if len(values) != 4:
+        raise DatasetError(f"{origin}: a box needs 4 numbers, got {len(values)} ({shown!r})")
+    try:
+        nums = tuple(float(v) for v in values)
+    except ValueError:
+        raise DatasetError(f"{origin}: box values must be numbers, got {shown!r}") from None
+    if not all(math.isfinite(v) for v in nums):
+        raise DatasetError(f"{origin}: box values must be finite numbers, got {shown!r}")
+    a, b, c, d = nums
+    if (c < a or d < b) if corners else (c <= 0 or d <= 0):
+        what = "the second corner is left of or above the first" if corners else "width and height must be positive"
+        raise DatasetError(f"{origin}: {what}, got {shown!r}")
+    return (a, b, c, d)
+
+
+def shown_path(path: Path) -> str:
+    """``path`` for a message: a name that is not valid UTF-8 shows its bytes escaped (``caf\\xe9.jpg``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def utf8_name(path: Path, root: Path) -> str:
+    """``path`` relative to ``root`` as POSIX text; refuses a name whose bytes are not UTF-8 (naming them)."""
+    rel = path.relative_to(root).as_posix()
+    try:
+        rel.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes, which Python keeps as lone surrogates
+        raise DatasetError(
+            f"{shown_path(path)}: the file name is not valid UTF-8, so it cannot be written to the manifest; "
+            "rename it (e.g. `convmv -f latin1 -t utf8 -r --notest FOLDER`)"
+        ) from None
+    return rel
 
 
 def safe_relpath(root: Path, rel: str, origin: str) -> str:

@@ -17,7 +17,7 @@ import scipy.io
 from scipy.io.matlab import MatReadError
 
 from fgpipe.config import DatasetConfig
-from fgpipe.datasets.base import SourceListing, SourceRecord, require_files, safe_relpath
+from fgpipe.datasets.base import SourceListing, SourceRecord, parse_box, require_files, safe_relpath
 from fgpipe.errors import DatasetError
 
 FOLDER = "stanford_cars"
@@ -59,7 +59,7 @@ def read(root: Path, cfg: DatasetConfig) -> SourceListing:
             fname = str(ann["fname"]).strip()
             try:
                 cls = int(ann["class"])
-                x1, y1, x2, y2 = (float(ann[k]) for k in FIELDS[:4])
+                x1, y1, x2, y2 = parse_box([str(float(ann[k])) for k in FIELDS[:4]], origin, corners=True)
             except (TypeError, ValueError):
                 raise DatasetError(f"{origin}: class and bbox_* must be numbers") from None
             if not 1 <= cls <= len(classes):

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fgpipe.config import DatasetConfig
-from fgpipe.datasets.base import SourceListing, SourceRecord, read_lines, require_files, safe_relpath, xywh_to_xyxy
+from fgpipe.datasets.base import SourceListing, SourceRecord, parse_box, read_lines, require_files, safe_relpath, xywh_to_xyxy
 from fgpipe.errors import DatasetError
 
 FILES = ["images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt", "images"]
@@ -23,26 +23,47 @@ HOW_TO_GET = (
 )
 
 
-def _table(root: Path, name: str, ncols: int) -> dict[str, tuple[list[str], str]]:
-    """id -> (remaining fields, origin) of an id-keyed annotation file; errors name file:line."""
+def _table(root: Path, name: str, ncols: int, exact: bool = True, what: str = "image id") -> dict[str, tuple[list[str], str]]:
+    """id -> (remaining fields, origin) of an id-keyed annotation file; errors name file:line.
+
+    Each line has ``ncols`` fields (at least ``ncols`` where not ``exact``: a path or a name may hold spaces).
+    """
     out: dict[str, tuple[list[str], str]] = {}
     for lineno, parts in read_lines(root / name):
         origin = f"{root / name}:{lineno}"
-        if len(parts) < ncols:
-            raise DatasetError(f"{origin}: expected {ncols} fields, got {len(parts)}")
+        if len(parts) < ncols or (exact and len(parts) > ncols):
+            raise DatasetError(f"{origin}: expected {ncols} fields, got {len(parts)}: {' '.join(parts)!r}")
         if parts[0] in out:
-            raise DatasetError(f"{origin}: image id {parts[0]} is listed twice (first at {out[parts[0]][1]})")
+            raise DatasetError(f"{origin}: {what} {parts[0]} is listed twice (first at {out[parts[0]][1]})")
         out[parts[0]] = (parts[1:], origin)
     return out
 
 
+def _class_names(root: Path) -> dict[str, str]:
+    """class id -> name from classes.txt; two ids with one name (which would merge two classes) are refused."""
+    table = _table(root, "classes.txt", 2, exact=False, what="class id")
+    first: dict[str, tuple[str, str]] = {}  # name -> (class id, origin) of its first line
+    names = {}
+    for cid, (fields, origin) in table.items():
+        name = " ".join(fields)
+        if name in first:
+            other, where = first[name]
+            raise DatasetError(
+                f"{origin}: class id {cid} has the name {name!r} of class id {other} ({where}); "
+                "two class ids with one name would become one class: give each its own name"
+            )
+        first[name] = (cid, origin)
+        names[cid] = name
+    return names
+
+
 def read(root: Path, cfg: DatasetConfig) -> SourceListing:
     require_files(root, FILES, HOW_TO_GET)
-    images = _table(root, "images.txt", 2)
+    images = _table(root, "images.txt", 2, exact=False)
     labels = _table(root, "image_class_labels.txt", 2)
     split = _table(root, "train_test_split.txt", 2)
     boxes = _table(root, "bounding_boxes.txt", 5) if (root / "bounding_boxes.txt").exists() else {}
-    classes = {cid: " ".join(fields) for cid, (fields, _) in _table(root, "classes.txt", 2).items()}
+    classes = _class_names(root)
 
     records = []
     for image_id, (fields, origin) in images.items():
@@ -59,10 +80,7 @@ def read(root: Path, cfg: DatasetConfig) -> SourceListing:
             raise DatasetError(f"{split[image_id][1]}: is_training_image must be 0 or 1, got {flag}")
         box = None
         if image_id in boxes:
-            try:
-                box = xywh_to_xyxy(*(float(v) for v in boxes[image_id][0][:4]))
-            except ValueError:
-                raise DatasetError(f"{boxes[image_id][1]}: box values must be numbers") from None
+            box = xywh_to_xyxy(*parse_box(*boxes[image_id]))
         records.append(
             SourceRecord(
                 image_id=image_id,
@@ -73,7 +91,14 @@ def read(root: Path, cfg: DatasetConfig) -> SourceListing:
                 origin=origin,
             )
         )
-    return SourceListing(records=records, classes=list(classes.values()))
+    # lines of the other files for ids images.txt does not list: an image left out, or an id mistyped
+    orphans = sorted({i for table in (labels, split, boxes) for i in table if i not in images}, key=_id_order)
+    return SourceListing(records=records, classes=list(classes.values()), issues={"annotation_lines_without_image": orphans})
+
+
+def _id_order(image_id: str) -> tuple[int, str]:
+    """Numeric ids in numeric order, any others after them."""
+    return (int(image_id), "") if image_id.isdigit() else (1 << 62, image_id)
 
 
 def download(root: Path) -> None:

@@ -1,6 +1,8 @@
 """A generic root/<split>/<class>/<image> layout (torchvision's ImageFolder, one folder per split).
 
-Classes are the class folder names, sorted. An image's id is its path relative to root without the
+Classes are the class folder names, sorted; two folder names that differ only in case or Unicode form
+(``train/Sparrow``, ``test/sparrow``) are refused rather than made two classes, and so is a file or folder
+name that is not valid UTF-8. An image's id is its path relative to root without the
 extension (``train/sparrow/img_01``). Images may sit in subfolders of a class folder. There are no
 boxes. Files with other extensions, hidden files and files directly under a split folder are
 ignored and counted (metrics ``reader_ignored_files``).
@@ -8,10 +10,11 @@ ignored and counted (metrics ``reader_ignored_files``).
 
 from __future__ import annotations
 
+import unicodedata
 from pathlib import Path
 
 from fgpipe.config import DatasetConfig, ImageFolderOptions
-from fgpipe.datasets.base import SourceListing, SourceRecord, require_files, safe_relpath
+from fgpipe.datasets.base import SourceListing, SourceRecord, require_files, safe_relpath, utf8_name
 from fgpipe.errors import DatasetError
 
 EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm", ".pgm")
@@ -35,6 +38,7 @@ def read(root: Path, cfg: DatasetConfig) -> SourceListing:
 
     records: list[SourceRecord] = []
     classes: set[str] = set()
+    folder_of: dict[str, Path] = {}  # class name folded (case, Unicode form) -> the first folder of that name
     ignored = 0
     for split, rel_dir in dirs.items():
         split_dir = root / rel_dir
@@ -47,15 +51,23 @@ def read(root: Path, cfg: DatasetConfig) -> SourceListing:
             )
         ignored += sum(1 for p in split_dir.iterdir() if not p.is_dir())
         for class_dir in class_dirs:
+            utf8_name(class_dir, root)
+            key = unicodedata.normalize("NFC", class_dir.name).casefold()
+            first = folder_of.setdefault(key, class_dir)
+            if first.name != class_dir.name:
+                raise DatasetError(
+                    f"class folders {first} and {class_dir} differ only in case or Unicode form, so they would "
+                    "become two classes: rename one so that both have the same name (one class) or clearly different names"
+                )
             classes.add(class_dir.name)
             for path in sorted(class_dir.rglob("*")):
                 if not path.is_file():
                     continue
-                rel = path.relative_to(root).as_posix()
                 hidden = any(part.startswith(".") for part in path.relative_to(class_dir).parts)
                 if hidden or path.suffix.lower() not in EXTENSIONS:
                     ignored += 1
                     continue
+                rel = utf8_name(path, root)
                 records.append(
                     SourceRecord(
                         image_id=rel[: -len(path.suffix)],

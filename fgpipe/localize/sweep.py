@@ -28,7 +28,7 @@ from torch import Tensor
 from fgpipe.h5schema import AttentionReader
 from fgpipe.localize.boxes import _as_numpy, _check_threshold
 from fgpipe.manifest import ManifestRow
-from fgpipe.store import atomic_path
+from fgpipe.store import atomic_path, output_error
 
 SPLITS = ("train", "val", "test")
 CHOICE_SPLITS = ("train", "val")  # where crops.threshold auto is chosen: never test
@@ -244,7 +244,10 @@ def write_curves(folder: Path, sweeps: dict[str, MethodSweep]) -> list[Path]:
     """One CSV per method, ``folder/METHOD.csv``: threshold, then the localisation accuracy on train, val and
     test (empty where a split has no box), for ``dvc plots``. A threshold-free method repeats its one value
     at every grid threshold (a flat reference line). Files of methods no longer stored are removed."""
-    folder.mkdir(parents=True, exist_ok=True)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only or full metrics folder
+        raise output_error(folder, exc, atomic=False) from None
     written = []
     for name, s in sweeps.items():
         per_split = {split: [f["accuracy"] for f in s.figures([split])] for split in SPLITS}

@@ -43,8 +43,9 @@ def torchvision_state_dict(weights_enum: Any, backbone: str) -> dict[str, Tensor
     try:
         return weights_enum.get_state_dict(progress=False)
     except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # torch.load of a truncated/corrupt file
+        why = "" if "weights_only" in str(exc) else f" ({exc})"  # torch's unpickling text suggests an unsafe load
         raise ConfigError(
-            f"model.weights: imagenet: the cached weights file {cache} is unreadable ({exc}); delete it and retry"
+            f"model.weights: imagenet: the cached weights file {cache} is unreadable{why}; delete it and retry"
         ) from None
     except (URLError, HTTPException, OSError) as exc:
         raise ConfigError(
@@ -64,7 +65,12 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         )
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as exc:
+    except pickle.UnpicklingError:  # its text suggests weights_only=False: fgpipe never unpickles arbitrary objects
+        raise ConfigError(
+            f"model.weights: {p} is not a readable PyTorch state_dict file (damaged, or it holds Python objects "
+            "besides tensors and plain data, which fgpipe never unpickles)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, AssertionError) as exc:
         raise ConfigError(f"model.weights: {p} is not a readable PyTorch state_dict file: {exc}") from None
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):

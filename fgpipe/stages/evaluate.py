@@ -45,7 +45,7 @@ from fgpipe.config import EvaluateConfig, Settings, TrainBackboneConfig, TrainRe
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.loader import resized_side
+from fgpipe.loader import check_image_files, resized_side
 from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.models.branches import RefineNet
 from fgpipe.models.wsdan import Stage1Net
@@ -125,7 +125,7 @@ def open_inputs(settings: Settings, dataset: str, paths: dict[str, Path]) -> Inp
     stage1, s1_state = load_checked_stage1(paths["stage1"], manifest_sha, dataset, rt.device)
     if not paths["refine"].is_file():
         raise ArtifactError(f"checkpoint not found: {paths['refine']} (run `fgpipe train-refine --dataset {dataset}` first)")
-    refine, r_state = load_refine(paths["refine"], rt.device)
+    refine, r_state = load_refine(paths["refine"], rt.device, dataset)
     if not paths["crops"].is_file():
         raise ArtifactError(f"{paths['crops']} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
     now = {"manifest_sha256": manifest_sha, "crops_sha256": file_sha256(paths["crops"]), "stage1_sha256": file_sha256(paths["stage1"])}
@@ -140,8 +140,10 @@ def open_inputs(settings: Settings, dataset: str, paths: dict[str, Path]) -> Inp
         stage1 = stage1.to(memory_format=torch.channels_last)
         refine = refine.to(memory_format=torch.channels_last)
     s1_cfg = dataclasses.replace(TrainBackboneConfig(**s1_state["config"]["train_backbone"]), test_refine=False)
+    cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
+    check_image_files(paths["dataset"], rows, cache, dataset)  # before any report is written
     return Inputs(
-        root=root, cache=open_image_cache(paths["images"], root, manifest_sha, dataset), rows={s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}, classes=classes,
+        root=root, cache=cache, rows={s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}, classes=classes,
         crops=paths["crops"], manifest_sha256=manifest_sha, stage1=stage1, stage1_cfg=s1_cfg,
         refine=refine, refine_cfg=refine_config(r_state), rt=rt, batch_size=settings.params.evaluate.batch_size,
     )

@@ -38,12 +38,12 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, DatasetError
 from fgpipe.h5schema import AttentionMeta, AttentionWriter
 from fgpipe.imagecache import open_image_cache
-from fgpipe.loader import LoadRequest, decode_region, normalize
-from fgpipe.manifest import ManifestRow, read_manifest
+from fgpipe.loader import LoadRequest, check_image_files, decode_region, normalize
+from fgpipe.manifest import ManifestRow, read_dataset_json, read_manifest
 from fgpipe.models.wsdan import Stage1Net
 from fgpipe.runtime import available_cores, configure_threads
 from fgpipe.stages.train_backbone import load_stage1, stage1_input_size
-from fgpipe.store import file_sha256, read_json, write_json
+from fgpipe.store import file_sha256, write_json
 
 STAGE = "extract_attention"
 T = TypeVar("T")
@@ -69,9 +69,7 @@ def extraction_device() -> torch.device:
 
 def dataset_root(dataset_json: Path, dataset: str) -> Path:
     """The image root recorded by `fgpipe prepare` in data/NAME/dataset.json."""
-    if not dataset_json.is_file():
-        raise ArtifactError(f"{dataset_json} not found (run `fgpipe prepare --dataset {dataset}` first)")
-    return Path(read_json(dataset_json)["root"])
+    return read_dataset_json(dataset_json, dataset).root
 
 
 def load_checked_stage1(
@@ -80,7 +78,7 @@ def load_checked_stage1(
     """The stage-1 network of ``path`` in eval mode; refuses a checkpoint trained on another manifest."""
     if not path.is_file():
         raise ArtifactError(f"checkpoint not found: {path} (run `fgpipe train-backbone --dataset {dataset}` first)")
-    model, state = load_stage1(path, device)
+    model, state = load_stage1(path, device, dataset)
     if state.get("manifest_sha256") != manifest_sha:
         raise ArtifactError(
             f"{path} was trained on another manifest than {path.parent.parent / 'manifest.csv'}: "
@@ -187,6 +185,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
     )
     row_batches = batched(rows, cfg.batch_size)
     cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
+    check_image_files(paths["dataset"], rows, cache, dataset)  # a missing or replaced file: stop before writing
     jobs = ((b, [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height)), cache) for r in b]) for b in row_batches)
     predictions = np.empty(len(rows), dtype=np.int64)
     t0 = time.perf_counter()

@@ -38,7 +38,7 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, AttentionRecords, CropsMeta, CropsReader, CropsWriter
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.loader import LoadRequest, normalize
+from fgpipe.loader import LoadRequest, check_image_files, normalize
 from fgpipe.localize import ObjectBoxes, PartBoxes, mpalm_parts_batch, object_boxes
 from fgpipe.localize.sweep import IOU_HIT, localization_report, localization_sweep, resolve_threshold, write_curves
 from fgpipe.manifest import ManifestRow, read_manifest
@@ -160,6 +160,9 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         model, state = load_checked_stage1(checkpoint, manifest_sha, dataset, device)
         size = stage1_input_size(state)
         cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
+        check_image_files(paths["dataset"], rows, cache, dataset)  # a missing or replaced file: stop before writing
+        # the preview (written after crops.h5) draws its images from the files, cache or not
+        check_image_files(paths["dataset"], [rows[i] for i in preview_indices(rows, cfg.preview_images)], None, dataset)
         meta = CropsMeta(
             method=attention.meta.method,
             threshold=threshold,

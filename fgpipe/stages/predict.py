@@ -13,8 +13,9 @@ Per image, as the pipeline does for the dataset's own images:
 5. joint: the weighted mean of the three probabilities with the weights in metrics/NAME/evaluate.json.
 
 Output: a table per image with the top-k classes of every branch (``--json``: one JSON document on stdout).
-An image that cannot be read is reported on stderr, naming the file, and skipped; :func:`run` returns how
-many failed (the CLI then exits with 1 once every other image is done).
+An image that cannot be read (missing, corrupt, truncated, or declaring more than ``prepare.max_pixels`` pixels)
+is reported on stderr, naming the file, and skipped; :func:`run` returns how many failed (the CLI then exits
+with 1 once every other image is done).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
     refine_path = d / "refine" / "best.pt"
     if not refine_path.is_file():
         raise ArtifactError(f"checkpoint not found: {refine_path} (run `fgpipe train-refine --dataset {dataset}` first)")
-    refine, r_state = load_refine(refine_path, rt.device)
+    refine, r_state = load_refine(refine_path, rt.device, dataset)
     if list(r_state["class_names"]) != classes or list(s1_state["class_names"]) != classes:
         raise ArtifactError(f"{refine_path} was trained on another class list than {manifest}: rerun `fgpipe train-refine --dataset {dataset}`")
 
@@ -273,8 +274,8 @@ def run(
     good: list[tuple[Path, tuple[int, int]]] = []
     for path in images:
         try:
-            good.append((path, image_size(path, verify=True)))
-        except OSError as exc:  # missing, unreadable, corrupt or truncated (PIL raises OSError subclasses)
+            good.append((path, image_size(path, verify=True, max_pixels=settings.params.prepare.max_pixels)))
+        except (OSError, ValueError, SyntaxError) as exc:  # missing, corrupt, truncated or over prepare.max_pixels
             reason = exc.strerror if isinstance(exc, FileNotFoundError) and exc.strerror else str(exc)
             errors.append({"image": str(path), "error": reason})
             console.print(f"[bold red]error:[/] {escape(str(path))}: cannot read image: {escape(reason)}", highlight=False, soft_wrap=True)

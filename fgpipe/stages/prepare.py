@@ -1,13 +1,20 @@
 """Stage `prepare`: read a dataset in its official layout and write data/NAME/manifest.csv.
 
-Reads:  datasets.NAME and prepare.cache_side (params), the dataset root (or generates the synthetic one).
+Reads:  datasets.NAME, prepare.cache_side and prepare.max_pixels (params), the dataset root (or generates the
+        synthetic one).
 Writes: data/NAME/manifest.csv, data/NAME/dataset.json, data/NAME/images.h5 (the decoded image cache the
         later stages cut their inputs from, see fgpipe/imagecache.py; empty with cache_side 0),
         metrics/NAME/prepare.json.
+
+Annotation problems that would leak or bias results without stopping anything (the same file under two
+ids, byte-identical images in two splits or under two classes, images without a box among boxed ones,
+annotation lines for ids no image list holds) are reported on the console and counted, with their image
+ids, under ``annotation_issues`` in the metrics (:data:`ISSUES`).
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -25,11 +32,20 @@ from fgpipe.datasets import reader
 from fgpipe.datasets.base import SourceListing, SourceRecord, safe_relpath
 from fgpipe.errors import BadImagesError, DatasetError
 from fgpipe.imagecache import build_image_cache
-from fgpipe.images import image_size
+from fgpipe.images import DEFAULT_MAX_PIXELS, image_size
 from fgpipe.manifest import SPLITS, Box, ManifestRow, write_manifest
 from fgpipe.store import file_sha256, write_json
 
 STAGE = "prepare"
+# annotation_issues in the metrics: kind -> what the console says of the image ids it lists
+ISSUES = {
+    "same_file_under_several_ids": "image id(s) list one file (one image counted twice; in two splits, a leak)",
+    "identical_images_across_splits": "image(s) are byte-identical to one in another split (a leak: val and test figures are inflated)",
+    "identical_images_with_different_classes": "image(s) are byte-identical to one of another class",
+    "images_without_box": "image(s) have no box while others have one (localisation is measured on the others only)",
+    "annotation_lines_without_image": "id(s) have annotation lines but are in no image list (left out of the dataset)",
+}
+ISSUE_IDS_KEPT = 50  # image ids listed per kind in the metrics (the count covers all)
 
 
 def run(settings: Settings, dataset: str) -> dict[str, Any]:
@@ -50,7 +66,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         mod.download(root)
 
     listing: SourceListing = mod.read(root, cfg)
-    rows, counts = build_rows(root, cfg, listing)
+    rows, counts, issues = build_rows(root, cfg, listing, settings.params.prepare.max_pixels)
 
     out_dir = settings.data_dir(dataset)
     write_manifest(out_dir / "manifest.csv", rows)
@@ -83,6 +99,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         "boxes_dropped": counts["boxes_dropped"],
         "classes_without_images": counts["classes_without_images"],
         "classes_without_train_images": counts["classes_without_train_images"],
+        "annotation_issues": issue_metrics(issues),
         "image_cache": cache,
         **{f"reader_{k}": v for k, v in listing.notes.items()},
         "seconds": round(time.perf_counter() - t0, 3),
@@ -92,13 +109,18 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
     return metrics
 
 
-def build_rows(root: Path, cfg: DatasetConfig, listing: SourceListing) -> tuple[list[ManifestRow], Counter[str]]:
-    """Checks shared by every dataset, then labels and the val split."""
+def build_rows(
+    root: Path, cfg: DatasetConfig, listing: SourceListing, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[list[ManifestRow], Counter[str], dict[str, list[tuple[str, ...]]]]:
+    """Checks shared by every dataset, then labels and the val split; also the annotation issues (reported)."""
     counts: Counter[str] = Counter(
         skipped=0, boxes_clipped=0, boxes_dropped=0, classes_without_images=0, classes_without_train_images=0
     )
+    repeated = sorted(c for c, n in Counter(listing.classes).items() if n > 1)
+    if repeated:  # the readers name the lines; this guards any reader against merging two classes into one label
+        raise DatasetError(f"the class list of {root} holds {_named(repeated)} more than once: two classes would become one")
     records = _checked_records(root, listing.records)
-    sizes, bad = _decode_all(root, records, verify=cfg.verify_images)
+    sizes, digests, bad = _decode_all(root, records, verify=cfg.verify_images, max_pixels=max_pixels)
     if bad:
         if not cfg.skip_bad:
             raise BadImagesError(str(root), bad)
@@ -144,7 +166,48 @@ def build_rows(root: Path, cfg: DatasetConfig, listing: SourceListing) -> tuple[
         rows.append(ManifestRow(r.image_id, r.path, label_of[r.class_name], r.class_name, splits[r.image_id], w, h, box))
     if clipped_ids:
         console.print(f"{len(clipped_ids)} box(es) reach outside their image and were clipped, image ids: {_named(clipped_ids)}")
-    return rows, counts
+    issues = annotation_issues(root, records, splits, digests, listing.issues)
+    for kind, groups in issues.items():
+        if groups:
+            shown = _named(" = ".join(group) for group in groups)
+            console.print(f"[yellow]{sum(map(len, groups))} {escape(ISSUES.get(kind, kind))}:[/] {shown}", highlight=False)
+    return rows, counts, issues
+
+
+def issue_metrics(issues: dict[str, list[tuple[str, ...]]]) -> dict[str, dict[str, Any]]:
+    """``annotation_issues`` in the metrics: per kind, how many image ids and the first ``ISSUE_IDS_KEPT`` of them."""
+    out = {}
+    for kind, groups in issues.items():
+        ids = [i for group in groups for i in group]
+        out[kind] = {"count": len(ids), "ids": ids[:ISSUE_IDS_KEPT]}
+    return out
+
+
+def annotation_issues(
+    root: Path, records: list[SourceRecord], splits: dict[str, str], digests: dict[str, str], from_reader: dict[str, list[str]]
+) -> dict[str, list[tuple[str, ...]]]:
+    """Every kind of :data:`ISSUES` -> the image ids concerned, in groups (ids showing one image) or alone.
+
+    ``digests``: SHA-256 of each file's bytes (by manifest path); ``from_reader``: the reader's own issues.
+    """
+    by_file: dict[str, list[SourceRecord]] = defaultdict(list)
+    for r in records:
+        by_file[os.path.realpath(root / r.path)].append(r)
+    by_bytes: dict[str, list[SourceRecord]] = defaultdict(list)
+    for group in by_file.values():
+        by_bytes[digests[group[0].path]].extend(group)
+    same_bytes = [g for g in by_bytes.values() if len(g) > 1]
+    boxed = any(r.box is not None for r in records)
+    issues: dict[str, list[tuple[str, ...]]] = {
+        "same_file_under_several_ids": [tuple(r.image_id for r in g) for g in by_file.values() if len(g) > 1],
+        "identical_images_across_splits": [tuple(r.image_id for r in g) for g in same_bytes if len({splits[r.image_id] for r in g}) > 1],
+        "identical_images_with_different_classes": [tuple(r.image_id for r in g) for g in same_bytes if len({r.class_name for r in g}) > 1],
+        "images_without_box": [(r.image_id,) for r in records if r.box is None] if boxed else [],
+        "annotation_lines_without_image": [],
+    }
+    for kind, ids in from_reader.items():
+        issues[kind] = issues.get(kind, []) + [(i,) for i in ids]
+    return issues
 
 
 def _named(items: Iterable[str], limit: int = 10) -> str:
@@ -180,26 +243,34 @@ def _checked_records(root: Path, records: list[SourceRecord]) -> list[SourceReco
     return out
 
 
-def _decode_all(root: Path, records: list[SourceRecord], verify: bool) -> tuple[dict[str, tuple[int, int]], list[tuple[str, str]]]:
-    """Sizes of every image (decoding each when ``verify``); undecodable ones listed with the reason."""
+def _decode_all(
+    root: Path, records: list[SourceRecord], verify: bool, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> tuple[dict[str, tuple[int, int]], dict[str, str], list[tuple[str, str]]]:
+    """Sizes and SHA-256 of every image (decoding each when ``verify``); unreadable ones listed with the reason.
+
+    An image declaring more than ``max_pixels`` pixels is unreadable (before any decoding). The hash reads
+    the file again, from the OS cache right after PIL read it.
+    """
     sizes: dict[str, tuple[int, int]] = {}
+    digests: dict[str, str] = {}
     bad: list[tuple[str, str]] = []
 
     def one(rel: str) -> tuple[str, tuple[int, int] | None, str]:
         try:
-            return rel, image_size(root / rel, verify), ""
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for corrupt/truncated/unknown files
+            size = image_size(root / rel, verify, max_pixels)
+            return rel, size, file_sha256(root / rel)
+        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for corrupt/truncated/unknown/too large files
             return rel, None, f"{type(exc).__name__}: {exc}"
 
     with progress() as bar, ThreadPoolExecutor(max_workers=2) as pool:
         task = bar.add_task("decoding images" if verify else "reading image sizes", total=len(records))
-        for rel, size, why in pool.map(one, [r.path for r in records]):
+        for rel, size, text in pool.map(one, [r.path for r in records]):
             if size is None:
-                bad.append((rel, why))
+                bad.append((rel, text))
             else:
-                sizes[rel] = size
+                sizes[rel], digests[rel] = size, text
             bar.advance(task)
-    return sizes, bad
+    return sizes, digests, bad
 
 
 def clip_box(box: Box, width: int, height: int) -> tuple[Box | None, bool]:

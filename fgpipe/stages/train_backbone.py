@@ -30,12 +30,12 @@ from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, TrainingError
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.loader import center_crop, load_regions, normalize, resized_side, train_augment, whole_image_requests
-from fgpipe.manifest import ManifestRow, class_names, read_manifest
+from fgpipe.loader import center_crop, check_image_files, load_regions, normalize, resized_side, train_augment, whole_image_requests
+from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
 from fgpipe.models import build_stage1
 from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop, refine_crop
 from fgpipe.runtime import configure_threads
-from fgpipe.store import file_sha256, read_json, write_json
+from fgpipe.store import file_sha256, write_json
 from fgpipe.training import (
     Runtime,
     all_reduce_sum,
@@ -49,6 +49,7 @@ from fgpipe.training import (
     log_epoch,
     mark_finished,
     open_live,
+    rebuilding,
     require_finished,
     resume_from,
     rng_state,
@@ -113,9 +114,7 @@ def _run(
     paths = stage_paths(settings, dataset)
     settings.dataset(dataset)  # a clear error for an unknown dataset name
     rows = read_manifest(paths["manifest"])
-    if not paths["dataset"].is_file():
-        raise ArtifactError(f"{paths['dataset']} not found (run `fgpipe prepare --dataset {dataset}` first)")
-    root = Path(read_json(paths["dataset"])["root"])
+    root = read_dataset_json(paths["dataset"], dataset).root
     classes = class_names(rows)
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
     for s in ("train", "val"):
@@ -124,6 +123,7 @@ def _run(
 
     side = resized_side(cfg.input_size, cfg.augment)
     cache = open_image_cache(paths["images"], root, file_sha256(paths["manifest"]), dataset)
+    check_image_files(paths["dataset"], rows, cache, dataset)  # test images too: they are read after training
     train = load_split(root, by_split["train"], side, "train", cache)
     val = load_split(root, by_split["val"], side, "val", cache)
 
@@ -146,11 +146,11 @@ def _run(
 
     start_epoch, best, history = resume_from(
         paths["last"], resume, rt, lambda state: _check_resumable(state, config, manifest_sha, paths["last"]),
-        {"model": model, "center": center, "optimizer": opt, "scheduler": sched},
+        {"model": model, "center": center, "optimizer": opt, "scheduler": sched}, kind="stage1", dataset=dataset,
     )
     net = wrap_ddp(model, rt)
 
-    live = open_live(paths["live"], resume and start_epoch > 0) if rt.is_main else None
+    live = None  # dvclive, opened once the first checkpoint is written (a fresh run resets the curves folder)
     train_seconds, train_images = 0.0, 0
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -186,8 +186,9 @@ def _run(
                     + ("  [green]best" if improved else ""),
                     highlight=False,
                 )
-                if live is not None:
-                    log_epoch(live, record)
+                if live is None:
+                    live = open_live(paths["live"], resume and start_epoch > 0)
+                log_epoch(live, record)
             barrier(rt)
     finally:
         if live is not None:
@@ -394,18 +395,22 @@ def evaluate(model: nn.Module, data: Split, cfg: TrainBackboneConfig, rt: Runtim
     return {"top1_raw": float(counts[0]) / n, "top1": float(counts[1]) / n, "images": int(counts[2])}
 
 
-def load_stage1(path: str | Path, device: str | torch.device = "cpu") -> tuple[Stage1Net, dict[str, Any]]:
+def load_stage1(
+    path: str | Path, device: str | torch.device = "cpu", dataset: str | None = None
+) -> tuple[Stage1Net, dict[str, Any]]:
     """Rebuild the stage-1 network from a checkpoint (its own config; no weight download) in eval mode.
 
-    Returns the model and the checkpoint dict (class_names, manifest_sha256, config, ...).
+    Returns the model and the checkpoint dict (class_names, manifest_sha256, config, ...). ``dataset`` names the
+    command that rewrites the file in errors (default: the one the checkpoint records).
     """
-    state = load_checkpoint(path, map_location=device)
-    if state.get("kind") != "stage1":
-        raise ArtifactError(f"{path}: not a stage-1 checkpoint (kind {state.get('kind')!r})")
-    require_finished(state, path, f"fgpipe train-backbone --dataset {state.get('dataset', 'NAME')}")
-    mcfg = ModelConfig(**state["config"]["model"])
-    model = build_stage1(mcfg, len(state["class_names"]), weights="none")
-    model.load_state_dict(state["model"])
+    state = load_checkpoint(path, map_location=device, kind="stage1", dataset=dataset)
+    dataset = dataset or str(state.get("dataset", "NAME"))
+    require_finished(state, path, f"fgpipe train-backbone --dataset {dataset}")
+    with rebuilding(path, "stage1", dataset):
+        mcfg = ModelConfig(**state["config"]["model"])
+        TrainBackboneConfig(**state["config"]["train_backbone"])  # checked here: the callers read it
+        model = build_stage1(mcfg, len(state["class_names"]), weights="none")
+        model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 
 

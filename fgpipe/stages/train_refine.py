@@ -41,11 +41,11 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, TrainingError
 from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.loader import LoadRequest, center_crop, load_regions, normalize, resized_side, train_augment
-from fgpipe.manifest import ManifestRow, class_names, read_manifest
+from fgpipe.loader import LoadRequest, center_crop, check_image_files, load_regions, normalize, resized_side, train_augment
+from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
 from fgpipe.models.branches import RefineNet, build_refine_net
 from fgpipe.runtime import configure_threads
-from fgpipe.store import file_sha256, read_json, write_json
+from fgpipe.store import file_sha256, write_json
 from fgpipe.training import (
     Runtime,
     all_reduce_sum,
@@ -59,6 +59,7 @@ from fgpipe.training import (
     log_epoch,
     mark_finished,
     open_live,
+    rebuilding,
     require_finished,
     resume_from,
     rng_state,
@@ -113,16 +114,17 @@ def read_crops(path: Path, manifest_sha256: str, rows: list[ManifestRow]) -> lis
     with CropsReader(path) as reader:
         reader.check_source(manifest_sha256=manifest_sha256)
         rec = reader.read()
-    index = {image_id: i for i, image_id in enumerate(rec.image_ids)}
-    missing = [r.image_id for r in rows if r.image_id not in index]
-    if missing:
-        raise ArtifactError(
-            f"{path}: no boxes for {len(missing)} image(s) of the manifest (e.g. {', '.join(missing[:5])}); "
-            "rerun `fgpipe extract-crops` (or `dvc repro`)"
-        )
+        index = {image_id: i for i, image_id in enumerate(rec.image_ids)}
+        missing = [r.image_id for r in rows if r.image_id not in index]
+        if missing:
+            raise ArtifactError(
+                f"{path}: no boxes for {len(missing)} image(s) of the manifest (e.g. {', '.join(missing[:5])}); "
+                "rerun `fgpipe extract-crops` (or `dvc repro`)"
+            )
+        picked = [index[r.image_id] for r in rows]
+        reader.check_inside(rec, np.array(picked, dtype=np.int64), np.array([[r.width, r.height] for r in rows]).reshape(-1, 2))
     out = []
-    for r in rows:
-        i = index[r.image_id]
+    for r, i in zip(rows, picked):
         out.append(image_boxes(rec.boxes[i], rec.parts[i], int(rec.part_counts[i]), bool(rec.fallback[i]), (r.width, r.height)))
     return out
 
@@ -294,19 +296,17 @@ def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
 
 def dataset_root(path: Path, dataset: str) -> Path:
     """The dataset root recorded by prepare in data/NAME/dataset.json."""
-    if not path.is_file():
-        raise ArtifactError(f"{path} not found (run `fgpipe prepare --dataset {dataset}` first)")
-    return Path(read_json(path)["root"])
+    return read_dataset_json(path, dataset).root
 
 
 def load_stage1_state(path: Path, manifest_sha: str, classes: list[str], dataset: str) -> dict[str, Any]:
     """The stage-1 checkpoint the branches start from; refuses one trained on another manifest."""
     if not path.is_file():
         raise ArtifactError(f"stage-1 checkpoint not found: {path} (run `fgpipe train-backbone --dataset {dataset}` first)")
-    state = load_checkpoint(path)
-    if state.get("kind") != "stage1":
-        raise ArtifactError(f"{path}: not a stage-1 checkpoint (kind {state.get('kind')!r}); rerun `fgpipe train-backbone`")
+    state = load_checkpoint(path, kind="stage1", dataset=dataset)
     require_finished(state, path, f"fgpipe train-backbone --dataset {dataset}")
+    with rebuilding(path, "stage1", dataset):
+        ModelConfig(**state["config"]["model"])  # checked here: the branches are built from it
     if state.get("manifest_sha256") != manifest_sha or list(state.get("class_names", [])) != classes:
         raise ArtifactError(f"{path} was trained on another manifest: rerun `fgpipe train-backbone` (or `dvc repro`)")
     return state
@@ -340,12 +340,14 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
     hashes = {"manifest_sha256": manifest_sha, "crops_sha256": file_sha256(paths["crops"]), "stage1_sha256": file_sha256(paths["stage1"])}
 
     cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
+    check_image_files(paths["dataset"], by_split["train"] + by_split["val"], cache, dataset)  # before any checkpoint is written
     train = split_data(root, by_split["train"], boxes["train"], cfg, cfg.box_jitter, "train", cache)
     val = split_data(root, by_split["val"], boxes["val"], cfg, 0.0, "val", cache)
 
     seed_everything(cfg.seed)
     mcfg = ModelConfig(**stage1["config"]["model"])
-    model, report = build_refine_net(mcfg, len(classes), cfg.shared_backbone, stage1["model"], str(paths["stage1"]))
+    with rebuilding(paths["stage1"], "stage1", dataset):
+        model, report = build_refine_net(mcfg, len(classes), cfg.shared_backbone, stage1["model"], str(paths["stage1"]))
     model = model.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -359,11 +361,11 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
 
     start_epoch, best, history = resume_from(
         paths["last"], resume, rt, lambda state: _check_resumable(state, config, hashes, paths["last"]),
-        {"model": model, "optimizer": opt, "scheduler": sched},
+        {"model": model, "optimizer": opt, "scheduler": sched}, kind="refine", dataset=dataset,
     )
     net = wrap_ddp(model, rt)
 
-    live = open_live(paths["live"], resume and start_epoch > 0) if rt.is_main else None
+    live = None  # dvclive, opened once the first checkpoint is written (a fresh run resets the curves folder)
     train_seconds, train_images = 0.0, 0
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -401,8 +403,9 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
                     f"{stats['images_per_s']:.1f} img/s" + ("  [green]best" if improved else ""),
                     highlight=False,
                 )
-                if live is not None:
-                    log_epoch(live, record)
+                if live is None:
+                    live = open_live(paths["live"], resume and start_epoch > 0)
+                log_epoch(live, record)
             barrier(rt)
     finally:
         if live is not None:
@@ -532,16 +535,20 @@ def subset(data: BranchData, idx: Tensor) -> BranchData:
     )
 
 
-def load_refine(path: str | Path, device: str | torch.device = "cpu") -> tuple[RefineNet, dict[str, Any]]:
-    """Rebuild the branches from a refine checkpoint (its own config) in eval mode; returns (model, checkpoint dict)."""
-    state = load_checkpoint(path, map_location=device)
-    if state.get("kind") != "refine":
-        raise ArtifactError(f"{path}: not a train-refine checkpoint (kind {state.get('kind')!r}); rerun `fgpipe train-refine`")
-    require_finished(state, path, f"fgpipe train-refine --dataset {state.get('dataset', 'NAME')}")
-    mcfg = ModelConfig(**state["config"]["model"])
-    shared = bool(state["config"]["train_refine"]["shared_backbone"])
-    model, _ = build_refine_net(mcfg, len(state["class_names"]), shared)
-    model.load_state_dict(state["model"])
+def load_refine(
+    path: str | Path, device: str | torch.device = "cpu", dataset: str | None = None
+) -> tuple[RefineNet, dict[str, Any]]:
+    """Rebuild the branches from a refine checkpoint (its own config) in eval mode; returns (model, checkpoint dict).
+
+    ``dataset`` names the command that rewrites the file in errors (default: the one the checkpoint records)."""
+    state = load_checkpoint(path, map_location=device, kind="refine", dataset=dataset)
+    dataset = dataset or str(state.get("dataset", "NAME"))
+    require_finished(state, path, f"fgpipe train-refine --dataset {dataset}")
+    with rebuilding(path, "refine", dataset):
+        mcfg = ModelConfig(**state["config"]["model"])
+        shared = refine_config(state).shared_backbone  # also checks the section: the callers read it
+        model, _ = build_refine_net(mcfg, len(state["class_names"]), shared)
+        model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 
 
