@@ -1,7 +1,8 @@
 """The `fgpipe` command: one thin Typer command per pipeline stage.
 
 Each command parses its options, loads params.yaml (with CLI overrides recorded), calls the stage's
-``run()`` and reports. Errors of the FgpipeError family become a one-paragraph message and exit code 1.
+``run()`` and reports. Errors of the FgpipeError family become a one-paragraph message and exit code 1; Ctrl-C
+becomes one line saying what was kept and how to go on, and exit code 130.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from rich.markup import escape
 
 from fgpipe.config import Settings, load_params
 from fgpipe.console import console
-from fgpipe.errors import FgpipeError
+from fgpipe.errors import FgpipeError, Interrupted
 
 app = typer.Typer(
     help="Weakly supervised fine-grained classification as a cached DVC pipeline.\n\n"
@@ -32,13 +33,23 @@ DatasetOpt = Annotated[str, typer.Option("--dataset", "-d", help="Dataset name, 
 ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file.", dir_okay=False)]
 
 
-def _guard(fn: Callable[[], T]) -> T:
-    """Run ``fn``; turn fgpipe's own errors into a clean message and exit code 1."""
+def _guard(fn: Callable[[], T], rerun: str | None = None) -> T:
+    """Run ``fn``; turn fgpipe's own errors into a clean message and exit code 1, and Ctrl-C into one line saying what
+    was kept and how to go on (a training stage says it, else: nothing replaced, ``rerun``) and exit code 130."""
     try:
         return fn()
     except FgpipeError as exc:
         _print_error(exc)
         raise typer.Exit(1) from None
+    except KeyboardInterrupt as exc:
+        if isinstance(exc, Interrupted):
+            said = str(exc)
+        elif rerun:
+            said = f"interrupted (Ctrl-C): nothing was replaced, the previous outputs are unchanged; rerun `{rerun}`"
+        else:
+            said = "interrupted (Ctrl-C)"
+        console.print(f"[bold yellow]{escape(said)}", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
 
 
 def _print_error(exc: FgpipeError) -> None:
@@ -54,7 +65,7 @@ def _settings(params: Path, overrides: dict[str, Any], dataset: str) -> Settings
 
 
 def _report(stage: str, dataset: str, metrics: dict[str, Any]) -> None:
-    shown = {k: v for k, v in metrics.items() if k not in ("params_file", "overrides", "per_dataset", "dataset")}
+    shown = {k: v for k, v in metrics.items() if k not in ("params_file", "overrides", "per_dataset", "dataset", "sources")}
     console.print(f"[green]{stage}[/] {dataset}: " + json.dumps(shown, sort_keys=True), highlight=False, soft_wrap=True)
 
 
@@ -95,7 +106,7 @@ def prepare(
     overrides: dict[str, Any] = {f"datasets.{dataset}.root": root}
     if download:
         overrides[f"datasets.{dataset}.download"] = True
-    metrics = _guard(lambda: stage.run(_settings(params, overrides, dataset), dataset))
+    metrics = _guard(lambda: stage.run(_settings(params, overrides, dataset), dataset), f"fgpipe prepare --dataset {dataset}")
     _report("prepare", dataset, metrics)
 
 
@@ -114,7 +125,9 @@ def train_backbone(
     from fgpipe.stages import train_backbone as stage
 
     overrides = {"train_backbone.epochs": epochs, "model.backbone": backbone, "model.weights": weights}
-    metrics = _guard(lambda: stage.run(_settings(params, overrides, dataset), dataset, resume=resume))
+    metrics = _guard(
+        lambda: stage.run(_settings(params, overrides, dataset), dataset, resume=resume), f"fgpipe train-backbone --dataset {dataset}"
+    )
     _report("train-backbone", dataset, metrics)
 
 
@@ -134,7 +147,7 @@ def extract_attention(
     from fgpipe.stages import extract_attention as stage
 
     overrides = {"attention.method": method, "attention.input_size": input_size}
-    metrics = _guard(lambda: stage.run(_settings(params, overrides, dataset), dataset))
+    metrics = _guard(lambda: stage.run(_settings(params, overrides, dataset), dataset), f"fgpipe extract-attention --dataset {dataset}")
     _report("extract-attention", dataset, metrics)
 
 
@@ -159,7 +172,7 @@ def extract_crops(
     from fgpipe.stages import extract_crops as stage
 
     value = None if threshold is None else _threshold(threshold)
-    metrics = _guard(lambda: stage.run(_settings(params, {"crops.threshold": value}, dataset), dataset))
+    metrics = _guard(lambda: stage.run(_settings(params, {"crops.threshold": value}, dataset), dataset), f"fgpipe extract-crops --dataset {dataset}")
     _report("extract-crops", dataset, metrics)
 
 
@@ -200,7 +213,7 @@ def localize(
     from fgpipe.stages import localize as stage
 
     grid = _thresholds(thresholds)
-    report = _guard(lambda: stage.run(_settings(params, {}, dataset), dataset, grid))
+    report = _guard(lambda: stage.run(_settings(params, {}, dataset), dataset, grid), f"fgpipe localize --dataset {dataset}")
     stage.print_table(Console(file=sys.stdout), report)
 
 
@@ -214,7 +227,7 @@ def show(
     """Draw one image's heatmap, object box, ground-truth box and parts; print the PNG's path."""
     from fgpipe.preview import show as draw
 
-    path = _guard(lambda: draw(_settings(params, {}, dataset), dataset, image, out))
+    path = _guard(lambda: draw(_settings(params, {}, dataset), dataset, image, out), f"fgpipe show --image {image} --dataset {dataset}")
     typer.echo(str(path))
 
 
@@ -229,7 +242,9 @@ def train_refine(
     from fgpipe.stages import train_refine as stage
 
     overrides = {"train_refine.epochs": epochs}
-    metrics = _guard(lambda: stage.run(_settings(params, overrides, dataset), dataset, resume=resume))
+    metrics = _guard(
+        lambda: stage.run(_settings(params, overrides, dataset), dataset, resume=resume), f"fgpipe train-refine --dataset {dataset}"
+    )
     _report("train-refine", dataset, metrics)
 
 
@@ -244,7 +259,7 @@ def evaluate(
     """Top-1/top-k of the raw, object, parts and joint predictions on test; joint weights chosen on val or fixed."""
     from fgpipe.stages import evaluate as stage
 
-    metrics = _guard(lambda: stage.run(_settings(params, {"evaluate.combine": combine}, dataset), dataset))
+    metrics = _guard(lambda: stage.run(_settings(params, {"evaluate.combine": combine}, dataset), dataset), f"fgpipe evaluate --dataset {dataset}")
     _report("evaluate", dataset, metrics)
 
 

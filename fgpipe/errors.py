@@ -39,3 +39,7 @@ class TrainingError(FgpipeError):
 
 class OutputError(FgpipeError):
     """An output cannot be written (disk full, read-only file system, no permission); the previous one is kept."""
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C, with what the stage kept and how to go on (the CLI prints it and exits 130)."""

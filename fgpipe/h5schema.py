@@ -32,7 +32,10 @@ part_count      (N,) int32      number of valid parts of each image (<= P)
 ==============  ==============  ======================================================================
 
 attrs: ``schema`` ("fgpipe.crops"), ``schema_version``, ``method``, ``threshold``, ``attention_sha256``
-(SHA-256 of the attention.h5 the boxes came from), ``manifest_sha256``, ``provenance``.
+(SHA-256 of the attention.h5 the boxes came from), ``checkpoint_sha256`` (of the stage-1 checkpoint whose
+backbone gave the parts: the one attention.h5 was made from, which its provenance ``checkpoint`` names),
+``manifest_sha256``, ``provenance``. Version 2 added ``checkpoint_sha256``; a version-1 file is refused (rerun
+``fgpipe extract-crops``).
 
 ``images.h5`` (written by ``fgpipe prepare``: the decoded image cache), one row per manifest image:
 
@@ -74,7 +77,7 @@ from fgpipe.errors import ArtifactError
 from fgpipe.store import _json_default, atomic_path
 
 ATTENTION_SCHEMA_VERSION = 2
-CROPS_SCHEMA_VERSION = 1
+CROPS_SCHEMA_VERSION = 2
 IMAGES_SCHEMA_VERSION = 1
 
 _STR = h5py.string_dtype(encoding="utf-8")
@@ -135,8 +138,8 @@ CROPS = FileSchema(
         DatasetSpec("part_scores", "float32", ("P",)),
         DatasetSpec("part_count", "int32"),
     ),
-    attrs={"method": str, "threshold": float, "attention_sha256": str, "manifest_sha256": str},
-    sources={"manifest_sha256": "manifest", "attention_sha256": "attention file"},
+    attrs={"method": str, "threshold": float, "attention_sha256": str, "checkpoint_sha256": str, "manifest_sha256": str},
+    sources={"manifest_sha256": "manifest", "attention_sha256": "attention file", "checkpoint_sha256": "checkpoint"},
 )
 
 IMAGES = FileSchema(  # plus `pixels`, one flat byte array (not per image), checked by ImagesReader
@@ -182,6 +185,7 @@ class CropsMeta:
     threshold: float
     attention_sha256: str
     manifest_sha256: str
+    checkpoint_sha256: str  # the stage-1 checkpoint MPALM's backbone came from (attention.h5's)
     provenance: dict[str, Any] = field(default_factory=dict)
 
 
@@ -795,10 +799,12 @@ class CropsReader(_Reader[CropsMeta, CropsRecords]):
         return self.dims["P"]
 
     def check_source(  # type: ignore[override]
-        self, manifest_sha256: str | None = None, attention_sha256: str | None = None
+        self, manifest_sha256: str | None = None, attention_sha256: str | None = None, checkpoint_sha256: str | None = None
     ) -> None:
-        """Refuse a file made from another manifest or attention file (None: not checked)."""
-        super().check_source(manifest_sha256=manifest_sha256, attention_sha256=attention_sha256)
+        """Refuse a file made from another manifest, attention file or stage-1 checkpoint (None: not checked)."""
+        super().check_source(
+            manifest_sha256=manifest_sha256, attention_sha256=attention_sha256, checkpoint_sha256=checkpoint_sha256
+        )
 
 
 class ImagesReader(_Reader[ImagesMeta, ImagesRecords]):

@@ -27,10 +27,11 @@ from PIL import Image, ImageDraw, ImageFont
 from fgpipe.config import Settings
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
+from fgpipe.lineage import check_attention, check_crops
 from fgpipe.loader import check_image_files, decode_region
 from fgpipe.localize import box_iou
 from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
-from fgpipe.store import atomic_path, file_sha256
+from fgpipe.store import FileHashes, atomic_path
 
 TILE = 224  # longest side of each tile, pixels
 GAP = 8
@@ -233,7 +234,8 @@ def safe_name(image_id: str) -> str:
 def show(settings: Settings, dataset: str, image_id: str, out: Path | None = None) -> Path:
     """Draw one image's heatmap, object box, ground truth and parts; return the PNG's path.
 
-    Default output: data/NAME/show_<ID>.png. Refuses a crops.h5 made from another manifest or attention file.
+    Default output: data/NAME/show_<ID>.png. Refuses an attention.h5 or crops.h5 made from another manifest,
+    stage-1 checkpoint or attention file than those on disk (:mod:`fgpipe.lineage`).
     """
     settings.dataset(dataset)
     d = settings.data_dir(dataset)
@@ -250,8 +252,9 @@ def show(settings: Settings, dataset: str, image_id: str, out: Path | None = Non
     root = read_dataset_json(dataset_json, dataset).root
     check_image_files(dataset_json, [rows[index[image_id]]], None, dataset)
     with AttentionReader(attention_path) as att, CropsReader(crops_path) as crops:
-        att.check_source(manifest_sha256=file_sha256(manifest))
-        crops.check_source(manifest_sha256=file_sha256(manifest), attention_sha256=file_sha256(attention_path))
+        sha = FileHashes()  # each input hashed once
+        check_attention(att, d, dataset, sha)
+        check_crops(crops, d, dataset, sha)
         samples = load_samples(rows, [index[image_id]], root, att, crops)
         title = f"{dataset} / {image_id}: {att.meta.method} heatmap, threshold {crops.meta.threshold:g}"
     target = out if out is not None else d / f"show_{safe_name(image_id)}.png"

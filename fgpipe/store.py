@@ -4,6 +4,10 @@ Every artefact is first written to a temporary file in the same folder and then 
 target with ``os.replace``, so a crash never leaves a partial file where DVC or the next stage would
 accept it. The temporary file is hidden and carries the writer's pid (``.NAME.PID.XXXX.tmp``); one left
 by a killed process is removed by the next write of the same target.
+
+A stage writes all its outputs inside :func:`replaced_together`: each atomic write then keeps its complete
+temporary file, and they are all renamed into place, one after the other, only when the whole stage
+succeeded; on any failure (an error, Ctrl-C) they are removed and the previous outputs stay as they were.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import os
 import tempfile
 from collections.abc import Iterator
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +62,15 @@ def output_error(target: str | os.PathLike[str], exc: OSError, atomic: bool = Tr
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path next to ``target``; on success it is renamed onto ``target``.
+    """Yield a temporary path next to ``target``; on success it is renamed onto ``target`` (inside
+    :func:`replaced_together`: kept complete and renamed with the rest of the set, at its end).
 
     On any exception the temporary file is removed and ``target`` is left untouched. A failure to write (a full
     disk, a read-only folder: an OSError while creating, syncing or renaming the file, or one of the write-only
     errnos from the block) becomes an :class:`OutputError` naming ``target``.
     """
     target = Path(target)
+    outputs = _OUTPUTS.get()
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         remove_stale_temps(target)
@@ -71,6 +78,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     except OSError as exc:
         raise output_error(target, exc) from None
     tmp_path = Path(tmp)
+    staged = False
     try:
         try:
             os.close(fd)
@@ -86,11 +94,113 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
         try:
             with open(tmp_path, "rb+") as fh:
                 os.fsync(fh.fileno())
-            os.replace(tmp_path, target)
+            if outputs is None:
+                os.replace(tmp_path, target)
         except OSError as exc:
             raise output_error(target, exc) from None
+        if outputs is not None:
+            outputs.stage(target, tmp_path)  # renamed when the whole set is committed
+            staged = True
     finally:
-        tmp_path.unlink(missing_ok=True)
+        if not staged:
+            tmp_path.unlink(missing_ok=True)
+
+
+class OutputSet:
+    """The outputs of one stage run, replaced together: see :func:`replaced_together`."""
+
+    def __init__(self) -> None:
+        self._staged: dict[Path, Path] = {}  # target -> its complete temporary file, in the order written
+        self._removed: list[Path] = []
+
+    @staticmethod
+    def _key(target: str | os.PathLike[str]) -> Path:
+        return Path(os.path.abspath(target))
+
+    def stage(self, target: str | os.PathLike[str], tmp: Path) -> None:
+        """Keep ``tmp``, the complete new content of ``target``, until :meth:`commit` (a second write replaces it)."""
+        key = self._key(target)
+        earlier = self._staged.pop(key, None)
+        if earlier is not None and earlier != tmp:
+            earlier.unlink(missing_ok=True)
+        self._staged[key] = tmp
+
+    def pending(self, target: str | os.PathLike[str]) -> Path:
+        """Where ``target``'s content from this run is now: its temporary file until the commit, else ``target``."""
+        return self._staged.get(self._key(target), Path(target))
+
+    def remove(self, target: str | os.PathLike[str]) -> None:
+        """Delete ``target`` at the commit (an output this run no longer writes)."""
+        self._removed.append(Path(target))
+
+    def commit(self) -> None:
+        """Rename every staged file onto its target, in the order written, then delete the files to remove."""
+        for key, tmp in list(self._staged.items()):
+            try:
+                os.replace(tmp, key)
+            except OSError as exc:
+                raise output_error(key, exc) from None
+            del self._staged[key]
+        for path in self._removed:
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise output_error(path, exc, atomic=False) from None
+        self._removed.clear()
+
+    def discard(self) -> None:
+        """Delete every staged temporary file: the targets keep their previous content."""
+        for tmp in self._staged.values():
+            tmp.unlink(missing_ok=True)
+        self._staged.clear()
+        self._removed.clear()
+
+
+_OUTPUTS: ContextVar[OutputSet | None] = ContextVar("fgpipe_outputs", default=None)
+
+
+@contextlib.contextmanager
+def replaced_together() -> Iterator[OutputSet]:
+    """Collect every :func:`atomic_path` write (and :func:`remove_output`) of the block; rename them all into place
+    when the block succeeds, delete them when it raises (any exception, KeyboardInterrupt too), so a stage's
+    outputs change together or not at all. Read a file written in the block through :meth:`OutputSet.pending`.
+    Inside another such block, the writes join the outer set."""
+    outer = _OUTPUTS.get()
+    if outer is not None:
+        yield outer
+        return
+    outputs = OutputSet()
+    token = _OUTPUTS.set(outputs)
+    try:
+        yield outputs
+    except BaseException:
+        _OUTPUTS.reset(token)
+        outputs.discard()
+        raise
+    _OUTPUTS.reset(token)
+    try:
+        outputs.commit()
+    finally:
+        outputs.discard()  # whatever a failed commit left
+
+
+def pending(target: str | os.PathLike[str]) -> Path:
+    """Where ``target``'s content from this run is: inside :func:`replaced_together`, the temporary file written
+    for it until the commit; else ``target`` itself."""
+    outputs = _OUTPUTS.get()
+    return outputs.pending(target) if outputs is not None else Path(target)
+
+
+def remove_output(target: str | os.PathLike[str]) -> None:
+    """Delete an output this run no longer writes: at the commit inside :func:`replaced_together`, else now."""
+    outputs = _OUTPUTS.get()
+    if outputs is not None:
+        outputs.remove(target)
+        return
+    try:
+        Path(target).unlink(missing_ok=True)
+    except OSError as exc:
+        raise output_error(target, exc, atomic=False) from None
 
 
 def remove_stale_temps(target: str | os.PathLike[str]) -> list[Path]:
@@ -148,3 +258,16 @@ def file_sha256(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
         while block := fh.read(chunk):
             h.update(block)
     return h.hexdigest()
+
+
+class FileHashes:
+    """:func:`file_sha256` of each file read once per run (several checks name the same checkpoint)."""
+
+    def __init__(self) -> None:
+        self._seen: dict[Path, str] = {}
+
+    def __call__(self, path: str | os.PathLike[str]) -> str:
+        key = Path(os.path.abspath(path))
+        if key not in self._seen:
+            self._seen[key] = file_sha256(key)
+        return self._seen[key]

@@ -14,7 +14,7 @@ import os
 import pickle
 import random
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from pydantic import ValidationError
 from torch import Tensor, nn
 
 from fgpipe.console import console
-from fgpipe.errors import ArtifactError, ConfigError
+from fgpipe.errors import ArtifactError, ConfigError, Interrupted
 from fgpipe.runtime import env_int
 from fgpipe.store import atomic_path, output_error
 
@@ -124,6 +124,30 @@ def open_live(directory: str | os.PathLike[str], resume: bool) -> Any:
         return Live(dir=str(directory), resume=resume, report=None, save_dvc_exp=False, dvcyaml=None)
     except OSError as exc:  # a read-only or full metrics folder
         raise output_error(directory, exc, atomic=False) from None
+
+
+def close_live(live: Any, failing: bool = False) -> None:
+    """End a dvclive logger (it writes its summary); a failed write is an OutputError naming the curves folder.
+    ``failing``: the run is already stopping on another error, which is the one to report (this one is dropped)."""
+    try:
+        live.end()
+    except OSError as exc:
+        if not failing:
+            raise output_error(live.dir, exc, atomic=False) from None
+
+
+def interrupted(command: str, saved: int, epochs: int) -> Interrupted:
+    """What a Ctrl-C during training left and how to go on; ``command`` (``fgpipe train-backbone --dataset NAME``)
+    wrote the checkpoints of epoch ``saved`` (0: none yet, the previous outputs are untouched)."""
+    if saved > 0:
+        return Interrupted(
+            f"interrupted (Ctrl-C) after epoch {saved} of {epochs}: its checkpoints are kept, marked unfinished; "
+            f"continue with `{command} --resume`"
+        )
+    return Interrupted(
+        f"interrupted (Ctrl-C) before the first checkpoint: nothing was replaced, the previous outputs are unchanged; "
+        f"rerun `{command}`"
+    )
 
 
 def log_epoch(live: Any, record: dict[str, float]) -> None:
@@ -370,8 +394,9 @@ def rebuilding(path: str | os.PathLike[str], kind: str, dataset: str | None) -> 
 def mark_finished(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """Rewrite the checkpoint ``state`` loaded from ``path`` as the result of a finished run, if it is not yet.
 
-    Checkpoints written during training say ``finished: False`` until the last epoch (last.pt) or until this
-    is called at the end (best.pt), so a run killed midway leaves checkpoints only ``--resume`` accepts.
+    Checkpoints written during training say ``finished: False`` until this is called at the end (on best.pt and
+    last.pt, together with the metrics file), so a run killed or failing before leaves checkpoints only ``--resume``
+    accepts.
     """
     if state.get("finished") is False:
         save_checkpoint(path, {**{k: v for k, v in state.items() if k != "format"}, "finished": True})
@@ -389,6 +414,26 @@ def require_finished(state: dict[str, Any], path: str | os.PathLike[str], comman
             f"{path} is from a training run that did not finish (it stopped after epoch {state.get('epoch')}{of}): "
             f"finish it with `{command} --resume`, or rerun `{command}` (or `dvc repro`)"
         )
+
+
+# kind -> the learning rate to lower when its network diverged
+_LR_KEYS = {"stage1": "train_backbone.lr", "refine": "train_refine.lr"}
+
+
+def require_finite(
+    values: Tensor | np.ndarray, names: Sequence[str], what: str, path: str | os.PathLike[str], kind: str, dataset: str
+) -> None:
+    """Refuse NaN or infinite outputs of the network of checkpoint ``path`` (of ``kind``): ``values`` (B, ...) holds
+    one row per image, named by ``names`` (B,). The error names the images and the checkpoint: it has diverged."""
+    rows = values.detach().float().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values, dtype=np.float64)
+    bad = np.flatnonzero(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))
+    if not len(bad):
+        return
+    shown = ", ".join(str(names[i]) for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    raise ArtifactError(
+        f"the {CHECKPOINT_KINDS[kind][0]} network of {path} gives NaN or infinite {what} for {len(bad)} image(s) "
+        f"({shown}): the model has probably diverged; {rerun_hint(kind, dataset)}, e.g. with a lower {_LR_KEYS[kind]}"
+    )
 
 
 def config_dict(cfg: Any) -> dict[str, Any]:

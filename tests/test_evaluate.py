@@ -16,6 +16,7 @@ from fgpipe.cli import app
 from fgpipe.config import load_params
 from fgpipe.errors import ConfigError
 from fgpipe.stages import evaluate
+from fgpipe.store import file_sha256
 from test_refine import copy_project, trained_project
 
 
@@ -45,7 +46,7 @@ def test_figures_equal_a_recomputation_from_predictions_csv(trained: Path, tmp_p
     metrics = json.loads((tmp_path / "metrics/toy/evaluate.json").read_text())
 
     # exactly the documented shape (3 classes: top-k is top-3)
-    assert set(metrics) == {"images", "raw", "object", "parts", "joint", "weights", "localization"}
+    assert set(metrics) == {"images", "raw", "object", "parts", "joint", "weights", "sources", "localization"}
     for branch in ("raw", "object", "parts", "joint"):
         assert set(metrics[branch]) == {"top1", "top3"}
     assert set(metrics["weights"]) == {"raw", "object", "parts"}
@@ -175,9 +176,10 @@ def test_log_loss_tells_apart_weightings_top1_ties_on() -> None:
 
 def test_localization_is_left_out_when_null(trained: Path, tmp_path: Path) -> None:
     params = project(trained, tmp_path)
-    (tmp_path / "metrics/toy/extract_crops.json").write_text(json.dumps({"localization": None}))
+    crops = {"crops_sha256": file_sha256(tmp_path / "data/toy/crops.h5")}
+    (tmp_path / "metrics/toy/extract_crops.json").write_text(json.dumps({"localization": None, "sources": crops}))
     metrics = evaluate.run(load_params(params, {"evaluate.combine": "fixed"}), "toy")
-    assert set(metrics) == {"images", "raw", "object", "parts", "joint", "weights"}
+    assert set(metrics) == {"images", "raw", "object", "parts", "joint", "weights", "sources"}
 
 
 def test_help() -> None:

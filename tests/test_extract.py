@@ -256,7 +256,7 @@ def test_crops_refuse_attention_from_another_manifest(project: Path) -> None:
     settings = load_params(project / "params.yaml")
     extract_attention.run(settings, "toy")
     _edit_manifest(project)
-    with pytest.raises(ArtifactError, match=r"another manifest.*rerun `fgpipe extract-attention`"):
+    with pytest.raises(ArtifactError, match=r"another manifest.*rerun `fgpipe extract-attention --dataset toy`"):
         extract_crops.run(settings, "toy")
     assert not (project / "data/toy/crops.h5").exists()
 
@@ -268,7 +268,7 @@ def test_crops_refuse_attention_from_another_checkpoint(project: Path) -> None:
     state = load_checkpoint(best)
     state["model"] = {k: v + 1 if v.is_floating_point() else v for k, v in state["model"].items()}
     save_checkpoint(best, {k: v for k, v in state.items() if k != "format"})
-    with pytest.raises(ArtifactError, match=r"another checkpoint.*rerun `fgpipe extract-attention`"):
+    with pytest.raises(ArtifactError, match=r"another checkpoint.*rerun `fgpipe extract-attention --dataset toy`"):
         extract_crops.run(settings, "toy")
 
 

@@ -202,7 +202,7 @@ def test_refuses_wrong_version_kind_or_layout(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------- crops.h5
 def test_crops_round_trip_and_refusal(tmp_path: Path) -> None:
     path = tmp_path / "crops.h5"
-    meta = CropsMeta(method="bap", threshold=0.2, attention_sha256=SHA_A, manifest_sha256=SHA_B)
+    meta = CropsMeta(method="bap", threshold=0.2, attention_sha256=SHA_A, manifest_sha256=SHA_B, checkpoint_sha256=SHA_C)
     rng = np.random.default_rng(0)
     boxes = rng.random((5, 4)).astype(np.float32) * 100
     parts = rng.random((5, 6, 4)).astype(np.float32) * 100

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -75,7 +76,16 @@ def test_json_matches_evaluate_and_the_joint_weights(project: Path, tmp_path: Pa
     assert len(list(out.glob("*.png"))) == 9  # names made unique (000.png exists in every class folder)
 
 
+def numeric_threshold(params: Path) -> None:
+    """crops.threshold 0.2: predict then reads no crops.h5 (the one on disk was not made from the attention.h5 these
+    tests write, a stale pairing predict refuses when it reads crops.h5 for an ``auto`` threshold)."""
+    raw = yaml.safe_load(params.read_text())
+    raw.setdefault("crops", {})["threshold"] = 0.2
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+
 def test_uses_the_method_recorded_in_attention_h5(project: Path, tmp_path: Path) -> None:
+    numeric_threshold(project)
     data = tmp_path / "data/toy"
     meta = AttentionMeta(
         method="bap", layer="layer3", input_size=32, checkpoint_sha256=file_sha256(data / "stage1/best.pt"),
@@ -107,6 +117,7 @@ def test_heatmaps_at_the_recorded_input_size_parts_at_stage_1s(
     and the object crop at stage 1's 32 for MPALM, as extract-attention and extract-crops do."""
     from fgpipe.stages import predict as stage
 
+    numeric_threshold(project)
     data = tmp_path / "data/toy"
     meta = AttentionMeta(
         method="oaam", layer="layer3", input_size=48, checkpoint_sha256=file_sha256(data / "stage1/best.pt"),

@@ -78,9 +78,13 @@ def write_stage1(path: Path, classes: list[str], manifest_sha: str) -> None:
 
 
 def write_crops(path: Path, manifest: Path, where: dict[str, tuple[int, int]]) -> None:
-    """crops.h5: the true square (+-1 pixel) as the object box; two part boxes inside it, none for every 4th image."""
+    """crops.h5: the true square (+-1 pixel) as the object box; two part boxes inside it, none for every 4th image.
+    Made, it says, from stage1/best.pt (no attention.h5 is written: that source is then not checked)."""
     rows = read_manifest(manifest)
-    meta = CropsMeta(method="oaam", threshold=0.2, attention_sha256="0" * 64, manifest_sha256=file_sha256(manifest))
+    meta = CropsMeta(
+        method="oaam", threshold=0.2, attention_sha256="0" * 64, manifest_sha256=file_sha256(manifest),
+        checkpoint_sha256=file_sha256(path.parent / "stage1/best.pt"), provenance={"checkpoint": "best"},
+    )
     boxes, parts, counts = [], [], []
     for k, r in enumerate(rows):
         x, y = where[r.path]
@@ -119,7 +123,8 @@ def make_refine_project(tmp_path: Path, refine: dict[str, Any] | None = None, ev
     write_stage1(data / "stage1/best.pt", classes, file_sha256(manifest))
     write_crops(data / "crops.h5", manifest, where)
     write_json(tmp_path / "metrics/toy/extract_crops.json",
-               {"localization": {"accuracy": 0.75, "mean_iou": 0.61, "fallback_rate": 0.0}, "images": len(where)})
+               {"localization": {"accuracy": 0.75, "mean_iou": 0.61, "fallback_rate": 0.0}, "images": len(where),
+                "sources": {"crops_sha256": file_sha256(data / "crops.h5")}})
     return path
 
 

@@ -2,11 +2,12 @@
 
 Everything happens in a temporary folder next to ``dest`` (same filesystem), so the final step is a
 single ``os.replace``: ``dest`` either appears complete or not at all, and a failed or interrupted
-download leaves nothing behind at ``dest``.
+download leaves nothing behind at ``dest``. A full disk or a read-only folder is one clean error naming ``dest``.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import http.client
 import os
@@ -22,9 +23,12 @@ from rich.progress import DownloadColumn, TransferSpeedColumn
 
 from fgpipe.console import console, progress
 from fgpipe.errors import DatasetError
+from fgpipe.store import output_error
 
 CHUNK = 1 << 20
 TIMEOUT_S = 60.0
+# a full disk or quota, a file too large, a read-only or forbidden folder: reported as a failed write of dest
+_DISK_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES, errno.EPERM})
 
 
 def fetch_and_extract(
@@ -45,8 +49,11 @@ def fetch_and_extract(
         raise ValueError("pass md5 or sha256, not both")
     if dest.exists():
         raise DatasetError(f"{dest} already exists; remove it to download {url} again")
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.download-", dir=dest.parent))
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.download-", dir=dest.parent))
+    except OSError as exc:
+        raise output_error(dest, exc) from None
     try:
         archive = work / "archive"
         algo, expected = ("md5", md5) if md5 else ("sha256", sha256)
@@ -68,6 +75,10 @@ def fetch_and_extract(
             raise DatasetError(f"archive {url} has no top-level folder {member!r} (it holds: {found})")
         os.replace(src, dest)
         console.print(f"extracted {url} to {dest}", soft_wrap=True)
+    except OSError as exc:  # the network's errors are DatasetErrors by now: this is writing the archive or its files
+        if exc.errno in _DISK_ERRNOS:
+            raise output_error(dest, exc) from None
+        raise DatasetError(f"download of {url} to {dest} failed: {exc}; run the command again") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)  # cleanup only: the archive and partial extraction
 

@@ -59,6 +59,7 @@ from fgpipe.datasets.base import SourceListing, SourceRecord, require_files, saf
 from fgpipe.errors import DatasetError
 from fgpipe.manifest import Box
 from fgpipe.runtime import available_cores
+from fgpipe.store import output_error
 
 # Bump whenever the rendering or the layout changes: an existing dataset with another version is regenerated.
 GENERATOR_VERSION = "synthetic-birds-1"
@@ -637,19 +638,28 @@ def generate(root: Path, opts: SyntheticOptions) -> None:
             f"synthetic dataset root {root} is not empty and holds no synthetic.json, so it is not a generated "
             "dataset; refusing to overwrite it. Remove it or set datasets.NAME.root to another folder."
         )
-    root.parent.mkdir(parents=True, exist_ok=True)
-    for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by an interrupted run
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    try:  # a full disk or a read-only folder: one clean error naming root, and no half dataset
+        root.parent.mkdir(parents=True, exist_ok=True)
+        for stale in root.parent.glob(f".{root.name}.tmp-*"):  # left by an interrupted run
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
+    except OSError as exc:
+        raise output_error(root, exc) from None
     try:
         _write_all(tmp, opts)
         if root.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-old-", dir=root.parent))
             os.replace(root, old / root.name)
-            os.replace(tmp, root)
+            try:
+                os.replace(tmp, root)
+            except OSError:
+                os.replace(old / root.name, root)  # the previous dataset goes back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, root)
+    except OSError as exc:
+        raise output_error(root, exc) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

@@ -28,7 +28,7 @@ from torch import Tensor
 from fgpipe.h5schema import AttentionReader
 from fgpipe.localize.boxes import _as_numpy, _check_threshold
 from fgpipe.manifest import ManifestRow
-from fgpipe.store import atomic_path, output_error
+from fgpipe.store import atomic_path, output_error, remove_output
 
 SPLITS = ("train", "val", "test")
 CHOICE_SPLITS = ("train", "val")  # where crops.threshold auto is chosen: never test
@@ -262,6 +262,6 @@ def write_curves(folder: Path, sweeps: dict[str, MethodSweep]) -> list[Path]:
         written.append(path)
     for stale in folder.glob("*.csv"):
         if stale not in written:
-            stale.unlink()
+            remove_output(stale)  # with the other outputs (inside replaced_together), or now
     return written
 

@@ -2,7 +2,8 @@
 
 Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NAME/images.h5 when prepare
         built it), data/NAME/stage1/best.pt, data/NAME/refine/best.pt, data/NAME/crops.h5,
-        metrics/NAME/extract_crops.json; params `evaluate`.
+        metrics/NAME/extract_crops.json; params `evaluate`. Each is checked by SHA-256 against what it was
+        made from (:mod:`fgpipe.lineage`; crops.h5 against attention.h5 and its stage-1 checkpoint too).
 Writes: metrics/NAME/evaluate.json, metrics/NAME/per_class.csv, metrics/NAME/confusion.csv,
         metrics/NAME/predictions.csv, data/NAME/confusion.png.
 
@@ -21,10 +22,13 @@ most uniform weighting (the smallest sum of squared weights), then grid order;
 ``fixed`` uses ``evaluate.weights`` normalised to sum 1. The test split is loaded only once the weights
 are fixed (see :func:`run`): nothing is ever selected on test.
 
-evaluate.json is exactly ``{"images", "raw", "object", "parts", "joint", "weights"[, "localization"]}``,
+evaluate.json is exactly ``{"images", "raw", "object", "parts", "joint", "weights", "sources"[, "localization"]}``,
 each branch ``{"top1", "top{k}"}`` with k = min(evaluate.top_k, number of classes), accuracies on test in
-[0, 1]; ``localization`` (accuracy, mean_iou, fallback_rate) is carried from extract_crops.json and left
-out when that is null (a dataset without boxes). predictions.csv names classes by their class names.
+[0, 1]; ``sources``: the SHA-256 of the manifest, stage1/best.pt, refine/best.pt and crops.h5 the figures and
+weights were computed from (``fgpipe predict`` takes the weights only for those checkpoints); ``localization``
+(accuracy, mean_iou, fallback_rate) is carried from extract_crops.json (checked to describe this crops.h5) and
+left out when that is null (a dataset without boxes). predictions.csv names classes by their class names.
+Every output is renamed into place together at the end (:func:`fgpipe.store.replaced_together`).
 """
 
 from __future__ import annotations
@@ -44,7 +48,9 @@ from PIL import Image, ImageDraw, ImageFont
 from fgpipe.config import EvaluateConfig, Settings, TrainBackboneConfig, TrainRefineConfig
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError
+from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import ImageCache, open_image_cache
+from fgpipe.lineage import check_crops, check_recorded, check_refine, rerun
 from fgpipe.loader import check_image_files, resized_side
 from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.models.branches import RefineNet
@@ -53,8 +59,8 @@ from fgpipe.runtime import configure_threads
 from fgpipe.stages.extract_attention import extraction_device, load_checked_stage1
 from fgpipe.stages.train_backbone import load_split, predict_logits
 from fgpipe.stages.train_refine import ImageBoxes, dataset_root, load_refine, predict_branches, read_crops, refine_config, split_data
-from fgpipe.store import atomic_path, file_sha256, read_json, write_json, write_text
-from fgpipe.training import Runtime
+from fgpipe.store import FileHashes, atomic_path, read_json, replaced_together, write_json, write_text
+from fgpipe.training import Runtime, require_finite
 
 STAGE = "evaluate"
 BRANCHES = ("raw", "object", "parts")
@@ -97,6 +103,9 @@ class Inputs:
     classes: list[str]
     crops: Path
     manifest_sha256: str
+    sources: dict[str, str]  # SHA-256 of the manifest, both checkpoints and crops.h5: evaluate.json's ``sources``
+    checkpoints: dict[str, Path]  # stage1, refine: named when their networks give NaN
+    dataset: str
     stage1: Stage1Net
     stage1_cfg: TrainBackboneConfig  # as stage-1 evaluates, without test-time refinement
     refine: RefineNet
@@ -120,7 +129,8 @@ def open_inputs(settings: Settings, dataset: str, paths: dict[str, Path]) -> Inp
     rows = read_manifest(paths["manifest"])
     root = dataset_root(paths["dataset"], dataset)
     classes = class_names(rows)
-    manifest_sha = file_sha256(paths["manifest"])
+    sha = FileHashes()  # each input hashed once
+    manifest_sha = sha(paths["manifest"])
     rt = inference_runtime()
     stage1, s1_state = load_checked_stage1(paths["stage1"], manifest_sha, dataset, rt.device)
     if not paths["refine"].is_file():
@@ -128,14 +138,15 @@ def open_inputs(settings: Settings, dataset: str, paths: dict[str, Path]) -> Inp
     refine, r_state = load_refine(paths["refine"], rt.device, dataset)
     if not paths["crops"].is_file():
         raise ArtifactError(f"{paths['crops']} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
-    now = {"manifest_sha256": manifest_sha, "crops_sha256": file_sha256(paths["crops"]), "stage1_sha256": file_sha256(paths["stage1"])}
-    names = {"manifest_sha256": "manifest", "crops_sha256": "crops.h5", "stage1_sha256": "stage-1 checkpoint"}
-    stale = [names[key] for key, sha in now.items() if r_state.get(key) != sha]
-    if stale or list(r_state["class_names"]) != classes or list(s1_state["class_names"]) != classes:
-        raise ArtifactError(
-            f"{paths['refine']} was trained from another {', '.join(stale) or 'class list'}: "
-            f"rerun `fgpipe train-refine --dataset {dataset}` (or `dvc repro`)"
-        )
+    check_refine(r_state, paths["refine"], paths["crops"].parent, dataset, sha)
+    if list(r_state["class_names"]) != classes or list(s1_state["class_names"]) != classes:
+        raise ArtifactError(f"{paths['refine']} was trained from another class list: {rerun(dataset, 'train-refine')}")
+    with CropsReader(paths["crops"]) as crops:  # made from this manifest, attention.h5 and stage-1 checkpoint
+        check_crops(crops, paths["crops"].parent, dataset, sha)
+    sources = {
+        "manifest_sha256": manifest_sha, "stage1_sha256": sha(paths["stage1"]), "refine_sha256": sha(paths["refine"]),
+        "crops_sha256": sha(paths["crops"]),
+    }
     if rt.channels_last:
         stage1 = stage1.to(memory_format=torch.channels_last)
         refine = refine.to(memory_format=torch.channels_last)
@@ -144,7 +155,8 @@ def open_inputs(settings: Settings, dataset: str, paths: dict[str, Path]) -> Inp
     check_image_files(paths["dataset"], rows, cache, dataset)  # before any report is written
     return Inputs(
         root=root, cache=cache, rows={s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}, classes=classes,
-        crops=paths["crops"], manifest_sha256=manifest_sha, stage1=stage1, stage1_cfg=s1_cfg,
+        crops=paths["crops"], manifest_sha256=manifest_sha, sources=sources,
+        checkpoints={"stage1": paths["stage1"], "refine": paths["refine"]}, dataset=dataset, stage1=stage1, stage1_cfg=s1_cfg,
         refine=refine, refine_cfg=refine_config(r_state), rt=rt, batch_size=settings.params.evaluate.batch_size,
     )
 
@@ -159,6 +171,10 @@ def split_probabilities(inputs: Inputs, split: str) -> SplitProbabilities:
     del whole
     data = split_data(inputs.root, rows, boxes, inputs.refine_cfg, 0.0, split, inputs.cache)
     obj, parts = predict_branches(inputs.refine, data, inputs.refine_cfg, inputs.rt, batch_size=inputs.batch_size)
+    ids = [r.image_id for r in rows]
+    require_finite(raw, ids, "logits", inputs.checkpoints["stage1"], "stage1", inputs.dataset)
+    for name, logits in (("object", obj), ("parts", parts)):
+        require_finite(logits, ids, f"{name} logits", inputs.checkpoints["refine"], "refine", inputs.dataset)
     probs = {name: torch.softmax(logits.double(), dim=1).numpy() for name, logits in zip(BRANCHES, (raw, obj, parts))}
     return SplitProbabilities([r.image_id for r in rows], np.array([r.label for r in rows], dtype=np.int64), probs)
 
@@ -238,6 +254,11 @@ def _csv(rows: list[list[Any]]) -> str:
 
 def run(settings: Settings, dataset: str) -> dict[str, Any]:
     """Evaluate on test with weights fixed beforehand (on val or from params); return evaluate.json's content."""
+    with replaced_together():  # the reports and evaluate.json change together, or not at all
+        return _run(settings, dataset)
+
+
+def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     configure_threads()
     cfg = settings.params.evaluate
     paths = stage_paths(settings, dataset)
@@ -246,7 +267,13 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
     inputs = open_inputs(settings, dataset, paths)
     if not paths["extract_crops"].is_file():
         raise ArtifactError(f"{paths['extract_crops']} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
-    located = read_json(paths["extract_crops"]).get("localization")
+    crops_figures = read_json(paths["extract_crops"])
+    recorded = crops_figures.get("sources") if isinstance(crops_figures.get("sources"), dict) else {}
+    check_recorded(  # its localisation figures describe this crops.h5
+        paths["extract_crops"], recorded.get("crops_sha256"), paths["crops"], inputs.sources["crops_sha256"], "crops.h5",
+        rerun(dataset, "extract-crops"), "crops_sha256", made="computed",
+    )
+    located = crops_figures.get("localization")
     if not inputs.rows["test"]:
         raise ArtifactError(f"{paths['manifest']}: the test split is empty: nothing to evaluate")
 
@@ -274,6 +301,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
     for name in (*BRANCHES, "joint"):
         metrics[name] = accuracy(probs[name], test.labels, k)
     metrics["weights"] = weights
+    metrics["sources"] = inputs.sources
     if located is not None:
         missing = [key for key in LOCALIZATION_KEYS if key not in located]
         if missing:

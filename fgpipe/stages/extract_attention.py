@@ -3,7 +3,9 @@
 Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NAME/images.h5 when prepare
         built it), data/NAME/stage1/{best,last}.pt (``attention.checkpoint``); params `attention`.
 Writes: data/NAME/attention.h5 (one row per manifest image, in manifest order; see fgpipe/h5schema.py),
-        metrics/NAME/extract_attention.json.
+        metrics/NAME/extract_attention.json; both renamed into place together at the end
+        (:func:`fgpipe.store.replaced_together`). A checkpoint whose network gives NaN or infinite heatmaps or
+        logits (diverged) is refused, naming the images.
 
 Besides ``attention.method`` (recorded as the file's ``method``, the one extract-crops cuts crops from), the
 file stores the heatmaps of every other method the checkpoint supports on the same grid, from the same
@@ -43,7 +45,8 @@ from fgpipe.manifest import ManifestRow, read_dataset_json, read_manifest
 from fgpipe.models.wsdan import Stage1Net
 from fgpipe.runtime import available_cores, configure_threads
 from fgpipe.stages.train_backbone import load_stage1, stage1_input_size
-from fgpipe.store import file_sha256, write_json
+from fgpipe.store import file_sha256, replaced_together, write_json
+from fgpipe.training import require_finite
 
 STAGE = "extract_attention"
 T = TypeVar("T")
@@ -144,6 +147,11 @@ def prefetched(
 # --------------------------------------------------------------------------- the stage
 def run(settings: Settings, dataset: str) -> dict[str, Any]:
     """Heatmaps for every image of every split; return the metrics (also written to metrics/NAME/extract_attention.json)."""
+    with replaced_together():  # attention.h5 and the metrics file change together, or not at all
+        return _run(settings, dataset)
+
+
+def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     configure_threads()
     t_start = time.perf_counter()
     cfg = settings.params.attention
@@ -194,6 +202,10 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         done = 0
         for batch_rows, images in prefetched(jobs, (size, size)):
             out = heatmaps_of(methods, images, batch_rows, cfg.target, device, cfg.flip)
+            ids = [r.image_id for r in batch_rows]
+            require_finite(out.logits, ids, "logits", paths["checkpoint"], "stage1", dataset)
+            for name, maps in out.heatmaps.items():
+                require_finite(maps, ids, f"`{name}` heatmaps", paths["checkpoint"], "stage1", dataset)
             writer.append(
                 [r.image_id for r in batch_rows], [r.label for r in batch_rows],
                 out.heatmaps, out.logits, out.predictions,

@@ -5,7 +5,10 @@ Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NA
         provenance, checked by SHA-256); params `crops`.
 Writes: data/NAME/crops.h5 (one row per manifest image, in manifest order; see fgpipe/h5schema.py),
         data/NAME/crops_preview.png, metrics/NAME/extract_crops.json, metrics/NAME/localization.json and
-        metrics/NAME/localization/METHOD.csv (one per stored method, for ``dvc plots``).
+        metrics/NAME/localization/METHOD.csv (one per stored method, for ``dvc plots``); all renamed into place
+        together at the end (:func:`fgpipe.store.replaced_together`). crops.h5 records the SHA-256 of the
+        manifest, attention.h5 and the stage-1 checkpoint; extract_crops.json that of crops.h5
+        (``sources.crops_sha256``: evaluate takes its localisation figures only for that file).
 
 The stage reads no `attention` params: the method, the checkpoint and the input size all come from
 attention.h5, so changing ``crops.threshold`` reruns only this stage and what follows it.
@@ -38,6 +41,7 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, AttentionRecords, CropsMeta, CropsReader, CropsWriter
 from fgpipe.imagecache import ImageCache, open_image_cache
+from fgpipe.lineage import check_attention
 from fgpipe.loader import LoadRequest, check_image_files, normalize
 from fgpipe.localize import ObjectBoxes, PartBoxes, mpalm_parts_batch, object_boxes
 from fgpipe.localize.sweep import IOU_HIT, localization_report, localization_sweep, resolve_threshold, write_curves
@@ -47,7 +51,8 @@ from fgpipe.preview import load_samples, preview_indices, render, save_png
 from fgpipe.runtime import configure_threads
 from fgpipe.stages.extract_attention import dataset_root, extraction_device, load_checked_stage1, prefetched
 from fgpipe.stages.train_backbone import stage1_input_size
-from fgpipe.store import file_sha256, write_json
+from fgpipe.store import FileHashes, file_sha256, pending, replaced_together, write_json
+from fgpipe.training import require_finite
 
 STAGE = "extract_crops"
 
@@ -68,23 +73,6 @@ def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
     }
 
 
-def checkpoint_of(attention: AttentionReader, data_dir: Path, dataset: str) -> Path:
-    """The stage-1 checkpoint attention.h5 was made from (its provenance names best or last)."""
-    which = attention.meta.provenance.get("checkpoint")
-    if which not in ("best", "last"):
-        raise ArtifactError(
-            f"{attention.path}: its provenance names no stage-1 checkpoint (best or last); "
-            f"rerun `fgpipe extract-attention --dataset {dataset}`"
-        )
-    path = data_dir / "stage1" / f"{which}.pt"
-    if not path.is_file():
-        raise ArtifactError(
-            f"{path} (the checkpoint {attention.path.name} was made from) not found: rerun "
-            f"`fgpipe train-backbone --dataset {dataset}` and `fgpipe extract-attention --dataset {dataset}`"
-        )
-    return path
-
-
 def object_boxes_of(records: AttentionRecords, rows: Sequence[ManifestRow], threshold: float) -> ObjectBoxes:
     """Section-4 object boxes of a batch, in original pixels of each image's manifest area."""
     wh = np.array([[r.width, r.height] for r in rows], dtype=np.float64)  # (B, 2)
@@ -92,11 +80,18 @@ def object_boxes_of(records: AttentionRecords, rows: Sequence[ManifestRow], thre
 
 
 def parts_of(
-    model: Stage1Net, crops: torch.Tensor, boxes: np.ndarray, size: int, cfg: CropsConfig, device: torch.device
+    model: Stage1Net, crops: torch.Tensor, boxes: np.ndarray, size: int, cfg: CropsConfig, device: torch.device,
+    *, names: Sequence[str] | None = None, checkpoint: Path | None = None, dataset: str = "NAME",
 ) -> PartBoxes:
-    """Section-5 MPALM parts of a batch of decoded object crops (B, 3, size, size) uint8 with their boxes (B, 4)."""
+    """Section-5 MPALM parts of a batch of decoded object crops (B, 3, size, size) uint8 with their boxes (B, 4).
+
+    With ``checkpoint`` (the network's file), non-finite features (a diverged network) are refused, naming the
+    images ``names`` (B,) (default: their positions in the batch)."""
     with torch.no_grad():
         fmap = model.features(normalize(crops.to(device)))[model.feature_layer]  # (B, C, h, w)
+    if checkpoint is not None:
+        names = names if names is not None else [f"#{i}" for i in range(len(fmap))]
+        require_finite(fmap, names, "features of the object crops", checkpoint, "stage1", dataset)
     return mpalm_parts_batch(
         fmap, boxes, size, top_k=cfg.part_top_k, sizes=cfg.part_sizes, iou=cfg.part_nms_iou, max_parts=cfg.max_parts
     )
@@ -126,6 +121,11 @@ def batches_with_boxes(
 
 def run(settings: Settings, dataset: str) -> dict[str, Any]:
     """Object and part boxes for every image; return the metrics (also written to metrics/NAME/extract_crops.json)."""
+    with replaced_together():  # crops.h5, the preview, the localisation files and the metrics change together
+        return _run(settings, dataset)
+
+
+def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     configure_threads()
     t_start = time.perf_counter()
     cfg = settings.params.crops
@@ -137,8 +137,9 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         raise ArtifactError(
             f"attention file not found: {paths['attention']} (run `fgpipe extract-attention --dataset {dataset}` first)"
         )
-    manifest_sha = file_sha256(paths["manifest"])
-    attention_sha = file_sha256(paths["attention"])
+    sha = FileHashes()  # each input hashed once
+    manifest_sha = sha(paths["manifest"])
+    attention_sha = sha(paths["attention"])
     device = extraction_device()
 
     n = len(rows)
@@ -146,8 +147,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
     fallback = np.zeros(n, dtype=bool)
     part_total = 0
     with AttentionReader(paths["attention"]) as attention:
-        checkpoint = checkpoint_of(attention, settings.data_dir(dataset), dataset)
-        attention.check_source(manifest_sha256=manifest_sha, checkpoint_sha256=file_sha256(checkpoint))
+        checkpoint = check_attention(attention, settings.data_dir(dataset), dataset, sha, required=True)
         if attention.image_ids() != [r.image_id for r in rows]:
             raise ArtifactError(
                 f"{paths['attention']} does not hold the images of {paths['manifest']} in its order: "
@@ -168,6 +168,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
             threshold=threshold,
             attention_sha256=attention_sha,
             manifest_sha256=manifest_sha,
+            checkpoint_sha256=sha(checkpoint),
             provenance={
                 "dataset": dataset,
                 "checkpoint": str(checkpoint),
@@ -188,7 +189,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
             task = bar.add_task("object boxes + MPALM parts", total=n)
             jobs = batches_with_boxes(attention, rows, root, cfg, cache, threshold)
             for (sl, records, obj), crops in prefetched(jobs, (size, size)):
-                parts = parts_of(model, crops, obj.boxes, size, cfg, device)
+                parts = parts_of(model, crops, obj.boxes, size, cfg, device, names=records.image_ids, checkpoint=checkpoint, dataset=dataset)
                 writer.append(records.image_ids, obj.boxes, obj.scores, obj.fallback, parts.boxes, parts.scores, parts.counts)
                 boxes[sl], fallback[sl] = obj.boxes, obj.fallback
                 part_total += int(parts.counts.sum())
@@ -211,11 +212,12 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         "images_per_s": round(n / seconds, 2) if seconds > 0 else None,
         "input_size": size,
         "device": str(device),
+        "sources": {"crops_sha256": file_sha256(pending(paths["crops"]))},  # the crops.h5 these figures describe
         **settings.provenance(),
     }
+    write_curves(paths["curves"], sweeps)
     write_preview(paths, rows, root, dataset, cfg, method, threshold)
     write_json(paths["localization"], {"dataset": dataset, **report})
-    write_curves(paths["curves"], sweeps)
     metrics["seconds"] = round(time.perf_counter() - t_start, 3)
     write_json(paths["metrics"], metrics)
     console.print(f"wrote {paths['crops']}, {paths['preview']} and {paths['localization']}", highlight=False)
@@ -260,6 +262,6 @@ def write_preview(
         f"{dataset}: {method} heatmaps, object threshold {threshold:g}, "
         f"MPALM parts ({len(indices)} test images, class by class)"
     )
-    with AttentionReader(paths["attention"]) as attention, CropsReader(paths["crops"]) as crops:
+    with AttentionReader(paths["attention"]) as attention, CropsReader(pending(paths["crops"])) as crops:  # this run's
         samples = load_samples(rows, indices, root, attention, crops)
     return save_png(render(samples, title), paths["preview"])

@@ -1,7 +1,7 @@
 """`fgpipe localize`: the localisation table of every stored heatmap method x split x threshold, in seconds.
 
-Reads data/NAME/manifest.csv and data/NAME/attention.h5 (checked against the manifest) and nothing else: no
-checkpoint, no image, no network pass. For each method attention.h5 stores and each threshold of the grid
+Reads data/NAME/manifest.csv and data/NAME/attention.h5 (checked against the manifest and, by its SHA-256, the
+stage-1 checkpoint it was made from) and nothing else: no image, no network pass. For each method attention.h5 stores and each threshold of the grid
 (``--thresholds``, default ``crops.thresholds``): the share of images whose object box (METHODS.md section 4)
 has IoU >= 0.5 with the ground-truth box, and the mean IoU, on train, val and test. The row
 ``crops.threshold`` stands for (``auto``: the best train+val one of the selected method) is marked. What
@@ -19,9 +19,10 @@ from rich.table import Table
 from fgpipe.config import Settings
 from fgpipe.errors import ArtifactError, ConfigError
 from fgpipe.h5schema import AttentionReader
+from fgpipe.lineage import check_attention
 from fgpipe.localize.sweep import SPLITS, localization_report, localization_sweep, resolve_threshold, threshold_key
 from fgpipe.manifest import read_manifest
-from fgpipe.store import file_sha256
+from fgpipe.store import FileHashes
 
 
 def run(settings: Settings, dataset: str, thresholds: Sequence[float] | None = None) -> dict[str, Any]:
@@ -39,7 +40,7 @@ def run(settings: Settings, dataset: str, thresholds: Sequence[float] | None = N
         raise ArtifactError(f"{path} not found (run `fgpipe extract-attention --dataset {dataset}` first)")
     rows = read_manifest(manifest)
     with AttentionReader(path) as attention:
-        attention.check_source(manifest_sha256=file_sha256(manifest))
+        check_attention(attention, d, dataset, FileHashes())  # made from this manifest and stage-1 checkpoint
         if attention.image_ids() != [r.image_id for r in rows]:
             raise ArtifactError(f"{path} does not hold the images of {manifest} in its order: rerun `fgpipe extract-attention --dataset {dataset}`")
         sweeps = localization_sweep(attention, rows, grid)

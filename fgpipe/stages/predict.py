@@ -12,6 +12,12 @@ Per image, as the pipeline does for the dataset's own images:
    branch on the part patches (refine/best.pt, as evaluate);
 5. joint: the weighted mean of the three probabilities with the weights in metrics/NAME/evaluate.json.
 
+Every artefact read is checked, by SHA-256, against what it was made from (:mod:`fgpipe.lineage`): attention.h5
+against the manifest and its stage-1 checkpoint, crops.h5 (``auto``) against attention.h5 and that checkpoint,
+refine/best.pt against the manifest, crops.h5 and stage1/best.pt, and evaluate.json's weights against both
+checkpoints they were chosen for. A network giving NaN or infinite heatmaps, features or logits (diverged) is
+refused, naming the images and the checkpoint.
+
 Output: a table per image with the top-k classes of every branch (``--json``: one JSON document on stdout).
 An image that cannot be read (missing, corrupt, truncated, or declaring more than ``prepare.max_pixels`` pixels)
 is reported on stderr, naming the file, and skipped; :func:`run` returns how many failed (the CLI then exits
@@ -51,11 +57,12 @@ from fgpipe.preview import save_png as write_png
 from fgpipe.runtime import configure_threads
 from fgpipe.stages.evaluate import BRANCHES, inference_runtime, joint_probabilities
 from fgpipe.stages.extract_attention import decode_batch, load_checked_stage1
-from fgpipe.stages.extract_crops import checkpoint_of, parts_of
+from fgpipe.lineage import check_attention, check_crops, check_evaluation, check_refine, checkpoint_of
+from fgpipe.stages.extract_crops import parts_of
 from fgpipe.stages.train_backbone import predict_logits, stage1_input_size
 from fgpipe.stages.train_refine import image_boxes, load_branch_data, load_refine, part_size, predict_branches, refine_config
-from fgpipe.store import file_sha256, read_json
-from fgpipe.training import Runtime
+from fgpipe.store import FileHashes, read_json
+from fgpipe.training import Runtime, require_finite
 
 STAGE = "predict"
 
@@ -70,14 +77,18 @@ class Chain:
     heat_method: HeatmapMethod  # on heat_model
     flip: bool  # heatmaps averaged with the mirrored image's (attention.flip, as recorded in attention.h5)
     heat_size: int  # the input size the heatmaps are computed at (attention.input_size, as attention.h5 records)
+    heat_path: Path  # heat_model's checkpoint
     part_size: int  # the input size MPALM feeds object crops at (heat_model's stage-1 input size, as extract-crops)
     threshold: float  # the object threshold: crops.threshold, or (auto) the one crops.h5 records
     stage1: Stage1Net  # the raw branch (stage1/best.pt)
+    stage1_path: Path
     stage1_cfg: TrainBackboneConfig  # as evaluate uses it: no test-time refinement
     refine: RefineNet
+    refine_path: Path
     refine_cfg: TrainRefineConfig
     weights: dict[str, float]
     rt: Runtime
+    dataset: str
 
 
 @dataclass
@@ -99,7 +110,8 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
     d = settings.data_dir(dataset)
     manifest = d / "manifest.csv"
     classes = class_names(read_manifest(manifest))
-    manifest_sha = file_sha256(manifest)
+    sha = FileHashes()  # each input hashed once
+    manifest_sha = sha(manifest)
     rt = inference_runtime()
 
     attention_path = d / "attention.h5"
@@ -122,30 +134,37 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
         heat_model, heat_state = stage1, s1_state
     else:
         heat_model, heat_state = load_checked_stage1(heat_path, manifest_sha, dataset, rt.device)
+    if attention_path.is_file():  # once the checkpoints loaded: a damaged one is named as such first
+        with AttentionReader(attention_path) as attention:
+            check_attention(attention, d, dataset, sha, required=True)
 
     refine_path = d / "refine" / "best.pt"
     if not refine_path.is_file():
         raise ArtifactError(f"checkpoint not found: {refine_path} (run `fgpipe train-refine --dataset {dataset}` first)")
     refine, r_state = load_refine(refine_path, rt.device, dataset)
+    check_refine(r_state, refine_path, d, dataset, sha)
     if list(r_state["class_names"]) != classes or list(s1_state["class_names"]) != classes:
         raise ArtifactError(f"{refine_path} was trained on another class list than {manifest}: rerun `fgpipe train-refine --dataset {dataset}`")
 
     metrics_path = settings.metrics_file(dataset, "evaluate")
     if not metrics_path.is_file():
         raise ArtifactError(f"{metrics_path} not found: the joint weights come from it (run `fgpipe evaluate --dataset {dataset}` first)")
-    weights = read_json(metrics_path).get("weights")
+    evaluation = read_json(metrics_path)
+    check_evaluation(metrics_path, evaluation, d, dataset, sha)  # the weights were chosen for these checkpoints
+    weights = evaluation.get("weights")
     if not isinstance(weights, dict) or set(weights) != set(BRANCHES):
         raise ArtifactError(f"{metrics_path}: `weights` must give raw, object and parts; rerun `fgpipe evaluate --dataset {dataset}`")
     s1_cfg = TrainBackboneConfig(**s1_state["config"]["train_backbone"])
     return Chain(
         classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model, score=score), flip=flip,
-        heat_size=heat_size or stage1_input_size(heat_state), part_size=stage1_input_size(heat_state), threshold=object_threshold(settings, dataset), stage1=stage1, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False),
-        refine=refine, refine_cfg=refine_config(r_state), weights={b: float(weights[b]) for b in BRANCHES}, rt=rt,
+        heat_size=heat_size or stage1_input_size(heat_state), heat_path=heat_path, part_size=stage1_input_size(heat_state), threshold=object_threshold(settings, dataset, sha), stage1=stage1, stage1_path=raw_path, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False),
+        refine=refine, refine_path=refine_path, refine_cfg=refine_config(r_state), weights={b: float(weights[b]) for b in BRANCHES}, rt=rt, dataset=dataset,
     )
 
 
-def object_threshold(settings: Settings, dataset: str) -> float:
-    """``crops.threshold``; for ``auto``, the threshold extract-crops chose on train+val (crops.h5's ``threshold``)."""
+def object_threshold(settings: Settings, dataset: str, hashes: FileHashes | None = None) -> float:
+    """``crops.threshold``; for ``auto``, the threshold extract-crops chose on train+val (crops.h5's ``threshold``, the
+    file checked against what it was made from)."""
     param = settings.params.crops.threshold
     if param != "auto":
         return float(param)
@@ -156,6 +175,7 @@ def object_threshold(settings: Settings, dataset: str) -> float:
             f"run `fgpipe extract-crops --dataset {dataset}` first, or set crops.threshold to a number"
         )
     with CropsReader(path) as crops:
+        check_crops(crops, path.parent, dataset, hashes or FileHashes())
         return float(crops.meta.threshold)
 
 
@@ -171,14 +191,20 @@ def predict_batch(chain: Chain, paths: list[Path], sizes: list[tuple[int, int]],
     # 1-3: heatmap, object box, MPALM parts (as extract-attention and extract-crops)
     heat_in = decode_batch(whole, (chain.heat_size, chain.heat_size))
     heat = chain.heat_method(normalize(heat_in.to(rt.device)), flip=chain.flip)
+    names = [str(p) for p in paths]
+    require_finite(heat.heatmaps, names, f"`{chain.method_name}` heatmaps", chain.heat_path, "stage1", chain.dataset)
     heatmaps = heat.heatmaps.cpu().numpy()  # (B, h, w)
     found = object_boxes(heatmaps, chain.threshold, np.array(sizes, dtype=np.float64))
     crops = decode_batch([LoadRequest(p, tuple(float(v) for v in b)) for p, b in zip(paths, found.boxes)], (chain.part_size, chain.part_size))
-    parts = parts_of(chain.heat_model, crops, found.boxes, chain.part_size, cfg, rt.device)
+    parts = parts_of(
+        chain.heat_model, crops, found.boxes, chain.part_size, cfg, rt.device, names=names, checkpoint=chain.heat_path,
+        dataset=chain.dataset,
+    )
     # 4: the three branches (as evaluate)
     s1 = chain.stage1_cfg
     raw_in = decode_batch(whole, (resized_side(s1.input_size, s1.augment),) * 2)
     raw, _ = predict_logits(chain.stage1, raw_in, s1, rt)
+    require_finite(raw, names, "logits", chain.stage1_path, "stage1", chain.dataset)
     boxes = [image_boxes(found.boxes[i], parts.boxes[i], int(parts.counts[i]), bool(found.fallback[i]), sizes[i]) for i in range(len(paths))]
     rcfg = chain.refine_cfg
     data = load_branch_data(
@@ -186,6 +212,8 @@ def predict_batch(chain: Chain, paths: list[Path], sizes: list[tuple[int, int]],
         resized_side(part_size(rcfg), rcfg.augment), 0.0, "predict", load=_quiet_load,
     )
     obj, part_logits = predict_branches(chain.refine, data, rcfg, rt)
+    for what, logits in (("object logits", obj), ("parts logits", part_logits)):
+        require_finite(logits, names, what, chain.refine_path, "refine", chain.dataset)
     probs = {b: torch.softmax(x.double(), dim=1).numpy() for b, x in zip(BRANCHES, (raw, obj, part_logits))}
     probs["joint"] = joint_probabilities(probs, chain.weights)
     return [

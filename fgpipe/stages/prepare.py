@@ -4,7 +4,8 @@ Reads:  datasets.NAME, prepare.cache_side and prepare.max_pixels (params), the d
         synthetic one).
 Writes: data/NAME/manifest.csv, data/NAME/dataset.json, data/NAME/images.h5 (the decoded image cache the
         later stages cut their inputs from, see fgpipe/imagecache.py; empty with cache_side 0),
-        metrics/NAME/prepare.json.
+        metrics/NAME/prepare.json; all four renamed into place together at the end
+        (:func:`fgpipe.store.replaced_together`), so a failed run leaves the previous ones.
 
 Annotation problems that would leak or bias results without stopping anything (the same file under two
 ids, byte-identical images in two splits or under two classes, images without a box among boxed ones,
@@ -34,7 +35,7 @@ from fgpipe.errors import BadImagesError, DatasetError
 from fgpipe.imagecache import build_image_cache
 from fgpipe.images import DEFAULT_MAX_PIXELS, image_size
 from fgpipe.manifest import SPLITS, Box, ManifestRow, write_manifest
-from fgpipe.store import file_sha256, write_json
+from fgpipe.store import file_sha256, pending, replaced_together, write_json
 
 STAGE = "prepare"
 # annotation_issues in the metrics: kind -> what the console says of the image ids it lists
@@ -50,6 +51,11 @@ ISSUE_IDS_KEPT = 50  # image ids listed per kind in the metrics (the count cover
 
 def run(settings: Settings, dataset: str) -> dict[str, Any]:
     """Prepare one dataset; return its metrics (also written to metrics/NAME/prepare.json)."""
+    with replaced_together():  # the manifest, dataset.json, images.h5 and the metrics change together, or not at all
+        return _run(settings, dataset)
+
+
+def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     cfg = settings.dataset(dataset)
     root = settings.dataset_root(dataset)
@@ -84,7 +90,7 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
         },
     )
     cache = build_image_cache(
-        out_dir / "images.h5", root, rows, settings.params.prepare.cache_side, file_sha256(out_dir / "manifest.csv"),
+        out_dir / "images.h5", root, rows, settings.params.prepare.cache_side, file_sha256(pending(out_dir / "manifest.csv")),
         {"dataset": dataset, "root": str(root), "resample": "bilinear (antialiased)", "fgpipe_version": __version__, **settings.provenance()},
     )
     per_split = Counter(r.split for r in rows)

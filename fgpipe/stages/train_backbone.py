@@ -9,7 +9,8 @@ The best epoch is selected on val (carved from train); test is only evaluated on
 the report. ``--resume`` continues from last.pt; each epoch is seeded from (seed, epoch), so a resumed
 run ends with the same weights as an uninterrupted one.
 Until the run ends its checkpoints say ``finished: False``, and the later stages refuse them: a killed or
-failed run leaves them for ``--resume`` only.
+failed run leaves them for ``--resume`` only (Ctrl-C says so); both are marked finished together with the
+metrics file, at the very end (:func:`fgpipe.store.replaced_together`).
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_ma
 from fgpipe.models import build_stage1
 from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop, refine_crop
 from fgpipe.runtime import configure_threads
-from fgpipe.store import file_sha256, write_json
+from fgpipe.store import file_sha256, replaced_together, write_json
 from fgpipe.training import (
     Runtime,
     all_reduce_sum,
@@ -43,8 +44,10 @@ from fgpipe.training import (
     batches,
     build_optimizer,
     build_scheduler,
+    close_live,
     config_dict,
     epoch_seed,
+    interrupted,
     load_checkpoint,
     log_epoch,
     mark_finished,
@@ -151,6 +154,7 @@ def _run(
     net = wrap_ddp(model, rt)
 
     live = None  # dvclive, opened once the first checkpoint is written (a fresh run resets the curves folder)
+    saved = start_epoch  # the last epoch whose checkpoints are on disk (0: none of this run yet)
     train_seconds, train_images = 0.0, 0
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -175,8 +179,9 @@ def _run(
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
                     "best": best, "history": history, "rng": rng_state(), "config": config,
                     "class_names": classes, "manifest_sha256": manifest_sha, "dataset": dataset,
-                    "finished": epoch + 1 == cfg.epochs,  # best.pt is marked at the end (mark_finished)
+                    "finished": False,  # both are marked at the end, with the metrics (mark_finished)
                 }
+                saved = epoch + 1
                 if improved:
                     save_checkpoint(paths["best"], state)
                 save_checkpoint(paths["last"], state)
@@ -190,39 +195,44 @@ def _run(
                     live = open_live(paths["live"], resume and start_epoch > 0)
                 log_epoch(live, record)
             barrier(rt)
-    finally:
         if live is not None:
-            live.end()
-
-    if not paths["best"].is_file():
-        raise ArtifactError(f"no best checkpoint at {paths['best']}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})")
-    # Report test accuracy of the val-selected checkpoint (test is never used for selection).
-    best_state = load_checkpoint(paths["best"], map_location=rt.device)
-    if rt.is_main:
-        mark_finished(paths["best"], best_state)
-    model.load_state_dict(best_state["model"])
-    test_stats = evaluate(model, load_split(root, by_split["test"], side, "test", cache), cfg, rt) if by_split["test"] else None
-    last = history[-1]
-    metrics = {
-        "dataset": dataset,
-        "backbone": mcfg.backbone,
-        "weights": mcfg.weights,
-        "input_size": cfg.input_size,
-        "epochs": cfg.epochs,
-        "best_epoch": best["epoch"],
-        "val": {"top1": best["val_top1"]},
-        "test": test_stats,
-        "train": {"loss": last["train_loss"], "top1": last["train_top1"]},
-        "images_per_s": round(train_images / train_seconds, 2) if train_seconds else None,
-        "resumed_from_epoch": start_epoch if resume else None,
-        "world_size": rt.world_size,
-        "device": str(rt.device),
-        "seconds": round(time.perf_counter() - t_start, 2),
-        **settings.provenance(),
-    }
-    if rt.is_main:
-        write_json(paths["metrics"], metrics)
-    return metrics
+            close_live(live)
+            live = None
+        if not paths["best"].is_file():
+            raise ArtifactError(f"no best checkpoint at {paths['best']}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})")
+        # Report test accuracy of the val-selected checkpoint (test is never used for selection).
+        best_state = load_checkpoint(paths["best"], map_location=rt.device)
+        model.load_state_dict(best_state["model"])
+        test_stats = evaluate(model, load_split(root, by_split["test"], side, "test", cache), cfg, rt) if by_split["test"] else None
+        last = history[-1]
+        metrics = {
+            "dataset": dataset,
+            "backbone": mcfg.backbone,
+            "weights": mcfg.weights,
+            "input_size": cfg.input_size,
+            "epochs": cfg.epochs,
+            "best_epoch": best["epoch"],
+            "val": {"top1": best["val_top1"]},
+            "test": test_stats,
+            "train": {"loss": last["train_loss"], "top1": last["train_top1"]},
+            "images_per_s": round(train_images / train_seconds, 2) if train_seconds else None,
+            "resumed_from_epoch": start_epoch if resume else None,
+            "world_size": rt.world_size,
+            "device": str(rt.device),
+            "seconds": round(time.perf_counter() - t_start, 2),
+            **settings.provenance(),
+        }
+        if rt.is_main:
+            with replaced_together():  # the checkpoints are marked finished only together with the metrics
+                mark_finished(paths["best"], best_state)
+                mark_finished(paths["last"], load_checkpoint(paths["last"]))
+                write_json(paths["metrics"], metrics)
+        return metrics
+    except KeyboardInterrupt:
+        raise interrupted(f"fgpipe train-backbone --dataset {dataset}", saved, cfg.epochs) from None
+    finally:
+        if live is not None:  # the run stops on another error: that one is reported
+            close_live(live, failing=True)
 
 
 def param_groups(model: Stage1Net, cfg: TrainBackboneConfig) -> list[dict[str, Any]]:

@@ -3,8 +3,11 @@
 Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NAME/images.h5 when prepare built it),
         data/NAME/crops.h5 (object and part boxes),
         data/NAME/stage1/best.pt (backbone architecture and initial weights); params `train_refine`.
-Writes: data/NAME/refine/{best,last}.pt, metrics/NAME/train_refine.json,
-        metrics/NAME/train_refine/ (per-epoch curves for `dvc plots`, written by dvclive).
+        crops.h5 is checked against the manifest, data/NAME/attention.h5 and the stage-1 checkpoint it was made
+        from (best or last), by SHA-256 (:mod:`fgpipe.lineage`).
+Writes: data/NAME/refine/{best,last}.pt (recording the SHA-256 of the manifest, crops.h5 and stage1/best.pt),
+        metrics/NAME/train_refine.json, metrics/NAME/train_refine/ (per-epoch curves for `dvc plots`, written by
+        dvclive).
 
 No crop is ever written as an image: every box is decoded once into memory (:func:`fgpipe.loader.load_regions`).
 Train boxes are decoded with a margin of ``box_jitter`` times the box side on each side, so that every epoch
@@ -17,7 +20,8 @@ Both branches train jointly (loss = CE_object + CE_parts); the epoch kept as bes
 two branches' val top-1 (test is never read here). ``--resume`` continues from last.pt; each epoch is seeded
 from (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one.
 Until the run ends its checkpoints say ``finished: False``, and the later stages refuse them: a killed or
-failed run leaves them for ``--resume`` only.
+failed run leaves them for ``--resume`` only (Ctrl-C says so); both are marked finished together with the
+metrics file, at the very end (:func:`fgpipe.store.replaced_together`).
 """
 
 from __future__ import annotations
@@ -41,11 +45,12 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, TrainingError
 from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import ImageCache, open_image_cache
+from fgpipe.lineage import check_crops
 from fgpipe.loader import LoadRequest, center_crop, check_image_files, load_regions, normalize, resized_side, train_augment
 from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
 from fgpipe.models.branches import RefineNet, build_refine_net
 from fgpipe.runtime import configure_threads
-from fgpipe.store import file_sha256, write_json
+from fgpipe.store import FileHashes, replaced_together, write_json
 from fgpipe.training import (
     Runtime,
     all_reduce_sum,
@@ -53,8 +58,10 @@ from fgpipe.training import (
     batches,
     build_optimizer,
     build_scheduler,
+    close_live,
     config_dict,
     epoch_seed,
+    interrupted,
     load_checkpoint,
     log_epoch,
     mark_finished,
@@ -330,14 +337,17 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
     rows = read_manifest(paths["manifest"])
     root = dataset_root(paths["dataset"], dataset)
     classes = class_names(rows)
-    manifest_sha = file_sha256(paths["manifest"])
+    sha = FileHashes()  # each input hashed once
+    manifest_sha = sha(paths["manifest"])
     stage1 = load_stage1_state(paths["stage1"], manifest_sha, classes, dataset)
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val")}
     for s in ("train", "val"):
         if not by_split[s]:
             raise ArtifactError(f"{paths['manifest']}: the {s} split is empty")
+    with CropsReader(paths["crops"]) as crops:  # made from this manifest, attention.h5 and stage-1 checkpoint
+        check_crops(crops, paths["crops"].parent, dataset, sha)
     boxes = {s: read_crops(paths["crops"], manifest_sha, by_split[s]) for s in ("train", "val")}
-    hashes = {"manifest_sha256": manifest_sha, "crops_sha256": file_sha256(paths["crops"]), "stage1_sha256": file_sha256(paths["stage1"])}
+    hashes = {"manifest_sha256": manifest_sha, "crops_sha256": sha(paths["crops"]), "stage1_sha256": sha(paths["stage1"])}
 
     cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
     check_image_files(paths["dataset"], by_split["train"] + by_split["val"], cache, dataset)  # before any checkpoint is written
@@ -366,6 +376,7 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
     net = wrap_ddp(model, rt)
 
     live = None  # dvclive, opened once the first checkpoint is written (a fresh run resets the curves folder)
+    saved = start_epoch  # the last epoch whose checkpoints are on disk (0: none of this run yet)
     train_seconds, train_images = 0.0, 0
     try:
         for epoch in range(start_epoch, cfg.epochs):
@@ -392,8 +403,9 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
                     "kind": "refine", "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best, "history": history,
                     "rng": rng_state(), "config": config, "class_names": classes, "dataset": dataset, **hashes,
-                    "finished": epoch + 1 == cfg.epochs,  # best.pt is marked at the end (mark_finished)
+                    "finished": False,  # both are marked at the end, with the metrics (mark_finished)
                 }
+                saved = epoch + 1
                 if improved:
                     save_checkpoint(paths["best"], state)
                 save_checkpoint(paths["last"], state)
@@ -407,37 +419,42 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
                     live = open_live(paths["live"], resume and start_epoch > 0)
                 log_epoch(live, record)
             barrier(rt)
-    finally:
         if live is not None:
-            live.end()
-
-    if not paths["best"].is_file():
-        raise ArtifactError(f"no best checkpoint at {paths['best']}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})")
-    if rt.is_main:
-        mark_finished(paths["best"], load_checkpoint(paths["best"]))
-    last = history[-1]
-    metrics = {
-        "dataset": dataset,
-        "backbone": mcfg.backbone,
-        "shared_backbone": cfg.shared_backbone,
-        "input_size": cfg.input_size,
-        "part_size": part_size(cfg),
-        "epochs": cfg.epochs,
-        "best_epoch": best["epoch"],
-        "val": {"object": best["object"], "parts": best["parts"], "mean": best["val_top1"]},
-        "train": {"loss": last["train_loss"], "object_top1": last["train_object_top1"], "parts_top1": last["train_parts_top1"]},
-        "patches_per_image": round(float(train.patch_count.float().mean()), 3),
-        "initialised_from": {"checkpoint": str(paths["stage1"]), "tensors": report.loaded if report else 0},
-        "images_per_s": round(train_images / train_seconds, 2) if train_seconds else None,
-        "resumed_from_epoch": start_epoch if resume else None,
-        "world_size": rt.world_size,
-        "device": str(rt.device),
-        "seconds": round(time.perf_counter() - t_start, 2),
-        **settings.provenance(),
-    }
-    if rt.is_main:
-        write_json(paths["metrics"], metrics)
-    return metrics
+            close_live(live)
+            live = None
+        if not paths["best"].is_file():
+            raise ArtifactError(f"no best checkpoint at {paths['best']}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})")
+        last = history[-1]
+        metrics = {
+            "dataset": dataset,
+            "backbone": mcfg.backbone,
+            "shared_backbone": cfg.shared_backbone,
+            "input_size": cfg.input_size,
+            "part_size": part_size(cfg),
+            "epochs": cfg.epochs,
+            "best_epoch": best["epoch"],
+            "val": {"object": best["object"], "parts": best["parts"], "mean": best["val_top1"]},
+            "train": {"loss": last["train_loss"], "object_top1": last["train_object_top1"], "parts_top1": last["train_parts_top1"]},
+            "patches_per_image": round(float(train.patch_count.float().mean()), 3),
+            "initialised_from": {"checkpoint": str(paths["stage1"]), "tensors": report.loaded if report else 0},
+            "images_per_s": round(train_images / train_seconds, 2) if train_seconds else None,
+            "resumed_from_epoch": start_epoch if resume else None,
+            "world_size": rt.world_size,
+            "device": str(rt.device),
+            "seconds": round(time.perf_counter() - t_start, 2),
+            **settings.provenance(),
+        }
+        if rt.is_main:
+            with replaced_together():  # the checkpoints are marked finished only together with the metrics
+                mark_finished(paths["best"], load_checkpoint(paths["best"]))
+                mark_finished(paths["last"], load_checkpoint(paths["last"]))
+                write_json(paths["metrics"], metrics)
+        return metrics
+    except KeyboardInterrupt:
+        raise interrupted(f"fgpipe train-refine --dataset {dataset}", saved, cfg.epochs) from None
+    finally:
+        if live is not None:  # the run stops on another error: that one is reported
+            close_live(live, failing=True)
 
 
 def _check_resumable(state: dict[str, Any], config: dict[str, Any], hashes: dict[str, str], path: Path) -> None:
