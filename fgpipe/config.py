@@ -24,6 +24,7 @@ from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, field_vali
 from pydantic.dataclasses import dataclass
 
 from fgpipe.errors import ConfigError
+from fgpipe.images import DEFAULT_MAX_PIXELS, PIXEL_CEILING
 
 _CFG = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float field: NaN and +-inf are refused, naming the key
 
@@ -119,8 +120,8 @@ class PrepareConfig:
     cache_side: int = Field(512, ge=0, le=8192)
     # an image declaring more pixels is unreadable (a decompression bomb): prepare lists it (or skips it with
     # skip_bad), predict reports and skips it. Default: PIL's own MAX_IMAGE_PIXELS; at most twice that, where
-    # PIL itself refuses to open a file (fgpipe.images.DEFAULT_MAX_PIXELS / PIXEL_CEILING, a test ties them)
-    max_pixels: int = Field(89_478_485, ge=1, le=178_956_970)
+    # PIL itself refuses to open a file
+    max_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1, le=PIXEL_CEILING)
 
     @field_validator("cache_side")
     @classmethod

@@ -55,7 +55,11 @@ attrs: ``schema`` ("fgpipe.images"), ``schema_version``, ``cache_side`` (0: cach
 Writers append batches to resizable, chunked datasets (memory stays flat however many images) in a
 temporary file that is renamed onto the target only when the ``with`` block succeeds
 (:func:`fgpipe.store.atomic_path`). Readers validate the schema, version, datasets and attrs on open, read
-any slice without loading the rest, and :meth:`check_source` refuses a file made from other inputs.
+any slice without loading the rest, and :meth:`check_source` refuses a file made from other inputs. Each
+schema's value rules (:class:`ValueRule`: finite, in range, boxes with an area) are one table that the writer
+applies to every batch it appends (a producer's bug stops it before the file is written) and the reader to
+every slice it reads (a damaged or edited file is refused, naming the row, its image and the command
+``rerun `fgpipe PRODUCER --dataset NAME```, NAME being the file's folder, data/NAME/).
 h5py handles must not cross a fork: open one reader per data-loader worker.
 """
 
@@ -64,7 +68,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -82,6 +86,76 @@ IMAGES_SCHEMA_VERSION = 1
 
 _STR = h5py.string_dtype(encoding="utf-8")
 _CHUNK_BYTES = 256 * 1024  # target chunk size; rows per chunk follow from the row size
+
+
+# --------------------------------------------------------------------------- value rules
+_BOX_RULE = "(x0, y0, x1, y1) with 0 <= x0 < x1 and 0 <= y0 < y1"
+_EDGE_TOLERANCE = 1e-2  # pixels: float32 rounding of a box edge on the image's border
+
+
+def _rows_not_finite(a: np.ndarray) -> np.ndarray:
+    """(n,) True where row i of ``a`` (n, ...) holds a NaN or an infinity."""
+    return ~np.isfinite(a).all(axis=tuple(range(1, a.ndim)))
+
+
+def _rows_outside(a: np.ndarray, low: float, high: float) -> np.ndarray:
+    """(n,) True where row i of ``a`` (n, ...) holds a value outside [low, high] (NaN is not counted here)."""
+    return ((a < low) | (a > high)).any(axis=tuple(range(1, a.ndim)))
+
+
+def _bad_boxes(boxes: np.ndarray) -> np.ndarray:
+    """(...) True where a box (..., 4) (x0, y0, x1, y1) starts left of or above the image or has no area."""
+    x0, y0, x1, y1 = (boxes[..., j] for j in range(4))
+    return (x0 < 0) | (y0 < 0) | ~(x1 > x0) | ~(y1 > y0)
+
+
+@dataclass(frozen=True)
+class ValueRule:
+    """A rule every row of one dataset obeys: the writer refuses a batch that breaks it (a bug in the producer,
+    found before the file is written) and the reader a slice read from disk (a damaged or hand-edited file)."""
+
+    dataset: str
+    bad: Callable[[Mapping[str, np.ndarray], Mapping[str, int]], np.ndarray]  # (columns, dims) -> (n,) True: breaks it
+    what: Callable[[Mapping[str, int]], str]  # (dims) -> what a bad row does, for the message
+
+
+def _not_finite(name: str) -> ValueRule:
+    return ValueRule(name, lambda c, d: _rows_not_finite(c[name]), lambda d: "holds NaN or infinite values")
+
+
+def _class_index(name: str) -> ValueRule:
+    return ValueRule(
+        name, lambda c, d: _rows_outside(c[name], 0, d["K"] - 1),
+        lambda d: f"is not a class index in [0, {d['K'] - 1}] (`logits` holds {d['K']} classes)",
+    )
+
+
+def _parts_in_use(columns: Mapping[str, np.ndarray], dims: Mapping[str, int]) -> np.ndarray:
+    """(n, P) True for the part slots a row uses (its first ``part_count``)."""
+    return np.arange(dims["P"])[None, :] < columns["part_count"][:, None]
+
+
+ATTENTION_RULES = (
+    _not_finite("heatmap"),
+    _not_finite("logits"),
+    ValueRule("heatmap", lambda c, d: _rows_outside(c["heatmap"], 0, 1), lambda d: "holds values outside [0, 1]"),
+    _class_index("label"),
+    _class_index("prediction"),
+)
+CROPS_RULES = (
+    *(_not_finite(name) for name in ("box", "score", "parts", "part_scores")),
+    ValueRule("box", lambda c, d: _bad_boxes(c["box"]), lambda d: f"is not a box {_BOX_RULE}"),
+    ValueRule(
+        "part_count", lambda c, d: _rows_outside(c["part_count"], 0, d["P"]), lambda d: f"is outside [0, {d['P']}] (the parts slots)"
+    ),
+    ValueRule(
+        "parts", lambda c, d: (_bad_boxes(c["parts"]) & _parts_in_use(c, d)).any(axis=1),
+        lambda d: f"holds a part that is not a box {_BOX_RULE}",
+    ),
+)
+IMAGES_RULES = (
+    ValueRule("original_wh", lambda c, d: (c["original_wh"] < 1).any(axis=1), lambda d: "is not a size of at least 1 x 1"),
+)
 
 
 # --------------------------------------------------------------------------- schema definitions
@@ -105,6 +179,18 @@ class FileSchema:
     datasets: tuple[DatasetSpec, ...]
     attrs: dict[str, type]  # required attrs besides schema, schema_version and provenance
     sources: dict[str, str]  # hash attr -> what it identifies, for check_source messages
+    rules: tuple[ValueRule, ...] = ()  # what every row's values obey, checked on every append and every read
+
+    def broken(self, columns: Mapping[str, np.ndarray], dims: Mapping[str, int]) -> Iterator[tuple[str, np.ndarray, str]]:
+        """(dataset, (n,) bad rows, what they do) of each rule that rows ``columns`` (n rows) break, in rule order."""
+        for rule in self.rules:
+            bad = rule.bad(columns, dims)
+            if bad.any():
+                yield rule.dataset, bad, rule.what(dims)
+
+    def rerun(self, dataset: str) -> str:
+        """``rerun `fgpipe extract-crops --dataset NAME```: how to rebuild a file of this schema."""
+        return f"rerun `{self.producer} --dataset {dataset}`"
 
 
 ATTENTION = FileSchema(
@@ -123,6 +209,7 @@ ATTENTION = FileSchema(
         "manifest_sha256": str,
     },
     sources={"manifest_sha256": "manifest", "checkpoint_sha256": "checkpoint"},
+    rules=ATTENTION_RULES,
 )
 
 CROPS = FileSchema(
@@ -140,6 +227,7 @@ CROPS = FileSchema(
     ),
     attrs={"method": str, "threshold": float, "attention_sha256": str, "checkpoint_sha256": str, "manifest_sha256": str},
     sources={"manifest_sha256": "manifest", "attention_sha256": "attention file", "checkpoint_sha256": "checkpoint"},
+    rules=CROPS_RULES,
 )
 
 IMAGES = FileSchema(  # plus `pixels`, one flat byte array (not per image), checked by ImagesReader
@@ -155,6 +243,7 @@ IMAGES = FileSchema(  # plus `pixels`, one flat byte array (not per image), chec
     ),
     attrs={"cache_side": int, "manifest_sha256": str},
     sources={"manifest_sha256": "manifest"},
+    rules=IMAGES_RULES,
 )
 
 
@@ -260,26 +349,6 @@ def _attr_in(typ: type, raw: Any) -> Any:
     return typ(raw)
 
 
-_BOX_RULE = "(x0, y0, x1, y1) with 0 <= x0 < x1 and 0 <= y0 < y1"
-_EDGE_TOLERANCE = 1e-2  # pixels: float32 rounding of a box edge on the image's border
-
-
-def _rows_not_finite(a: np.ndarray) -> np.ndarray:
-    """(n,) True where row i of ``a`` (n, ...) holds a NaN or an infinity."""
-    return ~np.isfinite(a).all(axis=tuple(range(1, a.ndim)))
-
-
-def _rows_outside(a: np.ndarray, low: float, high: float) -> np.ndarray:
-    """(n,) True where row i of ``a`` (n, ...) holds a value outside [low, high] (NaN is not counted here)."""
-    return ((a < low) | (a > high)).any(axis=tuple(range(1, a.ndim)))
-
-
-def _bad_boxes(boxes: np.ndarray) -> np.ndarray:
-    """(...) True where a box (..., 4) (x0, y0, x1, y1) starts left of or above the image or has no area."""
-    x0, y0, x1, y1 = (boxes[..., j] for j in range(4))
-    return (x0 < 0) | (y0 < 0) | ~(x1 > x0) | ~(y1 > y0)
-
-
 def _kind_ok(spec: DatasetSpec, dtype: np.dtype) -> bool:
     if spec.dtype == "str":
         return h5py.check_string_dtype(dtype) is not None
@@ -360,13 +429,8 @@ class _Writer(Generic[MetaT]):
                 values = [str(v) for v in columns[spec.name]]
                 arr = np.array(values, dtype=object)
             else:
-                with np.errstate(over="ignore"):  # overflow is reported just below, as an error
+                with np.errstate(over="ignore"):  # a value beyond the dtype's range becomes inf: refused below
                     arr = _array(columns[spec.name]).astype(spec.dtype, copy=False)
-                if arr.dtype.kind == "f" and not np.isfinite(arr).all():
-                    raise ValueError(
-                        f"{self.path}: `{spec.name}` has NaN or infinite values as {spec.dtype} "
-                        "(a diverged model, or values beyond the dtype's range)"
-                    )
             if arr.shape[1:] != self._shape(spec):
                 raise ValueError(
                     f"{self.path}: `{spec.name}` rows must have shape {self._shape(spec)}, got {arr.shape[1:]}"
@@ -378,6 +442,15 @@ class _Writer(Generic[MetaT]):
             arrays[spec.name] = arr
         if n is None:
             raise RuntimeError(f"schema {self.schema.kind} defines no datasets")
+        for name, bad, what in self.schema.broken(arrays, self.dims):  # the readers' rules, before anything is written
+            first, more = int(np.argmax(bad)), int(bad.sum()) - 1
+            dtype = next(spec.dtype for spec in self.schema.datasets if spec.name == name)
+            raise ValueError(
+                f"{self.path}: dataset `{name}`, row {self._count + first} (image {arrays['image_id'][first]!r}) {what}"
+                + (f" (and {more} more of the {n} rows appended)" if more else "")
+                + f"; the file is not written, as its readers would refuse it: a bug in `{self.schema.producer}`"
+                + (f" (or a diverged network, or values beyond {dtype}'s range)" if np.dtype(dtype).kind == "f" else "")
+            )
         for name, arr in arrays.items():
             ds = self._h5[name]
             ds.resize(self._count + n, axis=0)
@@ -445,9 +518,6 @@ class CropsWriter(_Writer[CropsMeta]):
         part_counts: Any,
     ) -> None:
         """Append B images: ids, boxes (B, 4), scores (B,), fallback (B,), parts (B, P, 4), part_scores (B, P), counts (B,)."""
-        counts = _array(part_counts)
-        if ((counts < 0) | (counts > self.dims["P"])).any():
-            raise ValueError(f"{self.path}: part counts must lie in [0, {self.dims['P']}], got {counts.tolist()}")
         self._append(
             {
                 "image_id": image_ids,
@@ -456,7 +526,7 @@ class CropsWriter(_Writer[CropsMeta]):
                 "fallback": fallback,
                 "parts": parts,
                 "part_scores": part_scores,
-                "part_count": counts,
+                "part_count": part_counts,
             }
         )
 
@@ -527,9 +597,10 @@ class _Reader(Generic[MetaT, RecordsT]):
 
     schema: ClassVar[FileSchema]
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], dataset: str | None = None) -> None:
         self.path = Path(path)
-        rerun = f"rerun `{self.schema.producer}`"
+        self.dataset = dataset or self.path.parent.name  # named in the command that rebuilds it: data/NAME/FILE
+        self._rerun = rerun = self.schema.rerun(self.dataset)
         if not self.path.is_file():
             raise ArtifactError(f"{self.path}: not found ({rerun} first)")
         try:
@@ -597,8 +668,10 @@ class _Reader(Generic[MetaT, RecordsT]):
         raise NotImplementedError
 
     def _check_values(self, columns: dict[str, np.ndarray], start: int) -> None:
-        """Refuse values the writer never stores (NaN, infinities, out of range: a damaged or hand-edited file) in
-        the rows read into ``columns`` (the first is row ``start``); vectorised. The base checks nothing more."""
+        """Refuse values the writer never stores (the schema's rules: NaN, infinities, out of range; a damaged or
+        hand-edited file) in the rows read into ``columns`` (the first is row ``start``); vectorised."""
+        for name, bad, what in self.schema.broken(columns, self.dims):
+            self._refuse(name, bad, start, what, columns["image_id"])
 
     def _refuse(
         self, name: str, bad: np.ndarray, rows: int | np.ndarray, what: str, image_ids: Sequence[str] | None = None
@@ -615,7 +688,7 @@ class _Reader(Generic[MetaT, RecordsT]):
         raise ArtifactError(
             f"{self.path}: dataset `{name}`, row {row} (image {image_id!r}) {what}"
             + (f" (and {more} more of the {len(bad)} rows read)" if more else "")
-            + f"; the file is damaged or was edited: rerun `{self.schema.producer}`"
+            + f"; the file is damaged or was edited: {self._rerun}"
         )
 
     def __len__(self) -> int:
@@ -662,8 +735,7 @@ class _Reader(Generic[MetaT, RecordsT]):
             if have != want:
                 raise ArtifactError(
                     f"{self.path} was made from another {self.schema.sources[attr]} "
-                    f"({attr} {have[:12]}..., expected {want[:12]}...): rerun `{self.schema.producer}` "
-                    "(or `dvc repro`)"
+                    f"({attr} {have[:12]}..., expected {want[:12]}...): {self._rerun} (or `dvc repro`)"
                 )
 
 
@@ -687,16 +759,7 @@ class AttentionReader(_Reader[AttentionMeta, AttentionRecords]):
         try:
             return AttentionMeta(**values, provenance=provenance)
         except ValueError as err:
-            raise ArtifactError(f"{self.path}: attrs `method` / `methods`: {err}; rerun `{self.schema.producer}`") from err
-
-    def _check_values(self, columns: dict[str, np.ndarray], start: int) -> None:
-        ids, k = columns["image_id"], self.dims["K"]
-        for name in ("heatmap", "logits"):
-            self._refuse(name, _rows_not_finite(columns[name]), start, "holds NaN or infinite values", ids)
-        self._refuse("heatmap", _rows_outside(columns["heatmap"], 0, 1), start, "holds values outside [0, 1]", ids)
-        for name in ("label", "prediction"):
-            what = f"is not a class index in [0, {k - 1}] (`logits` holds {k} classes)"
-            self._refuse(name, _rows_outside(columns[name], 0, k - 1), start, what, ids)
+            raise ArtifactError(f"{self.path}: attrs `method` / `methods`: {err}; {self._rerun}") from err
 
     def _records(self, columns: dict[str, np.ndarray]) -> AttentionRecords:
         every = columns["heatmap"].astype(np.float32)  # (n, M, H, W)
@@ -718,8 +781,7 @@ class AttentionReader(_Reader[AttentionMeta, AttentionRecords]):
         """Rows ``start:stop`` of one stored method's heatmaps (n, H, W) float32 (only those are read)."""
         if method not in self.meta.methods:
             raise ArtifactError(
-                f"{self.path} holds no `{method}` heatmaps (it holds {', '.join(self.meta.methods)}); "
-                f"rerun `{self.schema.producer}`"
+                f"{self.path} holds no `{method}` heatmaps (it holds {', '.join(self.meta.methods)}); {self._rerun}"
             )
         sl = slice(*slice(start, stop).indices(self._len)[:2])
         maps = self._h5["heatmap"][sl, self.meta.methods.index(method)].astype(np.float32)  # (n, H, W)
@@ -753,20 +815,9 @@ class CropsReader(_Reader[CropsMeta, CropsRecords]):
     def _meta(self, values: dict[str, Any], provenance: dict[str, Any]) -> CropsMeta:
         if not 0 < values["threshold"] <= 1:  # also NaN
             raise ArtifactError(
-                f"{self.path}: attr `threshold` = {values['threshold']!r} is not in (0, 1]; rerun `{self.schema.producer}`"
+                f"{self.path}: attr `threshold` = {values['threshold']!r} is not in (0, 1]; {self._rerun}"
             )
         return CropsMeta(**values, provenance=provenance)
-
-    def _check_values(self, columns: dict[str, np.ndarray], start: int) -> None:
-        ids, p = columns["image_id"], self.dims["P"]
-        for name in ("box", "score", "parts", "part_scores"):
-            self._refuse(name, _rows_not_finite(columns[name]), start, "holds NaN or infinite values", ids)
-        self._refuse("box", _bad_boxes(columns["box"]), start, f"is not a box {_BOX_RULE}", ids)
-        counts = columns["part_count"]
-        self._refuse("part_count", _rows_outside(counts, 0, p), start, f"is outside [0, {p}] (the parts slots)", ids)
-        valid = np.arange(p)[None, :] < counts[:, None]  # (n, P) the parts in use
-        bad_parts = (_bad_boxes(columns["parts"]) & valid).any(axis=1)  # (n,)
-        self._refuse("parts", bad_parts, start, f"holds a part that is not a box {_BOX_RULE}", ids)
 
     def check_inside(self, records: CropsRecords, rows: np.ndarray, image_wh: np.ndarray) -> None:
         """Refuse an object or part box of ``records`` rows ``rows`` ((n,), read from row 0) that reaches outside its
@@ -838,10 +889,6 @@ class ImagesReader(_Reader[ImagesMeta, ImagesRecords]):
 
     def _meta(self, values: dict[str, Any], provenance: dict[str, Any]) -> ImagesMeta:
         return ImagesMeta(**values, provenance=provenance)
-
-    def _check_values(self, columns: dict[str, np.ndarray], start: int) -> None:
-        bad = (columns["original_wh"] < 1).any(axis=1)
-        self._refuse("original_wh", bad, start, "is not a size of at least 1 x 1", columns["image_id"])
 
     def _records(self, columns: dict[str, np.ndarray]) -> ImagesRecords:
         return ImagesRecords(

@@ -28,7 +28,7 @@ from rich.markup import escape
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, DatasetError
 from fgpipe.h5schema import ImagesMeta, ImagesReader, ImagesWriter
-from fgpipe.images import open_image, to_rgb
+from fgpipe.images import DECODE_ERRORS, open_image, to_rgb
 from fgpipe.manifest import Box, ManifestRow
 from fgpipe.runtime import available_cores
 
@@ -81,7 +81,7 @@ def build_image_cache(
         r = rows[i]
         try:
             return cache_image(root / r.path, (r.width, r.height), sizes[i])
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for corrupt/truncated/unknown files
+        except DECODE_ERRORS as exc:  # PIL's errors for a corrupt, truncated or unknown file (a bug is not caught)
             raise DatasetError(
                 f"cannot decode {root / r.path} for the image cache: {type(exc).__name__}: {exc} "
                 "(set `verify_images: true` for this dataset to list every bad file, and `skip_bad: true` to skip them)"

@@ -6,15 +6,15 @@ a limit (``prepare.max_pixels`` where a stage passes it) before any pixel is dec
 :class:`ImageTooLargeError`, an OSError like every other unreadable image, so each caller's handling of
 unreadable images (prepare's list and ``skip_bad``, predict's report-and-skip, the loaders' clean error)
 covers it. PIL's own decompression-bomb guard (``Image.MAX_IMAGE_PIXELS``: a warning above it, an error above
-twice it) is left as it is; its warning is silenced only while fgpipe opens a file, since fgpipe applies its
-own limit right after.
+twice it) is left as it is; its warning is filtered out once, when this module is imported, since fgpipe
+applies its own limit right after every open (a filter around each open would be process-wide, not
+thread-safe, and would reset Python's warn-once registry).
 """
 
 from __future__ import annotations
 
 import os
 import re
-import threading
 import warnings
 from typing import IO
 
@@ -22,6 +22,7 @@ import numpy as np
 from PIL import Image, ImageFile
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, never silently padded
+warnings.filterwarnings("ignore", category=Image.DecompressionBombWarning)  # fgpipe's own limit follows every open
 
 # The default of prepare.max_pixels: PIL's own default Image.MAX_IMAGE_PIXELS (1024**3 / 4 / 3, about a
 # 9459 x 9459 image, 268 MB as 8-bit RGB), past which PIL warns of a decompression bomb.
@@ -29,45 +30,54 @@ DEFAULT_MAX_PIXELS = 89_478_485
 # The highest limit fgpipe accepts: twice PIL's default, past which PIL's Image.open itself refuses a file.
 # Loaders of images prepare already accepted apply it (they never refuse what prepare let through).
 PIXEL_CEILING = 2 * DEFAULT_MAX_PIXELS
-_OPEN_LOCK = threading.Lock()  # warnings.catch_warnings is process-wide: one open at a time holds it
+# What PIL raises for a file it cannot decode: OSError (a missing, unidentified or truncated file; PIL's
+# UnidentifiedImageError and ImageTooLargeError are OSErrors), DecompressionBombError (a frame larger than its
+# header said), and SyntaxError, which PIL's plugins raise for a broken chunk met while decoding (Pillow 13's
+# PngImagePlugin ChunkStream.read, its load_read; Image.open itself turns it into UnidentifiedImageError).
+# Anything else (a ValueError, a TypeError) is a bug, not a bad image, and is not caught.
+DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, Image.DecompressionBombError, SyntaxError)
 
 
 class ImageTooLargeError(OSError):
     """An image declares more pixels than the limit: refused before any pixel is decoded."""
 
 
-def open_image(path: str | os.PathLike[str] | IO[bytes], max_pixels: int = PIXEL_CEILING) -> ImageFile.ImageFile:
+def open_image(path: str | os.PathLike[str] | IO[bytes], max_pixels: int | None = None) -> ImageFile.ImageFile:
     """``Image.open(path)`` (the header only, nothing decoded yet) that refuses an image over ``max_pixels``.
 
-    Raises :class:`ImageTooLargeError` naming the declared size and ``prepare.max_pixels``, or OSError
-    (PIL's UnidentifiedImageError included) for a missing or unidentifiable file. The caller closes the image.
+    ``max_pixels``: ``prepare.max_pixels`` where a file is read for the first time (prepare, predict); None for a
+    file `fgpipe prepare` accepted, held to :data:`PIXEL_CEILING` (prepare's limit is at most that). Raises
+    :class:`ImageTooLargeError` naming the declared size and what to do, or OSError (PIL's UnidentifiedImageError
+    included) for a missing or unidentifiable file. The caller closes the image.
     """
-    with _OPEN_LOCK, warnings.catch_warnings():
-        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # fgpipe's own limit follows
-        try:
-            img = Image.open(path)
-        except Image.DecompressionBombError as exc:  # over twice PIL's Image.MAX_IMAGE_PIXELS: PIL refuses it
-            found = re.search(r"\((\d+) pixels\)", str(exc))
-            raise ImageTooLargeError(_too_large(f"{found.group(1)} pixels" if found else f"too many pixels ({exc})", max_pixels)) from None
+    try:
+        img = Image.open(path)
+    except Image.DecompressionBombError as exc:  # over twice PIL's Image.MAX_IMAGE_PIXELS: PIL refuses it
+        found = re.search(r"\((\d+) pixels\)", str(exc))
+        raise ImageTooLargeError(_too_large(f"{found.group(1)} pixels" if found else f"too many pixels ({exc})", max_pixels)) from None
     width, height = img.size
-    if width * height > max_pixels:
+    if width * height > (PIXEL_CEILING if max_pixels is None else max_pixels):
         img.close()
         raise ImageTooLargeError(_too_large(f"{width} x {height} = {width * height} pixels", max_pixels))
     return img
 
 
-def _too_large(declared: str, max_pixels: int) -> str:
-    return (
-        f"image declares {declared}, over the limit of {max_pixels} pixels (a decompression bomb; if the image is "
-        f"genuine, raise prepare.max_pixels, at most {PIXEL_CEILING})"
-    )
+def _too_large(declared: str, max_pixels: int | None) -> str:
+    """The message of an image over ``max_pixels`` (None: a file prepare accepted, see :func:`open_image`)."""
+    limit = PIXEL_CEILING if max_pixels is None else max_pixels
+    said = f"image declares {declared}, over the limit of {limit} pixels (a decompression bomb"
+    if max_pixels is None:  # prepare read it within its limit: the file has changed since
+        return f"{said}; `fgpipe prepare` accepted no such file, so it was replaced since: restore it, or rerun `fgpipe prepare`)"
+    if max_pixels < PIXEL_CEILING:
+        return f"{said}; if the image is genuine, raise prepare.max_pixels, at most {PIXEL_CEILING})"
+    return f"{said}; {PIXEL_CEILING}, twice PIL's own limit, is the most fgpipe reads: shrink the image)"
 
 
-def open_rgb(path: str | os.PathLike[str], max_pixels: int = PIXEL_CEILING) -> Image.Image:
-    """Decode an image fully and return it as 8-bit RGB.
+def open_rgb(path: str | os.PathLike[str], max_pixels: int | None = None) -> Image.Image:
+    """Decode an image fully and return it as 8-bit RGB (``max_pixels`` as in :func:`open_image`).
 
-    Raises OSError (PIL's UnidentifiedImageError and :class:`ImageTooLargeError` included) for a missing,
-    corrupt, truncated or too large file.
+    Raises one of :data:`DECODE_ERRORS` (PIL's UnidentifiedImageError and :class:`ImageTooLargeError` are
+    OSErrors) for a missing, corrupt, truncated or too large file.
     """
     with open_image(path, max_pixels) as img:
         try:
@@ -97,10 +107,11 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def image_size(path: str | os.PathLike[str], verify: bool, max_pixels: int = PIXEL_CEILING) -> tuple[int, int]:
+def image_size(path: str | os.PathLike[str], verify: bool, max_pixels: int | None = None) -> tuple[int, int]:
     """(width, height); with ``verify`` the whole image is decoded so corrupt files are caught.
 
-    An image over ``max_pixels`` raises :class:`ImageTooLargeError` either way, before any decoding.
+    An image over ``max_pixels`` (as in :func:`open_image`) raises :class:`ImageTooLargeError` either way, before
+    any decoding.
     """
     if verify:
         img = open_rgb(path, max_pixels)

@@ -25,8 +25,8 @@ from fgpipe.config import AugmentConfig
 from fgpipe.console import progress
 from fgpipe.errors import DatasetError
 from fgpipe.imagecache import ImageCache
-from fgpipe.images import open_image, to_rgb
-from fgpipe.manifest import Box, ManifestRow, read_dataset_json
+from fgpipe.images import DECODE_ERRORS, open_image, to_rgb
+from fgpipe.manifest import Box, DatasetInfo, ManifestRow
 from fgpipe.runtime import available_cores
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -82,7 +82,7 @@ def load_regions(requests: list[LoadRequest], out_wh: tuple[int, int], desc: str
         req = requests[i]
         try:
             arr = decode_region(req.path, req.region, out_wh, req.cache)
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for missing/corrupt/too large files
+        except DECODE_ERRORS as exc:  # PIL's errors for a missing, corrupt or too large file (a bug is not caught)
             raise DatasetError(f"cannot read image {req.path}: {exc} (rerun `fgpipe prepare` to recheck the dataset)") from None
         out[i] = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
 
@@ -98,38 +98,46 @@ def whole_image_requests(root: Path, rows: list[ManifestRow], cache: ImageCache 
     return [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height)), cache) for r in rows]
 
 
-def check_image_files(dataset_json: Path, rows: Sequence[ManifestRow], cache: ImageCache | None, dataset: str) -> None:
+def check_image_files(
+    info: DatasetInfo, rows: Sequence[ManifestRow], cache: ImageCache | None, dataset: str, manifest: Path
+) -> None:
     """Refuse, before a stage writes anything, when an image file it will decode changed since `fgpipe prepare`.
 
-    Each row whose image ``cache`` does not hold (every row without a cache) must still have its file, which
-    must open as an image of the size the manifest records (its width, and its height plus the banner prepare
-    dropped, data/NAME/dataset.json's ``crop_bottom``). Only the headers are read. The error lists each image
-    id and file, and says to restore the files or rerun prepare: a stage that found out midway would have
-    stopped with some outputs rewritten and others not, and a replaced file would be decoded silently.
+    ``info``: data/NAME/dataset.json as the stage read it; ``rows``: the rows the stage decodes; ``manifest``: the
+    file they come from, for the message. Each row whose image ``cache`` does not hold (every row without a cache)
+    must still have its file, which must open as an image of the size the manifest records (its width, and its
+    height plus the banner prepare dropped, dataset.json's ``crop_bottom``). Only the headers are read, in threads
+    (one per available core). The error lists each image id and file, and says to restore the files or rerun
+    prepare: a stage that found out midway would have stopped with some outputs rewritten and others not, and a
+    replaced file would be decoded silently.
     """
-    info = read_dataset_json(dataset_json, dataset)
-    bad = []
-    for r in rows:
+    todo = [r for r in rows if cache is None or info.root / r.path not in cache]
+
+    def problem(r: ManifestRow) -> str | None:
         path = info.root / r.path
-        if cache is not None and path in cache:
-            continue
         try:
-            with open_image(path) as img:
+            with open_image(path) as img:  # the header only
                 size = img.size
         except FileNotFoundError:
-            bad.append(f"image id {r.image_id}: {path} is missing")
-            continue
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for corrupt/unknown/too large files
-            bad.append(f"image id {r.image_id}: {path} cannot be read ({type(exc).__name__}: {exc})")
-            continue
+            return f"image id {r.image_id}: {path} is missing"
+        except OSError as exc:  # PIL's error for an unidentified file, ImageTooLargeError (open_image raises no other)
+            return f"image id {r.image_id}: {path} cannot be read ({type(exc).__name__}: {exc})"
         want = (r.width, r.height + info.crop_bottom)
         if size != want:
-            bad.append(f"image id {r.image_id}: {path} is {size[0]} x {size[1]} pixels, not the {want[0]} x {want[1]} prepare read")
+            return f"image id {r.image_id}: {path} is {size[0]} x {size[1]} pixels, not the {want[0]} x {want[1]} prepare read"
+        return None
+
+    if len(todo) > 1:
+        with ThreadPoolExecutor(max_workers=available_cores()) as pool:
+            found = list(pool.map(problem, todo))
+    else:
+        found = [problem(r) for r in todo]
+    bad = [p for p in found if p is not None]
     if bad:
         shown = "\n  ".join(bad[:20]) + (f"\n  ... and {len(bad) - 20} more" if len(bad) > 20 else "")
         raise DatasetError(
             f"{len(bad)} image file(s) are missing or changed since `fgpipe prepare --dataset {dataset}` listed them in "
-            f"{dataset_json.parent / 'manifest.csv'}:\n  {shown}\nRestore them, or rerun `fgpipe prepare --dataset {dataset}` "
+            f"{manifest}:\n  {shown}\nRestore them, or rerun `fgpipe prepare --dataset {dataset}` "
             "(and the stages after it) to use the dataset as it is now."
         )
 

@@ -248,9 +248,9 @@ def show(settings: Settings, dataset: str, image_id: str, out: Path | None = Non
     for path, command in ((attention_path, "extract-attention"), (crops_path, "extract-crops")):
         if not path.is_file():
             raise ArtifactError(f"{path} not found (run `fgpipe {command} --dataset {dataset}` first)")
-    dataset_json = d / "dataset.json"
-    root = read_dataset_json(dataset_json, dataset).root
-    check_image_files(dataset_json, [rows[index[image_id]]], None, dataset)
+    info = read_dataset_json(d / "dataset.json", dataset)
+    root = info.root
+    check_image_files(info, [rows[index[image_id]]], None, dataset, manifest)
     with AttentionReader(attention_path) as att, CropsReader(crops_path) as crops:
         sha = FileHashes()  # each input hashed once
         check_attention(att, d, dataset, sha)

@@ -8,6 +8,8 @@ by a killed process is removed by the next write of the same target.
 A stage writes all its outputs inside :func:`replaced_together`: each atomic write then keeps its complete
 temporary file, and they are all renamed into place, one after the other, only when the whole stage
 succeeded; on any failure (an error, Ctrl-C) they are removed and the previous outputs stay as they were.
+
+Every ``torch.load`` goes through :func:`safe_torch_load` (``weights_only=True``: nothing in a file is executed).
 """
 
 from __future__ import annotations
@@ -18,13 +20,15 @@ import glob
 import hashlib
 import json
 import os
+import pickle
 import tempfile
+import warnings
 from collections.abc import Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
 
-from fgpipe.errors import OutputError
+from fgpipe.errors import ArtifactError, FgpipeError, OutputError
 
 
 def _current_umask() -> int:
@@ -38,24 +42,27 @@ _UMASK = _current_umask()
 
 # errno values only a write raises: whatever runs inside atomic_path's block, they are about the file it writes
 _WRITE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS})
+# {setting}: the params key(s) choosing the folder written to
 _WRITE_HINTS = {
     errno.ENOSPC: "free some disk space",
     errno.EDQUOT: "free some space within your disk quota",
     errno.EFBIG: "write to a file system that allows larger files",
-    errno.EROFS: "the file system is mounted read-only: make it writable, or point prepare.data_dir / "
-    "prepare.metrics_dir at a writable folder",
-    errno.EACCES: "give this user write permission on that folder, or point prepare.data_dir / prepare.metrics_dir "
-    "at a writable folder",
+    errno.EROFS: "the file system is mounted read-only: make it writable, or point {setting} at a writable folder",
+    errno.EACCES: "give this user write permission on that folder, or point {setting} at a writable folder",
 }
+OUTPUT_SETTING = "prepare.data_dir / prepare.metrics_dir"  # where every stage writes its outputs
 
 
-def output_error(target: str | os.PathLike[str], exc: OSError, atomic: bool = True) -> OutputError:
+def output_error(
+    target: str | os.PathLike[str], exc: OSError, atomic: bool = True, setting: str = OUTPUT_SETTING
+) -> OutputError:
     """The OutputError of a failed write of ``target``: the path, what the errno means and what to do (``atomic``:
-    it was an :func:`atomic_path` write, so the message can say the previous file is intact)."""
+    it was an :func:`atomic_path` write, so the message can say the previous file is intact; ``setting``: the
+    params key that chooses the folder, e.g. ``datasets.NAME.root`` for a dataset being generated or downloaded)."""
     code = exc.errno if exc.errno is not None else 0
     name = errno.errorcode.get(code, "")
     meaning = os.strerror(code) if code else str(exc)
-    hint = _WRITE_HINTS.get(errno.EACCES if code == errno.EPERM else code, "fix the cause")
+    hint = _WRITE_HINTS.get(errno.EACCES if code == errno.EPERM else code, "fix the cause").format(setting=setting)
     kept = f" Nothing was written in its place: the previous {Path(target).name}, if any, is unchanged" if atomic else ""
     return OutputError(f"cannot write {target}: {meaning}{f' ({name})' if name else ''}; {hint}, then rerun the command.{kept}")
 
@@ -271,3 +278,42 @@ class FileHashes:
         if key not in self._seen:
             self._seen[key] = file_sha256(key)
         return self._seen[key]
+
+
+# what torch.load(weights_only=True) raises on a damaged file besides UnpicklingError (found by fuzzing real
+# checkpoints); UnpicklingError's own text tells the user to retry with weights_only=False, which fgpipe never
+# says nor does
+_TORCH_LOAD_ERRORS = (RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, AssertionError)
+# a damaged pickle header also warns about its protocol before the error fgpipe reports: filtered once, here (a
+# filter set around each load would be process-wide anyway, and would reset Python's warn-once registry)
+warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
+
+
+def safe_torch_load(
+    path: str | os.PathLike[str], what: str, fix: str, *, key: str = "", error: type[FgpipeError] = ArtifactError,
+    map_location: Any = "cpu",
+) -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain data only, nothing in the file is ever executed.
+
+    A file that cannot be read raises ``error``: ``[KEY: ]PATH: not a readable WHAT (why); FIX``, where ``what``
+    names what the file should be (``checkpoint``) and ``fix`` says what to do; ``key`` is the params key that named
+    the file, if any (``model.weights``). torch's own advice to load it with ``weights_only=False`` is never passed on.
+    """
+    import torch  # here, not at the top: the rest of this module serves stages that never load a tensor
+
+    path = Path(path)
+    said = f"{key}: {path}" if key else str(path)
+    try:
+        if path.stat().st_size == 0:
+            raise EOFError("the file is empty")
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except PermissionError as exc:
+        raise error(f"{said}: cannot be read ({exc.strerror}): give this user read access to it") from None
+    except pickle.UnpicklingError:
+        raise error(
+            f"{said}: not a readable {what} (damaged, or it holds Python objects besides tensors and plain data, "
+            f"which fgpipe never unpickles); {fix}"
+        ) from None
+    except (*_TORCH_LOAD_ERRORS, OSError) as exc:
+        detail = " ".join(str(exc).split(". ")[0].split())[:160] if "weights_only" not in str(exc) else ""
+        raise error(f"{said}: not a readable {what} (truncated or damaged{': ' + detail if detail else ''}); {fix}") from None

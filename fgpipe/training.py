@@ -11,9 +11,7 @@ import contextlib
 import dataclasses
 import math
 import os
-import pickle
 import random
-import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +26,7 @@ from torch import Tensor, nn
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError, Interrupted
 from fgpipe.runtime import env_int
-from fgpipe.store import atomic_path, output_error
+from fgpipe.store import atomic_path, output_error, safe_torch_load
 
 CHECKPOINT_FORMAT = "fgpipe-checkpoint-1"
 
@@ -282,9 +280,6 @@ _REBUILD_KEYS: dict[str, type] = {"model": dict, "config": dict, "class_names": 
 _CONFIG_SECTIONS = {"stage1": ("model", "train_backbone"), "refine": ("model", "train_refine")}
 # what --resume needs besides (and each object of ``parts`` it restores: a dict)
 RESUME_KEYS: dict[str, type] = {"epoch": int, "best": dict, "history": list, "rng": dict}
-# what torch.load(weights_only=True) raises on a damaged file besides UnpicklingError (found by fuzzing real
-# checkpoints); UnpicklingError's text tells the user to retry with weights_only=False, which fgpipe never says nor does
-_LOAD_ERRORS = (RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, AssertionError)
 
 
 def rerun_hint(kind: str | None, dataset: str | None) -> str:
@@ -320,25 +315,7 @@ def load_checkpoint(
     rerun = rerun_hint(kind, dataset)
     if not path.is_file():
         raise ArtifactError(f"checkpoint not found: {path} ({rerun})")
-    try:
-        if path.stat().st_size == 0:
-            raise EOFError("the file is empty")
-        with warnings.catch_warnings():  # a damaged pickle header also warns about its protocol
-            warnings.filterwarnings("ignore", message="Detected pickle protocol", category=UserWarning)
-            state = torch.load(path, map_location=map_location, weights_only=True)
-    except PermissionError as exc:
-        raise ArtifactError(f"{path}: cannot be read ({exc.strerror}): give this user read access to it") from None
-    except pickle.UnpicklingError:
-        raise ArtifactError(
-            f"{path} is not an fgpipe checkpoint: not a readable checkpoint (damaged, or it holds Python objects "
-            f"besides tensors and plain data, which fgpipe never unpickles); {rerun}"
-        ) from None
-    except (*_LOAD_ERRORS, OSError) as exc:
-        detail = " ".join(str(exc).split(". ")[0].split())[:160] if "weights_only" not in str(exc) else ""
-        raise ArtifactError(
-            f"{path} is not an fgpipe checkpoint: not a readable checkpoint (truncated or damaged"
-            f"{': ' + detail if detail else ''}); {rerun}"
-        ) from None
+    state = safe_torch_load(path, "checkpoint", rerun, map_location=map_location)
     if not isinstance(state, dict):
         raise ArtifactError(f"{path} is not an fgpipe checkpoint (it holds a {type(state).__name__}, not a dict); {rerun}")
     if state.get("format") != CHECKPOINT_FORMAT:
@@ -375,8 +352,11 @@ def _key_problem(state: dict[str, Any], key: str, typ: type, prefix: str = "") -
 
 @contextlib.contextmanager
 def rebuilding(path: str | os.PathLike[str], kind: str, dataset: str | None) -> Iterator[None]:
-    """Around code that rebuilds a network (or resumes training) from a loaded checkpoint: contents that do not fit
-    (edited by hand, another fgpipe's) become an ArtifactError naming the file, not a traceback from inside torch."""
+    """Around the calls that take a loaded checkpoint's contents as they are (a config section into its
+    ``XConfig(**...)``, ``load_state_dict``, :func:`set_rng_state`) and nothing else: contents that do not fit
+    (edited by hand, another fgpipe's) become an ArtifactError naming the file, not a traceback from inside torch.
+    Building the network and anything else stays outside, so a genuine bug or running out of memory is not
+    reported as a damaged checkpoint."""
     try:
         yield
     except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:  # pydantic's ValidationError is a ValueError

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import subprocess
 from pathlib import Path
 
 import pytest
-from tinyproject import TINY, dvc, lock_hash, make_project, ran, read_params, write_params
+import yaml
+from tinyproject import REPO, TINY, dvc, lock_hash, make_project, ran, read_params, write_params
+
+from fgpipe.datasets import READERS
 
 
 def git(project: Path, *args: str) -> str:
@@ -100,3 +104,62 @@ def test_a_datasets_own_values_rerun_its_chain_only(project: Path) -> None:
     assert json.loads((project / "metrics/synthetic/extract_crops.json").read_text())["threshold"] == params["crops"]["threshold"]
     assert lock_hash(project, "extract-crops@synthetic", "data/synthetic/crops.h5") == synthetic
     assert "up to date" in dvc(project, "status")
+
+
+# --------------------------------------------------------------------------- the code each stage depends on
+def _fgpipe_imports(path: Path) -> set[str]:
+    """Every fgpipe module ``path`` imports, at the top or inside a function (``from fgpipe.x import y``: x and x.y)."""
+    names: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return {n for n in names if n.split(".")[0] == "fgpipe"}
+
+
+def _module_file(name: str) -> Path | None:
+    path = REPO.joinpath(*name.split("."))
+    return path / "__init__.py" if (path / "__init__.py").is_file() else path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
+
+
+def imported_code(module: str) -> set[str]:
+    """The files of ``module`` and of every fgpipe module it imports, transitively (each package's __init__.py too;
+    fgpipe.datasets loads its readers by name, so they count as imported with it)."""
+    seen: set[Path] = set()
+    todo = [module]
+    while todo:
+        parts = todo.pop().split(".")
+        for k in range(1, len(parts) + 1):
+            path = _module_file(".".join(parts[:k]))
+            if path is None or path in seen:
+                continue
+            seen.add(path)
+            todo += _fgpipe_imports(path)
+            if path == REPO / "fgpipe/datasets/__init__.py":
+                todo += READERS.values()
+    return {p.relative_to(REPO).as_posix() for p in seen}
+
+
+def as_deps(files: set[str]) -> set[str]:
+    """``files`` as dvc.yaml lists them: a subpackage folder where every module of it is imported, else its files."""
+    out = set(files)
+    for init in [f for f in files if f.count("/") == 2 and f.endswith("/__init__.py")]:  # fgpipe/X/__init__.py
+        folder = init.rsplit("/", 1)[0]
+        modules = {p.relative_to(REPO).as_posix() for p in (REPO / folder).glob("*.py")}
+        if modules <= files:
+            out = (out - modules) | {folder}
+    return out
+
+
+def test_every_stage_depends_on_exactly_the_code_it_imports() -> None:
+    """dvc.yaml's fgpipe/ deps of each stage are its module and every fgpipe module that imports, no more, no less
+    (cli.py only parses the command line: left out), plus fgpipe/presets where the stage reads the `preset` param."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    for name, stage in stages.items():
+        spec = stage["do"]
+        module = "fgpipe.stages." + spec["cmd"].split()[1].replace("-", "_")
+        want = as_deps(imported_code(module)) | ({"fgpipe/presets"} if "preset" in spec["params"] else set())
+        listed = [d for d in spec["deps"] if d.startswith("fgpipe/")]
+        assert len(listed) == len(set(listed)), name
+        assert set(listed) == want, f"{name}: missing {sorted(want - set(listed))}, not imported {sorted(set(listed) - want)}"

@@ -52,7 +52,8 @@ import fgpipe.store
 from fgpipe import h5schema
 from fgpipe.config import Params, validate
 from fgpipe.errors import ArtifactError, ConfigError
-from fgpipe.training import load_checkpoint, save_checkpoint
+from fgpipe.stages import train_backbone, train_refine
+from fgpipe.training import RESUME_KEYS, load_checkpoint, save_checkpoint
 
 D = f"data/{NAME}"
 WRITERS = {"stage1": f"fgpipe train-backbone --dataset {NAME}", "refine": f"fgpipe train-refine --dataset {NAME}"}
@@ -125,9 +126,9 @@ def _unknown_model_key(state: dict[str, Any]) -> None:
 
 # (id, damage, what the message says besides the path and the command)
 UNREADABLE = [
-    ("random-bytes", _random_bytes, "is not an fgpipe checkpoint: not a readable checkpoint"),
-    ("truncated", _truncated, "is not an fgpipe checkpoint: not a readable checkpoint (truncated or damaged"),
-    ("empty-file", _empty, "not a readable checkpoint (truncated or damaged: the file is empty)"),
+    ("random-bytes", _random_bytes, ": not a readable checkpoint ("),
+    ("truncated", _truncated, ": not a readable checkpoint (truncated or damaged"),
+    ("empty-file", _empty, ": not a readable checkpoint (truncated or damaged: the file is empty)"),
     ("plain-state-dict", _plain_state_dict, "is not an fgpipe checkpoint (a dict without fgpipe's `format` key"),
     ("not-a-dict", _not_a_dict, "is not an fgpipe checkpoint (it holds a list, not a dict)"),
     ("missing-keys", _missing_keys, "is not a complete fgpipe"),
@@ -153,11 +154,38 @@ def run_on(project: Path, command: str, options: list[str]) -> Any:
     return invoke(command, "-d", NAME, "-p", project / "params.yaml", *options)
 
 
-@pytest.mark.parametrize("load_id, rel, command, options", LOADS, ids=[c[0] for c in LOADS])
 @pytest.mark.parametrize("damage_id, damage, says", UNREADABLE, ids=[c[0] for c in UNREADABLE])
+@pytest.mark.parametrize("rel, keys", [(f"{D}/stage1/best.pt", None), (f"{D}/refine/last.pt", RESUME_KEYS)], ids=["stage1", "resume-refine"])
+def test_the_checkpoint_loader_refuses_every_damage(
+    chain: Path, tmp_path: Path, damage_id: str, damage: Callable[[Path], None], says: str, rel: str, keys: Any
+) -> None:
+    """Every load site goes through ``load_checkpoint`` (and it through ``fgpipe.store.safe_torch_load``): each damage
+    is refused there, naming the file and the command that rewrites it, without ever running the file's code."""
+    path = tmp_path / rel
+    path.parent.mkdir(parents=True)
+    path.write_bytes((chain / rel).read_bytes())
+    damage(path)
+    kind = checkpoint_of(rel)
+    with pytest.raises(ArtifactError) as err:
+        load_checkpoint(path, kind=kind, dataset=NAME, keys=keys)
+    said = flat(str(err.value))
+    assert str(path) in said and says in said and f"rerun `{WRITERS[kind]}`" in said, said
+    assert "weights_only" not in said  # never the advice to load it unsafely
+    assert not (path.parent / "PWNED").exists()  # the malicious pickle's command never ran
+    if damage_id == "missing-keys":  # every missing key named; --resume's own ones only where they are needed
+        assert "no `model`; no `config`; no `class_names`" in said and ("no `rng`" in said) == (keys is not None)
+
+
+# each load site through the CLI, with one of the damages above each (every damage is at one site)
+SITES = [(*load, *damage) for load, damage in zip(LOADS, UNREADABLE, strict=True)]
+
+
+@pytest.mark.parametrize(
+    "load_id, rel, command, options, damage_id, damage, says", SITES, ids=[f"{c[0]}-{c[4]}" for c in SITES]
+)
 def test_a_file_that_is_not_an_fgpipe_checkpoint_is_refused_everywhere_one_is_loaded(
-    project: Path, damage_id: str, damage: Callable[[Path], None], says: str, load_id: str, rel: str, command: str,
-    options: list[str],
+    project: Path, load_id: str, rel: str, command: str, options: list[str], damage_id: str,
+    damage: Callable[[Path], None], says: str,
 ) -> None:
     path = project / rel
     damage(path)
@@ -192,7 +220,9 @@ def test_a_checkpoint_whose_network_cannot_be_rebuilt_is_refused(
     assert snapshot(project) == before
 
 
-@pytest.mark.parametrize("rel, command", [(f"{D}/stage1/last.pt", "train-backbone"), (f"{D}/refine/last.pt", "train-refine")])
+@pytest.mark.parametrize(
+    "rel, command", [(f"{D}/stage1/last.pt", "train-backbone"), (f"{D}/refine/last.pt", "train-refine")], ids=["train-backbone", "train-refine"]
+)
 @pytest.mark.parametrize("edit", [_drop_a_tensor, lambda state: state.update(rng={})], ids=["missing-tensor", "broken-rng-state"])
 def test_resume_from_a_checkpoint_that_cannot_be_restored_is_refused(
     project: Path, rel: str, command: str, edit: Callable[[dict[str, Any]], None]
@@ -206,12 +236,33 @@ def test_resume_from_a_checkpoint_that_cannot_be_restored_is_refused(
     assert snapshot(project) == before and not temp_files(project)
 
 
+def test_a_bug_while_building_the_network_is_not_reported_as_a_damaged_checkpoint(
+    chain: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only the calls that take the checkpoint's contents (configs, load_state_dict, RNG state) are guarded: an error
+    while building the network (a bug, or the machine out of memory) surfaces as itself."""
+
+    def fail(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("out of memory")
+
+    monkeypatch.setattr(train_backbone, "build_stage1", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_backbone.load_stage1(chain / D / "stage1/best.pt", dataset=NAME)
+    monkeypatch.setattr(train_refine, "build_refine_net", fail)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        train_refine.load_refine(chain / D / "refine/best.pt", dataset=NAME)
+
+
 def test_a_malicious_weights_file_is_refused_without_running_it(project: Path) -> None:
     """``--weights FILE`` loads a state_dict with weights_only too: never executed, never the unsafe advice."""
     weights = project / "weights.pt"
     torch.save({"model": Evil(project / "PWNED")}, weights)
     before = snapshot(project)
-    out = assert_refused(run_on(project, "train-backbone", ["--weights", str(weights)]), "model.weights", str(weights), "never unpickles")
+    out = assert_refused(
+        run_on(project, "train-backbone", ["--weights", str(weights)]), f"model.weights: {weights}: not a readable PyTorch "
+        "state_dict file", "never unpickles", f"save the weights alone with `torch.save(model.state_dict(), {weights})`, "
+        "or set `model.weights: imagenet` or `none`",
+    )
     assert "weights_only" not in out and not (project / "PWNED").exists()
     assert snapshot(project) == before
 
@@ -249,7 +300,7 @@ VALUE_CASES = [
     ("score-nan", "crops.h5", "score", (np.s_[:], float("nan")), "train-refine", "holds NaN or infinite values"),
     ("part-scores-inf", "crops.h5", "part_scores", (np.s_[:, 0], float("-inf")), "train-refine", "holds NaN or infinite values"),
 ]
-PRODUCERS = {"attention.h5": "fgpipe extract-attention", "crops.h5": "fgpipe extract-crops"}
+PRODUCERS = {"attention.h5": f"fgpipe extract-attention --dataset {NAME}", "crops.h5": f"fgpipe extract-crops --dataset {NAME}"}
 
 
 def edit_rows(path: Path, name: str, edit: Any, rows: list[int]) -> None:
@@ -290,7 +341,9 @@ def test_a_nan_crops_threshold_attr_is_refused(project: Path) -> None:
     with h5py.File(path, "r+") as h5:
         h5.attrs["threshold"] = float("nan")
     before = snapshot(project)
-    assert_refused(run_on(project, "train-refine", []), str(path), "attr `threshold` = nan is not in (0, 1]", "fgpipe extract-crops")
+    assert_refused(
+        run_on(project, "train-refine", []), str(path), "attr `threshold` = nan is not in (0, 1]", f"rerun `fgpipe extract-crops --dataset {NAME}`"
+    )
     assert snapshot(project) == before
 
 
@@ -454,19 +507,29 @@ def failing(code: int) -> Callable[..., Any]:
 
 # where the write fails: fsync of every atomic write (a full disk reports ENOSPC there), or creating its temp file
 WRITE_FAULTS = [("fsync", errno.ENOSPC), ("mkstemp", errno.EROFS), ("mkstemp", errno.EACCES)]
+# every stage with every fault; the default run keeps one per stage (the faults in turn), the rest are `slow`
+WRITE_CASES = [
+    pytest.param(
+        stage, where, code, id=f"{stage}-{where}-{errno.errorcode[code]}",
+        marks=() if (i - j) % len(WRITE_FAULTS) == 0 else pytest.mark.slow,
+    )
+    for i, stage in enumerate(STAGES)
+    for j, (where, code) in enumerate(WRITE_FAULTS)
+]
 
 
 def refused_write(result: Any, project: Path, stage: str, code: int) -> None:
     """The stage stopped with `cannot write PATH: <errno meaning> (<ERRNO>)`, PATH one of its dvc.yaml outputs."""
-    out = assert_refused(result, "cannot write", f"{os.strerror(code)} ({errno.errorcode[code]})", "unchanged")
+    hint = {errno.ENOSPC: "free some disk space", errno.EROFS: "make it writable, or point prepare.data_dir / "
+            "prepare.metrics_dir at a writable folder", errno.EACCES: "give this user write permission on that folder"}
+    out = assert_refused(result, "cannot write", f"{os.strerror(code)} ({errno.errorcode[code]})", hint[code], "unchanged")
     written = re.search(r"cannot write (\S+):", out)
     assert written is not None, out
     outputs = [str(project / rel) for rel in stage_outputs(stage)]
     assert any(written[1] == o or written[1].startswith(o.rstrip("/") + "/") for o in outputs), (written[1], outputs)
 
 
-@pytest.mark.parametrize("where, code", WRITE_FAULTS, ids=[f"{w}-{errno.errorcode[c]}" for w, c in WRITE_FAULTS])
-@pytest.mark.parametrize("stage", STAGES)
+@pytest.mark.parametrize("stage, where, code", WRITE_CASES)
 def test_a_failed_write_stops_the_stage_and_keeps_the_previous_outputs(
     project: Path, monkeypatch: pytest.MonkeyPatch, stage: str, where: str, code: int
 ) -> None:

@@ -128,7 +128,7 @@ STALE_CASES = [
     ("train-refine:crops-from-another-attention-file", [reextract_attention], "train-refine", [],
      [f"{D}/crops.h5 was made from another attention file than {D}/attention.h5", "rerun `fgpipe extract-crops --dataset toy`"], []),
     ("train-refine:crops-schema-version-1", [crops_schema_version_1], "train-refine", [],
-     [f"{D}/crops.h5: schema version 1, this fgpipe reads version 2", "rerun `fgpipe extract-crops`"], []),
+     [f"{D}/crops.h5: schema version 1, this fgpipe reads version 2", "rerun `fgpipe extract-crops --dataset toy`"], []),
     ("evaluate:crops-from-another-stage1-checkpoint", [retrain_stage1, refine_without_the_crops_check], "evaluate", [],
      [f"{D}/crops.h5 {NEW_CHECKPOINT}", "`fgpipe extract-crops --dataset toy`"], []),
     ("evaluate:localisation-of-another-crops-file", [recrop_keeping_the_old_crops_file], "evaluate", [],
@@ -215,7 +215,7 @@ def test_a_stage_failing_at_its_last_output_leaves_every_previous_output(
     assert snapshot(project)[f"{M}/{metrics}"] != before[f"{M}/{metrics}"] and not temp_files(project)
 
 
-@pytest.mark.parametrize("stage, folder", [("train-backbone", "stage1"), ("train-refine", "refine")])
+@pytest.mark.parametrize("stage, folder", [("train-backbone", "stage1"), ("train-refine", "refine")], ids=["train-backbone", "train-refine"])
 def test_a_training_run_failing_at_its_metrics_leaves_checkpoints_only_resume_takes(
     project: Path, monkeypatch: pytest.MonkeyPatch, stage: str, folder: str
 ) -> None:
@@ -255,7 +255,7 @@ def assert_interrupted(result: Any, *said: str) -> str:
     return out
 
 
-@pytest.mark.parametrize("stage, module", [("train-backbone", train_backbone), ("train-refine", train_refine)])
+@pytest.mark.parametrize("stage, module", [("train-backbone", train_backbone), ("train-refine", train_refine)], ids=["train-backbone", "train-refine"])
 def test_ctrl_c_during_training_says_how_to_resume(project: Path, monkeypatch: pytest.MonkeyPatch, stage: str, module: Any) -> None:
     key = stage.replace("-", "_")
     folder = "stage1" if stage == "train-backbone" else "refine"
@@ -371,20 +371,33 @@ def test_a_network_giving_nan_is_refused_naming_the_images_and_the_checkpoint(
     assert snapshot(project) == before and not temp_files(project)
 
 
-def test_a_full_disk_while_the_synthetic_dataset_is_generated(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# a failed write of a dataset root (generated or downloaded): the errno, and for a read-only or forbidden folder the
+# params key that chooses that folder, datasets.NAME.root (not prepare.data_dir, which holds the stages' outputs)
+ROOT_WRITE_FAULTS = [
+    (errno.ENOSPC, "free some disk space"),
+    (errno.EROFS, "make it writable, or point datasets.{name}.root at a writable folder"),
+    (errno.EACCES, "give this user write permission on that folder, or point datasets.{name}.root at a writable folder"),
+]
+
+
+@pytest.mark.parametrize("code, hint", ROOT_WRITE_FAULTS[:2], ids=[errno.errorcode[c] for c, _ in ROOT_WRITE_FAULTS[:2]])
+def test_a_full_disk_while_the_synthetic_dataset_is_generated(
+    project: Path, monkeypatch: pytest.MonkeyPatch, code: int, hint: str
+) -> None:
     params = edit_params(project, **{f"datasets__{NAME}": SYNTHETIC})
     before = snapshot(project)
     real = Image.Image.save
 
     def save(self: Image.Image, fp: Any, *args: Any, **kwargs: Any) -> None:
         if ".synth.tmp-" in str(fp):
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            raise OSError(code, os.strerror(code))
         real(self, fp, *args, **kwargs)
 
     monkeypatch.setattr(Image.Image, "save", save)
     result = invoke("prepare", "-d", NAME, "-p", params)
     monkeypatch.undo()
-    assert_refused(result, f"cannot write {project / 'synth'}: No space left on device (ENOSPC)")
+    out = assert_refused(result, f"cannot write {project / 'synth'}: {os.strerror(code)} ({errno.errorcode[code]})", hint.format(name=NAME))
+    assert "prepare.data_dir" not in out
     assert not (project / "synth").exists() and not list(project.glob(".synth.tmp-*"))
     assert snapshot(project) == before and not temp_files(project)
 
@@ -402,19 +415,24 @@ def cub_archive(tmp_path: Path) -> Iterator[tuple[str, str]]:
     yield archive.as_uri(), hashlib.md5(buf.getvalue()).hexdigest()
 
 
+@pytest.mark.parametrize("code, hint", ROOT_WRITE_FAULTS[::2], ids=[errno.errorcode[c] for c, _ in ROOT_WRITE_FAULTS[::2]])
 def test_a_full_disk_while_an_archive_is_extracted(
-    project: Path, monkeypatch: pytest.MonkeyPatch, cub_archive: tuple[str, str]
+    project: Path, monkeypatch: pytest.MonkeyPatch, cub_archive: tuple[str, str], code: int, hint: str
 ) -> None:
     from fgpipe.datasets import cub
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        raise OSError(code, os.strerror(code))
 
     params = edit_params(project, datasets__birds={"kind": "cub", "root": "birds"})
     before = snapshot(project)
     monkeypatch.setattr(cub, "URL", cub_archive[0])
     monkeypatch.setattr(cub, "MD5", cub_archive[1])
-    monkeypatch.setattr(tarfile.TarFile, "extract", failing)
+    monkeypatch.setattr(tarfile.TarFile, "extract", fail)
     result = invoke("prepare", "-d", "birds", "-p", params, "--download")
     monkeypatch.undo()
-    assert_refused(result, f"cannot write {project / 'birds'}: No space left on device (ENOSPC)", "free some disk space")
+    out = assert_refused(result, f"cannot write {project / 'birds'}: {os.strerror(code)} ({errno.errorcode[code]})", hint.format(name="birds"))
+    assert "prepare.data_dir" not in out
     assert not (project / "birds").exists() and not list(project.glob(".birds.download-*"))
     assert snapshot(project) == before
 

@@ -21,9 +21,12 @@ import json
 import os
 import shutil
 import struct
-import warnings
+import subprocess
+import sys
+import threading
 import zlib
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,14 +37,17 @@ from conftest import write_fake_aircraft, write_fake_cub, write_fake_imagefolder
 from PIL import Image
 from test_faults import D, NAME, assert_refused, chain, edit_params, flat, invoke, project, snapshot  # noqa: F401 (fixtures)
 
+from fgpipe import images, loader
 from fgpipe.config import PrepareConfig, load_params
 from fgpipe.datasets.base import SourceListing, SourceRecord
 from fgpipe.errors import ConfigError, DatasetError
-from fgpipe.images import DEFAULT_MAX_PIXELS, PIXEL_CEILING, ImageTooLargeError, open_image
-from fgpipe.manifest import read_manifest
+from fgpipe.imagecache import open_image_cache
+from fgpipe.images import DEFAULT_MAX_PIXELS, PIXEL_CEILING, ImageTooLargeError, image_size, open_image
+from fgpipe.loader import LoadRequest, check_image_files, load_regions
+from fgpipe.manifest import read_dataset_json, read_manifest
 from fgpipe.preview import preview_indices
 from fgpipe.stages import prepare
-from fgpipe.store import read_json
+from fgpipe.store import file_sha256, read_json
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -54,6 +60,21 @@ def write_bomb(path: Path, width: int = 20_000, height: int = 10_000) -> Path:
 
     header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)  # 8-bit RGB
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return path
+
+
+def write_broken_png(path: Path) -> Path:
+    """A PNG whose header is fine and whose second IDAT chunk has a garbage type: PIL opens it, and its decoding
+    raises SyntaxError (``broken PNG file``), as Pillow's PngImagePlugin does for a damaged chunk."""
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", 8, 6, 8, 2, 0, 0, 0)  # 8 x 6, 8-bit RGB, as the fake datasets' images
+    data = zlib.compress(b"".join(b"\0" + bytes(range(24)) for _ in range(6)))
+    half = len(data) // 2
+    broken = struct.pack(">I", len(data) - half) + b"\x00\x01\x02\x03" + data[half:] + b"\0\0\0\0"
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", data[:half]) + broken + chunk(b"IEND", b""))
     return path
 
 
@@ -190,6 +211,12 @@ def bomb(root: Path, info: dict[str, Any]) -> list[str]:
     return [rel, "cannot be read", "image declares 200000000 pixels, over the limit of 89478485 pixels", "prepare.max_pixels"]
 
 
+def broken_chunk(root: Path, info: dict[str, Any]) -> list[str]:
+    path, rel = cub_file(root, info, "3")
+    write_broken_png(path)
+    return [rel, "cannot be read", "SyntaxError: broken PNG file"]
+
+
 def bomb_skipped(root: Path, info: dict[str, Any]) -> list[str]:
     return [bomb(root, info)[0], "skipping 1 unreadable image(s) (skip_bad: true)"]
 
@@ -252,6 +279,8 @@ PREPARE_CASES = [
     PrepareCase("cub:decompression-bomb", "cub", bomb, "refused"),
     PrepareCase("cub:decompression-bomb-skipped", "cub", bomb_skipped, "skipped", {"skip_bad": True}),
     PrepareCase("cub:over-prepare.max_pixels", "cub", over_max_pixels, "refused", prepare={"max_pixels": 1000}),
+    # a file PIL opens but cannot decode: its SyntaxError is one of PIL's errors, listed like the others
+    PrepareCase("cub:png-chunk-broken", "cub", broken_chunk, "refused"),
     # 1e: encodings
     PrepareCase("cub:images.txt-not-utf8", "cub", not_utf8("images.txt", 7), "refused"),
     PrepareCase("cub:classes.txt-not-utf8", "cub", not_utf8("classes.txt", 2), "refused"),
@@ -289,17 +318,63 @@ def test_bad_annotations_and_images_in_prepare(tmp_path: Path, case: PrepareCase
 
 
 def test_a_class_list_repeating_a_name_is_refused_whatever_the_reader(tmp_path: Path, make_settings) -> None:
-    """The readers name the annotation lines; prepare itself refuses any reader's class list with a repeat."""
+    """Most readers refuse a repeated class name themselves; prepare refuses any reader's, naming both places where
+    the reader says where each class is listed (the synthetic reader: classes.csv), and the fix."""
     root = tmp_path / "root"
     write_image(root / "a.jpg", seed=1)
     write_image(root / "b.jpg", seed=2)
-    listing = SourceListing(
-        records=[SourceRecord("a", "a.jpg", "wren", "train"), SourceRecord("b", "b.jpg", "wren", "test")],
-        classes=["wren", "finch", "wren"],
-    )
+    records = [SourceRecord("a", "a.jpg", "wren", "train"), SourceRecord("b", "b.jpg", "wren", "test")]
     cfg = make_settings("ds", "cub", root).dataset("ds")
-    with pytest.raises(DatasetError, match=r"holds wren more than once: two classes would become one"):
+    origins = [f"{root}/classes.csv:{n}" for n in (2, 3, 4)]
+    listing = SourceListing(records=records, classes=["wren", "finch", "wren"], class_origins=origins)
+    with pytest.raises(DatasetError) as err:
         prepare.build_rows(root, cfg, listing)
+    said = flat(str(err.value))
+    assert f"{root}/classes.csv:4: class 'wren' is listed again (first at {root}/classes.csv:2)" in said
+    assert "two classes would become one label" in said and "Give each class its own name, or list it once" in said
+    with pytest.raises(DatasetError, match=rf"the class list read from {root} holds 'wren' twice \(entries 1 and 3\)"):
+        prepare.build_rows(root, cfg, SourceListing(records=records, classes=["wren", "finch", "wren"]))  # places unknown
+
+
+def test_prepare_hashes_only_files_whose_byte_size_another_file_shares(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Byte-identical files have equal sizes, so only files sharing a size are read whole (SHA-256): BMPs of one
+    size (equal byte sizes, other bytes), a byte copy among them, and a PNG of its own size."""
+    root = tmp_path / "root"
+    for name, seed in (("a.bmp", 1), ("b.bmp", 2)):
+        write_image(root / name, seed=seed)
+    (root / "c.bmp").write_bytes((root / "a.bmp").read_bytes())
+    write_image(root / "d.png", size=(9, 7), seed=3)
+    records = [SourceRecord(n[0], n, "wren", "train") for n in ("a.bmp", "b.bmp", "c.bmp", "d.png")]
+    hashed: list[str] = []
+    monkeypatch.setattr(prepare, "file_sha256", lambda path: hashed.append(Path(path).name) or file_sha256(path))
+    checked, files = prepare._checked_records(root, records)
+    sizes, digests, bad = prepare._decode_all(root, checked, files, verify=False)
+    assert sorted(hashed) == ["a.bmp", "b.bmp", "c.bmp"] and not bad and sizes["d.png"] == (9, 7)
+    assert digests["a.bmp"] == digests["c.bmp"] != digests["b.bmp"]
+    assert digests["d.png"] == f"{(root / 'd.png').stat().st_size} bytes"
+    issues = prepare.annotation_issues(checked, files, {r.image_id: "train" for r in checked}, digests, {})
+    assert issues["identical_images_with_different_classes"] == [] and issues["same_file_under_several_ids"] == []
+
+
+def test_a_bug_while_decoding_is_not_reported_as_a_bad_image(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only PIL's errors mean an unreadable image (images.DECODE_ERRORS); any other exception is a bug and stops
+    the run as one, in prepare and in the loaders' threads."""
+    root = tmp_path / "root"
+    write_image(root / "a.jpg")
+    records, files = prepare._checked_records(root, [SourceRecord("a", "a.jpg", "wren", "train")])
+
+    def bug(*args: Any, **kwargs: Any) -> Any:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(prepare, "image_size", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        prepare._decode_all(root, records, files, verify=True)
+    monkeypatch.setattr(loader, "decode_region", bug)
+    with pytest.raises(ValueError, match="a bug"):
+        load_regions([LoadRequest(root / "a.jpg", (0.0, 0.0, 8.0, 6.0))], (4, 4))
+    monkeypatch.undo()
+    with pytest.raises(DatasetError, match="cannot read image .*broken PNG file"):  # PIL's SyntaxError is one of them
+        load_regions([LoadRequest(write_broken_png(root / "b.png"), (0.0, 0.0, 8.0, 6.0))], (4, 4))
 
 
 # =========================================================================== 2. the pixel limit itself
@@ -317,22 +392,74 @@ def test_pixel_limit_defaults_and_bounds_agree_with_pil(tmp_path: Path) -> None:
             load_params(params)
 
 
-def test_open_image_applies_its_limit_and_leaves_pil_and_the_warning_filters_as_they_were(tmp_path: Path) -> None:
-    """A header between PIL's warning and error thresholds: fgpipe's limit decides, PIL warns nothing, and
-    neither PIL's global limit nor the process's warning filters change."""
+def test_open_image_applies_its_limit_before_decoding_anything(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header between PIL's warning and error thresholds: fgpipe's limit decides from the header alone (no pixel
+    is decoded), PIL's global limit is left as it was, and the message says what to do where the caller is."""
+    monkeypatch.setattr(images.ImageFile.ImageFile, "load", lambda self: pytest.fail("a pixel was decoded"))
     path = write_bomb(tmp_path / "big.png", 10_000, 10_000)  # 1e8 pixels: over PIL's 89,478,485, under twice it
-    pil_limit, filters = Image.MAX_IMAGE_PIXELS, list(warnings.filters)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        with open_image(path) as img:  # the ceiling: opens (header only)
-            assert img.size == (10_000, 10_000)
-        with pytest.raises(ImageTooLargeError, match=r"10000 x 10000 = 100000000 pixels, over the limit of 89478485"):
-            open_image(path, DEFAULT_MAX_PIXELS)
-        with pytest.raises(ImageTooLargeError, match=r"200000000 pixels"):  # over PIL's own error threshold
-            open_image(write_bomb(tmp_path / "bomb.png"), PIXEL_CEILING)
-    assert not [w for w in caught if issubclass(w.category, Image.DecompressionBombWarning)]
-    assert Image.MAX_IMAGE_PIXELS == pil_limit and list(warnings.filters) == filters
+    pil_limit = Image.MAX_IMAGE_PIXELS
+    with open_image(path) as img:  # a file prepare accepted: the ceiling applies, and the header opens
+        assert img.size == (10_000, 10_000)
+    for check in (lambda: open_image(path, DEFAULT_MAX_PIXELS), lambda: image_size(path, True, DEFAULT_MAX_PIXELS)):
+        with pytest.raises(ImageTooLargeError, match=r"10000 x 10000 = 100000000 pixels, over the limit of 89478485 "
+                           r"pixels \(a decompression bomb; if the image is genuine, raise prepare\.max_pixels, at most 178956970\)"):
+            check()
+    bomb_file = write_bomb(tmp_path / "bomb.png")  # over PIL's own error threshold
+    with pytest.raises(ImageTooLargeError, match=r"200000000 pixels, over the limit of 178956970 pixels .*`fgpipe prepare` "
+                       r"accepted no such file, so it was replaced since: restore it, or rerun `fgpipe prepare`"):
+        open_image(bomb_file)  # a later stage: raising prepare.max_pixels is no fix there
+    with pytest.raises(ImageTooLargeError, match=r"178956970, twice PIL's own limit, is the most fgpipe reads") as err:
+        open_image(bomb_file, PIXEL_CEILING)  # prepare or predict with prepare.max_pixels at its ceiling
+    assert "raise prepare.max_pixels" not in str(err.value)
+    assert Image.MAX_IMAGE_PIXELS == pil_limit
     assert isinstance(ImageTooLargeError("x"), OSError)  # every caller's handling of unreadable images covers it
+
+
+def test_images_open_in_parallel_threads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The loaders open images from several threads at once: no lock serialises Image.open (each of 4 opens waits
+    here until all 4 are inside it, which a lock around the open would never allow)."""
+    paths = [write_image(tmp_path / f"{i}.png", size=(8 + i, 6), seed=i) for i in range(4)]
+    inside = threading.Barrier(4, timeout=20)
+    real_open = Image.open
+
+    def open_together(fp: Any, *args: Any, **kwargs: Any) -> Any:
+        inside.wait()  # BrokenBarrierError if the opens were serialised
+        return real_open(fp, *args, **kwargs)
+
+    monkeypatch.setattr(images.Image, "open", open_together)
+
+    def size(path: Path) -> tuple[int, int]:
+        with open_image(path) as img:
+            return img.size
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        assert list(pool.map(size, paths)) == [(8 + i, 6) for i in range(4)]
+
+
+PIL_WARNING_SCRIPT = """
+import sys, warnings
+from concurrent.futures import ThreadPoolExecutor
+from fgpipe.images import open_image
+def size(path):
+    with open_image(path) as img:
+        return img.size
+for _ in range(3):
+    warnings.warn("said once", UserWarning)  # the default action: printed once for this line
+    with ThreadPoolExecutor(4) as pool:
+        assert list(pool.map(size, [sys.argv[1]] * 4)) == [(10000, 10000)] * 4
+"""
+
+
+def test_pils_bomb_warning_is_filtered_once_and_other_warnings_still_print_once(tmp_path: Path) -> None:
+    """In a fresh interpreter with Python's default warning display: 12 opens of a header over PIL's warning threshold,
+    from 4 threads, print no DecompressionBombWarning, and a warn-once warning between them prints once (a
+    ``warnings.catch_warnings`` around each open reset Python's warning registry, and it printed 3 times)."""
+    path = write_bomb(tmp_path / "big.png", 10_000, 10_000)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-W", "default", "-c", PIL_WARNING_SCRIPT, str(path)], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "DecompressionBombWarning" not in done.stderr and done.stderr.count("UserWarning: said once") == 1, done.stderr
 
 
 def test_predict_reports_and_skips_a_decompression_bomb(project: Path) -> None:
@@ -488,3 +615,40 @@ def test_preview_image_check_leaves_the_stage_working_when_images_are_in_place(p
     assert result.exit_code == 0, result.output
     shutil.rmtree(raw)
     assert_refused(invoke("extract-crops", "-d", NAME, "-p", project / "params.yaml"), "is missing")
+
+
+def test_the_image_check_allows_for_the_banner_prepare_dropped(tmp_path: Path) -> None:
+    """FGVC-Aircraft without an image cache (cache_side: 0): every image file is 8 x 30 and the manifest says 8 x 10
+    (the 20-pixel banner dropped); the check compares the file with the manifest's height plus dataset.json's
+    crop_bottom, so the files as prepare read them pass and a file cut to the manifest's size does not."""
+    case = PrepareCase("aircraft", "aircraft", lambda root, info: [], "accepted", prepare={"cache_side": 0})
+    root, info, params = make_dataset(tmp_path, case)
+    assert invoke("prepare", "-d", "ds", "-p", params).exit_code == 0
+    d = tmp_path / "data/ds"
+    manifest = d / "manifest.csv"
+    rows, dataset = read_manifest(manifest), read_dataset_json(d / "dataset.json", "ds")
+    assert dataset.crop_bottom == 20 and {(r.width, r.height) for r in rows} == {(8, 10)}
+    cache = open_image_cache(d / "images.h5", dataset.root, file_sha256(manifest), "ds")
+    assert cache is None  # caching off: every file is checked
+    check_image_files(dataset, rows, cache, "ds", manifest)
+    cut, gone = rows[2], rows[5]
+    write_image(root / cut.path, size=(8, 10))  # the image without its banner: not what prepare read
+    (root / gone.path).unlink()
+    with pytest.raises(DatasetError) as err:
+        check_image_files(dataset, rows, cache, "ds", manifest)
+    said = flat(str(err.value))
+    assert f"image id {cut.image_id}: {root / cut.path} is 8 x 10 pixels, not the 8 x 30 prepare read" in said
+    assert f"image id {gone.image_id}: {root / gone.path} is missing" in said and f"listed them in {manifest}" in said
+    check_image_files(dataset, [r for r in rows if r not in (cut, gone)], cache, "ds", manifest)  # only the rows given
+
+
+def test_evaluate_checks_only_the_images_it_decodes(project: Path) -> None:
+    """evaluate decodes val and test images, never train's: a deleted train image (no cache) does not stop it,
+    a deleted test image does (image-deleted-no-cache:evaluate above)."""
+    raw = own_raw(project)
+    without_cache(project)
+    trained = [r for r in read_manifest(project / D / "manifest.csv") if r.split == "train"]
+    (raw / trained[0].path).unlink()
+    result = invoke("evaluate", "-d", NAME, "-p", project / "params.yaml")
+    assert result.exit_code == 0, result.output
+    assert_refused(invoke("train-refine", "-d", NAME, "-p", project / "params.yaml"), trained[0].image_id, "is missing")

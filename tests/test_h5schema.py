@@ -158,11 +158,39 @@ def test_writer_checks_batches(tmp_path: Path) -> None:
             w.append(**data)
 
 
+@pytest.mark.parametrize(
+    "edit, says",
+    [
+        (lambda d: d["heatmaps"]["oaam"].__setitem__((1, 0, 0), 1.5), r"dataset `heatmap`, row 4 \(image 'img_001_ü'\) holds values outside \[0, 1\]"),
+        (lambda d: d["labels"].__setitem__(2, 5), r"dataset `label`, row 5 \(image 'img_002_ü'\) is not a class index in \[0, 4\]"),
+        (lambda d: d["logits"].__setitem__((0, 1), np.nan), r"dataset `logits`, row 3 \(image 'img_000_ü'\) holds NaN or infinite values"),
+    ],
+    ids=["heatmap-above-1", "label-out-of-range", "logits-nan"],
+)
+def test_the_writer_applies_the_readers_value_rules(tmp_path: Path, edit, says: str) -> None:
+    """A producer's bug stops at the append that carries it, naming the row, and no file is written: the readers'
+    rules (one table per schema) hold on both sides."""
+    path = tmp_path / "attention.h5"
+    with pytest.raises(ValueError, match=says + r".*; the file is not written, as its readers would refuse it"):
+        with AttentionWriter(path, _attention_meta(), (14, 14), 5) as w:
+            w.append(**_attention_data(3, seed=1))
+            bad = _attention_data(3, seed=2)
+            edit(bad)
+            w.append(**bad)
+    assert list(tmp_path.iterdir()) == []
+    meta = CropsMeta(method="bap", threshold=0.2, attention_sha256=SHA_A, manifest_sha256=SHA_B, checkpoint_sha256=SHA_C)
+    box = np.array([[5.0, 1.0, 2.0, 4.0]], dtype=np.float32)  # x1 < x0
+    with pytest.raises(ValueError, match=r"dataset `box`, row 0 \(image 'c0'\) is not a box \(x0, y0, x1, y1\)"):
+        with CropsWriter(tmp_path / "crops.h5", meta, max_parts=2) as w:
+            w.append(["c0"], box, [0.5], [False], np.zeros((1, 2, 4)), np.zeros((1, 2)), [0])
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_refuses_other_sources(tmp_path: Path) -> None:
     path = tmp_path / "attention.h5"
     _write_attention(path, [2])
     with AttentionReader(path) as r:
-        with pytest.raises(ArtifactError, match=r"attention\.h5 was made from another manifest .*rerun `fgpipe extract-attention`"):
+        with pytest.raises(ArtifactError, match=rf"attention\.h5 was made from another manifest .*rerun `fgpipe extract-attention --dataset {tmp_path.name}`"):
             r.check_source(manifest_sha256=SHA_C)
         with pytest.raises(ArtifactError, match="another checkpoint"):
             r.check_source(manifest_sha256=SHA_B, checkpoint_sha256=SHA_C)
@@ -215,7 +243,7 @@ def test_crops_round_trip_and_refusal(tmp_path: Path) -> None:
         for sl in (slice(0, 2), slice(2, 5)):
             w.append([f"c{i}" for i in range(5)][sl], boxes[sl], boxes[sl, 0], fallback[sl], parts[sl],
                      part_scores[sl], counts[sl])
-        with pytest.raises(ValueError, match=r"part counts must lie in \[0, 6\]"):
+        with pytest.raises(ValueError, match=r"dataset `part_count`, row 5 \(image 'x'\) is outside \[0, 6\] \(the parts slots\)"):
             w.append(["x"], boxes[:1], boxes[:1, 0], fallback[:1], parts[:1], part_scores[:1], [7])
     with CropsReader(path) as r:
         assert r.meta == meta and len(r) == 5 and r.max_parts == 6
@@ -248,7 +276,7 @@ def test_attention_meta_and_stored_methods_are_checked(tmp_path: Path) -> None:
         AttentionReader(path)
     with h5py.File(path, "a") as f:
         f.attrs["methods"] = json.dumps(["gradcam", "aolm", "bap"])  # lacks the selected method
-    with pytest.raises(ArtifactError, match="attrs `method` / `methods`.*rerun `fgpipe extract-attention`"):
+    with pytest.raises(ArtifactError, match=f"attrs `method` / `methods`.*rerun `fgpipe extract-attention --dataset {tmp_path.name}`"):
         AttentionReader(path)
     with h5py.File(path, "a") as f:
         f.attrs["methods"] = "oaam"
@@ -261,8 +289,8 @@ def test_a_version_1_file_says_to_rerun_extract_attention(tmp_path: Path) -> Non
     _write_attention(path, [2])
     with h5py.File(path, "a") as f:
         f.attrs["schema_version"] = 1
-    with pytest.raises(ArtifactError, match="schema version 1, this fgpipe reads version 2; rerun `fgpipe extract-attention`"):
-        AttentionReader(path)
+    with pytest.raises(ArtifactError, match="schema version 1, this fgpipe reads version 2; rerun `fgpipe extract-attention --dataset toy`"):
+        AttentionReader(path, dataset="toy")  # the caller's name; else the file's folder's (data/NAME/attention.h5)
 
 
 def test_a_single_method_file_takes_plain_maps(tmp_path: Path) -> None:

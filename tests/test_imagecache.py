@@ -228,7 +228,7 @@ def test_tampered_cache_layout_is_refused(tmp_path: Path, make_settings) -> None
     _, root, _, path = _prepared(tmp_path, make_settings, 64)
     with h5py.File(path, "r+") as h5:
         h5["offset"][1] += 3
-    with pytest.raises(ArtifactError, match=r"`offset` and `cached_wh` do not tile .* rerun `fgpipe prepare`"):
+    with pytest.raises(ArtifactError, match=r"`offset` and `cached_wh` do not tile .* rerun `fgpipe prepare --dataset f`"):
         ImageCache(path, root)
 
 

@@ -237,15 +237,24 @@ def test_imagenet_from_torch_hub_cache(tmp_path: Path, monkeypatch: pytest.Monke
     assert backbone.weights_report is not None and set(backbone.weights_report.ignored) == {"fc.weight", "fc.bias"}
 
     (cache / os.path.basename(enum.url)).write_bytes(b"truncated download")
-    with pytest.raises(ConfigError, match="unreadable.*delete it"):
+    with pytest.raises(ConfigError, match=r"model\.weights: imagenet: .*: not a readable PyTorch weights file.*delete it"):
         create_backbone("resnet18", weights="imagenet")
+    torch.save({"fc.weight": _Pickled()}, cache / os.path.basename(enum.url))  # not tensors: never unpickled
+    with pytest.raises(ConfigError, match="which fgpipe never unpickles") as err:
+        create_backbone("resnet18", weights="imagenet")
+    assert "weights_only" not in str(err.value)
 
 
-def test_imagenet_offline_tells_how_to_pass_a_file(monkeypatch: pytest.MonkeyPatch) -> None:
+class _Pickled:
+    """An object that only a full unpickling (``weights_only=False``) would rebuild."""
+
+
+def test_imagenet_offline_tells_how_to_pass_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     def offline(*args: object, **kwargs: object) -> None:
         raise URLError("[Errno -3] Temporary failure in name resolution")
 
-    monkeypatch.setattr(torchvision.models._api, "load_state_dict_from_url", offline)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # an empty hub cache: the weights must be downloaded
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
     with pytest.raises(ConfigError, match=r"model\.weights: /path/to/file\.pth.*--weights FILE"):
         create_backbone("resnet50", weights="imagenet")
     with pytest.raises(ConfigError, match="Inception_V3_Weights.IMAGENET1K_V1"):

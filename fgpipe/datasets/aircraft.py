@@ -121,8 +121,8 @@ def _boxes(path: Path) -> dict[str, Box]:
     return out
 
 
-def download(root: Path) -> None:
+def download(root: Path, setting: str = "datasets.NAME.root") -> None:
     """Fetch the official archive, verify its SHA-256 and extract it so that ``root`` is fgvc-aircraft-2013b/."""
     from fgpipe.datasets.download import fetch_and_extract
 
-    fetch_and_extract(URL, sha256=SHA256, dest=root, member="fgvc-aircraft-2013b")
+    fetch_and_extract(URL, sha256=SHA256, dest=root, member="fgvc-aircraft-2013b", setting=setting)

@@ -33,6 +33,9 @@ class SourceRecord:
 class SourceListing:
     records: list[SourceRecord]
     classes: list[str]  # every class in the dataset's official order (labels follow this order)
+    # where each class is listed, for messages ("classes.csv:3"), in the order of ``classes``; empty where unknown
+    # (prepare names both places of a class listed twice; readers that refuse a repeat themselves leave it empty)
+    class_origins: list[str] = field(default_factory=list)
     notes: dict[str, int] = field(default_factory=dict)  # reader-specific counts for the metrics
     # annotation problems the reader found but that do not stop prepare: kind -> the image ids concerned
     # (reported on the console and in the prepare metrics, with prepare's own, under `annotation_issues`)

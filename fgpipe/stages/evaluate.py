@@ -52,13 +52,13 @@ from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import ImageCache, open_image_cache
 from fgpipe.lineage import check_crops, check_recorded, check_refine, rerun
 from fgpipe.loader import check_image_files, resized_side
-from fgpipe.manifest import ManifestRow, class_names, read_manifest
+from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
 from fgpipe.models.branches import RefineNet
 from fgpipe.models.wsdan import Stage1Net
 from fgpipe.runtime import configure_threads
 from fgpipe.stages.extract_attention import extraction_device, load_checked_stage1
 from fgpipe.stages.train_backbone import load_split, predict_logits
-from fgpipe.stages.train_refine import ImageBoxes, dataset_root, load_refine, predict_branches, read_crops, refine_config, split_data
+from fgpipe.stages.train_refine import ImageBoxes, load_refine, predict_branches, read_crops, refine_config, split_data
 from fgpipe.store import FileHashes, atomic_path, read_json, replaced_together, write_json, write_text
 from fgpipe.training import Runtime, require_finite
 
@@ -127,7 +127,8 @@ def open_inputs(settings: Settings, dataset: str, paths: dict[str, Path]) -> Inp
     """Load and cross-check the manifest, both checkpoints and crops.h5 (no image is read here)."""
     settings.dataset(dataset)  # a clear error for an unknown dataset name
     rows = read_manifest(paths["manifest"])
-    root = dataset_root(paths["dataset"], dataset)
+    info = read_dataset_json(paths["dataset"], dataset)
+    root = info.root
     classes = class_names(rows)
     sha = FileHashes()  # each input hashed once
     manifest_sha = sha(paths["manifest"])
@@ -152,9 +153,11 @@ def open_inputs(settings: Settings, dataset: str, paths: dict[str, Path]) -> Inp
         refine = refine.to(memory_format=torch.channels_last)
     s1_cfg = dataclasses.replace(TrainBackboneConfig(**s1_state["config"]["train_backbone"]), test_refine=False)
     cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
-    check_image_files(paths["dataset"], rows, cache, dataset)  # before any report is written
+    by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
+    # before any report is written; train images are never decoded here, so only val's and test's are checked
+    check_image_files(info, by_split["val"] + by_split["test"], cache, dataset, paths["manifest"])
     return Inputs(
-        root=root, cache=cache, rows={s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}, classes=classes,
+        root=root, cache=cache, rows=by_split, classes=classes,
         crops=paths["crops"], manifest_sha256=manifest_sha, sources=sources,
         checkpoints={"stage1": paths["stage1"], "refine": paths["refine"]}, dataset=dataset, stage1=stage1, stage1_cfg=s1_cfg,
         refine=refine, refine_cfg=refine_config(r_state), rt=rt, batch_size=settings.params.evaluate.batch_size,

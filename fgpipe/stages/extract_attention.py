@@ -40,6 +40,7 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, DatasetError
 from fgpipe.h5schema import AttentionMeta, AttentionWriter
 from fgpipe.imagecache import open_image_cache
+from fgpipe.images import DECODE_ERRORS
 from fgpipe.loader import LoadRequest, check_image_files, decode_region, normalize
 from fgpipe.manifest import ManifestRow, read_dataset_json, read_manifest
 from fgpipe.models.wsdan import Stage1Net
@@ -70,11 +71,6 @@ def extraction_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def dataset_root(dataset_json: Path, dataset: str) -> Path:
-    """The image root recorded by `fgpipe prepare` in data/NAME/dataset.json."""
-    return read_dataset_json(dataset_json, dataset).root
-
-
 def load_checked_stage1(
     path: Path, manifest_sha: str, dataset: str, device: torch.device
 ) -> tuple[Stage1Net, dict[str, Any]]:
@@ -99,7 +95,7 @@ def decode_batch(requests: Sequence[LoadRequest], out_wh: tuple[int, int], pool:
         req = requests[i]
         try:
             arr = decode_region(req.path, req.region, out_wh, req.cache)  # (H, W, 3)
-        except OSError as exc:
+        except DECODE_ERRORS as exc:  # PIL's errors for a missing, corrupt or too large file (a bug is not caught)
             raise DatasetError(f"cannot read image {req.path}: {exc} (rerun `fgpipe prepare` to recheck the dataset)") from None
         out[i] = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
 
@@ -160,7 +156,8 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     rows = read_manifest(paths["manifest"])
     if not rows:
         raise ArtifactError(f"{paths['manifest']}: lists no images (rerun `fgpipe prepare --dataset {dataset}`)")
-    root = dataset_root(paths["dataset"], dataset)
+    info = read_dataset_json(paths["dataset"], dataset)
+    root = info.root
     manifest_sha = file_sha256(paths["manifest"])
     device = extraction_device()
     model, state = load_checked_stage1(paths["checkpoint"], manifest_sha, dataset, device)
@@ -193,7 +190,7 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     )
     row_batches = batched(rows, cfg.batch_size)
     cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
-    check_image_files(paths["dataset"], rows, cache, dataset)  # a missing or replaced file: stop before writing
+    check_image_files(info, rows, cache, dataset, paths["manifest"])  # a missing or replaced file: stop before writing
     jobs = ((b, [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height)), cache) for r in b]) for b in row_batches)
     predictions = np.empty(len(rows), dtype=np.int64)
     t0 = time.perf_counter()

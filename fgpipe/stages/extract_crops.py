@@ -45,11 +45,11 @@ from fgpipe.lineage import check_attention
 from fgpipe.loader import LoadRequest, check_image_files, normalize
 from fgpipe.localize import ObjectBoxes, PartBoxes, mpalm_parts_batch, object_boxes
 from fgpipe.localize.sweep import IOU_HIT, localization_report, localization_sweep, resolve_threshold, write_curves
-from fgpipe.manifest import ManifestRow, read_manifest
+from fgpipe.manifest import ManifestRow, read_dataset_json, read_manifest
 from fgpipe.models.wsdan import Stage1Net
 from fgpipe.preview import load_samples, preview_indices, render, save_png
 from fgpipe.runtime import configure_threads
-from fgpipe.stages.extract_attention import dataset_root, extraction_device, load_checked_stage1, prefetched
+from fgpipe.stages.extract_attention import extraction_device, load_checked_stage1, prefetched
 from fgpipe.stages.train_backbone import stage1_input_size
 from fgpipe.store import FileHashes, file_sha256, pending, replaced_together, write_json
 from fgpipe.training import require_finite
@@ -132,7 +132,8 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     settings.dataset(dataset)  # a clear error for an unknown dataset name
     paths = stage_paths(settings, dataset)
     rows = read_manifest(paths["manifest"])
-    root = dataset_root(paths["dataset"], dataset)
+    info = read_dataset_json(paths["dataset"], dataset)
+    root = info.root
     if not paths["attention"].is_file():
         raise ArtifactError(
             f"attention file not found: {paths['attention']} (run `fgpipe extract-attention --dataset {dataset}` first)"
@@ -160,9 +161,9 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         model, state = load_checked_stage1(checkpoint, manifest_sha, dataset, device)
         size = stage1_input_size(state)
         cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
-        check_image_files(paths["dataset"], rows, cache, dataset)  # a missing or replaced file: stop before writing
+        check_image_files(info, rows, cache, dataset, paths["manifest"])  # a missing or replaced file: stop before writing
         # the preview (written after crops.h5) draws its images from the files, cache or not
-        check_image_files(paths["dataset"], [rows[i] for i in preview_indices(rows, cfg.preview_images)], None, dataset)
+        check_image_files(info, [rows[i] for i in preview_indices(rows, cfg.preview_images)], None, dataset, paths["manifest"])
         meta = CropsMeta(
             method=attention.meta.method,
             threshold=threshold,

@@ -46,7 +46,7 @@ from fgpipe.config import Settings, TrainBackboneConfig, TrainRefineConfig
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
-from fgpipe.images import image_size
+from fgpipe.images import DECODE_ERRORS, image_size
 from fgpipe.loader import LoadRequest, decode_region, normalize, resized_side
 from fgpipe.localize import object_boxes
 from fgpipe.manifest import class_names, read_manifest
@@ -303,7 +303,7 @@ def run(
     for path in images:
         try:
             good.append((path, image_size(path, verify=True, max_pixels=settings.params.prepare.max_pixels)))
-        except (OSError, ValueError, SyntaxError) as exc:  # missing, corrupt, truncated or over prepare.max_pixels
+        except DECODE_ERRORS as exc:  # missing, corrupt, truncated or over prepare.max_pixels (a bug is not caught)
             reason = exc.strerror if isinstance(exc, FileNotFoundError) and exc.strerror else str(exc)
             errors.append({"image": str(path), "error": reason})
             console.print(f"[bold red]error:[/] {escape(str(path))}: cannot read image: {escape(reason)}", highlight=False, soft_wrap=True)

@@ -15,7 +15,6 @@ ids, under ``annotation_issues`` in the metrics (:data:`ISSUES`).
 
 from __future__ import annotations
 
-import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -33,7 +32,7 @@ from fgpipe.datasets import reader
 from fgpipe.datasets.base import SourceListing, SourceRecord, safe_relpath
 from fgpipe.errors import BadImagesError, DatasetError
 from fgpipe.imagecache import build_image_cache
-from fgpipe.images import DEFAULT_MAX_PIXELS, image_size
+from fgpipe.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, image_size
 from fgpipe.manifest import SPLITS, Box, ManifestRow, write_manifest
 from fgpipe.store import file_sha256, pending, replaced_together, write_json
 
@@ -62,14 +61,14 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     mod = reader(cfg.kind)
 
     if cfg.kind == "synthetic":
-        mod.generate(root, cfg.options())
+        mod.generate(root, cfg.options(), setting=f"datasets.{dataset}.root")
     elif not root.exists():
         if not cfg.download:
             raise DatasetError(f"dataset root not found: {root} (datasets.{dataset}.root)\n{mod.HOW_TO_GET}")
         if not hasattr(mod, "download"):
             raise DatasetError(f"{cfg.kind} has no official archive to download: {mod.HOW_TO_GET}")
         console.print(f"downloading {cfg.kind} to {root}")
-        mod.download(root)
+        mod.download(root, setting=f"datasets.{dataset}.root")
 
     listing: SourceListing = mod.read(root, cfg)
     rows, counts, issues = build_rows(root, cfg, listing, settings.params.prepare.max_pixels)
@@ -122,11 +121,9 @@ def build_rows(
     counts: Counter[str] = Counter(
         skipped=0, boxes_clipped=0, boxes_dropped=0, classes_without_images=0, classes_without_train_images=0
     )
-    repeated = sorted(c for c, n in Counter(listing.classes).items() if n > 1)
-    if repeated:  # the readers name the lines; this guards any reader against merging two classes into one label
-        raise DatasetError(f"the class list of {root} holds {_named(repeated)} more than once: two classes would become one")
-    records = _checked_records(root, listing.records)
-    sizes, digests, bad = _decode_all(root, records, verify=cfg.verify_images, max_pixels=max_pixels)
+    _refuse_repeated_classes(root, listing)
+    records, files = _checked_records(root, listing.records)
+    sizes, digests, bad = _decode_all(root, records, files, verify=cfg.verify_images, max_pixels=max_pixels)
     if bad:
         if not cfg.skip_bad:
             raise BadImagesError(str(root), bad)
@@ -172,7 +169,7 @@ def build_rows(
         rows.append(ManifestRow(r.image_id, r.path, label_of[r.class_name], r.class_name, splits[r.image_id], w, h, box))
     if clipped_ids:
         console.print(f"{len(clipped_ids)} box(es) reach outside their image and were clipped, image ids: {_named(clipped_ids)}")
-    issues = annotation_issues(root, records, splits, digests, listing.issues)
+    issues = annotation_issues(records, files, splits, digests, listing.issues)
     for kind, groups in issues.items():
         if groups:
             shown = _named(" = ".join(group) for group in groups)
@@ -190,15 +187,17 @@ def issue_metrics(issues: dict[str, list[tuple[str, ...]]]) -> dict[str, dict[st
 
 
 def annotation_issues(
-    root: Path, records: list[SourceRecord], splits: dict[str, str], digests: dict[str, str], from_reader: dict[str, list[str]]
+    records: list[SourceRecord], files: dict[str, Path], splits: dict[str, str], digests: dict[str, str],
+    from_reader: dict[str, list[str]],
 ) -> dict[str, list[tuple[str, ...]]]:
     """Every kind of :data:`ISSUES` -> the image ids concerned, in groups (ids showing one image) or alone.
 
-    ``digests``: SHA-256 of each file's bytes (by manifest path); ``from_reader``: the reader's own issues.
+    ``files``: each manifest path's file, symlinks resolved (:func:`_checked_records`); ``digests``: a key of each
+    file's bytes, equal for byte-identical files only (:func:`_decode_all`); ``from_reader``: the reader's own issues.
     """
-    by_file: dict[str, list[SourceRecord]] = defaultdict(list)
+    by_file: dict[Path, list[SourceRecord]] = defaultdict(list)
     for r in records:
-        by_file[os.path.realpath(root / r.path)].append(r)
+        by_file[files[r.path]].append(r)
     by_bytes: dict[str, list[SourceRecord]] = defaultdict(list)
     for group in by_file.values():
         by_bytes[digests[group[0].path]].extend(group)
@@ -223,12 +222,31 @@ def _named(items: Iterable[str], limit: int = 10) -> str:
     return escape(", ".join(items[:limit])) + more
 
 
-def _checked_records(root: Path, records: list[SourceRecord]) -> list[SourceRecord]:
+def _refuse_repeated_classes(root: Path, listing: SourceListing) -> None:
+    """Refuse a class list naming one class twice: the two classes would merge into one label. The readers that can
+    refuse it themselves do; this guards every reader, naming both places (``listing.class_origins``) when known."""
+    origins = listing.class_origins if len(listing.class_origins) == len(listing.classes) else []
+    first: dict[str, int] = {}
+    for i, name in enumerate(listing.classes):
+        j = first.setdefault(name, i)
+        if j == i:
+            continue
+        where = (
+            f"{origins[i]}: class {name!r} is listed again (first at {origins[j]})" if origins
+            else f"the class list read from {root} holds {name!r} twice (entries {j + 1} and {i + 1})"
+        )
+        raise DatasetError(f"{where}: two classes would become one label. Give each class its own name, or list it once")
+
+
+def _checked_records(root: Path, records: list[SourceRecord]) -> tuple[list[SourceRecord], dict[str, Path]]:
+    """The records with their paths normalised, and each path's file with symlinks resolved (checked to lie inside
+    ``root``); refuses a repeated id, an unknown split, a path escaping ``root`` and every missing file at once."""
     if not records:
         raise DatasetError(f"the annotation files under {root} list no images")
     seen: dict[str, str] = {}
     missing = []
     out = []
+    files: dict[str, Path] = {}
     for r in records:
         if r.image_id in seen:
             raise DatasetError(f"{r.origin or root}: image id {r.image_id!r} is listed twice (first at {seen[r.image_id]})")
@@ -242,40 +260,56 @@ def _checked_records(root: Path, records: list[SourceRecord]) -> list[SourceReco
         if not full.is_file():
             missing.append(f"{root / rel}" + (f" (listed at {r.origin})" if r.origin else ""))
         out.append(r if rel == r.path else SourceRecord(r.image_id, rel, r.class_name, r.split, r.box, r.origin))
+        files[rel] = full
     if missing:
         shown = "\n  ".join(missing[:20])
         more = f"\n  ... and {len(missing) - 20} more" if len(missing) > 20 else ""
         raise DatasetError(f"{len(missing)} listed image file(s) do not exist:\n  {shown}{more}")
-    return out
+    return out, files
 
 
 def _decode_all(
-    root: Path, records: list[SourceRecord], verify: bool, max_pixels: int = DEFAULT_MAX_PIXELS
+    root: Path, records: list[SourceRecord], files: dict[str, Path], verify: bool, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> tuple[dict[str, tuple[int, int]], dict[str, str], list[tuple[str, str]]]:
-    """Sizes and SHA-256 of every image (decoding each when ``verify``); unreadable ones listed with the reason.
+    """Sizes of every image (decoding each when ``verify``), a key of each file's bytes, and the unreadable ones
+    with the reason.
 
-    An image declaring more than ``max_pixels`` pixels is unreadable (before any decoding). The hash reads
-    the file again, from the OS cache right after PIL read it.
+    An image declaring more than ``max_pixels`` pixels is unreadable (before any decoding). The key is equal for
+    byte-identical files only: byte-identical files have equal byte sizes, so only files whose size another file
+    (``files``: each path's file, resolved) shares are hashed (SHA-256); every other file's key is its unique size.
+    Without ``verify`` only the headers and the sizes are read, not the whole dataset.
     """
     sizes: dict[str, tuple[int, int]] = {}
-    digests: dict[str, str] = {}
+    nbytes: dict[str, int] = {}
     bad: list[tuple[str, str]] = []
 
-    def one(rel: str) -> tuple[str, tuple[int, int] | None, str]:
+    def one(rel: str) -> tuple[str, tuple[int, int] | None, str | int]:
         try:
-            size = image_size(root / rel, verify, max_pixels)
-            return rel, size, file_sha256(root / rel)
-        except (OSError, ValueError, SyntaxError) as exc:  # PIL's errors for corrupt/truncated/unknown/too large files
+            return rel, image_size(root / rel, verify, max_pixels), files[rel].stat().st_size
+        except DECODE_ERRORS as exc:  # PIL's errors for a corrupt, truncated, unknown or too large file
             return rel, None, f"{type(exc).__name__}: {exc}"
 
     with progress() as bar, ThreadPoolExecutor(max_workers=2) as pool:
         task = bar.add_task("decoding images" if verify else "reading image sizes", total=len(records))
-        for rel, size, text in pool.map(one, [r.path for r in records]):
+        for rel, size, found in pool.map(one, [r.path for r in records]):
             if size is None:
-                bad.append((rel, text))
+                bad.append((rel, str(found)))
             else:
-                sizes[rel], digests[rel] = size, text
+                sizes[rel], nbytes[rel] = size, int(found)
             bar.advance(task)
+
+    by_size: dict[int, set[Path]] = defaultdict(set)  # byte size -> the distinct files of that size
+    for rel, n in nbytes.items():
+        by_size[n].add(files[rel])
+    shared = sorted({f for same in by_size.values() if len(same) > 1 for f in same})
+    hashed: dict[Path, str] = {}
+    if shared:
+        with progress() as bar, ThreadPoolExecutor(max_workers=2) as pool:
+            task = bar.add_task("hashing files of equal byte size", total=len(shared))
+            for path, digest in zip(shared, pool.map(file_sha256, shared)):
+                hashed[path] = digest
+                bar.advance(task)
+    digests = {rel: hashed.get(files[rel], f"{n} bytes") for rel, n in nbytes.items()}
     return sizes, digests, bad
 
 

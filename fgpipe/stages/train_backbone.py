@@ -117,7 +117,8 @@ def _run(
     paths = stage_paths(settings, dataset)
     settings.dataset(dataset)  # a clear error for an unknown dataset name
     rows = read_manifest(paths["manifest"])
-    root = read_dataset_json(paths["dataset"], dataset).root
+    info = read_dataset_json(paths["dataset"], dataset)
+    root = info.root
     classes = class_names(rows)
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
     for s in ("train", "val"):
@@ -126,7 +127,7 @@ def _run(
 
     side = resized_side(cfg.input_size, cfg.augment)
     cache = open_image_cache(paths["images"], root, file_sha256(paths["manifest"]), dataset)
-    check_image_files(paths["dataset"], rows, cache, dataset)  # test images too: they are read after training
+    check_image_files(info, rows, cache, dataset, paths["manifest"])  # test images too: they are read after training
     train = load_split(root, by_split["train"], side, "train", cache)
     val = load_split(root, by_split["val"], side, "val", cache)
 
@@ -419,7 +420,8 @@ def load_stage1(
     with rebuilding(path, "stage1", dataset):
         mcfg = ModelConfig(**state["config"]["model"])
         TrainBackboneConfig(**state["config"]["train_backbone"])  # checked here: the callers read it
-        model = build_stage1(mcfg, len(state["class_names"]), weights="none")
+    model = build_stage1(mcfg, len(state["class_names"]), weights="none")
+    with rebuilding(path, "stage1", dataset):
         model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 

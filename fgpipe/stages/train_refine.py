@@ -301,11 +301,6 @@ def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
     }
 
 
-def dataset_root(path: Path, dataset: str) -> Path:
-    """The dataset root recorded by prepare in data/NAME/dataset.json."""
-    return read_dataset_json(path, dataset).root
-
-
 def load_stage1_state(path: Path, manifest_sha: str, classes: list[str], dataset: str) -> dict[str, Any]:
     """The stage-1 checkpoint the branches start from; refuses one trained on another manifest."""
     if not path.is_file():
@@ -335,7 +330,8 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
     paths = stage_paths(settings, dataset)
     settings.dataset(dataset)  # a clear error for an unknown dataset name
     rows = read_manifest(paths["manifest"])
-    root = dataset_root(paths["dataset"], dataset)
+    info = read_dataset_json(paths["dataset"], dataset)
+    root = info.root
     classes = class_names(rows)
     sha = FileHashes()  # each input hashed once
     manifest_sha = sha(paths["manifest"])
@@ -350,14 +346,14 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
     hashes = {"manifest_sha256": manifest_sha, "crops_sha256": sha(paths["crops"]), "stage1_sha256": sha(paths["stage1"])}
 
     cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
-    check_image_files(paths["dataset"], by_split["train"] + by_split["val"], cache, dataset)  # before any checkpoint is written
+    check_image_files(info, by_split["train"] + by_split["val"], cache, dataset, paths["manifest"])  # before any checkpoint is written
     train = split_data(root, by_split["train"], boxes["train"], cfg, cfg.box_jitter, "train", cache)
     val = split_data(root, by_split["val"], boxes["val"], cfg, 0.0, "val", cache)
 
     seed_everything(cfg.seed)
-    mcfg = ModelConfig(**stage1["config"]["model"])
-    with rebuilding(paths["stage1"], "stage1", dataset):
-        model, report = build_refine_net(mcfg, len(classes), cfg.shared_backbone, stage1["model"], str(paths["stage1"]))
+    mcfg = ModelConfig(**stage1["config"]["model"])  # checked by load_stage1_state
+    # a stage-1 state_dict that does not fit is a ConfigError naming each key (fgpipe.models.weights.apply_state_dict)
+    model, report = build_refine_net(mcfg, len(classes), cfg.shared_backbone, stage1["model"], str(paths["stage1"]))
     model = model.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -564,7 +560,8 @@ def load_refine(
     with rebuilding(path, "refine", dataset):
         mcfg = ModelConfig(**state["config"]["model"])
         shared = refine_config(state).shared_backbone  # also checks the section: the callers read it
-        model, _ = build_refine_net(mcfg, len(state["class_names"]), shared)
+    model, _ = build_refine_net(mcfg, len(state["class_names"]), shared)
+    with rebuilding(path, "refine", dataset):
         model.load_state_dict(state["model"])
     return model.to(device).eval(), state
 
