@@ -14,6 +14,7 @@ import copy
 import json
 import dataclasses
 import os
+import re
 import typing
 from collections.abc import Collection
 from pathlib import Path
@@ -299,7 +300,7 @@ class EvaluateConfig:
 
     combine: Literal["val", "fixed"] = "val"
     weights: BranchWeights = BranchWeights()  # used when combine: fixed
-    weight_step: float = Field(0.25, gt=0, le=1)  # grid step of the weights searched on val
+    weight_step: float = Field(0.25, ge=0.01, le=1)  # 0.01: 5,151 weight triples; finer only costs memory  # grid step of the weights searched on val
     select_by: Literal["nll", "top1"] = "nll"  # what the weights searched on val optimise: log-loss or top-1
     top_k: int = Field(5, ge=1, le=100)
     batch_size: int = Field(32, ge=1, le=4096)
@@ -330,6 +331,9 @@ class DatasetOverrides:
     def blocks(self) -> dict[str, dict[str, Any]]:
         """The non-empty blocks: section -> values (a copy)."""
         return {s: copy.deepcopy(v) for s in STAGE_SECTIONS if (v := getattr(self, s))}
+
+
+_DATASET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")
 
 
 @dataclass(frozen=True, config=_CFG)
@@ -363,6 +367,16 @@ class Params:
                 raise ValueError(
                     f"run.{name} must be `{want}` (the input DVC watches: "
                     f"{'the generator' if ds.kind == 'synthetic' else f'datasets.{name}.root'}), got `{source}`"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _check_names(self) -> Params:
+        for name in self.datasets:  # a name is a folder under data/ and metrics/: never a path
+            if not _DATASET_NAME.fullmatch(name) or ".." in name:
+                raise ValueError(
+                    f"datasets.{name}: a dataset name is a folder name under data/ and metrics/: letters, digits, "
+                    "`_`, `-` and `.`, starting with a letter or digit, no `..`"
                 )
         return self
 
@@ -455,15 +469,53 @@ class Settings:
         }
 
 
+MAX_PARAMS_NODES = 1_000_000  # values in a params file once its aliases are expanded (the real file: about 400)
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (YAML keeps the last, dropping the first
+    silently: a section pasted twice loses the first one's values)."""
+
+    def construct_mapping(self, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: set[Any] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key `{key}` is given twice in one mapping", key_node.start_mark
+                )
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
 def _read_mapping(path: Path, what: str) -> dict[str, Any]:
     """A YAML file whose top level is a mapping (empty file: {}); ConfigError naming the file otherwise."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_StrictLoader) or {}  # noqa: S506 (a safe loader)
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.object[exc.start:exc.start + 1]!r}); save it as UTF-8") from None
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+        where = str(exc).replace('"<unicode string>"', str(path))
+        raise ConfigError(f"{path}: not valid YAML: {where}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: {what}, got {type(data).__name__}")
+    if _expanded_size(data, {}) > MAX_PARAMS_NODES:  # aliases (*name) of aliases: a few lines, gigabytes expanded
+        raise ConfigError(
+            f"{path}: its aliases (*name) expand to more than {MAX_PARAMS_NODES:,} values; write the values out"
+        )
     return data
+
+
+def _expanded_size(node: Any, memo: dict[int, int]) -> int:
+    """Values in ``node`` with every shared (aliased) list or mapping counted each time it is referenced; memoised
+    by identity, so a YAML alias bomb is measured without being expanded."""
+    if not isinstance(node, (dict, list)):
+        return 1
+    key = id(node)
+    if key not in memo:
+        children = list(node.keys()) + list(node.values()) if isinstance(node, dict) else node
+        memo[key] = 1 + sum(_expanded_size(child, memo) for child in children)
+    return memo[key]
 
 
 def load_params(

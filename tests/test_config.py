@@ -284,3 +284,63 @@ def test_dvc_yaml_tracks_each_stages_per_dataset_blocks() -> None:
         covered |= own
     assert not any(k.startswith("per_dataset") for k in stages["prepare"]["do"]["params"])
     assert covered == set(STAGE_SECTIONS)
+
+
+REAL_TEXT = (Path(__file__).resolve().parents[1] / "params.yaml").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("text", "pattern"),
+    [
+        (REAL_TEXT + "\ntrain_backbone:\n  epochs: 1\n", r"key `train_backbone` is given twice"),  # a section twice
+        (REAL_TEXT.replace("  epochs: 12", "  epochs: 12\n  epochs: 3", 1), r"key `epochs` is given twice"),
+        (
+            "a: &a [0, 0, 0, 0, 0, 0, 0, 0, 0, 0]\n"
+            + "".join(f"{c}: &{c} [{', '.join(['*' + p] * 10)}]\n" for p, c in zip("abcdefg", "bcdefgh"))
+            + REAL_TEXT,
+            r"aliases \(\*name\) expand to more than 1,000,000 values",  # 10**8 values: refused unexpanded
+        ),
+    ],
+    ids=["section-twice", "key-twice", "alias-bomb"],
+)
+def test_params_yaml_refuses_duplicate_keys_and_aliases(tmp_path: Path, text: str, pattern: str) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(ConfigError, match=pattern) as err:
+        load_params(path)
+    assert str(path) in str(err.value) and "<unicode string>" not in str(err.value)  # the file (and the line)
+
+
+def test_params_yaml_benign_aliases_load(tmp_path: Path) -> None:
+    """A dict shared by two sections (what yaml.safe_dump writes as an anchor and an alias) loads as written."""
+    params = yaml.safe_load(REAL_TEXT)
+    shared = {"resize_ratio": 1.2, "hflip": True, "color_jitter": 0.0}
+    params["train_backbone"]["augment"] = shared
+    params["train_refine"]["augment"] = shared
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params), encoding="utf-8")
+    assert "*id001" in path.read_text()
+    settings = load_params(path)
+    assert settings.params.train_refine.augment.resize_ratio == 1.2
+
+
+def test_params_yaml_not_utf8_names_the_file(tmp_path: Path) -> None:
+    path = tmp_path / "params.yaml"
+    path.write_bytes(REAL_TEXT.encode() + b"\n# caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"not UTF-8 text .*\\xe9.*save it as UTF-8"):
+        load_params(path)
+
+
+@pytest.mark.parametrize("name", ["x/../cub", "../evil", "a/b", "..", ".hidden", ""])
+def test_dataset_names_are_folder_names(tmp_path: Path, name: str) -> None:
+    params = yaml.safe_load(REAL_TEXT)
+    params["datasets"][name] = dict(params["datasets"]["cub"])
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params), encoding="utf-8")
+    with pytest.raises(ConfigError, match="a dataset name is a folder name"):
+        load_params(path)
+
+
+def test_weight_step_has_a_floor(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"evaluate.weight_step: .*greater than or equal to 0.01"):
+        load_params(Path(__file__).resolve().parents[1] / "params.yaml", {"evaluate.weight_step": 1e-6})
