@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError, Interrupted
 from fgpipe.runtime import env_int
-from fgpipe.store import atomic_path, output_error, safe_torch_load
+from fgpipe.store import atomic_path, output_error, replaced_together, safe_torch_load, write_json
 
 CHECKPOINT_FORMAT = "fgpipe-checkpoint-1"
 
@@ -380,6 +380,15 @@ def mark_finished(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
     """
     if state.get("finished") is False:
         save_checkpoint(path, {**{k: v for k, v in state.items() if k != "format"}, "finished": True})
+
+
+def finish_run(best: Path, last: Path, metrics_path: Path, metrics: dict[str, Any], best_state: dict[str, Any] | None = None) -> None:
+    """The end of a training run: best.pt and last.pt marked finished and the metrics file written, all three
+    replaced together (:func:`fgpipe.store.replaced_together`). ``best_state``: best.pt's state if already loaded."""
+    with replaced_together():
+        mark_finished(best, best_state if best_state is not None else load_checkpoint(best))
+        mark_finished(last, load_checkpoint(last))
+        write_json(metrics_path, metrics)
 
 
 def require_finished(state: dict[str, Any], path: str | os.PathLike[str], command: str) -> None:

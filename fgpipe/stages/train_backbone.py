@@ -36,7 +36,7 @@ from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_ma
 from fgpipe.models import build_stage1
 from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop, refine_crop
 from fgpipe.runtime import configure_threads
-from fgpipe.store import file_sha256, replaced_together, write_json
+from fgpipe.store import file_sha256
 from fgpipe.training import (
     Runtime,
     all_reduce_sum,
@@ -50,7 +50,7 @@ from fgpipe.training import (
     interrupted,
     load_checkpoint,
     log_epoch,
-    mark_finished,
+    finish_run,
     open_live,
     rebuilding,
     require_finished,
@@ -180,7 +180,7 @@ def _run(
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
                     "best": best, "history": history, "rng": rng_state(), "config": config,
                     "class_names": classes, "manifest_sha256": manifest_sha, "dataset": dataset,
-                    "finished": False,  # both are marked at the end, with the metrics (mark_finished)
+                    "finished": False,  # both are marked at the end, with the metrics (training.finish_run)
                 }
                 saved = epoch + 1
                 if improved:
@@ -224,10 +224,7 @@ def _run(
             **settings.provenance(),
         }
         if rt.is_main:
-            with replaced_together():  # the checkpoints are marked finished only together with the metrics
-                mark_finished(paths["best"], best_state)
-                mark_finished(paths["last"], load_checkpoint(paths["last"]))
-                write_json(paths["metrics"], metrics)
+            finish_run(paths["best"], paths["last"], paths["metrics"], metrics, best_state)  # together, at the end
         return metrics
     except KeyboardInterrupt:
         raise interrupted(f"fgpipe train-backbone --dataset {dataset}", saved, cfg.epochs) from None

@@ -50,7 +50,7 @@ from fgpipe.loader import LoadRequest, center_crop, check_image_files, load_regi
 from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
 from fgpipe.models.branches import RefineNet, build_refine_net
 from fgpipe.runtime import configure_threads
-from fgpipe.store import FileHashes, replaced_together, write_json
+from fgpipe.store import FileHashes
 from fgpipe.training import (
     Runtime,
     all_reduce_sum,
@@ -64,7 +64,7 @@ from fgpipe.training import (
     interrupted,
     load_checkpoint,
     log_epoch,
-    mark_finished,
+    finish_run,
     open_live,
     rebuilding,
     require_finished,
@@ -399,7 +399,7 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
                     "kind": "refine", "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best, "history": history,
                     "rng": rng_state(), "config": config, "class_names": classes, "dataset": dataset, **hashes,
-                    "finished": False,  # both are marked at the end, with the metrics (mark_finished)
+                    "finished": False,  # both are marked at the end, with the metrics (training.finish_run)
                 }
                 saved = epoch + 1
                 if improved:
@@ -441,10 +441,7 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
             **settings.provenance(),
         }
         if rt.is_main:
-            with replaced_together():  # the checkpoints are marked finished only together with the metrics
-                mark_finished(paths["best"], load_checkpoint(paths["best"]))
-                mark_finished(paths["last"], load_checkpoint(paths["last"]))
-                write_json(paths["metrics"], metrics)
+            finish_run(paths["best"], paths["last"], paths["metrics"], metrics)  # together, at the end
         return metrics
     except KeyboardInterrupt:
         raise interrupted(f"fgpipe train-refine --dataset {dataset}", saved, cfg.epochs) from None
