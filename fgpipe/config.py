@@ -299,11 +299,19 @@ class EvaluateConfig:
     """Stage evaluate: joint prediction on test; combination weights chosen on val or fixed here."""
 
     combine: Literal["val", "fixed"] = "val"
+    # the branches the joint prediction combines (every branch is still reported alone); the others get weight 0
+    branches: tuple[Literal["raw", "object", "parts"], ...] = ("raw", "object", "parts")
     weights: BranchWeights = BranchWeights()  # used when combine: fixed
     weight_step: float = Field(0.25, ge=0.01, le=1)  # 0.01: 5,151 weight triples; finer only costs memory  # grid step of the weights searched on val
     select_by: Literal["nll", "top1"] = "nll"  # what the weights searched on val optimise: log-loss or top-1
     top_k: int = Field(5, ge=1, le=100)
     batch_size: int = Field(32, ge=1, le=4096)
+
+    @model_validator(mode="after")
+    def _check_branches(self) -> EvaluateConfig:
+        if not self.branches or len(set(self.branches)) != len(self.branches):
+            raise ValueError(f"branches must name raw, object or parts at least once and each at most once, got {list(self.branches)!r}")
+        return self
 
 
 # --------------------------------------------------------------------------- the whole file

@@ -87,10 +87,10 @@ def test_weights_are_selected_before_test_is_read(trained: Path, tmp_path: Path,
         events.append(name)
         return real_split(inputs, name)
 
-    def select(val: evaluate.SplitProbabilities, step: float, select_by: str) -> dict[str, float]:
+    def select(val: evaluate.SplitProbabilities, step: float, select_by: str, branches: tuple[str, ...]) -> dict[str, float]:
         events.append(f"select by {select_by}")
         assert len(val.labels) == 6  # the val split only
-        return real_select(val, step, select_by)
+        return real_select(val, step, select_by, branches)
 
     monkeypatch.setattr(evaluate, "split_probabilities", split)
     monkeypatch.setattr(evaluate, "select_weights", select)
@@ -159,6 +159,43 @@ def test_weights_are_chosen_by_val_log_loss_or_top1(select_by: str) -> None:
         val = evaluate.SplitProbabilities([str(i) for i in range(40)], labels, probs)
         chosen = evaluate.select_weights(val, 0.125, select_by)
         assert tuple(chosen.values()) == _brute_force_weights(probs, labels, 8, select_by), trial
+
+
+def test_branches_left_out_of_the_joint_get_weight_zero() -> None:
+    """evaluate.branches [raw, object] (the ablation without parts): the search runs over the grid points whose
+    parts weight is 0, the same choice as a brute-force loop over those points only, even where parts is the
+    best branch on val."""
+    rng = np.random.default_rng(5)
+    labels = rng.integers(0, 4, size=30)
+    probs = {b: rng.dirichlet(np.ones(4), size=30) for b in evaluate.BRANCHES}
+    probs["parts"][np.arange(30), labels] += 3.0  # parts alone would win
+    probs["parts"] /= probs["parts"].sum(axis=1, keepdims=True)
+    val = evaluate.SplitProbabilities([str(i) for i in range(30)], labels, probs)
+    assert evaluate.select_weights(val, 0.25)["parts"] > 0.5
+    assert len(evaluate.weight_grid(0.25, ("raw", "object"))) == 5
+    assert evaluate.weight_grid(0.5, ("object",)) == [(0, 2, 0)]
+    for select_by in ("nll", "top1"):
+        chosen = evaluate.select_weights(val, 0.125, select_by, ("raw", "object"))
+        assert chosen["parts"] == 0.0
+        two = {"raw": probs["raw"], "object": probs["object"], "parts": np.zeros_like(probs["parts"])}
+        best = min(
+            ((i / 8, (8 - i) / 8) for i in range(9)),
+            key=lambda w: (0 if select_by == "nll" else -int(((w[0] * two["raw"] + w[1] * two["object"]).argmax(1) == labels).sum()),
+                           round(evaluate.joint_nll(w[0] * two["raw"] + w[1] * two["object"], labels), 9)),
+        )
+        assert (chosen["raw"], chosen["object"]) == best, select_by
+
+
+def test_the_branches_option_in_params(trained: Path, tmp_path: Path) -> None:
+    params = project(trained, tmp_path)
+    metrics = evaluate.run(load_params(params, {"evaluate.branches": ["raw", "object"]}), "toy")
+    assert metrics["weights"]["parts"] == 0.0 and sum(metrics["weights"].values()) == pytest.approx(1.0)
+    assert set(metrics) >= {"raw", "object", "parts", "joint"}  # parts is still reported alone
+    fixed = {"evaluate.combine": "fixed", "evaluate.weights": {"raw": 1.0, "object": 1.0, "parts": 2.0}, "evaluate.branches": ["object", "parts"]}
+    assert evaluate.run(load_params(params, fixed), "toy")["weights"] == {"raw": 0.0, "object": pytest.approx(1 / 3), "parts": pytest.approx(2 / 3)}
+    for bad in ([], ["raw", "raw"], ["joint"]):
+        with pytest.raises(ConfigError, match="evaluate.branches|branches"):
+            load_params(params, {"evaluate.branches": bad})
 
 
 def test_log_loss_tells_apart_weightings_top1_ties_on() -> None:

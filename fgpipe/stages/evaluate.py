@@ -19,7 +19,9 @@ fit to val: by default (``select_by: nll``) the lowest negative log-likelihood o
 joint probabilities, which uses every val image's confidence and so varies less on a small val split than
 top-1 does; ``select_by: top1`` takes the highest val top-1 (ties: the lowest NLL). Remaining ties go to the
 most uniform weighting (the smallest sum of squared weights), then grid order;
-``fixed`` uses ``evaluate.weights`` normalised to sum 1. The test split is loaded only once the weights
+``fixed`` uses ``evaluate.weights`` normalised to sum 1. ``evaluate.branches`` lists the branches the joint
+prediction combines (all three by default; ``[raw, object]`` is the ablation without parts): the others get
+weight 0 in both modes, and are still reported alone. The test split is loaded only once the weights
 are fixed (see :func:`run`): nothing is ever selected on test.
 
 evaluate.json is exactly ``{"images", "raw", "object", "parts", "joint", "weights", "sources"[, "localization"]}``,
@@ -183,12 +185,14 @@ def split_probabilities(inputs: Inputs, split: str) -> SplitProbabilities:
 
 
 # --------------------------------------------------------------------------- combination weights
-def weight_grid(step: float) -> list[tuple[int, int, int]]:
-    """Grid points (i, j, k), i + j + k = n = 1 / step: the weights (i, j, k) / n of (raw, object, parts)."""
+def weight_grid(step: float, branches: tuple[str, ...] = BRANCHES) -> list[tuple[int, int, int]]:
+    """Grid points (i, j, k), i + j + k = n = 1 / step: the weights (i, j, k) / n of (raw, object, parts);
+    a branch not in ``branches`` keeps 0."""
     n = round(1 / step)
     if n < 1 or abs(n * step - 1) > 1e-9:
         raise ConfigError(f"evaluate.weight_step must divide 1 (e.g. 0.05, 0.1, 0.125, 0.25, 0.5), got {step}")
-    return [(i, j, n - i - j) for i in range(n + 1) for j in range(n + 1 - i)]
+    grid = [(i, j, n - i - j) for i in range(n + 1) for j in range(n + 1 - i)]
+    return [p for p in grid if all(v == 0 for b, v in zip(BRANCHES, p) if b not in branches)]
 
 
 def joint_probabilities(probs: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
@@ -205,10 +209,13 @@ def joint_nll(probs: np.ndarray, labels: np.ndarray) -> float:
     return float(-np.log(np.maximum(picked, NLL_FLOOR)).mean())
 
 
-def select_weights(val: SplitProbabilities, step: float, select_by: str = "nll") -> dict[str, float]:
-    """Grid weights that fit val best: the lowest NLL of the joint prediction (``nll``) or the highest top-1
-    (``top1``, ties -> the lowest NLL); remaining ties -> the most uniform (then grid order)."""
-    grid = weight_grid(step)
+def select_weights(
+    val: SplitProbabilities, step: float, select_by: str = "nll", branches: tuple[str, ...] = BRANCHES
+) -> dict[str, float]:
+    """Grid weights of ``branches`` (the others 0) that fit val best: the lowest NLL of the joint prediction
+    (``nll``) or the highest top-1 (``top1``, ties -> the lowest NLL); remaining ties -> the most uniform (then
+    grid order)."""
+    grid = weight_grid(step, branches)
     n = sum(grid[0])
     best_key: tuple[float, ...] | None = None
     best = grid[0]
@@ -225,11 +232,11 @@ def select_weights(val: SplitProbabilities, step: float, select_by: str = "nll")
 
 
 def fixed_weights(cfg: EvaluateConfig) -> dict[str, float]:
-    """``evaluate.weights`` normalised to sum 1."""
-    raw = {b: float(getattr(cfg.weights, b)) for b in BRANCHES}
+    """``evaluate.weights`` of the branches in ``evaluate.branches`` (the others 0), normalised to sum 1."""
+    raw = {b: float(getattr(cfg.weights, b)) if b in cfg.branches else 0.0 for b in BRANCHES}
     total = sum(raw.values())
     if total <= 0:
-        raise ConfigError("evaluate.weights: at least one of raw, object, parts must be > 0 (combine: fixed)")
+        raise ConfigError(f"evaluate.weights: at least one of {', '.join(cfg.branches)} (evaluate.branches) must be > 0 (combine: fixed)")
     return {b: v / total for b, v in raw.items()}
 
 
@@ -285,7 +292,7 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         if not inputs.rows["val"]:
             raise ArtifactError(f"{paths['manifest']}: the val split is empty; use evaluate.combine: fixed")
         val = split_probabilities(inputs, "val")
-        weights = select_weights(val, cfg.weight_step, cfg.select_by)
+        weights = select_weights(val, cfg.weight_step, cfg.select_by, cfg.branches)
         val_joint = joint_probabilities(val.probs, weights)
         val_top1 = float((val_joint.argmax(1) == val.labels).mean())
         console.print(
