@@ -2,14 +2,19 @@
 
 Each command parses its options, loads params.yaml (with CLI overrides recorded), calls the stage's
 ``run()`` and reports. Errors of the FgpipeError family become a one-paragraph message and exit code 1; Ctrl-C
-becomes one line saying what was kept and how to go on, and exit code 130.
+(SIGTERM likewise) becomes one line saying what was kept and how to go on, and exit code 130 (143 for SIGTERM).
+A value an option cannot be parsed as is Typer's usage error: its usage line and message, exit code 2.
+The console script's entry point is :func:`fgpipe.__main__.main`, which handles Ctrl-C during these imports.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
+import shlex
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 from typing import Annotated, Any, TypeVar
 
 import typer
@@ -17,7 +22,8 @@ from rich.markup import escape
 
 from fgpipe.config import Settings, load_params
 from fgpipe.console import console
-from fgpipe.errors import FgpipeError, Interrupted
+from fgpipe.errors import FgpipeError
+from fgpipe.runtime import interruption, sigterm_raises
 
 app = typer.Typer(
     help="Weakly supervised fine-grained classification as a cached DVC pipeline.\n\n"
@@ -34,34 +40,44 @@ ParamsOpt = Annotated[Path, typer.Option("--params", "-p", help="Params file.", 
 
 
 def _guard(fn: Callable[[], T], rerun: str | None = None) -> T:
-    """Run ``fn``; turn fgpipe's own errors into a clean message and exit code 1, and Ctrl-C into one line saying what
-    was kept and how to go on (a training stage says it, else: nothing replaced, ``rerun``) and exit code 130."""
+    """Run ``fn``; turn fgpipe's own errors into a clean message and exit code 1, and Ctrl-C (or SIGTERM, which
+    raises like it while ``fn`` runs) into one line saying what was kept and how to go on (a training stage says
+    it, else: nothing replaced, ``rerun``) and exit code 130 (143 for SIGTERM)."""
     try:
-        return fn()
+        with sigterm_raises():
+            return fn()
     except FgpipeError as exc:
         _print_error(exc)
         raise typer.Exit(1) from None
     except KeyboardInterrupt as exc:
-        if isinstance(exc, Interrupted):
-            said = str(exc)
-        elif rerun:
-            said = f"interrupted (Ctrl-C): nothing was replaced, the previous outputs are unchanged; rerun `{rerun}`"
-        else:
-            said = "interrupted (Ctrl-C)"
+        said, code = interruption(exc, rerun)
         console.print(f"[bold yellow]{escape(said)}", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+        raise typer.Exit(code) from None
 
 
 def _print_error(exc: FgpipeError) -> None:
     console.print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
 
 
+def _stage(name: str) -> ModuleType:
+    """``fgpipe.stages.NAME``; commands import it inside :func:`_guard`, so a Ctrl-C during torch's import is
+    reported like one during the stage."""
+    return importlib.import_module(f"fgpipe.stages.{name}")
+
+
+def _flag(option: str, value: object) -> str:
+    """How the command line gave an override, for messages: ``--epochs 0``, ``--root ''``."""
+    return f"{option} {shlex.quote(str(value))}"
+
+
 _PRESET: dict[str, str] = {}  # `fgpipe --preset NAME`: applied to every command's settings
 
 
-def _settings(params: Path, overrides: dict[str, Any], dataset: str) -> Settings:
-    """params.yaml for ``dataset``: its per_dataset blocks merged into the stage sections, then the preset and options."""
-    return load_params(params, {**_PRESET, **overrides}, dataset=dataset)
+def _settings(params: Path, overrides: dict[str, Any], dataset: str, options: dict[str, str] | None = None) -> Settings:
+    """params.yaml for ``dataset``: its per_dataset blocks merged into the stage sections, then the preset and options.
+    ``options``: override key -> the option that gave it (``--epochs 0``), named when that value is refused."""
+    given = {"preset": _flag("--preset", _PRESET["preset"])} if "preset" in _PRESET else {}
+    return load_params(params, {**_PRESET, **overrides}, dataset=dataset, options={**given, **(options or {})})
 
 
 def _report(stage: str, dataset: str, metrics: dict[str, Any]) -> None:
@@ -101,12 +117,14 @@ def prepare(
     download: Annotated[bool, typer.Option("--download", help="Fetch the official archive if root is missing.")] = False,
 ) -> None:
     """Read a dataset in its official layout and write data/NAME/manifest.csv and the decoded image cache images.h5."""
-    from fgpipe.stages import prepare as stage
-
     overrides: dict[str, Any] = {f"datasets.{dataset}.root": root}
+    options = {f"datasets.{dataset}.root": _flag("--root", root)}
     if download:
         overrides[f"datasets.{dataset}.download"] = True
-    metrics = _guard(lambda: stage.run(_settings(params, overrides, dataset), dataset), f"fgpipe prepare --dataset {dataset}")
+        options[f"datasets.{dataset}.download"] = "--download"
+    metrics = _guard(
+        lambda: _stage("prepare").run(_settings(params, overrides, dataset, options), dataset), f"fgpipe prepare --dataset {dataset}"
+    )
     _report("prepare", dataset, metrics)
 
 
@@ -122,11 +140,15 @@ def train_backbone(
     ] = None,
 ) -> None:
     """Train the stage-1 network (backbone + LCAM + WS-DAN head); select the best epoch on val."""
-    from fgpipe.stages import train_backbone as stage
-
     overrides = {"train_backbone.epochs": epochs, "model.backbone": backbone, "model.weights": weights}
+    options = {
+        "train_backbone.epochs": _flag("--epochs", epochs),
+        "model.backbone": _flag("--backbone", backbone),
+        "model.weights": _flag("--weights", weights),
+    }
     metrics = _guard(
-        lambda: stage.run(_settings(params, overrides, dataset), dataset, resume=resume), f"fgpipe train-backbone --dataset {dataset}"
+        lambda: _stage("train_backbone").run(_settings(params, overrides, dataset, options), dataset, resume=resume),
+        f"fgpipe train-backbone --dataset {dataset}",
     )
     _report("train-backbone", dataset, metrics)
 
@@ -144,10 +166,12 @@ def extract_attention(
     ] = None,
 ) -> None:
     """Heatmaps of the stage-1 network for every image: data/NAME/attention.h5."""
-    from fgpipe.stages import extract_attention as stage
-
     overrides = {"attention.method": method, "attention.input_size": input_size}
-    metrics = _guard(lambda: stage.run(_settings(params, overrides, dataset), dataset), f"fgpipe extract-attention --dataset {dataset}")
+    options = {"attention.method": _flag("--method", method), "attention.input_size": _flag("--input-size", input_size)}
+    metrics = _guard(
+        lambda: _stage("extract_attention").run(_settings(params, overrides, dataset, options), dataset),
+        f"fgpipe extract-attention --dataset {dataset}",
+    )
     _report("extract-attention", dataset, metrics)
 
 
@@ -169,10 +193,13 @@ def extract_crops(
     Also the localisation of every stored heatmap method x crops.thresholds x split: metrics/NAME/localization.json
     and metrics/NAME/localization/METHOD.csv.
     """
-    from fgpipe.stages import extract_crops as stage
-
     value = None if threshold is None else _threshold(threshold)
-    metrics = _guard(lambda: stage.run(_settings(params, {"crops.threshold": value}, dataset), dataset), f"fgpipe extract-crops --dataset {dataset}")
+    overrides = {"crops.threshold": value}
+    options = {"crops.threshold": _flag("--threshold", threshold)}
+    metrics = _guard(
+        lambda: _stage("extract_crops").run(_settings(params, overrides, dataset, options), dataset),
+        f"fgpipe extract-crops --dataset {dataset}",
+    )
     _report("extract-crops", dataset, metrics)
 
 
@@ -187,11 +214,21 @@ def _threshold(text: str) -> float | str:
 
 
 def _thresholds(text: str | None) -> list[float] | None:
-    """``--thresholds``: comma-separated numbers."""
+    """``--thresholds``: comma-separated numbers; an empty list or an empty item between commas is refused (an
+    empty list never means the default grid: leaving the option out does)."""
     if text is None:
         return None
+    items = [v.strip() for v in text.split(",")]
+    if not any(items):
+        shown = f"`{text}`" if text.strip() else "an empty value"
+        raise typer.BadParameter(
+            f"{shown} holds no threshold: give one or more, e.g. 0.1,0.2,0.3 (leave --thresholds out for crops.thresholds)",
+            param_hint="--thresholds",
+        )
+    if not all(items):
+        raise typer.BadParameter(f"`{text}` has an empty item between its commas", param_hint="--thresholds")
     try:
-        return [float(v) for v in text.replace(" ", "").split(",") if v]
+        return [float(v) for v in items]
     except ValueError:
         raise typer.BadParameter(f"`{text}` is not a comma-separated list of numbers", param_hint="--thresholds") from None
 
@@ -210,10 +247,13 @@ def localize(
 
     from rich.console import Console
 
-    from fgpipe.stages import localize as stage
-
     grid = _thresholds(thresholds)
-    report = _guard(lambda: stage.run(_settings(params, {}, dataset), dataset, grid), f"fgpipe localize --dataset {dataset}")
+
+    def run() -> tuple[ModuleType, Any]:
+        stage = _stage("localize")
+        return stage, stage.run(_settings(params, {}, dataset), dataset, grid)
+
+    stage, report = _guard(run, f"fgpipe localize --dataset {dataset}")
     stage.print_table(Console(file=sys.stdout), report)
 
 
@@ -225,9 +265,13 @@ def show(
     out: Annotated[Path | None, typer.Option(help="PNG to write (default: data/NAME/show_<ID>.png).", dir_okay=False)] = None,
 ) -> None:
     """Draw one image's heatmap, object box, ground-truth box and parts; print the PNG's path."""
-    from fgpipe.preview import show as draw
 
-    path = _guard(lambda: draw(_settings(params, {}, dataset), dataset, image, out), f"fgpipe show --image {image} --dataset {dataset}")
+    def draw() -> Path:
+        from fgpipe.preview import show as draw_one
+
+        return draw_one(_settings(params, {}, dataset), dataset, image, out)
+
+    path = _guard(draw, f"fgpipe show --image {image} --dataset {dataset}")
     typer.echo(str(path))
 
 
@@ -239,11 +283,11 @@ def train_refine(
     epochs: Annotated[int | None, typer.Option(help="Override train_refine.epochs.")] = None,
 ) -> None:
     """Train the object branch on object crops and the part branch on MPALM patches; select on val."""
-    from fgpipe.stages import train_refine as stage
-
     overrides = {"train_refine.epochs": epochs}
+    options = {"train_refine.epochs": _flag("--epochs", epochs)}
     metrics = _guard(
-        lambda: stage.run(_settings(params, overrides, dataset), dataset, resume=resume), f"fgpipe train-refine --dataset {dataset}"
+        lambda: _stage("train_refine").run(_settings(params, overrides, dataset, options), dataset, resume=resume),
+        f"fgpipe train-refine --dataset {dataset}",
     )
     _report("train-refine", dataset, metrics)
 
@@ -257,9 +301,11 @@ def evaluate(
     ] = None,
 ) -> None:
     """Top-1/top-k of the raw, object, parts and joint predictions on test; joint weights chosen on val or fixed."""
-    from fgpipe.stages import evaluate as stage
-
-    metrics = _guard(lambda: stage.run(_settings(params, {"evaluate.combine": combine}, dataset), dataset), f"fgpipe evaluate --dataset {dataset}")
+    overrides = {"evaluate.combine": combine}
+    options = {"evaluate.combine": _flag("--combine", combine)}
+    metrics = _guard(
+        lambda: _stage("evaluate").run(_settings(params, overrides, dataset, options), dataset), f"fgpipe evaluate --dataset {dataset}"
+    )
     _report("evaluate", dataset, metrics)
 
 
@@ -279,25 +325,15 @@ def predict(
 
     An unreadable image is reported and skipped; the exit code is then 1 once every other image is done.
     """
-    from fgpipe.stages import predict as stage
-
-    failed = _guard(lambda: stage.run(_settings(params, {}, dataset), dataset, images, top_k=top_k, as_json=as_json, save_png=save_png))
+    failed = _guard(
+        lambda: _stage("predict").run(_settings(params, {}, dataset), dataset, images, top_k=top_k, as_json=as_json, save_png=save_png)
+    )
     if failed:
         raise typer.Exit(1)
 
 
 def main() -> None:
-    """Console-script entry point (re-executes once with glibc allocator settings, see fgpipe.runtime)."""
-    import os
-    import sys
+    """Entry point of installs whose `fgpipe` script still names ``fgpipe.cli:main``: see :func:`fgpipe.__main__.main`."""
+    from fgpipe.__main__ import main as run
 
-    from fgpipe.runtime import malloc_tuning_wanted, reexec_with_malloc_tuning
-
-    try:
-        wanted = malloc_tuning_wanted(os.environ)
-    except FgpipeError as exc:  # a malformed FGPIPE_MALLOC_TUNING, before any command runs
-        _print_error(exc)
-        raise SystemExit(1) from None
-    if wanted:
-        reexec_with_malloc_tuning(sys.argv[1:])
-    app()
+    run()

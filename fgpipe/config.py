@@ -15,8 +15,9 @@ import json
 import dataclasses
 import os
 import re
+import types
 import typing
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -413,6 +414,8 @@ class Settings:
     overrides: dict[str, Any]
     dataset_name: str | None = None  # the dataset whose per_dataset blocks are merged in; None: the shared sections
     raw: dict[str, Any] = dataclasses.field(default_factory=dict, repr=False, compare=False)  # the file as read
+    # override key -> the command-line option that gave it (`--epochs 0`), so an error in that value names the option
+    options: dict[str, str] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
     def base_dir(self) -> Path:
@@ -443,7 +446,8 @@ class Settings:
         self._lookup(name)
         entry = self.params.per_dataset.get(name)
         blocks = entry.blocks() if entry is not None else {}
-        params = validate(_effective_raw(self.raw, blocks, self.overrides, self.params_file), self.params_file, name, blocks)
+        raw = _effective_raw(self.raw, blocks, self.overrides, self.params_file, self.options)
+        params = validate(raw, self.params_file, name, blocks, self.options)
         return dataclasses.replace(self, params=params, dataset_name=name)
 
     def dataset_overrides(self) -> dict[str, dict[str, Any]]:
@@ -527,34 +531,53 @@ def _expanded_size(node: Any, memo: dict[int, int]) -> int:
 
 
 def load_params(
-    path: str | os.PathLike[str] = "params.yaml", overrides: dict[str, Any] | None = None, dataset: str | None = None
+    path: str | os.PathLike[str] = "params.yaml",
+    overrides: dict[str, Any] | None = None,
+    dataset: str | None = None,
+    options: Mapping[str, str] | None = None,
 ) -> Settings:
     """Read, override and validate params.yaml; raise ConfigError naming the culprit.
 
     With ``dataset``, the stage sections are that dataset's (:meth:`Settings.for_dataset`). Either way every
     dataset's per_dataset blocks are checked, so a typo in one dataset's block stops a run of another.
+    ``options`` maps an override key to the command-line option that gave it (``train_backbone.epochs`` ->
+    ``--epochs 0``): a value refused there is blamed on that option, not on the file.
     """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"params file not found: {path} (pass --params FILE or run from the project root)")
     raw = _read_mapping(path, "the top level must be a mapping of sections")
     overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    shared = _effective_raw(raw, {}, overrides, path)
-    params = validate(shared, path)
+    labels = {k: v for k, v in (options or {}).items() if k in overrides}
+    listed = raw.get("datasets")
+    if dataset is not None and isinstance(listed, dict) and dataset not in listed and any(
+        k.startswith(f"datasets.{dataset}.") for k in overrides
+    ):  # an option such as --root would make a partial entry of it: say it is not there, as without the option
+        known = ", ".join(sorted(str(k) for k in listed)) or "(none)"
+        raise ConfigError(f"{path}: no dataset `{dataset}` under `datasets` (known: {known})")
+    shared = _effective_raw(raw, {}, overrides, path, labels)
+    params = validate(shared, path, options=labels)
     for name, entry in params.per_dataset.items():
         blocks = entry.blocks()
         if blocks:  # each block over the (valid) shared sections: any error is the block's own
             validate(_merge(shared, blocks), path, name, blocks)
-    settings = Settings(params=params, params_file=path, overrides=overrides, raw=raw)
+    settings = Settings(params=params, params_file=path, overrides=overrides, raw=raw, options=labels)
     return settings if dataset is None else settings.for_dataset(dataset)
 
 
-def _effective_raw(raw: dict[str, Any], blocks: dict[str, Any], overrides: dict[str, Any], path: Path) -> dict[str, Any]:
+def _effective_raw(
+    raw: dict[str, Any],
+    blocks: dict[str, Any],
+    overrides: dict[str, Any],
+    path: Path,
+    options: Mapping[str, str] | None = None,
+) -> dict[str, Any]:
     """The raw params a stage sees: the file's sections < a dataset's blocks < the preset < CLI overrides."""
     out = _merge(raw, blocks)
     preset = overrides.get("preset", raw.get("preset", "none"))
     if preset not in (None, "none"):
-        out = apply_preset(out, str(preset), path)
+        option = (options or {}).get("preset") if "preset" in overrides else None
+        out = apply_preset(out, str(preset), path, option)
     return apply_overrides(out, overrides, path)
 
 
@@ -576,23 +599,25 @@ def preset_names() -> list[str]:
     return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
 
 
-def preset_path(name: str, params_path: Path) -> Path:
-    """A bundled preset's file, or ``name`` itself as a path (relative to the params file) when it is a YAML file."""
+def preset_path(name: str, params_path: Path, option: str | None = None) -> Path:
+    """A bundled preset's file, or ``name`` itself as a path (relative to the params file) when it is a YAML file.
+    ``option``: the command-line option that named it (``--preset NAME``), blamed instead of the file's key."""
     bundled = PRESETS_DIR / f"{name}.yaml"
     if bundled.is_file():
         return bundled
     own = Path(name) if Path(name).is_absolute() else params_path.parent / name
     if name.endswith((".yaml", ".yml")) and own.is_file():
         return own
-    raise ConfigError(f"{params_path}: preset: unknown preset `{name}` (bundled: {', '.join(preset_names())}; or a path to a .yaml file)")
+    where = option or f"{params_path}: preset"
+    raise ConfigError(f"{where}: unknown preset `{name}` (bundled: {', '.join(preset_names())}; or a path to a .yaml file)")
 
 
-def apply_preset(raw: dict[str, Any], name: str, params_path: Path) -> dict[str, Any]:
+def apply_preset(raw: dict[str, Any], name: str, params_path: Path, option: str | None = None) -> dict[str, Any]:
     """``raw`` with the preset's values set over it (its sections merged key by key, nested sections too).
 
     A preset may only set the pipeline sections (PRESET_SECTIONS): datasets, `run` and paths stay the project's.
     """
-    path = preset_path(name, params_path)
+    path = preset_path(name, params_path, option)
     data = _read_mapping(path, "a preset must be a mapping of sections")
     data.pop("description", None)
     bad = sorted(set(data) - set(PRESET_SECTIONS))
@@ -607,15 +632,18 @@ def apply_overrides(raw: dict[str, Any], overrides: dict[str, Any], path: Path) 
     out = copy.deepcopy(raw)
     for dotted, value in overrides.items():
         node = out
-        keys = dotted.split(".")
-        for key in keys[:-1]:
+        rest = dotted.split(".")
+        while len(rest) > 1:
+            # the longest key the section holds that spells the next parts: a dataset name may hold dots (`my.set`)
+            n = next((n for n in range(len(rest) - 1, 1, -1) if ".".join(rest[:n]) in node), 1)
+            key, rest = ".".join(rest[:n]), rest[n:]
             nxt = node.get(key) if isinstance(node, dict) else None
             if nxt is None:
                 nxt = node[key] = {}
             if not isinstance(nxt, dict):
                 raise ConfigError(f"{path}: cannot override `{dotted}`: `{key}` is not a section")
             node = nxt
-        node[keys[-1]] = value
+        node[rest[0]] = value
     return out
 
 
@@ -624,39 +652,119 @@ def validate(
     path: str | os.PathLike[str] = "params.yaml",
     dataset: str | None = None,
     blocks: Collection[str] = (),
+    options: Mapping[str, str] | None = None,
 ) -> Params:
     """Validate raw params strictly: YAML scalars are JSON types, so JSON-mode strict validation
     refuses "1" for an int or 1 for a bool, yet accepts a list where a tuple is declared.
 
     ``raw`` holding dataset ``dataset``'s per_dataset ``blocks`` (section names): an error in one of those
-    sections is named by its full path, ``per_dataset.DATASET.SECTION.KEY``."""
+    sections is named by its full path, ``per_dataset.DATASET.SECTION.KEY``. ``options``: override key -> the
+    command-line option that set it; an error in that value names the option."""
     try:
         return _PARAMS_ADAPTER.validate_json(json.dumps(raw, default=str), strict=True)
     except ValidationError as exc:
-        raise ConfigError(format_validation_error(exc, path, dataset, blocks)) from None
+        raise ConfigError(format_validation_error(exc, path, dataset, blocks, options)) from None
 
 
 def format_validation_error(
-    exc: ValidationError, path: str | os.PathLike[str], dataset: str | None = None, blocks: Collection[str] = ()
+    exc: ValidationError,
+    path: str | os.PathLike[str],
+    dataset: str | None = None,
+    blocks: Collection[str] = (),
+    options: Mapping[str, str] | None = None,
 ) -> str:
-    lines = []
+    """One line per invalid key, ``KEY: what is wrong (got VALUE)``, under ``PATH: N invalid settings:``.
+
+    The union members pydantic tried (``crops.threshold.constrained-float``, ``...literal['auto']``) are not
+    keys: their messages become one line for the key (``Input should be greater than 0 or 'auto'``). A key a
+    command-line option set (``options``) is named by that option, ``--epochs 0 (train_backbone.epochs): ...``;
+    when every line is such a key, the file is not mentioned at all, else the header names the file and those
+    options."""
+    options = options or {}
+    grouped: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        shown = ["per_dataset", dataset, *loc] if dataset is not None and loc and loc[0] in blocks else loc
-        key = ".".join(shown) or "(top level)"
+        grouped.setdefault(tuple(_key_path(err["loc"])), []).append(err)
+    lines: list[str] = []
+    blamed: list[bool] = []  # per line: set by a command-line option
+    for loc, errs in grouped.items():
+        shown = ["per_dataset", dataset, *loc] if dataset is not None and loc and loc[0] in blocks else list(loc)
+        key = ".".join(str(p) for p in shown) or "(top level)"
+        dotted = ".".join(loc)
+        option = next((o for k, o in options.items() if dotted == k or dotted.startswith(k + ".")), None)
+        err = errs[0]
         if err["type"] in ("unexpected_keyword_argument", "extra_forbidden"):
-            allowed = allowed_keys(loc[:-1])
+            allowed = allowed_keys(list(loc[:-1]))
             hint = f" (allowed: {', '.join(allowed)})" if allowed else ""
-            lines.append(f"  {key}: unknown key{hint}")
-        elif err["type"] == "missing_argument" or err["type"] == "missing":
-            lines.append(f"  {key}: required key is missing")
+            text = f"unknown key{hint}"
+        elif err["type"] in ("missing_argument", "missing"):
+            text = "required key is missing"
         else:
-            msg = err["msg"].removeprefix("Value error, ")
+            text = _one_message([e["msg"].removeprefix("Value error, ") for e in errs])
             got = err.get("input")
-            value = "" if isinstance(got, dict) or got is None else f" (got {got!r})"
-            lines.append(f"  {key}: {msg}{value}")
+            if not (isinstance(got, dict) or got is None or f"got {got!r}" in text):  # a validator's own message may say it
+                text += f" (got {got!r})"
+        lines.append(f"  {option} ({key}): {text}" if option else f"  {key}: {text}")
+        blamed.append(option is not None)
     n = len(lines)
-    return f"{path}: {n} invalid setting{'s' if n > 1 else ''}:\n" + "\n".join(lines)
+    if all(blamed):  # the command line alone is at fault
+        if n == 1:
+            return lines[0].strip()
+        return f"{n} invalid command-line options:\n" + "\n".join(lines)
+    named = [o for k, o in options.items() if any(line.startswith(f"  {o} (") for line in lines)]
+    given = f" with the command-line option{'s' if len(named) > 1 else ''} {', '.join(named)}" if named else ""
+    return f"{path}{given}: {n} invalid setting{'s' if n > 1 else ''}:\n" + "\n".join(lines)
+
+
+def _one_message(messages: list[str]) -> str:
+    """pydantic's messages for one key (one per union member it tried) as one: ``Input should be A or B``."""
+    unique = list(dict.fromkeys(messages))
+    first, rest = unique[0], unique[1:]
+    prefix = "Input should be "
+    if first.startswith(prefix):
+        rest = [m.removeprefix(prefix) for m in rest]
+    return " or ".join([first, *rest])
+
+
+def _key_path(loc: tuple[int | str, ...]) -> list[str]:
+    """The params key path of a pydantic error location, without the union members pydantic names there
+    (``constrained-float``, ``literal['auto']``, ``function-after[...]``): found by walking Params' fields."""
+    out: list[str] = []
+    tp: Any = Params
+    for part in loc:
+        tp = _unwrapped(tp)
+        members = [a for a in typing.get_args(tp) if a is not type(None)] if _is_union(tp) else []
+        if len(members) > 1:  # pydantic tried each member and names the one this message is from
+            tp = Any
+            continue
+        out.append(str(part))
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(str(part), Any)
+        elif typing.get_origin(tp) is dict:
+            tp = typing.get_args(tp)[1]
+        elif typing.get_origin(tp) in (tuple, list) and typing.get_args(tp) and isinstance(part, int):
+            args = [a for a in typing.get_args(tp) if a is not Ellipsis]
+            tp = args[part] if len(args) > 1 and part < len(args) else args[0]
+        else:
+            tp = Any
+    return out
+
+
+def _is_union(tp: Any) -> bool:
+    return typing.get_origin(tp) in (typing.Union, types.UnionType)
+
+
+def _unwrapped(tp: Any) -> Any:
+    """``tp`` without Annotated, and ``X | None`` as ``X`` (pydantic names no member for an optional value)."""
+    while True:
+        if typing.get_origin(tp) is Annotated:
+            tp = typing.get_args(tp)[0]
+        elif _is_union(tp) and type(None) in typing.get_args(tp):
+            members = [a for a in typing.get_args(tp) if a is not type(None)]
+            if len(members) != 1:
+                return tp
+            tp = members[0]
+        else:
+            return tp
 
 
 def allowed_keys(loc: list[str]) -> list[str]:

@@ -42,4 +42,10 @@ class OutputError(FgpipeError):
 
 
 class Interrupted(KeyboardInterrupt):
-    """Ctrl-C, with what the stage kept and how to go on (the CLI prints it and exits 130)."""
+    """Ctrl-C (or SIGTERM), with what the stage kept and how to go on (the CLI prints it and exits 130, or 143)."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill PID``, a job scheduler or container stopping the run), raised by the handler the CLI installs
+    (:func:`fgpipe.runtime.sigterm_raises`) so that it takes Ctrl-C's path: every ``except KeyboardInterrupt`` and
+    cleanup runs, temporary files are removed, a training run says how to resume. The CLI exits 143 (128 + 15)."""

@@ -1,18 +1,31 @@
-"""Process-wide runtime settings: CPU threads and glibc's allocator."""
+"""Process-wide runtime settings: CPU threads, glibc's allocator, and SIGTERM handled like Ctrl-C."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import platform
+import re
+import signal
 import sys
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from types import FrameType
 
-from fgpipe.errors import ConfigError
+from fgpipe.errors import ConfigError, Interrupted, Terminated
 
 # Keep freed memory in the process instead of handing it back to the kernel and faulting fresh
 # zeroed pages in again on the next batch: every allocation from the heap (no mmap), and no trimming.
 # glibc reads these only at process start, so the CLI re-executes itself once with them set.
 MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+
+C_INT_MAX = 2**31 - 1  # the largest count a C int holds: what torch, OpenMP and NCCL take counts as
+THREADS_PER_CORE = 4  # FGPIPE_THREADS may ask for at most this many threads per available core
+_INTEGER = re.compile(r"[+-]?[0-9]+")  # ASCII digits only: int() would also take `1_000` and `１２`
+
+# Exit codes of an interrupted command: 128 + the signal's number, as a shell reports a process the signal killed
+EXIT_CTRL_C = 130  # SIGINT
+EXIT_SIGTERM = 143  # SIGTERM
 
 
 def available_cores() -> int:
@@ -23,25 +36,52 @@ def available_cores() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def env_int(name: str, default: int, minimum: int, accepted: str, environ: Mapping[str, str] | None = None) -> int:
+def env_int(
+    name: str,
+    default: int,
+    minimum: int,
+    accepted: str,
+    environ: Mapping[str, str] | None = None,
+    maximum: int = C_INT_MAX,
+    why_maximum: str = "",
+) -> int:
     """The integer environment variable ``name`` (``default`` when unset or empty); ConfigError naming it and
-    ``accepted`` (what it may hold) when it is not an integer >= ``minimum``."""
+    ``accepted`` (what it may hold) when it is not an integer from ``minimum`` to ``maximum`` (by default the
+    largest a C int holds: a larger count would overflow inside torch or the OpenMP runtime; ``why_maximum``
+    says where a lower one comes from)."""
     text = (os.environ if environ is None else environ).get(name, "").strip()
     if not text:
         return default
-    try:
-        value = int(text)
-    except ValueError:
+    if not _INTEGER.fullmatch(text):
         value = minimum - 1
+    else:
+        try:
+            value = int(text)
+        except ValueError:  # more digits than Python converts (4,300): far above any maximum
+            value = minimum - 1 if text.startswith("-") else maximum + 1
     if value < minimum:
         raise ConfigError(f"environment variable {name}={text!r} is invalid: it must be {accepted}; fix or unset it")
+    if value > maximum:
+        raise ConfigError(
+            f"environment variable {name}={text!r} is invalid: it must be {accepted}, at most {maximum}{why_maximum}; "
+            "fix or unset it"
+        )
     return value
 
 
 def configure_threads() -> int:
-    """Give torch one intra-op thread per available core (``FGPIPE_THREADS`` overrides); return it."""
-    n = env_int("FGPIPE_THREADS", 0, 0, "an integer >= 0 (the number of CPU threads; 0 or unset: one per available core)")
-    n = n or available_cores()
+    """Give torch one intra-op thread per available core (``FGPIPE_THREADS`` overrides, up to
+    :data:`THREADS_PER_CORE` per core: more only slows torch down, and a huge count exhausts memory); return it."""
+    cores = available_cores()
+    n = env_int(
+        "FGPIPE_THREADS",
+        0,
+        0,
+        "an integer >= 0 (the number of CPU threads; 0 or unset: one per available core)",
+        maximum=THREADS_PER_CORE * cores,
+        why_maximum=f" ({THREADS_PER_CORE} x the {cores} core(s) this process may use)",
+    )
+    n = n or cores
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency
@@ -71,3 +111,63 @@ def reexec_with_malloc_tuning(argv: Sequence[str]) -> None:
     """Replace this process by ``python -m fgpipe ARGV`` with :data:`MALLOC_ENV` set (same pid)."""
     env = {**os.environ, **{k: v for k, v in MALLOC_ENV.items() if k not in os.environ}}
     os.execve(sys.executable, [sys.executable, "-m", "fgpipe", *argv], env)
+
+
+# --------------------------------------------------------------------------- SIGTERM and Ctrl-C
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise Terminated()
+
+
+def raise_on_sigterm() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread, as Ctrl-C raises KeyboardInterrupt."""
+    signal.signal(signal.SIGTERM, _raise_terminated)
+
+
+@contextlib.contextmanager
+def sigterm_raises() -> Iterator[None]:
+    """Within the block SIGTERM raises :class:`Terminated` (a KeyboardInterrupt), so it takes Ctrl-C's path: the
+    block's cleanup runs and the CLI says what was kept. The previous handler is restored afterwards. Outside the
+    main thread (only it may set handlers, and only it receives signals) nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+
+
+def _terminated(exc: BaseException) -> bool:
+    """Whether ``exc`` is, or was raised while handling, a SIGTERM (an :class:`Interrupted` a training run raises
+    from the Terminated it caught keeps it as its context)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        e = todo.pop()
+        if e is None or id(e) in seen:
+            continue
+        if isinstance(e, Terminated):
+            return True
+        seen.add(id(e))
+        todo += [e.__cause__, e.__context__]
+    return False
+
+
+def interruption(exc: BaseException, rerun: str | None = None, starting: bool = False) -> tuple[str, int]:
+    """The one line the CLI prints for a Ctrl-C or SIGTERM, and its exit code (130 or 143).
+
+    An :class:`Interrupted` says what its stage kept; otherwise a stage (``rerun``: its command) replaced nothing;
+    ``starting``: the interruption came while fgpipe was starting, before any command ran."""
+    term = _terminated(exc)
+    cause = "SIGTERM" if term else "Ctrl-C"
+    code = EXIT_SIGTERM if term else EXIT_CTRL_C
+    if isinstance(exc, Interrupted):
+        text = str(exc).replace("interrupted (Ctrl-C)", f"interrupted ({cause})", 1)
+    elif rerun:
+        text = f"interrupted ({cause}): nothing was replaced, the previous outputs are unchanged; rerun `{rerun}`"
+    elif starting:
+        text = f"interrupted ({cause}) while fgpipe was starting: nothing was read or written"
+    else:
+        text = f"interrupted ({cause})"
+    return text, code
