@@ -631,6 +631,8 @@ class _Reader(Generic[MetaT, RecordsT]):
             provenance = json.loads(str(h5.attrs["provenance"]))
         except json.JSONDecodeError as err:
             raise ArtifactError(f"{where}: attr `provenance` is not valid JSON ({err}); {rerun}") from err
+        if not isinstance(provenance, dict):
+            raise ArtifactError(f"{where}: attr `provenance` must be a JSON object, got {type(provenance).__name__}; {rerun}")
         values: dict[str, Any] = {}
         for name, typ in self.schema.attrs.items():
             raw = h5.attrs[name]

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import warnings
 from typing import IO
 
@@ -42,14 +43,34 @@ class ImageTooLargeError(OSError):
     """An image declares more pixels than the limit: refused before any pixel is decoded."""
 
 
+class NotAFileError(OSError):
+    """A path that is not a regular file (a folder, a FIFO, a device): refused before it is opened, since reading
+    a FIFO or /dev/zero would block or never end."""
+
+
+def _require_regular_file(path: str | os.PathLike[str]) -> None:
+    """Raise :class:`NotAFileError` for a path that is not a regular file (links followed); OSError (missing, a
+    symlink loop, no permission) as ``os.stat`` raises it."""
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return
+    kinds = ((stat.S_ISDIR, "a folder"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISCHR, "a character device"),
+             (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+    what = next((name for test, name in kinds if test(mode)), "a special file")
+    raise NotAFileError(f"not a regular file ({what}): only image files are read")
+
+
 def open_image(path: str | os.PathLike[str] | IO[bytes], max_pixels: int | None = None) -> ImageFile.ImageFile:
     """``Image.open(path)`` (the header only, nothing decoded yet) that refuses an image over ``max_pixels``.
 
     ``max_pixels``: ``prepare.max_pixels`` where a file is read for the first time (prepare, predict); None for a
     file `fgpipe prepare` accepted, held to :data:`PIXEL_CEILING` (prepare's limit is at most that). Raises
     :class:`ImageTooLargeError` naming the declared size and what to do, or OSError (PIL's UnidentifiedImageError
-    included) for a missing or unidentifiable file. The caller closes the image.
+    included) for a missing or unidentifiable file, :class:`NotAFileError` for a folder, FIFO or device (checked
+    before anything is opened). The caller closes the image.
     """
+    if isinstance(path, (str, os.PathLike)):
+        _require_regular_file(path)  # a FIFO or a device is never opened
     try:
         img = Image.open(path)
     except Image.DecompressionBombError as exc:  # over twice PIL's Image.MAX_IMAGE_PIXELS: PIL refuses it

@@ -21,17 +21,36 @@ Every reader compares them with the files on disk now (each hashed once per run,
 refuses a mismatch with one error naming both files and the commands that rebuild the stale one, so a stage
 run by hand after an upstream one was redone never takes the old artefact. A recorded source that is no
 longer on disk is not compared (there is nothing newer to pair with), unless the reader needs it anyway.
+Before a mismatch is blamed on the artefact, the source itself is opened: a damaged source (an empty crops.h5)
+is named with the command that writes it, not the one that wrote its reader.
+
+Every artefact also records the params its stage ran with (:func:`params_record`: the values of the sections
+dvc.yaml lists for that stage, per_dataset and preset merged, and which keys a command-line option set):
+dataset.json (``params``), both checkpoints (``params``), attention.h5 and crops.h5 (provenance ``params``),
+evaluate.json (``sources.params``). A stage reading an artefact compares those values with the params now
+(:func:`check_params`) and refuses a difference, naming the key, both values and the command that remakes the
+artefact: changing ``crops.threshold`` and running train-refine by hand is refused with `fgpipe extract-crops`.
+DVC reruns a stage whenever one of these params changed, before the stages that read its outputs, so
+`dvc repro` never meets a difference. Not compared: a key a command-line option set (for the artefact or for
+this run: the user chose it for that command), keys that only say where or how fast a stage runs
+(:data:`NOT_COMPARED`), keys one side does not know (an older fgpipe), and artefacts without a record.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
-from fgpipe.store import FileHashes
+from fgpipe.manifest import read_manifest
+from fgpipe.store import FileHashes, safe_torch_load
+
+if TYPE_CHECKING:
+    from fgpipe.config import Settings
 
 
 def rerun(dataset: str, *commands: str) -> str:
@@ -46,11 +65,30 @@ def check_recorded(
     hash of ``source`` on disk: one error naming both files, the two hashes and ``fix``."""
     if recorded == now:
         return
+    require_intact(source)  # a damaged source is named as such, with the command that writes it
     if not isinstance(recorded, str) or not recorded:
         raise ArtifactError(f"{path} does not record which {what} it was {made} from (no {key}: an older fgpipe wrote it): {fix}")
     raise ArtifactError(
         f"{path} was {made} from another {what} than {source} ({key} {recorded[:12]}..., the file's is {now[:12]}...): {fix}"
     )
+
+
+def require_intact(source: Path) -> None:
+    """Open ``source`` as the artefact its name says (manifest.csv, attention.h5, crops.h5, a stage-1 or refine
+    checkpoint) and let its own error, naming the command that writes it, stop the run if it is damaged."""
+    if not source.is_file():
+        return
+    if source.name == "manifest.csv":
+        read_manifest(source)
+    elif source.name == "attention.h5":
+        AttentionReader(source, source.parent.name).close()
+    elif source.name == "crops.h5":
+        CropsReader(source, source.parent.name).close()
+    elif source.suffix == ".pt" and source.parent.name in ("stage1", "refine"):
+        writer = "train-backbone" if source.parent.name == "stage1" else "train-refine"
+        state = safe_torch_load(source, "checkpoint", rerun(source.parent.parent.name, writer))
+        if not isinstance(state, dict):
+            raise ArtifactError(f"{source} is not an fgpipe checkpoint; {rerun(source.parent.parent.name, writer)}")
 
 
 def check_sources(
@@ -163,3 +201,104 @@ def check_evaluation(path: Path, metrics: Mapping[str, Any], data_dir: Path, dat
         "refine_sha256": (data_dir / "refine" / "best.pt", "refine checkpoint"),
     }
     check_sources(path, recorded if isinstance(recorded, Mapping) else {}, sources, hashes, rerun(dataset, "evaluate"), made="computed")
+
+
+# --------------------------------------------------------------------------- params
+# stage -> the params it records with its outputs: the sections (or keys) dvc.yaml lists for it ({dataset}: the name)
+STAGE_PARAMS: dict[str, tuple[str, ...]] = {
+    "prepare": ("datasets.{dataset}", "prepare.cache_side", "prepare.max_pixels"),
+    "train-backbone": ("model", "train_backbone"),
+    "extract-attention": ("attention",),
+    "extract-crops": ("crops",),
+    "train-refine": ("train_refine",),
+    "evaluate": ("evaluate",),
+}
+# keys that say where or how fast a stage runs, or shape a file no later stage reads, not what the artefact holds:
+# recorded, never compared (a batch size lowered to fit a smaller machine must not refuse the chain). The dataset
+# root is where the images are, not which: the manifest records what prepare read and every stage checks the image
+# files against it (fgpipe.loader.check_image_files), so a dataset (or project) moved and its root updated goes on.
+NOT_COMPARED = frozenset({
+    "datasets.{dataset}.root", "datasets.{dataset}.download",
+    "train_backbone.device", "train_backbone.amp", "train_backbone.channels_last",
+    "train_refine.device", "train_refine.amp", "train_refine.channels_last",
+    "attention.batch_size", "crops.batch_size", "crops.preview_images", "evaluate.batch_size", "evaluate.top_k",
+})
+
+
+def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
+    if isinstance(value, dict) and value:
+        for key, item in value.items():
+            _flatten(f"{prefix}.{key}", item, out)
+    else:
+        out[prefix] = value
+
+
+def stage_params(settings: Settings, stage: str, dataset: str) -> dict[str, Any]:
+    """The params ``stage`` runs with for ``dataset`` (per_dataset, preset and options merged), as dotted keys with
+    JSON values (tuples as lists): ``{"crops.threshold": 0.2, ...}``."""
+    out: dict[str, Any] = {}
+    for spec in STAGE_PARAMS[stage]:
+        key = spec.format(dataset=dataset)
+        if key == f"datasets.{dataset}":
+            cfg = settings.dataset(dataset)
+            value: Any = {k: v for k, v in dataclasses.asdict(cfg).items() if k not in ("synthetic", "aircraft", "imagefolder")}
+            options = cfg.options()  # the kind's option block, defaults filled in (left out or written out: the same)
+            if options is not None:
+                value[cfg.kind] = dataclasses.asdict(options)
+        else:
+            value = settings.params
+            for part in key.split("."):
+                value = getattr(value, part)
+            if dataclasses.is_dataclass(value):
+                value = dataclasses.asdict(value)  # type: ignore[arg-type]
+        _flatten(key, json.loads(json.dumps(value)), out)
+    return out
+
+
+def params_record(settings: Settings, stage: str, dataset: str) -> dict[str, Any]:
+    """What an artefact of ``stage`` records of its params: ``values`` (:func:`stage_params`) and ``overridden``, the
+    keys a command-line option set."""
+    overridden = sorted(k for k in settings.overrides if k != "preset")
+    return {"values": stage_params(settings, stage, dataset), "overridden": overridden}
+
+
+def _covered(key: str, prefixes: Sequence[str]) -> bool:
+    return any(key == p or key.startswith(p + ".") for p in prefixes)
+
+
+def check_params(path: Path, record: Any, settings: Settings, stage: str, dataset: str) -> None:
+    """Refuse the artefact ``path`` of ``stage`` when the params it records (``record``, :func:`params_record`)
+    differ from those ``settings`` give now: one error naming the key, both values and the command that remakes it.
+
+    Not compared: a record that is not there (an older fgpipe, a file made by hand), keys a command-line option set
+    for the artefact or for this run, :data:`NOT_COMPARED` and keys only one side knows."""
+    if record is None:
+        return
+    fix = rerun(dataset, stage)
+    values = record.get("values") if isinstance(record, Mapping) else None
+    overridden = record.get("overridden", []) if isinstance(record, Mapping) else None
+    if not isinstance(values, Mapping) or not isinstance(overridden, list) or not all(isinstance(k, str) for k in overridden):
+        raise ArtifactError(f"{path}: its record of the params it was made with is damaged; {fix}")
+    skip = [*overridden, *(k for k in settings.overrides if k != "preset")]
+    ignored = {k.format(dataset=dataset) for k in NOT_COMPARED}
+    now = stage_params(settings, stage, dataset)
+    changed = [k for k, v in now.items() if k in values and values[k] != v and k not in ignored and not _covered(k, skip)]
+    if not changed:
+        return
+    first = changed[0]
+    source = str(settings.params_file) + (f" (with preset {settings.params.preset})" if settings.params.preset != "none" else "")
+    more = f" (and {len(changed) - 1} more: {', '.join(changed[1:6])}{', ...' if len(changed) > 6 else ''})" if len(changed) > 1 else ""
+    raise ArtifactError(
+        f"{path} was made with {first} = {json.dumps(values[first])}, but {source} now gives {json.dumps(now[first])}{more}: "
+        f"the params changed since; {fix}"
+    )
+
+
+def check_crops_params(crops: CropsReader, data_dir: Path, settings: Settings, dataset: str) -> None:
+    """:func:`check_params` of the attention.h5 beside crops.h5 (when on disk: the crops were cut from its heatmaps),
+    then of crops.h5 itself."""
+    attention = data_dir / "attention.h5"
+    if attention.is_file():
+        with AttentionReader(attention, dataset) as att:
+            check_params(attention, att.meta.provenance.get("params"), settings, "extract-attention", dataset)
+    check_params(crops.path, crops.meta.provenance.get("params"), settings, "extract-crops", dataset)

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from fgpipe.errors import ArtifactError
-from fgpipe.store import write_text
+from fgpipe.store import read_json_artifact, write_text
 
 COLUMNS = ("image_id", "path", "label", "class_name", "split", "width", "height", "x0", "y0", "x1", "y1")
 SPLITS = ("train", "val", "test")
@@ -146,22 +146,21 @@ class DatasetInfo:
     root: Path  # the dataset root the manifest's paths are relative to
     classes: list[str]  # class names by label
     crop_bottom: int  # pixels below the manifest's height in every image file (FGVC-Aircraft's banner)
+    params: dict[str, Any] | None = None  # the params prepare ran with (fgpipe.lineage.params_record); None: not recorded
 
 
 def read_dataset_json(path: str | os.PathLike[str], dataset: str) -> DatasetInfo:
-    """Read and check data/NAME/dataset.json; errors name the file (and line) and `fgpipe prepare --dataset NAME`."""
+    """Read and check data/NAME/dataset.json; errors name the file (and line) and `fgpipe prepare --dataset NAME`.
+
+    The root is ``root_relative`` (relative to dataset.json's folder) where prepare recorded it, so a project moved
+    or copied as a whole (params file, data/ and a dataset root given relative to it) finds its images where they
+    now are; else ``root`` (absolute: the root was given as an absolute path, or outside the project).
+    """
     path = Path(path)
     rebuild = f"`fgpipe prepare --dataset {dataset}`"
-    if not path.is_file():
+    if not os.path.lexists(path):
         raise ArtifactError(f"{path} not found (run {rebuild} first)")
-    try:
-        doc = json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise ArtifactError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start}); rebuild it with {rebuild}") from None
-    except json.JSONDecodeError as exc:
-        raise ArtifactError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); rebuild it with {rebuild}") from None
-    if not isinstance(doc, dict):
-        raise ArtifactError(f"{path}: expected a JSON object, got {type(doc).__name__}; rebuild it with {rebuild}")
+    doc = read_json_artifact(path, f"rebuild it with {rebuild}")
     checks = {
         "root": lambda v: isinstance(v, str) and bool(v),
         "classes": lambda v: isinstance(v, list) and all(isinstance(c, str) for c in v),
@@ -173,7 +172,15 @@ def read_dataset_json(path: str | os.PathLike[str], dataset: str) -> DatasetInfo
             raise ArtifactError(f"{path}: the key `{key}` is missing (found: {', '.join(sorted(doc)) or 'none'}); rebuild it with {rebuild}")
         if not ok(doc[key]):
             raise ArtifactError(f"{path}: `{key}` must be {wants[key]}, got {doc[key]!r}; rebuild it with {rebuild}")
-    return DatasetInfo(root=Path(doc["root"]), classes=list(doc["classes"]), crop_bottom=doc["crop_bottom"])
+    optional = {"root_relative": (lambda v: isinstance(v, str) and bool(v) and not os.path.isabs(v), "a relative path"),
+                "params": (lambda v: isinstance(v, dict), "an object")}
+    for key, (ok, want) in optional.items():
+        if key in doc and not ok(doc[key]):
+            raise ArtifactError(f"{path}: `{key}` must be {want}, got {doc[key]!r}; rebuild it with {rebuild}")
+    root = Path(doc["root"])
+    if "root_relative" in doc:  # lexically, as prepare computed it (a `..` through a linked data/ stays in the project)
+        root = Path(os.path.normpath(os.path.abspath(path.parent) + os.sep + doc["root_relative"]))
+    return DatasetInfo(root=root, classes=list(doc["classes"]), crop_bottom=doc["crop_bottom"], params=doc.get("params"))
 
 
 def class_names(rows: Iterable[ManifestRow]) -> list[str]:

@@ -16,6 +16,7 @@ One picture per image, as a pair of tiles and a caption:
 from __future__ import annotations
 
 import itertools
+import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,9 +26,9 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from fgpipe.config import Settings
-from fgpipe.errors import ArtifactError
+from fgpipe.errors import ArtifactError, OutputError
 from fgpipe.h5schema import AttentionReader, CropsReader
-from fgpipe.lineage import check_attention, check_crops
+from fgpipe.lineage import check_attention, check_crops, check_params
 from fgpipe.loader import check_image_files, decode_region
 from fgpipe.localize import box_iou
 from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
@@ -234,11 +235,15 @@ def safe_name(image_id: str) -> str:
 def show(settings: Settings, dataset: str, image_id: str, out: Path | None = None) -> Path:
     """Draw one image's heatmap, object box, ground truth and parts; return the PNG's path.
 
-    Default output: data/NAME/show_<ID>.png. Refuses an attention.h5 or crops.h5 made from another manifest,
-    stage-1 checkpoint or attention file than those on disk (:mod:`fgpipe.lineage`).
+    Default output: data/NAME/show_<ID>.png; ``out`` is checked before anything is read (:func:`check_show_target`:
+    never over an artefact or a file that is not a PNG). Refuses an attention.h5 or crops.h5 made from another
+    manifest, stage-1 checkpoint or attention file than those on disk, or with other params than the params now
+    (:mod:`fgpipe.lineage`).
     """
     settings.dataset(dataset)
     d = settings.data_dir(dataset)
+    target = out if out is not None else d / f"show_{safe_name(image_id)}.png"
+    check_show_target(settings, dataset, target, explicit=out is not None)
     manifest, attention_path, crops_path = d / "manifest.csv", d / "attention.h5", d / "crops.h5"
     rows = read_manifest(manifest)
     index = {r.image_id: i for i, r in enumerate(rows)}
@@ -249,13 +254,60 @@ def show(settings: Settings, dataset: str, image_id: str, out: Path | None = Non
         if not path.is_file():
             raise ArtifactError(f"{path} not found (run `fgpipe {command} --dataset {dataset}` first)")
     info = read_dataset_json(d / "dataset.json", dataset)
+    check_params(d / "dataset.json", info.params, settings, "prepare", dataset)
     root = info.root
     check_image_files(info, [rows[index[image_id]]], None, dataset, manifest)
     with AttentionReader(attention_path) as att, CropsReader(crops_path) as crops:
         sha = FileHashes()  # each input hashed once
         check_attention(att, d, dataset, sha)
         check_crops(crops, d, dataset, sha)
+        check_params(attention_path, att.meta.provenance.get("params"), settings, "extract-attention", dataset)
+        check_params(crops_path, crops.meta.provenance.get("params"), settings, "extract-crops", dataset)
         samples = load_samples(rows, [index[image_id]], root, att, crops)
         title = f"{dataset} / {image_id}: {att.meta.method} heatmap, threshold {crops.meta.threshold:g}"
-    target = out if out is not None else d / f"show_{safe_name(image_id)}.png"
     return save_png(render(samples, title, columns=1), target)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+STAGE_PNGS = ("crops_preview.png", "confusion.png")  # the PNGs stages write into data/NAME/
+
+
+def _is_png(path: Path) -> bool:
+    """Whether ``path`` is a regular file starting with PNG's signature."""
+    try:
+        with open(path, "rb") as fh:
+            return os.path.isfile(path) and fh.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
+    except OSError:
+        return False
+
+
+def check_show_target(settings: Settings, dataset: str, target: Path, explicit: bool = True) -> None:
+    """Refuse a PNG path ``fgpipe show`` must not write (``explicit``: given as ``--out``): a folder, one in a folder
+    that does not exist, anything under prepare.data_dir or prepare.metrics_dir but a new (or show's own
+    ``show_*.png``) PNG directly in data/NAME/ (the rest belongs to the stages, DVC's outputs among them), or an
+    existing file elsewhere that is not a PNG image. Checked before anything is read."""
+    said = f"--out {target}" if explicit else str(target)
+    fix = f"choose another --out path, e.g. {settings.data_dir(dataset) / 'show_ID.png'}"
+    if target.is_dir():
+        raise OutputError(f"{said}: is a folder; give the path of the PNG file to write ({fix})")
+    if not target.parent.is_dir():
+        if explicit or target.parent.exists():
+            raise OutputError(f"{said}: the folder {target.parent} does not exist (or is not a folder): create it first, or {fix}")
+        return  # data/NAME itself missing: the inputs' own checks name what to run first
+    real = Path(os.path.realpath(target.parent)) / target.name
+    data = Path(os.path.realpath(settings.resolve(settings.params.prepare.data_dir)))
+    trees = (data, Path(os.path.realpath(settings.resolve(settings.params.prepare.metrics_dir))))
+    tree = next((t for t in trees if real.is_relative_to(t)), None)
+    if tree is not None:
+        own = Path(os.path.realpath(settings.data_dir(dataset)))
+        ok = (
+            real.parent == own and target.suffix.lower() == ".png" and target.name not in STAGE_PNGS
+            and (not os.path.lexists(target) or (target.name.startswith("show_") and _is_png(target)))
+        )
+        if not ok:
+            raise OutputError(
+                f"{said}: lies in {tree}, where the stages keep their outputs; fgpipe show writes there only new PNG files "
+                f"(or its own show_*.png) directly in {settings.data_dir(dataset)}, so that it never replaces an artefact; {fix}"
+            )
+    elif os.path.lexists(target) and not _is_png(target):
+        raise OutputError(f"{said}: exists and is not a PNG image; fgpipe show replaces only PNG files: {fix}, or remove it")

@@ -21,9 +21,10 @@ import hashlib
 import json
 import os
 import pickle
+import stat
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Any
@@ -246,6 +247,75 @@ def write_json(target: str | os.PathLike[str], obj: Any) -> None:
 def read_json(path: str | os.PathLike[str]) -> Any:
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def read_json_artifact(path: str | os.PathLike[str], fix: str) -> dict[str, Any]:
+    """A JSON artefact a stage reads (data/NAME/dataset.json, metrics/NAME/evaluate.json, ...): a JSON object.
+
+    Anything else raises one ArtifactError naming the file (and the line where the JSON breaks) followed by
+    ``fix`` (``rerun `fgpipe evaluate --dataset NAME```): missing, a folder or another non-regular file (a FIFO
+    is never opened), unreadable, not UTF-8, not JSON, NaN or Infinity (which Python's json would accept, but
+    which JSON has not), or a value other than an object. The caller checks the keys it reads.
+    """
+    path = Path(path)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} not found; {fix}") from None
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot be read ({exc.strerror or exc}); {fix}") from None
+    if not stat.S_ISREG(mode):
+        raise ArtifactError(f"{path}: not a regular file (a {_file_kind(mode)}); remove it and {fix}")
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ArtifactError(f"{path}: cannot be read ({exc.strerror or exc}); {fix}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ArtifactError(f"{path}: not valid UTF-8 ({exc.reason} at byte {exc.start}); {fix}") from None
+    try:
+        doc = json.loads(text, parse_constant=_no_constant)
+    except json.JSONDecodeError as exc:
+        raise ArtifactError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg}, column {exc.colno}); {fix}") from None
+    except ValueError as exc:  # NaN, Infinity, -Infinity
+        raise ArtifactError(f"{path}: not valid JSON ({exc}); {fix}") from None
+    if not isinstance(doc, dict):
+        raise ArtifactError(f"{path}: expected a JSON object, got {type(doc).__name__}; {fix}")
+    return doc
+
+
+def _file_kind(mode: int) -> str:
+    """What a non-regular file is, for a message."""
+    kinds = ((stat.S_ISDIR, "folder"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"),
+             (stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
+
+
+def check_output_paths(files: Iterable[str | os.PathLike[str]] = (), folders: Iterable[str | os.PathLike[str]] = ()) -> None:
+    """Refuse, before a stage's long work, outputs it could not write at its end: a file output that is a folder,
+    a folder output that is a file, or a folder on the way to either that is a file (``data/NAME/stage1`` a file).
+
+    Raises an OutputError naming the path in the way and what to do; permissions and free space are left to the
+    write itself (:func:`atomic_path` names those)."""
+    for target, want_dir in [*((Path(f), False) for f in files), *((Path(d), True) for d in folders)]:
+        if os.path.lexists(target) and target.is_dir() != want_dir:
+            what, should = ("folder", "file") if not want_dir else ("file", "folder")
+            raise OutputError(
+                f"cannot write {target}: it is a {what} where this stage writes a {should}; move it away, then rerun the command"
+            )
+        for parent in target.parents:
+            if parent.is_dir():
+                break
+            if os.path.lexists(parent):
+                raise OutputError(
+                    f"cannot write {target}: {parent} is a file (or a broken link), not a folder; move it away, then "
+                    "rerun the command"
+                )
 
 
 def _json_default(obj: Any) -> Any:

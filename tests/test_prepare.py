@@ -111,14 +111,14 @@ def test_unverified_sizes_do_not_decode(tmp_path: Path, make_settings) -> None:
 # --------------------------------------------------------------------------- image modes
 def test_image_modes_accepted(tmp_path: Path, make_settings) -> None:
     root = tmp_path / "folder"
-    write_fake_imagefolder(root, {"train": {"a": 2}, "test": {"a": 1}})
+    write_fake_imagefolder(root, {"train": {"a": 2}, "test": {"a": 1, "b": 1}})  # two classes: prepare refuses one
     modes = {"gray.jpg": "L", "cmyk.jpg": "CMYK", "rgba.png": "RGBA", "pal.png": "P", "la.png": "LA"}
     for name, mode in modes.items():
         write_image(root / "train/a" / name, size=(5, 7), mode=mode)
     Image.fromarray(np.full((7, 5), 40000, dtype=np.uint16)).save(root / "train/a/deep.png")
     assert Image.open(root / "train/a/deep.png").mode == "I;16"
     metrics = prepare.run(make_settings("f", "imagefolder", root), "f")
-    assert metrics["skipped"] == 0 and metrics["images"]["total"] == 9
+    assert metrics["skipped"] == 0 and metrics["images"]["total"] == 10
     sizes = {r.path.split("/")[-1]: (r.width, r.height) for r in _rows(make_settings("f", "imagefolder", root), "f")}
     assert all(sizes[n] == (5, 7) for n in [*modes, "deep.png"])
 

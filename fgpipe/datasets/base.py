@@ -47,6 +47,9 @@ class SourceListing:
 
 def require_files(root: Path, names: list[str], how_to_get: str) -> None:
     """Fail naming every expected file that is missing under ``root``."""
+    if os.path.lexists(root) and not root.is_dir():
+        kind = "a broken link" if not root.exists() else "a file"
+        raise DatasetError(f"dataset root is not a folder: {root} is {kind}; point the root at the dataset's folder\n{how_to_get}")
     if not root.is_dir():
         raise DatasetError(f"dataset root not found: {root}\n{how_to_get}")
     missing = [n for n in names if not (root / n).exists()]

@@ -5,7 +5,9 @@ Classes are the class folder names, sorted; two folder names that differ only in
 name that is not valid UTF-8. An image's id is its path relative to root without the
 extension (``train/sparrow/img_01``). Images may sit in subfolders of a class folder. There are no
 boxes. Files with other extensions, hidden files and files directly under a split folder are
-ignored and counted (metrics ``reader_ignored_files``).
+ignored and counted (metrics ``reader_ignored_files``). A symbolic link with an image extension that leads
+nowhere is listed all the same, never dropped silently: prepare refuses it as missing (a dangling link) or
+as an unreadable image (a link loop: listed, or skipped with ``skip_bad``).
 """
 
 from __future__ import annotations
@@ -61,8 +63,8 @@ def read(root: Path, cfg: DatasetConfig) -> SourceListing:
                 )
             classes.add(class_dir.name)
             for path in sorted(class_dir.rglob("*")):
-                if not path.is_file():
-                    continue
+                if not path.is_file() and not (path.is_symlink() and not path.exists()):
+                    continue  # a folder; a link to nothing (missing, or a loop) is listed: prepare reports it
                 hidden = any(part.startswith(".") for part in path.relative_to(class_dir).parts)
                 if hidden or path.suffix.lower() not in EXTENSIONS:
                     ignored += 1

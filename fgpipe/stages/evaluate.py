@@ -27,7 +27,9 @@ are fixed (see :func:`run`): nothing is ever selected on test.
 evaluate.json is exactly ``{"images", "raw", "object", "parts", "joint", "weights", "sources"[, "localization"]}``,
 each branch ``{"top1", "top{k}"}`` with k = min(evaluate.top_k, number of classes), accuracies on test in
 [0, 1]; ``sources``: the SHA-256 of the manifest, stage1/best.pt, refine/best.pt and crops.h5 the figures and
-weights were computed from (``fgpipe predict`` takes the weights only for those checkpoints); ``localization``
+weights were computed from, and ``params``, the `evaluate` params they were chosen with
+(:func:`fgpipe.lineage.params_record`: ``fgpipe predict`` takes the weights only for those checkpoints and while
+those params are unchanged); ``localization``
 (accuracy, mean_iou, fallback_rate) is carried from extract_crops.json (checked to describe this crops.h5) and
 left out when that is null (a dataset without boxes). predictions.csv names classes by their class names.
 Every output is renamed into place together at the end (:func:`fgpipe.store.replaced_together`).
@@ -39,6 +41,7 @@ import csv
 import dataclasses
 import io
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,7 +55,7 @@ from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError
 from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.lineage import check_crops, check_recorded, check_refine, rerun
+from fgpipe.lineage import check_crops, check_crops_params, check_params, check_recorded, check_refine, params_record, rerun
 from fgpipe.loader import check_image_files, resized_side
 from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
 from fgpipe.models.branches import RefineNet
@@ -61,7 +64,7 @@ from fgpipe.runtime import configure_threads
 from fgpipe.stages.extract_attention import extraction_device, load_checked_stage1
 from fgpipe.stages.train_backbone import load_split, predict_logits
 from fgpipe.stages.train_refine import ImageBoxes, load_refine, predict_branches, read_crops, refine_config, split_data
-from fgpipe.store import FileHashes, atomic_path, read_json, replaced_together, write_json, write_text
+from fgpipe.store import FileHashes, atomic_path, check_output_paths, read_json_artifact, replaced_together, write_json, write_text
 from fgpipe.training import Runtime, require_finite
 
 STAGE = "evaluate"
@@ -130,12 +133,13 @@ def open_inputs(settings: Settings, dataset: str, paths: dict[str, Path]) -> Inp
     settings.dataset(dataset)  # a clear error for an unknown dataset name
     rows = read_manifest(paths["manifest"])
     info = read_dataset_json(paths["dataset"], dataset)
+    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
     root = info.root
     classes = class_names(rows)
     sha = FileHashes()  # each input hashed once
     manifest_sha = sha(paths["manifest"])
     rt = inference_runtime()
-    stage1, s1_state = load_checked_stage1(paths["stage1"], manifest_sha, dataset, rt.device)
+    stage1, s1_state = load_checked_stage1(paths["stage1"], manifest_sha, dataset, rt.device, settings)
     if not paths["refine"].is_file():
         raise ArtifactError(f"checkpoint not found: {paths['refine']} (run `fgpipe train-refine --dataset {dataset}` first)")
     refine, r_state = load_refine(paths["refine"], rt.device, dataset)
@@ -146,6 +150,8 @@ def open_inputs(settings: Settings, dataset: str, paths: dict[str, Path]) -> Inp
         raise ArtifactError(f"{paths['refine']} was trained from another class list: {rerun(dataset, 'train-refine')}")
     with CropsReader(paths["crops"]) as crops:  # made from this manifest, attention.h5 and stage-1 checkpoint
         check_crops(crops, paths["crops"].parent, dataset, sha)
+        check_crops_params(crops, paths["crops"].parent, settings, dataset)  # and with the params now
+    check_params(paths["refine"], r_state.get("params"), settings, "train-refine", dataset)
     sources = {
         "manifest_sha256": manifest_sha, "stage1_sha256": sha(paths["stage1"]), "refine_sha256": sha(paths["refine"]),
         "crops_sha256": sha(paths["crops"]),
@@ -274,16 +280,17 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     paths = stage_paths(settings, dataset)
     if cfg.combine == "val":
         weight_grid(cfg.weight_step)  # a bad step fails before any work
+    check_output_paths([paths[k] for k in ("metrics", "per_class", "confusion", "predictions", "confusion_png")])
     inputs = open_inputs(settings, dataset, paths)
-    if not paths["extract_crops"].is_file():
+    if not os.path.lexists(paths["extract_crops"]):
         raise ArtifactError(f"{paths['extract_crops']} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
-    crops_figures = read_json(paths["extract_crops"])
+    crops_figures = read_json_artifact(paths["extract_crops"], rerun(dataset, "extract-crops"))
     recorded = crops_figures.get("sources") if isinstance(crops_figures.get("sources"), dict) else {}
     check_recorded(  # its localisation figures describe this crops.h5
         paths["extract_crops"], recorded.get("crops_sha256"), paths["crops"], inputs.sources["crops_sha256"], "crops.h5",
         rerun(dataset, "extract-crops"), "crops_sha256", made="computed",
     )
-    located = crops_figures.get("localization")
+    located = localization_figures(paths["extract_crops"], crops_figures, dataset)
     if not inputs.rows["test"]:
         raise ArtifactError(f"{paths['manifest']}: the test split is empty: nothing to evaluate")
 
@@ -311,16 +318,33 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     for name in (*BRANCHES, "joint"):
         metrics[name] = accuracy(probs[name], test.labels, k)
     metrics["weights"] = weights
-    metrics["sources"] = inputs.sources
+    # the params too: predict takes the weights only while the `evaluate` params are still these
+    metrics["sources"] = {**inputs.sources, "params": params_record(settings, "evaluate", dataset)}
     if located is not None:
-        missing = [key for key in LOCALIZATION_KEYS if key not in located]
-        if missing:
-            raise ArtifactError(f"{paths['extract_crops']}: `localization` lacks {', '.join(missing)}; rerun `fgpipe extract-crops`")
-        metrics["localization"] = {key: located[key] for key in LOCALIZATION_KEYS}
+        metrics["localization"] = located
 
     write_reports(paths, dataset, inputs.classes, test, probs)
     write_json(paths["metrics"], metrics)
     return metrics
+
+
+def localization_figures(path: Path, doc: dict[str, Any], dataset: str) -> dict[str, float] | None:
+    """extract_crops.json's ``localization`` as evaluate.json carries it: null (a dataset without boxes), or
+    accuracy, mean_iou and fallback_rate, each a number in [0, 1]; anything else names the file and extract-crops."""
+    located = doc.get("localization")
+    if located is None:
+        return None
+    fix = rerun(dataset, "extract-crops")
+    if not isinstance(located, dict):
+        raise ArtifactError(f"{path}: `localization` must be an object or null, got {type(located).__name__}; {fix}")
+    missing = [key for key in LOCALIZATION_KEYS if key not in located]
+    if missing:
+        raise ArtifactError(f"{path}: `localization` lacks {', '.join(missing)}; {fix}")
+    for key in LOCALIZATION_KEYS:
+        value = located[key]
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+            raise ArtifactError(f"{path}: `localization.{key}` must be a number in [0, 1], got {value!r}; {fix}")
+    return {key: float(located[key]) for key in LOCALIZATION_KEYS}
 
 
 def write_reports(

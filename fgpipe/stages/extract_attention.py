@@ -41,12 +41,13 @@ from fgpipe.errors import ArtifactError, DatasetError
 from fgpipe.h5schema import AttentionMeta, AttentionWriter
 from fgpipe.imagecache import open_image_cache
 from fgpipe.images import DECODE_ERRORS
+from fgpipe.lineage import check_params, params_record
 from fgpipe.loader import LoadRequest, check_image_files, decode_region, normalize
 from fgpipe.manifest import ManifestRow, read_dataset_json, read_manifest
 from fgpipe.models.wsdan import Stage1Net
 from fgpipe.runtime import available_cores, configure_threads
 from fgpipe.stages.train_backbone import load_stage1, stage1_input_size
-from fgpipe.store import file_sha256, replaced_together, write_json
+from fgpipe.store import check_output_paths, file_sha256, replaced_together, write_json
 from fgpipe.training import require_finite
 
 STAGE = "extract_attention"
@@ -72,9 +73,10 @@ def extraction_device() -> torch.device:
 
 
 def load_checked_stage1(
-    path: Path, manifest_sha: str, dataset: str, device: torch.device
+    path: Path, manifest_sha: str, dataset: str, device: torch.device, settings: Settings | None = None
 ) -> tuple[Stage1Net, dict[str, Any]]:
-    """The stage-1 network of ``path`` in eval mode; refuses a checkpoint trained on another manifest."""
+    """The stage-1 network of ``path`` in eval mode; refuses a checkpoint trained on another manifest, or (with
+    ``settings``) with other `model` / `train_backbone` params than those now (:func:`fgpipe.lineage.check_params`)."""
     if not path.is_file():
         raise ArtifactError(f"checkpoint not found: {path} (run `fgpipe train-backbone --dataset {dataset}` first)")
     model, state = load_stage1(path, device, dataset)
@@ -83,6 +85,8 @@ def load_checked_stage1(
             f"{path} was trained on another manifest than {path.parent.parent / 'manifest.csv'}: "
             f"rerun `fgpipe train-backbone --dataset {dataset}` (or `dvc repro`)"
         )
+    if settings is not None:
+        check_params(path, state.get("params"), settings, "train-backbone", dataset)
     return model, state
 
 
@@ -153,14 +157,16 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     cfg = settings.params.attention
     settings.dataset(dataset)  # a clear error for an unknown dataset name
     paths = stage_paths(settings, dataset, cfg.checkpoint)
+    check_output_paths([paths["attention"], paths["metrics"]])
     rows = read_manifest(paths["manifest"])
     if not rows:
         raise ArtifactError(f"{paths['manifest']}: lists no images (rerun `fgpipe prepare --dataset {dataset}`)")
     info = read_dataset_json(paths["dataset"], dataset)
+    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
     root = info.root
     manifest_sha = file_sha256(paths["manifest"])
     device = extraction_device()
-    model, state = load_checked_stage1(paths["checkpoint"], manifest_sha, dataset, device)
+    model, state = load_checked_stage1(paths["checkpoint"], manifest_sha, dataset, device, settings)
     size = cfg.input_size or stage1_input_size(state)  # 0: the size stage 1 was trained at
     method = create_method(cfg.method, model, score=cfg.score)
     methods = companion_methods(method)  # every method the checkpoint supports on this grid, one pass for all
@@ -184,6 +190,7 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
             "flip": cfg.flip,
             "score": method.score,
             "batch_size": cfg.batch_size,
+            "params": params_record(settings, "extract-attention", dataset),  # compared by the stages reading the file
             "fgpipe_version": __version__,
             **settings.provenance(),
         },

@@ -41,7 +41,7 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, AttentionRecords, CropsMeta, CropsReader, CropsWriter
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.lineage import check_attention
+from fgpipe.lineage import check_attention, check_params, params_record
 from fgpipe.loader import LoadRequest, check_image_files, normalize
 from fgpipe.localize import ObjectBoxes, PartBoxes, mpalm_parts_batch, object_boxes
 from fgpipe.localize.sweep import IOU_HIT, localization_report, localization_sweep, resolve_threshold, write_curves
@@ -51,7 +51,7 @@ from fgpipe.preview import load_samples, preview_indices, render, save_png
 from fgpipe.runtime import configure_threads
 from fgpipe.stages.extract_attention import extraction_device, load_checked_stage1, prefetched
 from fgpipe.stages.train_backbone import stage1_input_size
-from fgpipe.store import FileHashes, file_sha256, pending, replaced_together, write_json
+from fgpipe.store import FileHashes, check_output_paths, file_sha256, pending, replaced_together, write_json
 from fgpipe.training import require_finite
 
 STAGE = "extract_crops"
@@ -131,8 +131,10 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     cfg = settings.params.crops
     settings.dataset(dataset)  # a clear error for an unknown dataset name
     paths = stage_paths(settings, dataset)
+    check_output_paths([paths[k] for k in ("crops", "preview", "metrics", "localization")], [paths["curves"]])
     rows = read_manifest(paths["manifest"])
     info = read_dataset_json(paths["dataset"], dataset)
+    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
     root = info.root
     if not paths["attention"].is_file():
         raise ArtifactError(
@@ -149,6 +151,7 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     part_total = 0
     with AttentionReader(paths["attention"]) as attention:
         checkpoint = check_attention(attention, settings.data_dir(dataset), dataset, sha, required=True)
+        check_params(paths["attention"], attention.meta.provenance.get("params"), settings, "extract-attention", dataset)
         if attention.image_ids() != [r.image_id for r in rows]:
             raise ArtifactError(
                 f"{paths['attention']} does not hold the images of {paths['manifest']} in its order: "
@@ -158,7 +161,7 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         sweeps = localization_sweep(attention, rows, cfg.thresholds)
         threshold, source = resolve_threshold(cfg.threshold, sweeps[attention.meta.method])
         report = localization_report(sweeps, attention.meta.method, threshold, source)
-        model, state = load_checked_stage1(checkpoint, manifest_sha, dataset, device)
+        model, state = load_checked_stage1(checkpoint, manifest_sha, dataset, device, settings)
         size = stage1_input_size(state)
         cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
         check_image_files(info, rows, cache, dataset, paths["manifest"])  # a missing or replaced file: stop before writing
@@ -181,6 +184,7 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
                 "part_nms_iou": cfg.part_nms_iou,
                 "max_parts": cfg.max_parts,
                 "part_nms": "per pyramid side",
+                "params": params_record(settings, "extract-crops", dataset),  # compared by the stages reading the file
                 "fgpipe_version": __version__,
                 **settings.provenance(),
             },

@@ -19,7 +19,7 @@ from rich.table import Table
 from fgpipe.config import Settings
 from fgpipe.errors import ArtifactError, ConfigError
 from fgpipe.h5schema import AttentionReader
-from fgpipe.lineage import check_attention
+from fgpipe.lineage import check_attention, check_params
 from fgpipe.localize.sweep import SPLITS, localization_report, localization_sweep, resolve_threshold, threshold_key
 from fgpipe.manifest import read_manifest
 from fgpipe.store import FileHashes
@@ -41,6 +41,7 @@ def run(settings: Settings, dataset: str, thresholds: Sequence[float] | None = N
     rows = read_manifest(manifest)
     with AttentionReader(path) as attention:
         check_attention(attention, d, dataset, FileHashes())  # made from this manifest and stage-1 checkpoint
+        check_params(path, attention.meta.provenance.get("params"), settings, "extract-attention", dataset)  # and params
         if attention.image_ids() != [r.image_id for r in rows]:
             raise ArtifactError(f"{path} does not hold the images of {manifest} in its order: rerun `fgpipe extract-attention --dataset {dataset}`")
         sweeps = localization_sweep(attention, rows, grid)

@@ -15,12 +15,15 @@ Per image, as the pipeline does for the dataset's own images:
 Every artefact read is checked, by SHA-256, against what it was made from (:mod:`fgpipe.lineage`): attention.h5
 against the manifest and its stage-1 checkpoint, crops.h5 (``auto``) against attention.h5 and that checkpoint,
 refine/best.pt against the manifest, crops.h5 and stage1/best.pt, and evaluate.json's weights against both
-checkpoints they were chosen for. A network giving NaN or infinite heatmaps, features or logits (diverged) is
-refused, naming the images and the checkpoint.
+checkpoints they were chosen for; and each against the params now (:func:`fgpipe.lineage.check_params`: a stage
+whose params changed since it ran is named, to rerun). The manifest gives only the class names (the checkpoints are
+checked against it), so prepare's params are not compared: ``prepare.max_pixels`` is predict's own limit too. evaluate.json's weights must be finite, non-negative
+numbers summing to 1. A network giving NaN or infinite heatmaps, features or logits (diverged) is refused, naming
+the images and the checkpoint.
 
 Output: a table per image with the top-k classes of every branch (``--json``: one JSON document on stdout).
-An image that cannot be read (missing, corrupt, truncated, or declaring more than ``prepare.max_pixels`` pixels)
-is reported on stderr, naming the file, and skipped; :func:`run` returns how many failed (the CLI then exits
+An image that cannot be read (missing, corrupt, truncated, declaring more than ``prepare.max_pixels`` pixels, or
+not a regular file: a folder, a FIFO or a device is never opened) is reported on stderr, naming the file, and skipped; :func:`run` returns how many failed (the CLI then exits
 with 1 once every other image is done).
 """
 
@@ -28,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,11 +62,11 @@ from fgpipe.preview import save_png as write_png
 from fgpipe.runtime import configure_threads
 from fgpipe.stages.evaluate import BRANCHES, inference_runtime, joint_probabilities
 from fgpipe.stages.extract_attention import decode_batch, load_checked_stage1
-from fgpipe.lineage import check_attention, check_crops, check_evaluation, check_refine, checkpoint_of
+from fgpipe.lineage import check_attention, check_crops, check_evaluation, check_params, check_refine, checkpoint_of, rerun
 from fgpipe.stages.extract_crops import parts_of
 from fgpipe.stages.train_backbone import predict_logits, stage1_input_size
 from fgpipe.stages.train_refine import image_boxes, load_branch_data, load_refine, part_size, predict_branches, refine_config
-from fgpipe.store import FileHashes, read_json
+from fgpipe.store import FileHashes, read_json_artifact
 from fgpipe.training import Runtime, require_finite
 
 STAGE = "predict"
@@ -129,37 +134,60 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
         heat_size = settings.params.attention.input_size or None
         heat_path = d / "stage1" / f"{settings.params.attention.checkpoint}.pt"
     raw_path = d / "stage1" / "best.pt"
-    stage1, s1_state = load_checked_stage1(raw_path, manifest_sha, dataset, rt.device)
+    stage1, s1_state = load_checked_stage1(raw_path, manifest_sha, dataset, rt.device, settings)
     if heat_path.resolve() == raw_path.resolve():
         heat_model, heat_state = stage1, s1_state
     else:
-        heat_model, heat_state = load_checked_stage1(heat_path, manifest_sha, dataset, rt.device)
+        heat_model, heat_state = load_checked_stage1(heat_path, manifest_sha, dataset, rt.device, settings)
     if attention_path.is_file():  # once the checkpoints loaded: a damaged one is named as such first
         with AttentionReader(attention_path) as attention:
             check_attention(attention, d, dataset, sha, required=True)
+            check_params(attention_path, attention.meta.provenance.get("params"), settings, "extract-attention", dataset)
 
     refine_path = d / "refine" / "best.pt"
     if not refine_path.is_file():
         raise ArtifactError(f"checkpoint not found: {refine_path} (run `fgpipe train-refine --dataset {dataset}` first)")
     refine, r_state = load_refine(refine_path, rt.device, dataset)
     check_refine(r_state, refine_path, d, dataset, sha)
+    if (d / "crops.h5").is_file():  # the crops the branches were trained on: cut with the `crops` params predict uses
+        with CropsReader(d / "crops.h5") as crops:
+            check_params(crops.path, crops.meta.provenance.get("params"), settings, "extract-crops", dataset)
+    check_params(refine_path, r_state.get("params"), settings, "train-refine", dataset)
     if list(r_state["class_names"]) != classes or list(s1_state["class_names"]) != classes:
         raise ArtifactError(f"{refine_path} was trained on another class list than {manifest}: rerun `fgpipe train-refine --dataset {dataset}`")
 
     metrics_path = settings.metrics_file(dataset, "evaluate")
-    if not metrics_path.is_file():
+    if not os.path.lexists(metrics_path):
         raise ArtifactError(f"{metrics_path} not found: the joint weights come from it (run `fgpipe evaluate --dataset {dataset}` first)")
-    evaluation = read_json(metrics_path)
+    evaluation = read_json_artifact(metrics_path, rerun(dataset, "evaluate"))
     check_evaluation(metrics_path, evaluation, d, dataset, sha)  # the weights were chosen for these checkpoints
-    weights = evaluation.get("weights")
-    if not isinstance(weights, dict) or set(weights) != set(BRANCHES):
-        raise ArtifactError(f"{metrics_path}: `weights` must give raw, object and parts; rerun `fgpipe evaluate --dataset {dataset}`")
+    weights = joint_weights(metrics_path, evaluation, dataset)
+    sources = evaluation.get("sources")
+    check_params(metrics_path, sources.get("params") if isinstance(sources, dict) else None, settings, "evaluate", dataset)
     s1_cfg = TrainBackboneConfig(**s1_state["config"]["train_backbone"])
     return Chain(
         classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model, score=score), flip=flip,
         heat_size=heat_size or stage1_input_size(heat_state), heat_path=heat_path, part_size=stage1_input_size(heat_state), threshold=object_threshold(settings, dataset, sha), stage1=stage1, stage1_path=raw_path, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False),
-        refine=refine, refine_path=refine_path, refine_cfg=refine_config(r_state), weights={b: float(weights[b]) for b in BRANCHES}, rt=rt, dataset=dataset,
+        refine=refine, refine_path=refine_path, refine_cfg=refine_config(r_state), weights=weights, rt=rt, dataset=dataset,
     )
+
+
+def joint_weights(path: Path, evaluation: dict[str, Any], dataset: str) -> dict[str, float]:
+    """evaluate.json's ``weights``: raw, object and parts, each a finite number >= 0, summing to 1 (as evaluate
+    writes them); anything else (NaN, a negative weight, a string, a missing branch) names the file and evaluate."""
+    weights = evaluation.get("weights")
+    fix = rerun(dataset, "evaluate")
+    if not isinstance(weights, dict) or set(weights) != set(BRANCHES):
+        shown = sorted(weights) if isinstance(weights, dict) else type(weights).__name__
+        raise ArtifactError(f"{path}: `weights` must give raw, object and parts, got {shown}; {fix}")
+    for b in BRANCHES:
+        w = weights[b]
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ArtifactError(f"{path}: `weights.{b}` must be a finite number >= 0, got {w!r}; {fix}")
+    total = sum(float(weights[b]) for b in BRANCHES)
+    if abs(total - 1.0) > 1e-6:
+        raise ArtifactError(f"{path}: `weights` must sum to 1 (as evaluate chooses them), got {total:g}; {fix}")
+    return {b: float(weights[b]) for b in BRANCHES}
 
 
 def object_threshold(settings: Settings, dataset: str, hashes: FileHashes | None = None) -> float:

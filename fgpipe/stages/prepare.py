@@ -15,6 +15,7 @@ ids, under ``annotation_issues`` in the metrics (:data:`ISSUES`).
 
 from __future__ import annotations
 
+import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable
@@ -33,8 +34,9 @@ from fgpipe.datasets.base import SourceListing, SourceRecord, safe_relpath
 from fgpipe.errors import BadImagesError, DatasetError
 from fgpipe.imagecache import build_image_cache
 from fgpipe.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, image_size
+from fgpipe.lineage import params_record
 from fgpipe.manifest import SPLITS, Box, ManifestRow, write_manifest
-from fgpipe.store import file_sha256, pending, replaced_together, write_json
+from fgpipe.store import check_output_paths, file_sha256, pending, replaced_together, write_json
 
 STAGE = "prepare"
 # annotation_issues in the metrics: kind -> what the console says of the image ids it lists
@@ -59,21 +61,33 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     cfg = settings.dataset(dataset)
     root = settings.dataset_root(dataset)
     mod = reader(cfg.kind)
+    out_dir = settings.data_dir(dataset)
+    metrics_path = settings.metrics_file(dataset, STAGE)
+    check_output_paths([out_dir / "manifest.csv", out_dir / "dataset.json", out_dir / "images.h5", metrics_path])
+    if cfg.download and not hasattr(mod, "download"):  # an option silently ignored would hide a wrong setup
+        cli = bool(settings.overrides.get(f"datasets.{dataset}.download"))
+        said = "--download" if cli else f"datasets.{dataset}.download: true"
+        raise DatasetError(
+            f"{said}: {cfg.kind} has no official archive to download: {mod.HOW_TO_GET}\n"
+            f"Leave {'--download out' if cli else f'datasets.{dataset}.download out (or false)'} and put the dataset at {root}."
+        )
+    if os.path.lexists(root) and not root.is_dir():
+        raise DatasetError(
+            f"dataset root is not a folder: {root} (datasets.{dataset}.root) is a {'broken link' if not root.exists() else 'file'}; "
+            f"point datasets.{dataset}.root (or --root) at the dataset's folder\n{mod.HOW_TO_GET}"
+        )
 
     if cfg.kind == "synthetic":
         mod.generate(root, cfg.options(), setting=f"datasets.{dataset}.root")
     elif not root.exists():
         if not cfg.download:
             raise DatasetError(f"dataset root not found: {root} (datasets.{dataset}.root)\n{mod.HOW_TO_GET}")
-        if not hasattr(mod, "download"):
-            raise DatasetError(f"{cfg.kind} has no official archive to download: {mod.HOW_TO_GET}")
         console.print(f"downloading {cfg.kind} to {root}")
         mod.download(root, setting=f"datasets.{dataset}.root")
 
     listing: SourceListing = mod.read(root, cfg)
-    rows, counts, issues = build_rows(root, cfg, listing, settings.params.prepare.max_pixels)
+    rows, counts, issues = build_rows(root, cfg, listing, settings.params.prepare.max_pixels, dataset=dataset)
 
-    out_dir = settings.data_dir(dataset)
     write_manifest(out_dir / "manifest.csv", rows)
     classes = sorted({(r.label, r.class_name) for r in rows})
     write_json(
@@ -82,8 +96,10 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
             "dataset": dataset,
             "kind": cfg.kind,
             "root": str(root),
+            **root_relative(settings, dataset, root, out_dir),
             "classes": [name for _, name in classes],
             "crop_bottom": listing.crop_bottom,
+            "params": params_record(settings, "prepare", dataset),
             "fgpipe_version": __version__,
             **settings.provenance(),
         },
@@ -110,19 +126,35 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         "seconds": round(time.perf_counter() - t0, 3),
         **settings.provenance(),
     }
-    write_json(settings.metrics_file(dataset, STAGE), metrics)
+    write_json(metrics_path, metrics)
     return metrics
 
 
+def root_relative(settings: Settings, dataset: str, root: Path, out_dir: Path) -> dict[str, str]:
+    """``{"root_relative": ...}``: the dataset root relative to data/NAME (where dataset.json lies), when both the
+    root (datasets.NAME.root or --root) and prepare.data_dir are given relative to the params file: the project
+    then moves or is copied as one folder, and the later stages find the images where they now are. Computed
+    lexically (as the params file's relative paths are joined), never through links. Else ``{}``: an absolute
+    root, or one whose data folder lies elsewhere, stays where it is when the project moves, and dataset.json's
+    absolute ``root`` is the one to use."""
+    given = settings.dataset(dataset).root
+    if os.path.isabs(os.path.expanduser(given)) or os.path.isabs(os.path.expanduser(settings.params.prepare.data_dir)):
+        return {}
+    return {"root_relative": Path(os.path.relpath(os.path.abspath(root), os.path.abspath(out_dir))).as_posix()}
+
+
 def build_rows(
-    root: Path, cfg: DatasetConfig, listing: SourceListing, max_pixels: int = DEFAULT_MAX_PIXELS
+    root: Path, cfg: DatasetConfig, listing: SourceListing, max_pixels: int = DEFAULT_MAX_PIXELS, dataset: str = ""
 ) -> tuple[list[ManifestRow], Counter[str], dict[str, list[tuple[str, ...]]]]:
-    """Checks shared by every dataset, then labels and the val split; also the annotation issues (reported)."""
+    """Checks shared by every dataset, then labels and the val split; also the annotation issues (reported).
+
+    ``dataset``: the dataset's name, for messages."""
     counts: Counter[str] = Counter(
         skipped=0, boxes_clipped=0, boxes_dropped=0, classes_without_images=0, classes_without_train_images=0
     )
     _refuse_repeated_classes(root, listing)
     records, files = _checked_records(root, listing.records)
+    _require_two_classes(root, records, dataset)  # before decoding a whole dataset for nothing
     sizes, digests, bad = _decode_all(root, records, files, verify=cfg.verify_images, max_pixels=max_pixels)
     if bad:
         if not cfg.skip_bad:
@@ -134,6 +166,7 @@ def build_rows(
     if not records:
         raise DatasetError(f"no usable images under {root}")
 
+    _require_two_classes(root, records, dataset, skipped=len(bad))
     present = {r.class_name for r in records}
     unknown = present - set(listing.classes)
     if unknown:
@@ -238,9 +271,26 @@ def _refuse_repeated_classes(root: Path, listing: SourceListing) -> None:
         raise DatasetError(f"{where}: two classes would become one label. Give each class its own name, or list it once")
 
 
+def _require_two_classes(root: Path, records: list[SourceRecord], dataset: str, skipped: int = 0) -> None:
+    """Refuse a dataset whose images are all of one class: any network scores 100% on it, a silent wrong result."""
+    present = sorted({r.class_name for r in records})
+    if len(present) >= 2:
+        return
+    name = f"dataset `{dataset}` ({root})" if dataset else f"the dataset under {root}"
+    after = f" once the {skipped} unreadable image(s) are skipped" if skipped else ""
+    raise DatasetError(
+        f"{name} has images of {len(present)} class only{after} ({', '.join(present)}): classification needs at least "
+        "2 classes, and with one every prediction is right whatever the network learns. Add the images of the other "
+        "classes (or point the dataset's root at the complete dataset)"
+    )
+
+
 def _checked_records(root: Path, records: list[SourceRecord]) -> tuple[list[SourceRecord], dict[str, Path]]:
     """The records with their paths normalised, and each path's file with symlinks resolved (checked to lie inside
-    ``root``); refuses a repeated id, an unknown split, a path escaping ``root`` and every missing file at once."""
+    ``root``); refuses a repeated id, an unknown split, a path escaping ``root`` and every missing file at once.
+
+    A path that is a symbolic link loop resolves nowhere: it is kept as it is, and decoding it fails like any other
+    unreadable image (listed, or skipped with ``skip_bad``)."""
     if not records:
         raise DatasetError(f"the annotation files under {root} list no images")
     seen: dict[str, str] = {}
@@ -254,11 +304,17 @@ def _checked_records(root: Path, records: list[SourceRecord]) -> tuple[list[Sour
         if r.split not in SPLITS:
             raise DatasetError(f"{r.origin or root}: split must be one of {', '.join(SPLITS)}, got {r.split!r}")
         rel = safe_relpath(root, r.path, r.origin or str(root))
-        full = (root / rel).resolve()
-        if not full.is_relative_to(root.resolve()):
+        try:
+            full = (root / rel).resolve()
+        except (RuntimeError, OSError):  # a symlink loop (RuntimeError up to Python 3.12, OSError ELOOP after)
+            full = None
+        if full is None:
+            full = root / rel  # opening it fails with ELOOP: an unreadable image
+        elif not full.is_relative_to(root.resolve()):
             raise DatasetError(f"{r.origin or root}: path {r.path!r} resolves outside the dataset root {root}")
-        if not full.is_file():
-            missing.append(f"{root / rel}" + (f" (listed at {r.origin})" if r.origin else ""))
+        elif not full.is_file():
+            what = " (a folder, not an image file)" if full.is_dir() else ""
+            missing.append(f"{root / rel}{what}" + (f" (listed at {r.origin})" if r.origin else ""))
         out.append(r if rel == r.path else SourceRecord(r.image_id, rel, r.class_name, r.split, r.box, r.origin))
         files[rel] = full
     if missing:

@@ -31,12 +31,13 @@ from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, TrainingError
 from fgpipe.imagecache import ImageCache, open_image_cache
+from fgpipe.lineage import check_params, params_record
 from fgpipe.loader import center_crop, check_image_files, load_regions, normalize, resized_side, train_augment, whole_image_requests
 from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
 from fgpipe.models import build_stage1
 from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop, refine_crop
 from fgpipe.runtime import configure_threads
-from fgpipe.store import file_sha256
+from fgpipe.store import check_output_paths, file_sha256
 from fgpipe.training import (
     Runtime,
     all_reduce_sum,
@@ -116,8 +117,10 @@ def _run(
     t_start = time.perf_counter()
     paths = stage_paths(settings, dataset)
     settings.dataset(dataset)  # a clear error for an unknown dataset name
+    check_output_paths([paths["best"], paths["last"], paths["metrics"]], [paths["live"]])  # not after the training
     rows = read_manifest(paths["manifest"])
     info = read_dataset_json(paths["dataset"], dataset)
+    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
     root = info.root
     classes = class_names(rows)
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
@@ -146,6 +149,7 @@ def _run(
         schedule=cfg.schedule, step_size=cfg.step_size, gamma=cfg.gamma,
     )
     config = {"model": config_dict(mcfg), "train_backbone": config_dict(cfg)}
+    made_with = params_record(settings, "train-backbone", dataset)
     manifest_sha = file_sha256(paths["manifest"])
 
     start_epoch, best, history = resume_from(
@@ -180,6 +184,7 @@ def _run(
                     "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
                     "best": best, "history": history, "rng": rng_state(), "config": config,
                     "class_names": classes, "manifest_sha256": manifest_sha, "dataset": dataset,
+                    "params": made_with,  # what later stages compare with the params then (fgpipe.lineage.check_params)
                     "finished": False,  # both are marked at the end, with the metrics (training.finish_run)
                 }
                 saved = epoch + 1

@@ -45,12 +45,12 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, TrainingError
 from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.lineage import check_crops
+from fgpipe.lineage import check_crops, check_crops_params, check_params, params_record
 from fgpipe.loader import LoadRequest, center_crop, check_image_files, load_regions, normalize, resized_side, train_augment
 from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
 from fgpipe.models.branches import RefineNet, build_refine_net
 from fgpipe.runtime import configure_threads
-from fgpipe.store import FileHashes
+from fgpipe.store import FileHashes, check_output_paths
 from fgpipe.training import (
     Runtime,
     all_reduce_sum,
@@ -301,8 +301,11 @@ def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
     }
 
 
-def load_stage1_state(path: Path, manifest_sha: str, classes: list[str], dataset: str) -> dict[str, Any]:
-    """The stage-1 checkpoint the branches start from; refuses one trained on another manifest."""
+def load_stage1_state(
+    path: Path, manifest_sha: str, classes: list[str], dataset: str, settings: Settings | None = None
+) -> dict[str, Any]:
+    """The stage-1 checkpoint the branches start from; refuses one trained on another manifest, or (with
+    ``settings``) with other `model` / `train_backbone` params than those now."""
     if not path.is_file():
         raise ArtifactError(f"stage-1 checkpoint not found: {path} (run `fgpipe train-backbone --dataset {dataset}` first)")
     state = load_checkpoint(path, kind="stage1", dataset=dataset)
@@ -311,6 +314,8 @@ def load_stage1_state(path: Path, manifest_sha: str, classes: list[str], dataset
         ModelConfig(**state["config"]["model"])  # checked here: the branches are built from it
     if state.get("manifest_sha256") != manifest_sha or list(state.get("class_names", [])) != classes:
         raise ArtifactError(f"{path} was trained on another manifest: rerun `fgpipe train-backbone` (or `dvc repro`)")
+    if settings is not None:
+        check_params(path, state.get("params"), settings, "train-backbone", dataset)
     return state
 
 
@@ -329,19 +334,22 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
     t_start = time.perf_counter()
     paths = stage_paths(settings, dataset)
     settings.dataset(dataset)  # a clear error for an unknown dataset name
+    check_output_paths([paths["best"], paths["last"], paths["metrics"]], [paths["live"]])  # not after the training
     rows = read_manifest(paths["manifest"])
     info = read_dataset_json(paths["dataset"], dataset)
+    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
     root = info.root
     classes = class_names(rows)
     sha = FileHashes()  # each input hashed once
     manifest_sha = sha(paths["manifest"])
-    stage1 = load_stage1_state(paths["stage1"], manifest_sha, classes, dataset)
+    stage1 = load_stage1_state(paths["stage1"], manifest_sha, classes, dataset, settings)
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val")}
     for s in ("train", "val"):
         if not by_split[s]:
             raise ArtifactError(f"{paths['manifest']}: the {s} split is empty")
     with CropsReader(paths["crops"]) as crops:  # made from this manifest, attention.h5 and stage-1 checkpoint
         check_crops(crops, paths["crops"].parent, dataset, sha)
+        check_crops_params(crops, paths["crops"].parent, settings, dataset)  # and with the params now
     boxes = {s: read_crops(paths["crops"], manifest_sha, by_split[s]) for s in ("train", "val")}
     hashes = {"manifest_sha256": manifest_sha, "crops_sha256": sha(paths["crops"]), "stage1_sha256": sha(paths["stage1"])}
 
@@ -364,6 +372,7 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
         schedule=cfg.schedule, step_size=cfg.step_size, gamma=cfg.gamma,
     )
     config = {"model": dict(stage1["config"]["model"]), "train_refine": config_dict(cfg)}
+    made_with = params_record(settings, "train-refine", dataset)
 
     start_epoch, best, history = resume_from(
         paths["last"], resume, rt, lambda state: _check_resumable(state, config, hashes, paths["last"]),
@@ -399,6 +408,7 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
                     "kind": "refine", "model": model.state_dict(), "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best, "history": history,
                     "rng": rng_state(), "config": config, "class_names": classes, "dataset": dataset, **hashes,
+                    "params": made_with,  # what later stages compare with the params then (fgpipe.lineage.check_params)
                     "finished": False,  # both are marked at the end, with the metrics (training.finish_run)
                 }
                 saved = epoch + 1
