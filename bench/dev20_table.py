@@ -5,7 +5,7 @@
 
 Each run folder holds the summary.json that bench/dev20.py writes. `--stage1` names the folder whose stage 1
 (prepare, train-backbone) a run continued from with `--from extract-attention` (the same network: stage 1 reads
-no attention/crops/refine parameter), so its wall time is added to the chain's. `--at224` adds OAAM and AOLM
+no attention/crops/refine parameter), so its wall time is added to the chain's. `--stock` adds the plain baseline on the stock trunk (stride 32, no LCAM). `--at224` adds OAAM and AOLM
 localisation from a run that made the heatmaps at stage 1's 224 px. Only test figures are printed: every
 choice they rest on (checkpoints, joint weights, thresholds) was made on train/val: each heatmap method is
 shown at the threshold that localises the train+val boxes best for it (extract-crops' rule for `auto`; for
@@ -73,15 +73,17 @@ def main() -> int:
     ap.add_argument("--stage1", default="", help="folder whose stage 1 the chain continued from")
     ap.add_argument("--plain", default="plain-s{seed}", help="folder of the plain baseline (--head plain)")
     ap.add_argument("--at224", default="", help="folder with the heatmaps at stage 1's 224 px")
+    ap.add_argument("--stock", default="", help="folder of the plain baseline on the stock trunk "
+                    "(--head plain --set model.output_stride=0 --set model.lcam=none)")
     args = ap.parse_args()
 
-    cols = {k: [] for k in ("plain", "raw", "object", "gain", "parts", "joint", "oaam", "aolm", "gradcam", "bap",
+    cols = {k: [] for k in ("plain", "stock", "raw", "object", "gain", "parts", "joint", "oaam", "aolm", "gradcam", "bap",
                             "oaam224", "aolm224", "plain_oaam", "plain_aolm", "minutes")}
-    print("| seed | plain | raw | object (- raw) | parts | joint (weights raw / object / parts) | OAAM (T) | AOLM "
+    print("| seed | plain | plain, stock trunk | raw | object (- raw) | parts | joint (weights raw / object / parts) | OAAM (T) | AOLM "
           "| Grad-CAM | BAP | OAAM, AOLM at 224 px | plain: OAAM, AOLM | chain |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for seed in args.seeds:
-        w, s1, p = (load(x, seed) for x in (args.wsdan, args.stage1, args.plain))
+        w, s1, p, st = (load(x, seed) for x in (args.wsdan, args.stage1, args.plain, args.stock))
         a224 = args.at224 and load(args.at224, seed)
         if not w or "evaluate" not in w:
             print(f"| {seed} | (no finished run of {args.wsdan.format(seed=seed)}) |")
@@ -91,6 +93,7 @@ def main() -> int:
         minutes = sum(seconds.get(stage, 0.0) for stage in CHAIN) / 60 if all(st in seconds for st in CHAIN) else None
         row = {
             "plain": p["stage1"]["test_top1"] if p and "stage1" in p else None,
+            "stock": st["stage1"]["test_top1"] if st and "stage1" in st else None,
             "raw": e["raw"], "object": e["object"], "gain": 100 * (e["object"] - e["raw"]), "parts": e["parts"],
             "joint": e["joint"], "minutes": minutes,
         }
@@ -107,7 +110,7 @@ def main() -> int:
         at224 = f"{fmt(row['oaam224'])}, {fmt(row['aolm224'])}" if a224 else "-"
         plain_loc = f"{fmt(row['plain_oaam'])}, {fmt(row['plain_aolm'])}" if p else "-"
         print(
-            f"| {seed} | {fmt(row['plain'])} | {fmt(e['raw'])} | {fmt(e['object'])} ({row['gain']:+.1f}) | {fmt(e['parts'])} "
+            f"| {seed} | {fmt(row['plain'])} | {fmt(row['stock'])} | {fmt(e['raw'])} | {fmt(e['object'])} ({row['gain']:+.1f}) | {fmt(e['parts'])} "
             f"| {fmt(e['joint'])} ({wt['raw']:g} / {wt['object']:g} / {wt['parts']:g}) | {fmt(row['oaam'])} "
             f"({chosen['oaam']}) | {fmt(row['aolm'])} | {fmt(row['gradcam'])} ({chosen['gradcam']}) | {fmt(row['bap'])} "
             f"({chosen['bap']}) | {at224} "
@@ -116,7 +119,7 @@ def main() -> int:
     m = {k: spread(v) for k, v in cols.items()}
     gain = f"{statistics.mean(cols['gain']):+.1f}" if cols["gain"] else "-"
     print(
-        f"| mean ± sd | {m['plain']} | {m['raw']} | {m['object']} ({gain}) | {m['parts']} | {m['joint']} | {m['oaam']} "
+        f"| mean ± sd | {m['plain']} | {m['stock']} | {m['raw']} | {m['object']} ({gain}) | {m['parts']} | {m['joint']} | {m['oaam']} "
         f"| {m['aolm']} | {m['gradcam']} | {m['bap']} | {m['oaam224']}, {m['aolm224']} | {m['plain_oaam']}, "
         f"{m['plain_aolm']} | - |"
     )
