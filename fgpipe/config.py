@@ -27,6 +27,7 @@ from pydantic.dataclasses import dataclass
 
 from fgpipe.errors import ConfigError
 from fgpipe.images import DEFAULT_MAX_PIXELS, PIXEL_CEILING
+from fgpipe.layout import Layout
 
 _CFG = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float field: NaN and +-inf are refused, naming the key
 
@@ -467,9 +468,13 @@ class Settings:
         """data/NAME: where every artefact of dataset NAME lives."""
         return self.resolve(self.params.prepare.data_dir) / name
 
+    def layout(self, name: str) -> Layout:
+        """Where each artefact of dataset NAME lives: data/NAME/... and metrics/NAME/... (:mod:`fgpipe.layout`)."""
+        return Layout.of(self.data_dir(name), self.resolve(self.params.prepare.metrics_dir) / name)
+
     def metrics_file(self, name: str, stage: str) -> Path:
         """metrics/NAME/<stage>.json: where every stage writes its metrics."""
-        return self.resolve(self.params.prepare.metrics_dir) / name / f"{stage}.json"
+        return self.layout(name).metrics.stage(stage)
 
     def provenance(self) -> dict[str, Any]:
         """What to record with an artefact so it says how it was made."""

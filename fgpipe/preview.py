@@ -28,10 +28,11 @@ from PIL import Image, ImageDraw, ImageFont
 from fgpipe.config import Settings
 from fgpipe.errors import ArtifactError, OutputError
 from fgpipe.h5schema import AttentionReader, CropsReader
-from fgpipe.lineage import check_attention, check_crops, check_params
+from fgpipe.layout import STAGE_PNGS
+from fgpipe.lineage import check_attention, check_crops, check_params, read_dataset_info
 from fgpipe.loader import check_image_files, decode_region
 from fgpipe.localize import box_iou
-from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
+from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.store import FileHashes, atomic_path
 
 TILE = 224  # longest side of each tile, pixels
@@ -241,10 +242,11 @@ def show(settings: Settings, dataset: str, image_id: str, out: Path | None = Non
     (:mod:`fgpipe.lineage`).
     """
     settings.dataset(dataset)
-    d = settings.data_dir(dataset)
-    target = out if out is not None else d / f"show_{safe_name(image_id)}.png"
+    data = settings.layout(dataset).data
+    d = data.path
+    target = out if out is not None else data.show_png(safe_name(image_id))
     check_show_target(settings, dataset, target, explicit=out is not None)
-    manifest, attention_path, crops_path = d / "manifest.csv", d / "attention.h5", d / "crops.h5"
+    manifest, attention_path, crops_path = data.manifest, data.attention, data.crops
     rows = read_manifest(manifest)
     index = {r.image_id: i for i, r in enumerate(rows)}
     if image_id not in index:
@@ -253,8 +255,7 @@ def show(settings: Settings, dataset: str, image_id: str, out: Path | None = Non
     for path, command in ((attention_path, "extract-attention"), (crops_path, "extract-crops")):
         if not path.is_file():
             raise ArtifactError(f"{path} not found (run `fgpipe {command} --dataset {dataset}` first)")
-    info = read_dataset_json(d / "dataset.json", dataset)
-    check_params(d / "dataset.json", info.params, settings, "prepare", dataset)
+    info = read_dataset_info(settings, dataset)
     root = info.root
     check_image_files(info, [rows[index[image_id]]], None, dataset, manifest)
     with AttentionReader(attention_path) as att, CropsReader(crops_path) as crops:
@@ -269,7 +270,6 @@ def show(settings: Settings, dataset: str, image_id: str, out: Path | None = Non
 
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-STAGE_PNGS = ("crops_preview.png", "confusion.png")  # the PNGs stages write into data/NAME/
 
 
 def _is_png(path: Path) -> bool:
@@ -287,7 +287,7 @@ def check_show_target(settings: Settings, dataset: str, target: Path, explicit: 
     ``show_*.png``) PNG directly in data/NAME/ (the rest belongs to the stages, DVC's outputs among them), or an
     existing file elsewhere that is not a PNG image. Checked before anything is read."""
     said = f"--out {target}" if explicit else str(target)
-    fix = f"choose another --out path, e.g. {settings.data_dir(dataset) / 'show_ID.png'}"
+    fix = f"choose another --out path, e.g. {settings.layout(dataset).data.show_png('ID')}"
     if target.is_dir():
         raise OutputError(f"{said}: is a folder; give the path of the PNG file to write ({fix})")
     if not target.parent.is_dir():

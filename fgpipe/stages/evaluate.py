@@ -55,9 +55,19 @@ from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError
 from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.lineage import check_crops, check_crops_params, check_params, check_recorded, check_refine, params_record, rerun
+from fgpipe.layout import Layout
+from fgpipe.lineage import (
+    check_crops,
+    check_crops_params,
+    check_params,
+    check_recorded,
+    check_refine,
+    params_record,
+    read_dataset_info,
+    rerun,
+)
 from fgpipe.loader import check_image_files, resized_side
-from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
+from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.models.branches import RefineNet
 from fgpipe.models.wsdan import Stage1Net
 from fgpipe.runtime import configure_threads
@@ -70,25 +80,6 @@ from fgpipe.training import Runtime, require_finite
 STAGE = "evaluate"
 BRANCHES = ("raw", "object", "parts")
 LOCALIZATION_KEYS = ("accuracy", "mean_iou", "fallback_rate")
-
-
-def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
-    d = settings.data_dir(dataset)
-    metrics = settings.metrics_file(dataset, STAGE).parent
-    return {
-        "manifest": d / "manifest.csv",
-        "dataset": d / "dataset.json",
-        "images": d / "images.h5",
-        "stage1": d / "stage1" / "best.pt",
-        "refine": d / "refine" / "best.pt",
-        "crops": d / "crops.h5",
-        "extract_crops": settings.metrics_file(dataset, "extract_crops"),
-        "metrics": settings.metrics_file(dataset, STAGE),
-        "per_class": metrics / "per_class.csv",
-        "confusion": metrics / "confusion.csv",
-        "predictions": metrics / "predictions.csv",
-        "confusion_png": d / "confusion.png",
-    }
 
 
 def inference_runtime() -> Runtime:
@@ -128,46 +119,47 @@ class SplitProbabilities:
     probs: dict[str, np.ndarray]  # branch -> (N, K) float64
 
 
-def open_inputs(settings: Settings, dataset: str, paths: dict[str, Path]) -> Inputs:
+def open_inputs(settings: Settings, dataset: str) -> Inputs:
     """Load and cross-check the manifest, both checkpoints and crops.h5 (no image is read here)."""
     settings.dataset(dataset)  # a clear error for an unknown dataset name
-    rows = read_manifest(paths["manifest"])
-    info = read_dataset_json(paths["dataset"], dataset)
-    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
+    data = settings.layout(dataset).data
+    rows = read_manifest(data.manifest)
+    info = read_dataset_info(settings, dataset)
     root = info.root
     classes = class_names(rows)
     sha = FileHashes()  # each input hashed once
-    manifest_sha = sha(paths["manifest"])
+    manifest_sha = sha(data.manifest)
     rt = inference_runtime()
-    stage1, s1_state = load_checked_stage1(paths["stage1"], manifest_sha, dataset, rt.device, settings)
-    if not paths["refine"].is_file():
-        raise ArtifactError(f"checkpoint not found: {paths['refine']} (run `fgpipe train-refine --dataset {dataset}` first)")
-    refine, r_state = load_refine(paths["refine"], rt.device, dataset)
-    if not paths["crops"].is_file():
-        raise ArtifactError(f"{paths['crops']} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
-    check_refine(r_state, paths["refine"], paths["crops"].parent, dataset, sha)
+    stage1_path, refine_path = data.stage1("best"), data.refine("best")
+    stage1, s1_state = load_checked_stage1(stage1_path, manifest_sha, dataset, rt.device, settings)
+    if not refine_path.is_file():
+        raise ArtifactError(f"checkpoint not found: {refine_path} (run `fgpipe train-refine --dataset {dataset}` first)")
+    refine, r_state = load_refine(refine_path, rt.device, dataset)
+    if not data.crops.is_file():
+        raise ArtifactError(f"{data.crops} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
+    check_refine(r_state, refine_path, data.path, dataset, sha)
     if list(r_state["class_names"]) != classes or list(s1_state["class_names"]) != classes:
-        raise ArtifactError(f"{paths['refine']} was trained from another class list: {rerun(dataset, 'train-refine')}")
-    with CropsReader(paths["crops"]) as crops:  # made from this manifest, attention.h5 and stage-1 checkpoint
-        check_crops(crops, paths["crops"].parent, dataset, sha)
-        check_crops_params(crops, paths["crops"].parent, settings, dataset)  # and with the params now
-    check_params(paths["refine"], r_state.get("params"), settings, "train-refine", dataset)
+        raise ArtifactError(f"{refine_path} was trained from another class list: {rerun(dataset, 'train-refine')}")
+    with CropsReader(data.crops) as crops:  # made from this manifest, attention.h5 and stage-1 checkpoint
+        check_crops(crops, data.path, dataset, sha)
+        check_crops_params(crops, data.path, settings, dataset)  # and with the params now
+    check_params(refine_path, r_state.get("params"), settings, "train-refine", dataset)
     sources = {
-        "manifest_sha256": manifest_sha, "stage1_sha256": sha(paths["stage1"]), "refine_sha256": sha(paths["refine"]),
-        "crops_sha256": sha(paths["crops"]),
+        "manifest_sha256": manifest_sha, "stage1_sha256": sha(stage1_path), "refine_sha256": sha(refine_path),
+        "crops_sha256": sha(data.crops),
     }
     if rt.channels_last:
         stage1 = stage1.to(memory_format=torch.channels_last)
         refine = refine.to(memory_format=torch.channels_last)
     s1_cfg = dataclasses.replace(TrainBackboneConfig(**s1_state["config"]["train_backbone"]), test_refine=False)
-    cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
+    cache = open_image_cache(data.images, root, manifest_sha, dataset)
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
     # before any report is written; train images are never decoded here, so only val's and test's are checked
-    check_image_files(info, by_split["val"] + by_split["test"], cache, dataset, paths["manifest"])
+    check_image_files(info, by_split["val"] + by_split["test"], cache, dataset, data.manifest)
     return Inputs(
         root=root, cache=cache, rows=by_split, classes=classes,
-        crops=paths["crops"], manifest_sha256=manifest_sha, sources=sources,
-        checkpoints={"stage1": paths["stage1"], "refine": paths["refine"]}, dataset=dataset, stage1=stage1, stage1_cfg=s1_cfg,
+        crops=data.crops, manifest_sha256=manifest_sha, sources=sources,
+        checkpoints={"stage1": stage1_path, "refine": refine_path}, dataset=dataset, stage1=stage1, stage1_cfg=s1_cfg,
         refine=refine, refine_cfg=refine_config(r_state), rt=rt, batch_size=settings.params.evaluate.batch_size,
     )
 
@@ -277,27 +269,29 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
 def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     configure_threads()
     cfg = settings.params.evaluate
-    paths = stage_paths(settings, dataset)
+    layout = settings.layout(dataset)
+    data, out = layout.data, layout.metrics
     if cfg.combine == "val":
         weight_grid(cfg.weight_step)  # a bad step fails before any work
-    check_output_paths([paths[k] for k in ("metrics", "per_class", "confusion", "predictions", "confusion_png")])
-    inputs = open_inputs(settings, dataset, paths)
-    if not os.path.lexists(paths["extract_crops"]):
-        raise ArtifactError(f"{paths['extract_crops']} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
-    crops_figures = read_json_artifact(paths["extract_crops"], rerun(dataset, "extract-crops"))
+    check_output_paths([out.stage(STAGE), out.per_class, out.confusion, out.predictions, data.confusion_png])
+    inputs = open_inputs(settings, dataset)
+    crops_json = out.stage("extract_crops")
+    if not os.path.lexists(crops_json):
+        raise ArtifactError(f"{crops_json} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
+    crops_figures = read_json_artifact(crops_json, rerun(dataset, "extract-crops"))
     recorded = crops_figures.get("sources") if isinstance(crops_figures.get("sources"), dict) else {}
     check_recorded(  # its localisation figures describe this crops.h5
-        paths["extract_crops"], recorded.get("crops_sha256"), paths["crops"], inputs.sources["crops_sha256"], "crops.h5",
+        crops_json, recorded.get("crops_sha256"), data.crops, inputs.sources["crops_sha256"], "crops.h5",
         rerun(dataset, "extract-crops"), "crops_sha256", made="computed",
     )
-    located = localization_figures(paths["extract_crops"], crops_figures, dataset)
+    located = localization_figures(crops_json, crops_figures, dataset)
     if not inputs.rows["test"]:
-        raise ArtifactError(f"{paths['manifest']}: the test split is empty: nothing to evaluate")
+        raise ArtifactError(f"{data.manifest}: the test split is empty: nothing to evaluate")
 
     # 1. the weights: chosen on val or fixed; the test split is not touched before this is done
     if cfg.combine == "val":
         if not inputs.rows["val"]:
-            raise ArtifactError(f"{paths['manifest']}: the val split is empty; use evaluate.combine: fixed")
+            raise ArtifactError(f"{data.manifest}: the val split is empty; use evaluate.combine: fixed")
         val = split_probabilities(inputs, "val")
         weights = select_weights(val, cfg.weight_step, cfg.select_by, cfg.branches)
         val_joint = joint_probabilities(val.probs, weights)
@@ -323,8 +317,8 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     if located is not None:
         metrics["localization"] = located
 
-    write_reports(paths, dataset, inputs.classes, test, probs)
-    write_json(paths["metrics"], metrics)
+    write_reports(layout, dataset, inputs.classes, test, probs)
+    write_json(out.stage(STAGE), metrics)
     return metrics
 
 
@@ -348,7 +342,7 @@ def localization_figures(path: Path, doc: dict[str, Any], dataset: str) -> dict[
 
 
 def write_reports(
-    paths: dict[str, Path], dataset: str, classes: list[str], test: SplitProbabilities, probs: dict[str, np.ndarray]
+    layout: Layout, dataset: str, classes: list[str], test: SplitProbabilities, probs: dict[str, np.ndarray]
 ) -> None:
     """predictions.csv, per_class.csv, confusion.csv and confusion.png of the test split."""
     top1 = {name: p.argmax(1) for name, p in probs.items()}  # (N,) each
@@ -356,7 +350,7 @@ def write_reports(
     rows = [["image_id", "label", "raw_top1", "object_top1", "parts_top1", "joint_top1", "joint_prob"]]
     for i, image_id in enumerate(test.image_ids):
         rows.append([image_id, classes[test.labels[i]], *(classes[top1[b][i]] for b in (*BRANCHES, "joint")), f"{joint_prob[i]:.6f}"])
-    write_text(paths["predictions"], _csv(rows))
+    write_text(layout.metrics.predictions, _csv(rows))
 
     per_class = [["class", "images", *BRANCHES, "joint"]]
     for c, name in enumerate(classes):
@@ -364,12 +358,12 @@ def write_reports(
         n = int(mask.sum())
         accs = [f"{float((top1[b][mask] == c).mean()):.6f}" if n else "" for b in (*BRANCHES, "joint")]
         per_class.append([name, n, *accs])
-    write_text(paths["per_class"], _csv(per_class))
+    write_text(layout.metrics.per_class, _csv(per_class))
 
     matrix = confusion_matrix(test.labels, top1["joint"], len(classes))
-    write_text(paths["confusion"], _csv([["true \\ predicted", *classes], *([name, *row] for name, row in zip(classes, matrix.tolist()))]))
+    write_text(layout.metrics.confusion, _csv([["true \\ predicted", *classes], *([name, *row] for name, row in zip(classes, matrix.tolist()))]))
     title = f"{dataset}: joint prediction on test ({len(test.labels)} images)"
-    with atomic_path(paths["confusion_png"]) as tmp:
+    with atomic_path(layout.data.confusion_png) as tmp:
         confusion_image(matrix, classes, title).save(tmp, format="PNG")
 
 

@@ -41,9 +41,9 @@ from fgpipe.errors import ArtifactError, DatasetError
 from fgpipe.h5schema import AttentionMeta, AttentionWriter
 from fgpipe.imagecache import open_image_cache
 from fgpipe.images import DECODE_ERRORS
-from fgpipe.lineage import check_params, params_record
+from fgpipe.lineage import check_params, params_record, read_dataset_info
 from fgpipe.loader import LoadRequest, check_image_files, decode_region, normalize
-from fgpipe.manifest import ManifestRow, read_dataset_json, read_manifest
+from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.models.wsdan import Stage1Net
 from fgpipe.runtime import available_cores, configure_threads
 from fgpipe.stages.train_backbone import load_stage1, stage1_input_size
@@ -52,19 +52,6 @@ from fgpipe.training import require_finite
 
 STAGE = "extract_attention"
 T = TypeVar("T")
-
-
-def stage_paths(settings: Settings, dataset: str, checkpoint: str) -> dict[str, Path]:
-    """Inputs and outputs of the stage for ``dataset``; ``checkpoint`` is ``best`` or ``last``."""
-    d = settings.data_dir(dataset)
-    return {
-        "manifest": d / "manifest.csv",
-        "dataset": d / "dataset.json",
-        "checkpoint": d / "stage1" / f"{checkpoint}.pt",
-        "images": d / "images.h5",
-        "attention": d / "attention.h5",
-        "metrics": settings.metrics_file(dataset, STAGE),
-    }
 
 
 def extraction_device() -> torch.device:
@@ -156,17 +143,17 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = settings.params.attention
     settings.dataset(dataset)  # a clear error for an unknown dataset name
-    paths = stage_paths(settings, dataset, cfg.checkpoint)
-    check_output_paths([paths["attention"], paths["metrics"]])
-    rows = read_manifest(paths["manifest"])
+    layout = settings.layout(dataset)
+    data, metrics_path, checkpoint = layout.data, layout.metrics.stage(STAGE), layout.data.stage1(cfg.checkpoint)
+    check_output_paths([data.attention, metrics_path])
+    rows = read_manifest(data.manifest)
     if not rows:
-        raise ArtifactError(f"{paths['manifest']}: lists no images (rerun `fgpipe prepare --dataset {dataset}`)")
-    info = read_dataset_json(paths["dataset"], dataset)
-    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
+        raise ArtifactError(f"{data.manifest}: lists no images (rerun `fgpipe prepare --dataset {dataset}`)")
+    info = read_dataset_info(settings, dataset)
     root = info.root
-    manifest_sha = file_sha256(paths["manifest"])
+    manifest_sha = file_sha256(data.manifest)
     device = extraction_device()
-    model, state = load_checked_stage1(paths["checkpoint"], manifest_sha, dataset, device, settings)
+    model, state = load_checked_stage1(checkpoint, manifest_sha, dataset, device, settings)
     size = cfg.input_size or stage1_input_size(state)  # 0: the size stage 1 was trained at
     method = create_method(cfg.method, model, score=cfg.score)
     methods = companion_methods(method)  # every method the checkpoint supports on this grid, one pass for all
@@ -180,12 +167,12 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         methods=tuple(names),
         layer=method.layer,
         input_size=size,
-        checkpoint_sha256=file_sha256(paths["checkpoint"]),
+        checkpoint_sha256=file_sha256(checkpoint),
         manifest_sha256=manifest_sha,
         provenance={
             "dataset": dataset,
             "checkpoint": cfg.checkpoint,
-            "checkpoint_path": str(paths["checkpoint"]),
+            "checkpoint_path": str(checkpoint),
             "target": cfg.target,
             "flip": cfg.flip,
             "score": method.score,
@@ -196,20 +183,20 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         },
     )
     row_batches = batched(rows, cfg.batch_size)
-    cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
-    check_image_files(info, rows, cache, dataset, paths["manifest"])  # a missing or replaced file: stop before writing
+    cache = open_image_cache(data.images, root, manifest_sha, dataset)
+    check_image_files(info, rows, cache, dataset, data.manifest)  # a missing or replaced file: stop before writing
     jobs = ((b, [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height)), cache) for r in b]) for b in row_batches)
     predictions = np.empty(len(rows), dtype=np.int64)
     t0 = time.perf_counter()
-    with AttentionWriter(paths["attention"], meta, grid, len(state["class_names"])) as writer, progress() as bar:
+    with AttentionWriter(data.attention, meta, grid, len(state["class_names"])) as writer, progress() as bar:
         task = bar.add_task(f"{' + '.join(names)} heatmaps", total=len(rows))
         done = 0
         for batch_rows, images in prefetched(jobs, (size, size)):
             out = heatmaps_of(methods, images, batch_rows, cfg.target, device, cfg.flip)
             ids = [r.image_id for r in batch_rows]
-            require_finite(out.logits, ids, "logits", paths["checkpoint"], "stage1", dataset)
+            require_finite(out.logits, ids, "logits", checkpoint, "stage1", dataset)
             for name, maps in out.heatmaps.items():
-                require_finite(maps, ids, f"`{name}` heatmaps", paths["checkpoint"], "stage1", dataset)
+                require_finite(maps, ids, f"`{name}` heatmaps", checkpoint, "stage1", dataset)
             writer.append(
                 [r.image_id for r in batch_rows], [r.label for r in batch_rows],
                 out.heatmaps, out.logits, out.predictions,
@@ -240,8 +227,8 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         "device": str(device),
         **settings.provenance(),
     }
-    write_json(paths["metrics"], metrics)
-    console.print(f"wrote {paths['attention']} ({len(rows)} images)", highlight=False)
+    write_json(metrics_path, metrics)
+    console.print(f"wrote {data.attention} ({len(rows)} images)", highlight=False)
     return metrics
 
 

@@ -41,11 +41,12 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, AttentionRecords, CropsMeta, CropsReader, CropsWriter
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.lineage import check_attention, check_params, params_record
+from fgpipe.layout import DataDir
+from fgpipe.lineage import check_attention, check_params, params_record, read_dataset_info
 from fgpipe.loader import LoadRequest, check_image_files, normalize
 from fgpipe.localize import ObjectBoxes, PartBoxes, mpalm_parts_batch, object_boxes
 from fgpipe.localize.sweep import IOU_HIT, localization_report, localization_sweep, resolve_threshold, write_curves
-from fgpipe.manifest import ManifestRow, read_dataset_json, read_manifest
+from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.models.wsdan import Stage1Net
 from fgpipe.preview import load_samples, preview_indices, render, save_png
 from fgpipe.runtime import configure_threads
@@ -55,22 +56,6 @@ from fgpipe.store import FileHashes, check_output_paths, file_sha256, pending, r
 from fgpipe.training import require_finite
 
 STAGE = "extract_crops"
-
-
-def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
-    """Inputs and outputs of the stage for ``dataset``."""
-    d = settings.data_dir(dataset)
-    return {
-        "manifest": d / "manifest.csv",
-        "dataset": d / "dataset.json",
-        "images": d / "images.h5",
-        "attention": d / "attention.h5",
-        "crops": d / "crops.h5",
-        "preview": d / "crops_preview.png",
-        "metrics": settings.metrics_file(dataset, STAGE),
-        "localization": settings.metrics_file(dataset, "localization"),
-        "curves": settings.metrics_file(dataset, "localization").with_suffix(""),  # metrics/NAME/localization/
-    }
 
 
 def object_boxes_of(records: AttentionRecords, rows: Sequence[ManifestRow], threshold: float) -> ObjectBoxes:
@@ -130,31 +115,31 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = settings.params.crops
     settings.dataset(dataset)  # a clear error for an unknown dataset name
-    paths = stage_paths(settings, dataset)
-    check_output_paths([paths[k] for k in ("crops", "preview", "metrics", "localization")], [paths["curves"]])
-    rows = read_manifest(paths["manifest"])
-    info = read_dataset_json(paths["dataset"], dataset)
-    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
+    layout = settings.layout(dataset)
+    data, out = layout.data, layout.metrics
+    check_output_paths([data.crops, data.crops_preview, out.stage(STAGE), out.localization], [out.localization_curves])
+    rows = read_manifest(data.manifest)
+    info = read_dataset_info(settings, dataset)
     root = info.root
-    if not paths["attention"].is_file():
+    if not data.attention.is_file():
         raise ArtifactError(
-            f"attention file not found: {paths['attention']} (run `fgpipe extract-attention --dataset {dataset}` first)"
+            f"attention file not found: {data.attention} (run `fgpipe extract-attention --dataset {dataset}` first)"
         )
     sha = FileHashes()  # each input hashed once
-    manifest_sha = sha(paths["manifest"])
-    attention_sha = sha(paths["attention"])
+    manifest_sha = sha(data.manifest)
+    attention_sha = sha(data.attention)
     device = extraction_device()
 
     n = len(rows)
     boxes = np.zeros((n, 4), dtype=np.float64)
     fallback = np.zeros(n, dtype=bool)
     part_total = 0
-    with AttentionReader(paths["attention"]) as attention:
-        checkpoint = check_attention(attention, settings.data_dir(dataset), dataset, sha, required=True)
-        check_params(paths["attention"], attention.meta.provenance.get("params"), settings, "extract-attention", dataset)
+    with AttentionReader(data.attention) as attention:
+        checkpoint = check_attention(attention, data.path, dataset, sha, required=True)
+        check_params(data.attention, attention.meta.provenance.get("params"), settings, "extract-attention", dataset)
         if attention.image_ids() != [r.image_id for r in rows]:
             raise ArtifactError(
-                f"{paths['attention']} does not hold the images of {paths['manifest']} in its order: "
+                f"{data.attention} does not hold the images of {data.manifest} in its order: "
                 f"rerun `fgpipe extract-attention --dataset {dataset}`"
             )
         # localisation of every stored method x threshold x split, from the heatmaps alone; auto picks on train+val
@@ -163,10 +148,10 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         report = localization_report(sweeps, attention.meta.method, threshold, source)
         model, state = load_checked_stage1(checkpoint, manifest_sha, dataset, device, settings)
         size = stage1_input_size(state)
-        cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
-        check_image_files(info, rows, cache, dataset, paths["manifest"])  # a missing or replaced file: stop before writing
+        cache = open_image_cache(data.images, root, manifest_sha, dataset)
+        check_image_files(info, rows, cache, dataset, data.manifest)  # a missing or replaced file: stop before writing
         # the preview (written after crops.h5) draws its images from the files, cache or not
-        check_image_files(info, [rows[i] for i in preview_indices(rows, cfg.preview_images)], None, dataset, paths["manifest"])
+        check_image_files(info, [rows[i] for i in preview_indices(rows, cfg.preview_images)], None, dataset, data.manifest)
         meta = CropsMeta(
             method=attention.meta.method,
             threshold=threshold,
@@ -190,7 +175,7 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
             },
         )
         t0 = time.perf_counter()
-        with CropsWriter(paths["crops"], meta, cfg.max_parts) as writer, progress() as bar:
+        with CropsWriter(data.crops, meta, cfg.max_parts) as writer, progress() as bar:
             task = bar.add_task("object boxes + MPALM parts", total=n)
             jobs = batches_with_boxes(attention, rows, root, cfg, cache, threshold)
             for (sl, records, obj), crops in prefetched(jobs, (size, size)):
@@ -217,15 +202,15 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         "images_per_s": round(n / seconds, 2) if seconds > 0 else None,
         "input_size": size,
         "device": str(device),
-        "sources": {"crops_sha256": file_sha256(pending(paths["crops"]))},  # the crops.h5 these figures describe
+        "sources": {"crops_sha256": file_sha256(pending(data.crops))},  # the crops.h5 these figures describe
         **settings.provenance(),
     }
-    write_curves(paths["curves"], sweeps)
-    write_preview(paths, rows, root, dataset, cfg, method, threshold)
-    write_json(paths["localization"], {"dataset": dataset, **report})
+    write_curves(out.localization_curves, sweeps)
+    write_preview(data, rows, root, dataset, cfg, method, threshold)
+    write_json(out.localization, {"dataset": dataset, **report})
     metrics["seconds"] = round(time.perf_counter() - t_start, 3)
-    write_json(paths["metrics"], metrics)
-    console.print(f"wrote {paths['crops']}, {paths['preview']} and {paths['localization']}", highlight=False)
+    write_json(out.stage(STAGE), metrics)
+    console.print(f"wrote {data.crops}, {data.crops_preview} and {out.localization}", highlight=False)
     return metrics
 
 
@@ -253,7 +238,7 @@ def localization(rows: Sequence[ManifestRow], boxes: np.ndarray) -> dict[str, fl
 
 
 def write_preview(
-    paths: dict[str, Path],
+    data: DataDir,
     rows: Sequence[ManifestRow],
     root: Path,
     dataset: str,
@@ -267,6 +252,6 @@ def write_preview(
         f"{dataset}: {method} heatmaps, object threshold {threshold:g}, "
         f"MPALM parts ({len(indices)} test images, class by class)"
     )
-    with AttentionReader(paths["attention"]) as attention, CropsReader(pending(paths["crops"])) as crops:  # this run's
+    with AttentionReader(data.attention) as attention, CropsReader(pending(data.crops)) as crops:  # this run's
         samples = load_samples(rows, indices, root, attention, crops)
-    return save_png(render(samples, title), paths["preview"])
+    return save_png(render(samples, title), data.crops_preview)

@@ -112,14 +112,15 @@ class Prediction:
 def load_chain(settings: Settings, dataset: str) -> Chain:
     """Load the checkpoints, the attention method and the joint weights of ``dataset``; check they belong together."""
     settings.dataset(dataset)  # a clear error for an unknown dataset name
-    d = settings.data_dir(dataset)
-    manifest = d / "manifest.csv"
+    data = settings.layout(dataset).data
+    d = data.path
+    manifest = data.manifest
     classes = class_names(read_manifest(manifest))
     sha = FileHashes()  # each input hashed once
     manifest_sha = sha(manifest)
     rt = inference_runtime()
 
-    attention_path = d / "attention.h5"
+    attention_path = data.attention
     if attention_path.is_file():
         with AttentionReader(attention_path) as attention:
             method_name = attention.meta.method
@@ -132,8 +133,8 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
         score = settings.params.attention.score
         flip = settings.params.attention.flip
         heat_size = settings.params.attention.input_size or None
-        heat_path = d / "stage1" / f"{settings.params.attention.checkpoint}.pt"
-    raw_path = d / "stage1" / "best.pt"
+        heat_path = data.stage1(settings.params.attention.checkpoint)
+    raw_path = data.stage1("best")
     stage1, s1_state = load_checked_stage1(raw_path, manifest_sha, dataset, rt.device, settings)
     if heat_path.resolve() == raw_path.resolve():
         heat_model, heat_state = stage1, s1_state
@@ -144,19 +145,19 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
             check_attention(attention, d, dataset, sha, required=True)
             check_params(attention_path, attention.meta.provenance.get("params"), settings, "extract-attention", dataset)
 
-    refine_path = d / "refine" / "best.pt"
+    refine_path = data.refine("best")
     if not refine_path.is_file():
         raise ArtifactError(f"checkpoint not found: {refine_path} (run `fgpipe train-refine --dataset {dataset}` first)")
     refine, r_state = load_refine(refine_path, rt.device, dataset)
     check_refine(r_state, refine_path, d, dataset, sha)
-    if (d / "crops.h5").is_file():  # the crops the branches were trained on: cut with the `crops` params predict uses
-        with CropsReader(d / "crops.h5") as crops:
+    if data.crops.is_file():  # the crops the branches were trained on: cut with the `crops` params predict uses
+        with CropsReader(data.crops) as crops:
             check_params(crops.path, crops.meta.provenance.get("params"), settings, "extract-crops", dataset)
     check_params(refine_path, r_state.get("params"), settings, "train-refine", dataset)
     if list(r_state["class_names"]) != classes or list(s1_state["class_names"]) != classes:
         raise ArtifactError(f"{refine_path} was trained on another class list than {manifest}: rerun `fgpipe train-refine --dataset {dataset}`")
 
-    metrics_path = settings.metrics_file(dataset, "evaluate")
+    metrics_path = settings.layout(dataset).metrics.stage("evaluate")
     if not os.path.lexists(metrics_path):
         raise ArtifactError(f"{metrics_path} not found: the joint weights come from it (run `fgpipe evaluate --dataset {dataset}` first)")
     evaluation = read_json_artifact(metrics_path, rerun(dataset, "evaluate"))
@@ -196,7 +197,7 @@ def object_threshold(settings: Settings, dataset: str, hashes: FileHashes | None
     param = settings.params.crops.threshold
     if param != "auto":
         return float(param)
-    path = settings.data_dir(dataset) / "crops.h5"
+    path = settings.layout(dataset).data.crops
     if not path.is_file():
         raise ArtifactError(
             f"crops.threshold is auto and {path} (which records the threshold chosen) is not there: "

@@ -61,9 +61,9 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     cfg = settings.dataset(dataset)
     root = settings.dataset_root(dataset)
     mod = reader(cfg.kind)
-    out_dir = settings.data_dir(dataset)
-    metrics_path = settings.metrics_file(dataset, STAGE)
-    check_output_paths([out_dir / "manifest.csv", out_dir / "dataset.json", out_dir / "images.h5", metrics_path])
+    layout = settings.layout(dataset)
+    data, metrics_path = layout.data, layout.metrics.stage(STAGE)
+    check_output_paths([data.manifest, data.dataset_json, data.images, metrics_path])
     if cfg.download and not hasattr(mod, "download"):  # an option silently ignored would hide a wrong setup
         cli = bool(settings.overrides.get(f"datasets.{dataset}.download"))
         said = "--download" if cli else f"datasets.{dataset}.download: true"
@@ -88,15 +88,15 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     listing: SourceListing = mod.read(root, cfg)
     rows, counts, issues = build_rows(root, cfg, listing, settings.params.prepare.max_pixels, dataset=dataset)
 
-    write_manifest(out_dir / "manifest.csv", rows)
+    write_manifest(data.manifest, rows)
     classes = sorted({(r.label, r.class_name) for r in rows})
     write_json(
-        out_dir / "dataset.json",
+        data.dataset_json,
         {
             "dataset": dataset,
             "kind": cfg.kind,
             "root": str(root),
-            **root_relative(settings, dataset, root, out_dir),
+            **root_relative(settings, dataset, root, data.path),
             "classes": [name for _, name in classes],
             "crop_bottom": listing.crop_bottom,
             "params": params_record(settings, "prepare", dataset),
@@ -105,7 +105,7 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         },
     )
     cache = build_image_cache(
-        out_dir / "images.h5", root, rows, settings.params.prepare.cache_side, file_sha256(pending(out_dir / "manifest.csv")),
+        data.images, root, rows, settings.params.prepare.cache_side, file_sha256(pending(data.manifest)),
         {"dataset": dataset, "root": str(root), "resample": "bilinear (antialiased)", "fgpipe_version": __version__, **settings.provenance()},
     )
     per_split = Counter(r.split for r in rows)

@@ -31,9 +31,9 @@ from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, TrainingError
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.lineage import check_params, params_record
+from fgpipe.lineage import params_record, read_dataset_info
 from fgpipe.loader import center_crop, check_image_files, load_regions, normalize, resized_side, train_augment, whole_image_requests
-from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
+from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.models import build_stage1
 from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop, refine_crop
 from fgpipe.runtime import configure_threads
@@ -87,19 +87,6 @@ def load_split(root: Path, rows: list[ManifestRow], side: int, name: str, cache:
     return Split(images, torch.tensor([r.label for r in rows], dtype=torch.long))
 
 
-def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
-    d = settings.data_dir(dataset)
-    return {
-        "manifest": d / "manifest.csv",
-        "dataset": d / "dataset.json",
-        "images": d / "images.h5",
-        "best": d / "stage1" / "best.pt",
-        "last": d / "stage1" / "last.pt",
-        "metrics": settings.metrics_file(dataset, STAGE),
-        "live": settings.metrics_file(dataset, STAGE).with_suffix(""),
-    }
-
-
 def run(settings: Settings, dataset: str, resume: bool = False, on_step: StepHook | None = None) -> dict[str, Any]:
     """Train stage-1 on train, select on val; return the metrics (also written to metrics/NAME/train_backbone.json)."""
     configure_threads()
@@ -115,22 +102,23 @@ def _run(
     settings: Settings, dataset: str, cfg: TrainBackboneConfig, mcfg: ModelConfig, rt: Runtime, resume: bool, on_step: StepHook | None
 ) -> dict[str, Any]:
     t_start = time.perf_counter()
-    paths = stage_paths(settings, dataset)
     settings.dataset(dataset)  # a clear error for an unknown dataset name
+    layout = settings.layout(dataset)
+    data, out = layout.data, layout.metrics
+    paths = {"best": data.stage1("best"), "last": data.stage1("last"), "metrics": out.stage(STAGE), "live": out.curves(STAGE)}
     check_output_paths([paths["best"], paths["last"], paths["metrics"]], [paths["live"]])  # not after the training
-    rows = read_manifest(paths["manifest"])
-    info = read_dataset_json(paths["dataset"], dataset)
-    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
+    rows = read_manifest(data.manifest)
+    info = read_dataset_info(settings, dataset)
     root = info.root
     classes = class_names(rows)
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
     for s in ("train", "val"):
         if not by_split[s]:
-            raise ArtifactError(f"{paths['manifest']}: the {s} split is empty")
+            raise ArtifactError(f"{data.manifest}: the {s} split is empty")
 
     side = resized_side(cfg.input_size, cfg.augment)
-    cache = open_image_cache(paths["images"], root, file_sha256(paths["manifest"]), dataset)
-    check_image_files(info, rows, cache, dataset, paths["manifest"])  # test images too: they are read after training
+    cache = open_image_cache(data.images, root, file_sha256(data.manifest), dataset)
+    check_image_files(info, rows, cache, dataset, data.manifest)  # test images too: they are read after training
     train = load_split(root, by_split["train"], side, "train", cache)
     val = load_split(root, by_split["val"], side, "val", cache)
 
@@ -150,7 +138,7 @@ def _run(
     )
     config = {"model": config_dict(mcfg), "train_backbone": config_dict(cfg)}
     made_with = params_record(settings, "train-backbone", dataset)
-    manifest_sha = file_sha256(paths["manifest"])
+    manifest_sha = file_sha256(data.manifest)
 
     start_epoch, best, history = resume_from(
         paths["last"], resume, rt, lambda state: _check_resumable(state, config, manifest_sha, paths["last"]),

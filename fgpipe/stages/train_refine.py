@@ -45,9 +45,9 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, TrainingError
 from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.lineage import check_crops, check_crops_params, check_params, params_record
+from fgpipe.lineage import check_crops, check_crops_params, check_params, params_record, read_dataset_info
 from fgpipe.loader import LoadRequest, center_crop, check_image_files, load_regions, normalize, resized_side, train_augment
-from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
+from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.models.branches import RefineNet, build_refine_net
 from fgpipe.runtime import configure_threads
 from fgpipe.store import FileHashes, check_output_paths
@@ -286,21 +286,6 @@ def eval_inputs(data: BranchData, idx: Tensor, cfg: TrainRefineConfig) -> tuple[
 
 
 # --------------------------------------------------------------------------- the stage
-def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
-    d = settings.data_dir(dataset)
-    return {
-        "manifest": d / "manifest.csv",
-        "dataset": d / "dataset.json",
-        "images": d / "images.h5",
-        "crops": d / "crops.h5",
-        "stage1": d / "stage1" / "best.pt",
-        "best": d / "refine" / "best.pt",
-        "last": d / "refine" / "last.pt",
-        "metrics": settings.metrics_file(dataset, STAGE),
-        "live": settings.metrics_file(dataset, STAGE).with_suffix(""),
-    }
-
-
 def load_stage1_state(
     path: Path, manifest_sha: str, classes: list[str], dataset: str, settings: Settings | None = None
 ) -> dict[str, Any]:
@@ -332,36 +317,37 @@ def run(settings: Settings, dataset: str, resume: bool = False, on_step: StepHoo
 
 def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, resume: bool, on_step: StepHook | None) -> dict[str, Any]:
     t_start = time.perf_counter()
-    paths = stage_paths(settings, dataset)
     settings.dataset(dataset)  # a clear error for an unknown dataset name
+    layout = settings.layout(dataset)
+    data, out = layout.data, layout.metrics
+    paths = {"best": data.refine("best"), "last": data.refine("last"), "metrics": out.stage(STAGE), "live": out.curves(STAGE)}
     check_output_paths([paths["best"], paths["last"], paths["metrics"]], [paths["live"]])  # not after the training
-    rows = read_manifest(paths["manifest"])
-    info = read_dataset_json(paths["dataset"], dataset)
-    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
+    rows = read_manifest(data.manifest)
+    info = read_dataset_info(settings, dataset)
     root = info.root
     classes = class_names(rows)
     sha = FileHashes()  # each input hashed once
-    manifest_sha = sha(paths["manifest"])
-    stage1 = load_stage1_state(paths["stage1"], manifest_sha, classes, dataset, settings)
+    manifest_sha = sha(data.manifest)
+    stage1 = load_stage1_state(data.stage1("best"), manifest_sha, classes, dataset, settings)
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val")}
     for s in ("train", "val"):
         if not by_split[s]:
-            raise ArtifactError(f"{paths['manifest']}: the {s} split is empty")
-    with CropsReader(paths["crops"]) as crops:  # made from this manifest, attention.h5 and stage-1 checkpoint
-        check_crops(crops, paths["crops"].parent, dataset, sha)
-        check_crops_params(crops, paths["crops"].parent, settings, dataset)  # and with the params now
-    boxes = {s: read_crops(paths["crops"], manifest_sha, by_split[s]) for s in ("train", "val")}
-    hashes = {"manifest_sha256": manifest_sha, "crops_sha256": sha(paths["crops"]), "stage1_sha256": sha(paths["stage1"])}
+            raise ArtifactError(f"{data.manifest}: the {s} split is empty")
+    with CropsReader(data.crops) as crops:  # made from this manifest, attention.h5 and stage-1 checkpoint
+        check_crops(crops, data.path, dataset, sha)
+        check_crops_params(crops, data.path, settings, dataset)  # and with the params now
+    boxes = {s: read_crops(data.crops, manifest_sha, by_split[s]) for s in ("train", "val")}
+    hashes = {"manifest_sha256": manifest_sha, "crops_sha256": sha(data.crops), "stage1_sha256": sha(data.stage1("best"))}
 
-    cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
-    check_image_files(info, by_split["train"] + by_split["val"], cache, dataset, paths["manifest"])  # before any checkpoint is written
+    cache = open_image_cache(data.images, root, manifest_sha, dataset)
+    check_image_files(info, by_split["train"] + by_split["val"], cache, dataset, data.manifest)  # before any checkpoint is written
     train = split_data(root, by_split["train"], boxes["train"], cfg, cfg.box_jitter, "train", cache)
     val = split_data(root, by_split["val"], boxes["val"], cfg, 0.0, "val", cache)
 
     seed_everything(cfg.seed)
     mcfg = ModelConfig(**stage1["config"]["model"])  # checked by load_stage1_state
     # a stage-1 state_dict that does not fit is a ConfigError naming each key (fgpipe.models.weights.apply_state_dict)
-    model, report = build_refine_net(mcfg, len(classes), cfg.shared_backbone, stage1["model"], str(paths["stage1"]))
+    model, report = build_refine_net(mcfg, len(classes), cfg.shared_backbone, stage1["model"], str(data.stage1("best")))
     model = model.to(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -442,7 +428,7 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
             "val": {"object": best["object"], "parts": best["parts"], "mean": best["val_top1"]},
             "train": {"loss": last["train_loss"], "object_top1": last["train_object_top1"], "parts_top1": last["train_parts_top1"]},
             "patches_per_image": round(float(train.patch_count.float().mean()), 3),
-            "initialised_from": {"checkpoint": str(paths["stage1"]), "tensors": report.loaded if report else 0},
+            "initialised_from": {"checkpoint": str(data.stage1("best")), "tensors": report.loaded if report else 0},
             "images_per_s": round(train_images / train_seconds, 2) if train_seconds else None,
             "resumed_from_epoch": start_epoch if resume else None,
             "world_size": rt.world_size,
