@@ -21,6 +21,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fgpipe.attention import create_method
+from fgpipe.checkpoints import load_checkpoint, load_stage1, save_checkpoint
 from fgpipe.cli import app
 from fgpipe.config import load_params
 from fgpipe.errors import ArtifactError
@@ -30,7 +31,6 @@ from fgpipe.localize import box_iou, object_box
 from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.stages import extract_attention, extract_crops, prepare, train_backbone
 from fgpipe.store import file_sha256, read_json
-from fgpipe.training import load_checkpoint, save_checkpoint
 
 SIZE = (56, 44)  # (W, H) of the fake images: not square, so x and y scales differ
 COLOURS = [(210, 40, 40), (40, 200, 40), (40, 40, 210)]
@@ -145,7 +145,7 @@ def test_true_target_heatmaps_equal_a_direct_computation(project: Path) -> None:
     extract_attention.run(load_params(params, {"attention.target": "true", "attention.method": "gradcam"}), "toy")
     rows = _rows(project)
     root = Path(read_json(project / "data/toy/dataset.json")["root"])
-    model, _ = train_backbone.load_stage1(project / "data/toy/stage1/best.pt")
+    model, _ = load_stage1(project / "data/toy/stage1/best.pt")
     x = normalize(load_regions(whole_image_requests(root, rows), (INPUT, INPUT)))
     ref = create_method("gradcam", model)(x, torch.tensor([r.label for r in rows]))
     with AttentionReader(project / "data/toy/attention.h5") as att:
@@ -365,7 +365,7 @@ def test_attention_stores_every_supported_method_and_the_explained_logits(projec
     extract_attention.run(load_params(project / "params.yaml"), "toy")
     rows = _rows(project)
     root = Path(read_json(project / "data/toy/dataset.json")["root"])
-    model, _ = train_backbone.load_stage1(project / "data/toy/stage1/best.pt")
+    model, _ = load_stage1(project / "data/toy/stage1/best.pt")
     x = normalize(load_regions(whole_image_requests(root, rows), (INPUT, INPUT)))
     with AttentionReader(project / "data/toy/attention.h5") as att:
         assert att.meta.method == "oaam" and att.methods == ("oaam", "gradcam", "aolm", "bap")
@@ -476,7 +476,7 @@ def test_attention_input_size_computes_every_method_at_that_size(project: Path) 
     extract_attention.run(load_params(project / "params.yaml", {"attention.input_size": size}), "toy")
     rows = _rows(project)
     root = Path(read_json(project / "data/toy/dataset.json")["root"])
-    model, _ = train_backbone.load_stage1(project / "data/toy/stage1/best.pt")
+    model, _ = load_stage1(project / "data/toy/stage1/best.pt")
     x = normalize(load_regions(whole_image_requests(root, rows), (size, size)))
     with AttentionReader(project / "data/toy/attention.h5") as att:
         assert att.meta.input_size == size and att.heatmap_hw == (size // 16, size // 16)

@@ -23,6 +23,7 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from fgpipe.checkpoints import config_dict, load_refine, save_checkpoint
 from fgpipe.cli import app
 from fgpipe.config import ModelConfig, TrainBackboneConfig, load_params
 from fgpipe.errors import ArtifactError
@@ -32,7 +33,6 @@ from fgpipe.models import build_stage1
 from fgpipe.models.branches import build_refine_net, pool_patch_logits
 from fgpipe.stages import prepare, train_refine
 from fgpipe.store import file_sha256, write_json
-from fgpipe.training import config_dict, save_checkpoint
 
 COLOURS = [(210, 40, 40), (40, 190, 40), (40, 60, 210)]
 SIDE = 48  # image side
@@ -212,7 +212,7 @@ def test_training_lowers_the_loss_and_writes_everything(tmp_path_factory: pytest
     curves = tmp_path / "metrics/toy/train_refine/plots/metrics"
     assert len((curves / "train/loss.tsv").read_text().strip().splitlines()) == 1 + 3
     assert (curves / "val/object_top1.tsv").is_file() and (curves / "val/parts_top1.tsv").is_file()
-    model, state = train_refine.load_refine(tmp_path / "data/toy/refine/best.pt")
+    model, state = load_refine(tmp_path / "data/toy/refine/best.pt")
     assert not model.training and state["class_names"] == ["class0", "class1", "class2"]
 
 

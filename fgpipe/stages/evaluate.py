@@ -50,6 +50,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from fgpipe.checkpoints import load_checked_stage1, load_refine, refine_config, require_finite
 from fgpipe.config import EvaluateConfig, Settings, TrainBackboneConfig, TrainRefineConfig
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError
@@ -71,11 +72,11 @@ from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.models.branches import RefineNet
 from fgpipe.models.wsdan import Stage1Net
 from fgpipe.runtime import configure_threads
-from fgpipe.stages.extract_attention import extraction_device, load_checked_stage1
+from fgpipe.stages.extract_attention import extraction_device
 from fgpipe.stages.train_backbone import load_split, predict_logits
-from fgpipe.stages.train_refine import ImageBoxes, load_refine, predict_branches, read_crops, refine_config, split_data
+from fgpipe.stages.train_refine import ImageBoxes, predict_branches, read_crops, split_data
 from fgpipe.store import FileHashes, atomic_path, check_output_paths, read_json_artifact, replaced_together, write_json, write_text
-from fgpipe.training import Runtime, require_finite
+from fgpipe.training import Runtime
 
 STAGE = "evaluate"
 BRANCHES = ("raw", "object", "parts")

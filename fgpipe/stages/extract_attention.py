@@ -25,7 +25,6 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -35,20 +34,18 @@ from torch import Tensor
 from fgpipe import __version__
 from fgpipe.attention import HeatmapMethod, HeatmapSet, companion_methods, create_method
 from fgpipe.attention import heatmaps_of as method_heatmaps
+from fgpipe.checkpoints import load_checked_stage1, require_finite, stage1_input_size
 from fgpipe.config import Settings
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, DatasetError
 from fgpipe.h5schema import AttentionMeta, AttentionWriter
 from fgpipe.imagecache import open_image_cache
 from fgpipe.images import DECODE_ERRORS
-from fgpipe.lineage import check_params, params_record, read_dataset_info
+from fgpipe.lineage import params_record, read_dataset_info
 from fgpipe.loader import LoadRequest, check_image_files, decode_region, normalize
 from fgpipe.manifest import ManifestRow, read_manifest
-from fgpipe.models.wsdan import Stage1Net
 from fgpipe.runtime import available_cores, configure_threads
-from fgpipe.stages.train_backbone import load_stage1, stage1_input_size
 from fgpipe.store import check_output_paths, file_sha256, replaced_together, write_json
-from fgpipe.training import require_finite
 
 STAGE = "extract_attention"
 T = TypeVar("T")
@@ -57,24 +54,6 @@ T = TypeVar("T")
 def extraction_device() -> torch.device:
     """CUDA when torch sees a GPU, else the CPU (the attention and crops params have no device key)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_checked_stage1(
-    path: Path, manifest_sha: str, dataset: str, device: torch.device, settings: Settings | None = None
-) -> tuple[Stage1Net, dict[str, Any]]:
-    """The stage-1 network of ``path`` in eval mode; refuses a checkpoint trained on another manifest, or (with
-    ``settings``) with other `model` / `train_backbone` params than those now (:func:`fgpipe.lineage.check_params`)."""
-    if not path.is_file():
-        raise ArtifactError(f"checkpoint not found: {path} (run `fgpipe train-backbone --dataset {dataset}` first)")
-    model, state = load_stage1(path, device, dataset)
-    if state.get("manifest_sha256") != manifest_sha:
-        raise ArtifactError(
-            f"{path} was trained on another manifest than {path.parent.parent / 'manifest.csv'}: "
-            f"rerun `fgpipe train-backbone --dataset {dataset}` (or `dvc repro`)"
-        )
-    if settings is not None:
-        check_params(path, state.get("params"), settings, "train-backbone", dataset)
-    return model, state
 
 
 # --------------------------------------------------------------------------- batched decoding

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from fgpipe import __version__
+from fgpipe.checkpoints import load_checked_stage1, require_finite, stage1_input_size
 from fgpipe.config import CropsConfig, Settings
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError
@@ -50,10 +51,8 @@ from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.models.wsdan import Stage1Net
 from fgpipe.preview import load_samples, preview_indices, render, save_png
 from fgpipe.runtime import configure_threads
-from fgpipe.stages.extract_attention import extraction_device, load_checked_stage1, prefetched
-from fgpipe.stages.train_backbone import stage1_input_size
+from fgpipe.stages.extract_attention import extraction_device, prefetched
 from fgpipe.store import FileHashes, check_output_paths, file_sha256, pending, replaced_together, write_json
-from fgpipe.training import require_finite
 
 STAGE = "extract_crops"
 

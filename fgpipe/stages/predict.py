@@ -47,11 +47,13 @@ from rich.table import Table
 from torch import Tensor
 
 from fgpipe.attention import HeatmapMethod, create_method
+from fgpipe.checkpoints import load_checked_stage1, load_refine, refine_config, require_finite, stage1_input_size
 from fgpipe.config import Settings, TrainBackboneConfig, TrainRefineConfig
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
 from fgpipe.images import DECODE_ERRORS, image_size
+from fgpipe.lineage import check_attention, check_crops, check_evaluation, check_params, check_refine, checkpoint_of, rerun
 from fgpipe.loader import LoadRequest, decode_region, normalize, resized_side
 from fgpipe.localize import object_boxes
 from fgpipe.manifest import class_names, read_manifest
@@ -61,13 +63,12 @@ from fgpipe.preview import COLOURS, TILE, colormap, safe_name
 from fgpipe.preview import save_png as write_png
 from fgpipe.runtime import configure_threads
 from fgpipe.stages.evaluate import BRANCHES, inference_runtime, joint_probabilities
-from fgpipe.stages.extract_attention import decode_batch, load_checked_stage1
-from fgpipe.lineage import check_attention, check_crops, check_evaluation, check_params, check_refine, checkpoint_of, rerun
+from fgpipe.stages.extract_attention import decode_batch
 from fgpipe.stages.extract_crops import parts_of
-from fgpipe.stages.train_backbone import predict_logits, stage1_input_size
-from fgpipe.stages.train_refine import image_boxes, load_branch_data, load_refine, part_size, predict_branches, refine_config
+from fgpipe.stages.train_backbone import predict_logits
+from fgpipe.stages.train_refine import image_boxes, load_branch_data, part_size, predict_branches
 from fgpipe.store import FileHashes, read_json_artifact
-from fgpipe.training import Runtime, require_finite
+from fgpipe.training import Runtime
 
 STAGE = "predict"
 

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from rich.progress import TextColumn
 from torch import Tensor, nn
 
+from fgpipe.checkpoints import config_dict, load_checkpoint, save_checkpoint
 from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, TrainingError
@@ -46,18 +47,13 @@ from fgpipe.training import (
     build_optimizer,
     build_scheduler,
     close_live,
-    config_dict,
     epoch_seed,
     interrupted,
-    load_checkpoint,
     log_epoch,
     finish_run,
     open_live,
-    rebuilding,
-    require_finished,
     resume_from,
     rng_state,
-    save_checkpoint,
     seed_everything,
     setup_runtime,
     shard_indices,
@@ -394,28 +390,3 @@ def evaluate(model: nn.Module, data: Split, cfg: TrainBackboneConfig, rt: Runtim
     all_reduce_sum(counts, rt)
     n = max(float(counts[2]), 1.0)
     return {"top1_raw": float(counts[0]) / n, "top1": float(counts[1]) / n, "images": int(counts[2])}
-
-
-def load_stage1(
-    path: str | Path, device: str | torch.device = "cpu", dataset: str | None = None
-) -> tuple[Stage1Net, dict[str, Any]]:
-    """Rebuild the stage-1 network from a checkpoint (its own config; no weight download) in eval mode.
-
-    Returns the model and the checkpoint dict (class_names, manifest_sha256, config, ...). ``dataset`` names the
-    command that rewrites the file in errors (default: the one the checkpoint records).
-    """
-    state = load_checkpoint(path, map_location=device, kind="stage1", dataset=dataset)
-    dataset = dataset or str(state.get("dataset", "NAME"))
-    require_finished(state, path, f"fgpipe train-backbone --dataset {dataset}")
-    with rebuilding(path, "stage1", dataset):
-        mcfg = ModelConfig(**state["config"]["model"])
-        TrainBackboneConfig(**state["config"]["train_backbone"])  # checked here: the callers read it
-    model = build_stage1(mcfg, len(state["class_names"]), weights="none")
-    with rebuilding(path, "stage1", dataset):
-        model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
-
-
-def stage1_input_size(state: dict[str, Any]) -> int:
-    """The input size a stage-1 checkpoint was trained at."""
-    return int(state["config"]["train_backbone"]["input_size"])

@@ -40,12 +40,13 @@ from rich.progress import TextColumn
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from fgpipe.checkpoints import config_dict, save_checkpoint, stage1_state
 from fgpipe.config import ModelConfig, Settings, TrainRefineConfig
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, TrainingError
 from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.lineage import check_crops, check_crops_params, check_params, params_record, read_dataset_info
+from fgpipe.lineage import check_crops, check_crops_params, params_record, read_dataset_info
 from fgpipe.loader import LoadRequest, center_crop, check_image_files, load_regions, normalize, resized_side, train_augment
 from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.models.branches import RefineNet, build_refine_net
@@ -59,18 +60,13 @@ from fgpipe.training import (
     build_optimizer,
     build_scheduler,
     close_live,
-    config_dict,
     epoch_seed,
     interrupted,
-    load_checkpoint,
     log_epoch,
     finish_run,
     open_live,
-    rebuilding,
-    require_finished,
     resume_from,
     rng_state,
-    save_checkpoint,
     seed_everything,
     setup_runtime,
     shard_indices,
@@ -286,24 +282,6 @@ def eval_inputs(data: BranchData, idx: Tensor, cfg: TrainRefineConfig) -> tuple[
 
 
 # --------------------------------------------------------------------------- the stage
-def load_stage1_state(
-    path: Path, manifest_sha: str, classes: list[str], dataset: str, settings: Settings | None = None
-) -> dict[str, Any]:
-    """The stage-1 checkpoint the branches start from; refuses one trained on another manifest, or (with
-    ``settings``) with other `model` / `train_backbone` params than those now."""
-    if not path.is_file():
-        raise ArtifactError(f"stage-1 checkpoint not found: {path} (run `fgpipe train-backbone --dataset {dataset}` first)")
-    state = load_checkpoint(path, kind="stage1", dataset=dataset)
-    require_finished(state, path, f"fgpipe train-backbone --dataset {dataset}")
-    with rebuilding(path, "stage1", dataset):
-        ModelConfig(**state["config"]["model"])  # checked here: the branches are built from it
-    if state.get("manifest_sha256") != manifest_sha or list(state.get("class_names", [])) != classes:
-        raise ArtifactError(f"{path} was trained on another manifest: rerun `fgpipe train-backbone` (or `dvc repro`)")
-    if settings is not None:
-        check_params(path, state.get("params"), settings, "train-backbone", dataset)
-    return state
-
-
 def run(settings: Settings, dataset: str, resume: bool = False, on_step: StepHook | None = None) -> dict[str, Any]:
     """Train both branches on train, select on val; return the metrics (also written to metrics/NAME/train_refine.json)."""
     configure_threads()
@@ -328,7 +306,7 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
     classes = class_names(rows)
     sha = FileHashes()  # each input hashed once
     manifest_sha = sha(data.manifest)
-    stage1 = load_stage1_state(data.stage1("best"), manifest_sha, classes, dataset, settings)
+    stage1 = stage1_state(data.stage1("best"), manifest_sha, classes, dataset, settings)
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val")}
     for s in ("train", "val"):
         if not by_split[s]:
@@ -345,7 +323,7 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
     val = split_data(root, by_split["val"], boxes["val"], cfg, 0.0, "val", cache)
 
     seed_everything(cfg.seed)
-    mcfg = ModelConfig(**stage1["config"]["model"])  # checked by load_stage1_state
+    mcfg = ModelConfig(**stage1["config"]["model"])  # checked by stage1_state
     # a stage-1 state_dict that does not fit is a ConfigError naming each key (fgpipe.models.weights.apply_state_dict)
     model, report = build_refine_net(mcfg, len(classes), cfg.shared_backbone, stage1["model"], str(data.stage1("best")))
     model = model.to(rt.device)
@@ -539,26 +517,3 @@ def subset(data: BranchData, idx: Tensor) -> BranchData:
         patches=data.patches[rows], patch_regions=data.patch_regions[rows], patch_boxes=data.patch_boxes[rows],
         patch_start=torch.cumsum(counts, 0) - counts, patch_count=counts, labels=data.labels[idx],
     )
-
-
-def load_refine(
-    path: str | Path, device: str | torch.device = "cpu", dataset: str | None = None
-) -> tuple[RefineNet, dict[str, Any]]:
-    """Rebuild the branches from a refine checkpoint (its own config) in eval mode; returns (model, checkpoint dict).
-
-    ``dataset`` names the command that rewrites the file in errors (default: the one the checkpoint records)."""
-    state = load_checkpoint(path, map_location=device, kind="refine", dataset=dataset)
-    dataset = dataset or str(state.get("dataset", "NAME"))
-    require_finished(state, path, f"fgpipe train-refine --dataset {dataset}")
-    with rebuilding(path, "refine", dataset):
-        mcfg = ModelConfig(**state["config"]["model"])
-        shared = refine_config(state).shared_backbone  # also checks the section: the callers read it
-    model, _ = build_refine_net(mcfg, len(state["class_names"]), shared)
-    with rebuilding(path, "refine", dataset):
-        model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
-
-
-def refine_config(state: dict[str, Any]) -> TrainRefineConfig:
-    """The train_refine settings a refine checkpoint was trained with (input and part sizes, augmentation)."""
-    return TrainRefineConfig(**state["config"]["train_refine"])
