@@ -26,8 +26,9 @@ from fgpipe.cli import app
 from fgpipe.config import load_params
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
+from fgpipe import loader
 from fgpipe.loader import load_regions, normalize, whole_image_requests
-from fgpipe.localize import box_iou, object_box
+from fgpipe.localize import box_iou, object_box, paired_iou
 from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.stages import extract_attention, extract_crops, prepare, train_backbone
 from fgpipe.store import file_sha256, read_json
@@ -157,13 +158,13 @@ def test_true_target_heatmaps_equal_a_direct_computation(project: Path) -> None:
 
 def test_images_are_decoded_batch_by_batch(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    real = extract_attention.decode_batch
+    real = loader.decode_batch
 
     def counting(requests, out_wh, pool=None):
         calls.append(len(requests))
         return real(requests, out_wh, pool)
 
-    monkeypatch.setattr(extract_attention, "decode_batch", counting)
+    monkeypatch.setattr(loader, "decode_batch", counting)
     settings = load_params(project / "params.yaml")
     extract_attention.run(settings, "toy")
     assert calls == [5, 5, 5, 5, 4]  # attention.batch_size 5, 24 images: one decode per batch, never the dataset
@@ -296,7 +297,7 @@ def test_localization_null_without_boxes_and_by_hand_with_them() -> None:
         return np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=1)  # (n, 4) x0 y0 x1 y1
 
     a, b = random_boxes(20), random_boxes(20)
-    np.testing.assert_allclose(extract_crops.paired_iou(a, b), np.diag(box_iou(a, b)))  # pairwise, then its diagonal
+    np.testing.assert_allclose(paired_iou(a, b), np.diag(box_iou(a, b)))  # pairwise, then its diagonal
 
 
 # --------------------------------------------------------------------------- show and --help

@@ -5,10 +5,12 @@ from fgpipe.localize.boxes import (
     ObjectBoxes,
     box_iou,
     cells_to_pixels,
+    clip_boxes,
     largest_component,
     nms,
     object_box,
     object_boxes,
+    paired_iou,
 )
 from fgpipe.localize.mpalm import DEFAULT_SIZES, PartBoxes, mpalm_parts, mpalm_parts_batch, pyramid_sizes
 
@@ -18,11 +20,13 @@ __all__ = [
     "PartBoxes",
     "box_iou",
     "cells_to_pixels",
+    "clip_boxes",
     "largest_component",
     "mpalm_parts",
     "mpalm_parts_batch",
     "nms",
     "object_box",
     "object_boxes",
+    "paired_iou",
     "pyramid_sizes",
 ]

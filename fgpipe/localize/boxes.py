@@ -149,6 +149,17 @@ def _box_iou_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
+def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of ``a[..., i, :]`` with ``b[i]`` for boxes (..., N, 4) and (N, 4) xyxy -> (..., N); 0 for an empty union."""
+    lt = np.maximum(a[..., :2], b[..., :2])  # (..., N, 2) intersection top-left
+    rb = np.minimum(a[..., 2:], b[..., 2:])  # (..., N, 2) intersection bottom-right
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)  # (..., N)
+    area_a = np.prod(np.clip(a[..., 2:] - a[..., :2], 0, None), axis=-1)
+    area_b = np.prod(np.clip(b[..., 2:] - b[..., :2], 0, None), axis=-1)
+    union = area_a + area_b - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
 def box_iou(a: ArrayOrTensor, b: ArrayOrTensor) -> ArrayOrTensor:
     """Pairwise IoU of boxes ``a`` (N, 4) and ``b`` (M, 4) in xyxy -> (N, M); numpy in, numpy out; tensor in, tensor out.
 
@@ -177,3 +188,16 @@ def nms(boxes: ArrayOrTensor, scores: ArrayOrTensor, iou_threshold: float) -> Ar
         iou_threshold,
     )
     return keep.numpy()
+
+
+def clip_boxes(box: np.ndarray, wh: tuple[float, float]) -> np.ndarray:
+    """Clip (4,) or (P, 4) boxes to ``(0, 0, W, H)``, keeping at least one pixel of extent."""
+    w, h = float(wh[0]), float(wh[1])
+    out = np.asarray(box, dtype=np.float64).copy()
+    out[..., 0::2] = np.clip(out[..., 0::2], 0.0, w)
+    out[..., 1::2] = np.clip(out[..., 1::2], 0.0, h)
+    out[..., 0] = np.minimum(out[..., 0], w - 1.0)
+    out[..., 1] = np.minimum(out[..., 1], h - 1.0)
+    out[..., 2] = np.maximum(out[..., 2], out[..., 0] + 1.0)
+    out[..., 3] = np.maximum(out[..., 3], out[..., 1] + 1.0)
+    return out

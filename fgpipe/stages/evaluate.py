@@ -50,8 +50,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from fgpipe.checkpoints import load_checked_stage1, load_refine, refine_config, require_finite
-from fgpipe.config import EvaluateConfig, Settings, TrainBackboneConfig, TrainRefineConfig
+from fgpipe.branch_data import read_crops, split_data
+from fgpipe.checkpoints import load_checked_stage1, load_refine, refine_config
+from fgpipe.config import EvaluateConfig, Settings, TrainBackboneConfig
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError
 from fgpipe.h5schema import CropsReader
@@ -67,27 +68,14 @@ from fgpipe.lineage import (
     read_dataset_info,
     rerun,
 )
-from fgpipe.loader import check_image_files, resized_side
+from fgpipe.inference import BRANCHES, Branches, inference_runtime, joint_probabilities, probabilities
+from fgpipe.loader import check_image_files, load_split
 from fgpipe.manifest import ManifestRow, class_names, read_manifest
-from fgpipe.models.branches import RefineNet
-from fgpipe.models.wsdan import Stage1Net
 from fgpipe.runtime import configure_threads
-from fgpipe.stages.extract_attention import extraction_device
-from fgpipe.stages.train_backbone import load_split, predict_logits
-from fgpipe.stages.train_refine import ImageBoxes, predict_branches, read_crops, split_data
 from fgpipe.store import FileHashes, atomic_path, check_output_paths, read_json_artifact, replaced_together, write_json, write_text
-from fgpipe.training import Runtime
 
 STAGE = "evaluate"
-BRANCHES = ("raw", "object", "parts")
 LOCALIZATION_KEYS = ("accuracy", "mean_iou", "fallback_rate")
-
-
-def inference_runtime() -> Runtime:
-    """Where evaluation runs: CUDA (bf16 autocast, channels_last) when torch sees a GPU, else the CPU in float32."""
-    device = extraction_device()
-    cuda = device.type == "cuda"
-    return Runtime(device=device, amp_dtype=torch.bfloat16 if cuda else None, channels_last=cuda)
 
 
 @dataclass
@@ -101,13 +89,7 @@ class Inputs:
     crops: Path
     manifest_sha256: str
     sources: dict[str, str]  # SHA-256 of the manifest, both checkpoints and crops.h5: evaluate.json's ``sources``
-    checkpoints: dict[str, Path]  # stage1, refine: named when their networks give NaN
-    dataset: str
-    stage1: Stage1Net
-    stage1_cfg: TrainBackboneConfig  # as stage-1 evaluates, without test-time refinement
-    refine: RefineNet
-    refine_cfg: TrainRefineConfig  # the settings the branches were trained with (sizes, augmentation)
-    rt: Runtime
+    branches: Branches
     batch_size: int
 
 
@@ -157,30 +139,27 @@ def open_inputs(settings: Settings, dataset: str) -> Inputs:
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
     # before any report is written; train images are never decoded here, so only val's and test's are checked
     check_image_files(info, by_split["val"] + by_split["test"], cache, dataset, data.manifest)
+    branches = Branches(
+        stage1=stage1, stage1_cfg=s1_cfg, stage1_path=stage1_path, refine=refine, refine_cfg=refine_config(r_state),
+        refine_path=refine_path, rt=rt, dataset=dataset,
+    )
     return Inputs(
-        root=root, cache=cache, rows=by_split, classes=classes,
-        crops=data.crops, manifest_sha256=manifest_sha, sources=sources,
-        checkpoints={"stage1": stage1_path, "refine": refine_path}, dataset=dataset, stage1=stage1, stage1_cfg=s1_cfg,
-        refine=refine, refine_cfg=refine_config(r_state), rt=rt, batch_size=settings.params.evaluate.batch_size,
+        root=root, cache=cache, rows=by_split, classes=classes, crops=data.crops, manifest_sha256=manifest_sha,
+        sources=sources, branches=branches, batch_size=settings.params.evaluate.batch_size,
     )
 
 
 def split_probabilities(inputs: Inputs, split: str) -> SplitProbabilities:
     """Decode the images and boxes of ``split`` and return the three branches' probabilities."""
     rows = inputs.rows[split]
-    boxes: list[ImageBoxes] = read_crops(inputs.crops, inputs.manifest_sha256, rows)
-    s1 = inputs.stage1_cfg
-    whole = load_split(inputs.root, rows, resized_side(s1.input_size, s1.augment), split, inputs.cache)
-    raw, _ = predict_logits(inputs.stage1, whole.images, s1, inputs.rt, batch_size=inputs.batch_size)
+    boxes = read_crops(inputs.crops, inputs.manifest_sha256, rows)
+    branches, ids = inputs.branches, [r.image_id for r in rows]
+    whole = load_split(inputs.root, rows, branches.whole_side, split, inputs.cache)
+    raw = branches.raw_logits(whole.images, ids, inputs.batch_size)
     del whole
-    data = split_data(inputs.root, rows, boxes, inputs.refine_cfg, 0.0, split, inputs.cache)
-    obj, parts = predict_branches(inputs.refine, data, inputs.refine_cfg, inputs.rt, batch_size=inputs.batch_size)
-    ids = [r.image_id for r in rows]
-    require_finite(raw, ids, "logits", inputs.checkpoints["stage1"], "stage1", inputs.dataset)
-    for name, logits in (("object", obj), ("parts", parts)):
-        require_finite(logits, ids, f"{name} logits", inputs.checkpoints["refine"], "refine", inputs.dataset)
-    probs = {name: torch.softmax(logits.double(), dim=1).numpy() for name, logits in zip(BRANCHES, (raw, obj, parts))}
-    return SplitProbabilities([r.image_id for r in rows], np.array([r.label for r in rows], dtype=np.int64), probs)
+    data = split_data(inputs.root, rows, boxes, branches.refine_cfg, 0.0, split, inputs.cache)
+    obj, parts = branches.region_logits(data, ids, inputs.batch_size)
+    return SplitProbabilities(ids, np.array([r.label for r in rows], dtype=np.int64), probabilities(raw, obj, parts))
 
 
 # --------------------------------------------------------------------------- combination weights
@@ -192,11 +171,6 @@ def weight_grid(step: float, branches: tuple[str, ...] = BRANCHES) -> list[tuple
         raise ConfigError(f"evaluate.weight_step must divide 1 (e.g. 0.05, 0.1, 0.125, 0.25, 0.5), got {step}")
     grid = [(i, j, n - i - j) for i in range(n + 1) for j in range(n + 1 - i)]
     return [p for p in grid if all(v == 0 for b, v in zip(BRANCHES, p) if b not in branches)]
-
-
-def joint_probabilities(probs: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
-    """Weighted mean of the branch probabilities (weights summing to 1). (N, K)"""
-    return sum(weights[b] * probs[b] for b in BRANCHES)  # type: ignore[return-value]
 
 
 NLL_FLOOR = 1e-12  # probabilities are floored here before the log: a confident miss costs 27.6, not infinity

@@ -23,9 +23,8 @@ for gradient methods, one backward.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -37,77 +36,17 @@ from fgpipe.attention import heatmaps_of as method_heatmaps
 from fgpipe.checkpoints import load_checked_stage1, require_finite, stage1_input_size
 from fgpipe.config import Settings
 from fgpipe.console import console, progress
-from fgpipe.errors import ArtifactError, DatasetError
+from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionMeta, AttentionWriter
 from fgpipe.imagecache import open_image_cache
-from fgpipe.images import DECODE_ERRORS
 from fgpipe.lineage import params_record, read_dataset_info
-from fgpipe.loader import LoadRequest, check_image_files, decode_region, normalize
+from fgpipe.inference import extraction_device
+from fgpipe.loader import LoadRequest, batched, check_image_files, normalize, prefetched
 from fgpipe.manifest import ManifestRow, read_manifest
-from fgpipe.runtime import available_cores, configure_threads
+from fgpipe.runtime import configure_threads
 from fgpipe.store import check_output_paths, file_sha256, replaced_together, write_json
 
 STAGE = "extract_attention"
-T = TypeVar("T")
-
-
-def extraction_device() -> torch.device:
-    """CUDA when torch sees a GPU, else the CPU (the attention and crops params have no device key)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-# --------------------------------------------------------------------------- batched decoding
-def decode_batch(requests: Sequence[LoadRequest], out_wh: tuple[int, int], pool: ThreadPoolExecutor | None = None) -> Tensor:
-    """Decode one batch of regions into a (B, 3, H, W) uint8 tensor (in ``pool``'s threads when given)."""
-    out = torch.empty((len(requests), 3, out_wh[1], out_wh[0]), dtype=torch.uint8)
-
-    def one(i: int) -> None:
-        req = requests[i]
-        try:
-            arr = decode_region(req.path, req.region, out_wh, req.cache)  # (H, W, 3)
-        except DECODE_ERRORS as exc:  # PIL's errors for a missing, corrupt or too large file (a bug is not caught)
-            raise DatasetError(f"cannot read image {req.path}: {exc} (rerun `fgpipe prepare` to recheck the dataset)") from None
-        out[i] = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
-
-    if pool is None:
-        for i in range(len(requests)):
-            one(i)
-    else:
-        for _ in pool.map(one, range(len(requests))):
-            pass
-    return out
-
-
-def batched(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
-    """Consecutive slices of at most ``batch_size`` items (the last may be shorter)."""
-    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-
-
-def prefetched(
-    jobs: Iterable[tuple[T, Sequence[LoadRequest]]], out_wh: tuple[int, int], decode: Callable[..., Tensor] | None = None
-) -> Iterator[tuple[T, Tensor]]:
-    """``(payload, decoded batch)`` for each ``(payload, requests)`` job, in order.
-
-    Each batch is decoded (by :func:`decode_batch`, in threads) while the caller works on the previous one,
-    so at most two decoded batches exist at a time; ``jobs`` is advanced lazily, one ahead.
-    """
-    decode = decode or decode_batch
-    it = iter(jobs)
-    with ThreadPoolExecutor(max_workers=available_cores()) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
-
-        def submit() -> tuple[T, Future[Tensor]] | None:
-            job = next(it, None)
-            if job is None:
-                return None
-            payload, requests = job
-            return payload, ahead.submit(decode, requests, out_wh, pool)
-
-        pending = submit()
-        while pending is not None:
-            payload, future = pending
-            images = future.result()
-            pending = submit()
-            yield payload, images
 
 
 # --------------------------------------------------------------------------- the stage

@@ -33,25 +33,23 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fgpipe import __version__
-from fgpipe.checkpoints import load_checked_stage1, require_finite, stage1_input_size
+from fgpipe.checkpoints import load_checked_stage1, stage1_input_size
 from fgpipe.config import CropsConfig, Settings
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, AttentionRecords, CropsMeta, CropsReader, CropsWriter
 from fgpipe.imagecache import ImageCache, open_image_cache
 from fgpipe.layout import DataDir
+from fgpipe.inference import extraction_device, parts_of
 from fgpipe.lineage import check_attention, check_params, params_record, read_dataset_info
-from fgpipe.loader import LoadRequest, check_image_files, normalize
-from fgpipe.localize import ObjectBoxes, PartBoxes, mpalm_parts_batch, object_boxes
+from fgpipe.loader import LoadRequest, check_image_files, prefetched
+from fgpipe.localize import ObjectBoxes, object_boxes, paired_iou
 from fgpipe.localize.sweep import IOU_HIT, localization_report, localization_sweep, resolve_threshold, write_curves
 from fgpipe.manifest import ManifestRow, read_manifest
-from fgpipe.models.wsdan import Stage1Net
 from fgpipe.preview import load_samples, preview_indices, render, save_png
 from fgpipe.runtime import configure_threads
-from fgpipe.stages.extract_attention import extraction_device, prefetched
 from fgpipe.store import FileHashes, check_output_paths, file_sha256, pending, replaced_together, write_json
 
 STAGE = "extract_crops"
@@ -61,24 +59,6 @@ def object_boxes_of(records: AttentionRecords, rows: Sequence[ManifestRow], thre
     """Section-4 object boxes of a batch, in original pixels of each image's manifest area."""
     wh = np.array([[r.width, r.height] for r in rows], dtype=np.float64)  # (B, 2)
     return object_boxes(records.heatmaps, threshold, wh)
-
-
-def parts_of(
-    model: Stage1Net, crops: torch.Tensor, boxes: np.ndarray, size: int, cfg: CropsConfig, device: torch.device,
-    *, names: Sequence[str] | None = None, checkpoint: Path | None = None, dataset: str = "NAME",
-) -> PartBoxes:
-    """Section-5 MPALM parts of a batch of decoded object crops (B, 3, size, size) uint8 with their boxes (B, 4).
-
-    With ``checkpoint`` (the network's file), non-finite features (a diverged network) are refused, naming the
-    images ``names`` (B,) (default: their positions in the batch)."""
-    with torch.no_grad():
-        fmap = model.features(normalize(crops.to(device)))[model.feature_layer]  # (B, C, h, w)
-    if checkpoint is not None:
-        names = names if names is not None else [f"#{i}" for i in range(len(fmap))]
-        require_finite(fmap, names, "features of the object crops", checkpoint, "stage1", dataset)
-    return mpalm_parts_batch(
-        fmap, boxes, size, top_k=cfg.part_top_k, sizes=cfg.part_sizes, iou=cfg.part_nms_iou, max_parts=cfg.max_parts
-    )
 
 
 def batches_with_boxes(
@@ -211,16 +191,6 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     write_json(out.stage(STAGE), metrics)
     console.print(f"wrote {data.crops}, {data.crops_preview} and {out.localization}", highlight=False)
     return metrics
-
-
-def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of ``a[i]`` with ``b[i]`` for boxes (N, 4) xyxy -> (N,) (0 for an empty union); O(N), not N x N."""
-    lt = np.maximum(a[:, :2], b[:, :2])  # (N, 2) intersection top-left
-    rb = np.minimum(a[:, 2:], b[:, 2:])  # (N, 2) intersection bottom-right
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)  # (N,)
-    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)  # noqa: E731
-    union = area(a) + area(b) - inter  # (N,)
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def localization(rows: Sequence[ManifestRow], boxes: np.ndarray) -> dict[str, float | int] | None:

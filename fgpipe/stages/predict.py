@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 from rich.markup import escape
@@ -47,28 +46,23 @@ from rich.table import Table
 from torch import Tensor
 
 from fgpipe.attention import HeatmapMethod, create_method
+from fgpipe.branch_data import image_boxes, load_branch_data
 from fgpipe.checkpoints import load_checked_stage1, load_refine, refine_config, require_finite, stage1_input_size
-from fgpipe.config import Settings, TrainBackboneConfig, TrainRefineConfig
+from fgpipe.config import Settings, TrainBackboneConfig
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
 from fgpipe.images import DECODE_ERRORS, image_size
+from fgpipe.inference import BRANCHES, Branches, inference_runtime, joint_probabilities, parts_of, probabilities
 from fgpipe.lineage import check_attention, check_crops, check_evaluation, check_params, check_refine, checkpoint_of, rerun
-from fgpipe.loader import LoadRequest, decode_region, normalize, resized_side
+from fgpipe.loader import LoadRequest, decode_batch, decode_region, normalize
 from fgpipe.localize import object_boxes
 from fgpipe.manifest import class_names, read_manifest
-from fgpipe.models.branches import RefineNet
 from fgpipe.models.wsdan import Stage1Net
 from fgpipe.preview import COLOURS, TILE, colormap, safe_name
 from fgpipe.preview import save_png as write_png
 from fgpipe.runtime import configure_threads
-from fgpipe.stages.evaluate import BRANCHES, inference_runtime, joint_probabilities
-from fgpipe.stages.extract_attention import decode_batch
-from fgpipe.stages.extract_crops import parts_of
-from fgpipe.stages.train_backbone import predict_logits
-from fgpipe.stages.train_refine import image_boxes, load_branch_data, part_size, predict_branches
 from fgpipe.store import FileHashes, read_json_artifact
-from fgpipe.training import Runtime
 
 STAGE = "predict"
 
@@ -86,15 +80,8 @@ class Chain:
     heat_path: Path  # heat_model's checkpoint
     part_size: int  # the input size MPALM feeds object crops at (heat_model's stage-1 input size, as extract-crops)
     threshold: float  # the object threshold: crops.threshold, or (auto) the one crops.h5 records
-    stage1: Stage1Net  # the raw branch (stage1/best.pt)
-    stage1_path: Path
-    stage1_cfg: TrainBackboneConfig  # as evaluate uses it: no test-time refinement
-    refine: RefineNet
-    refine_path: Path
-    refine_cfg: TrainRefineConfig
+    branches: Branches  # raw, object and parts, as evaluate runs them
     weights: dict[str, float]
-    rt: Runtime
-    dataset: str
 
 
 @dataclass
@@ -167,10 +154,14 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
     sources = evaluation.get("sources")
     check_params(metrics_path, sources.get("params") if isinstance(sources, dict) else None, settings, "evaluate", dataset)
     s1_cfg = TrainBackboneConfig(**s1_state["config"]["train_backbone"])
+    branches = Branches(
+        stage1=stage1, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False), stage1_path=raw_path, refine=refine,
+        refine_cfg=refine_config(r_state), refine_path=refine_path, rt=rt, dataset=dataset,
+    )
     return Chain(
-        classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model, score=score), flip=flip,
-        heat_size=heat_size or stage1_input_size(heat_state), heat_path=heat_path, part_size=stage1_input_size(heat_state), threshold=object_threshold(settings, dataset, sha), stage1=stage1, stage1_path=raw_path, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False),
-        refine=refine, refine_path=refine_path, refine_cfg=refine_config(r_state), weights=weights, rt=rt, dataset=dataset,
+        classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model, score=score),
+        flip=flip, heat_size=heat_size or stage1_input_size(heat_state), heat_path=heat_path, part_size=stage1_input_size(heat_state),
+        threshold=object_threshold(settings, dataset, sha), branches=branches, weights=weights,
     )
 
 
@@ -216,35 +207,27 @@ def _quiet_load(requests: list[LoadRequest], out_wh: tuple[int, int], desc: str 
 def predict_batch(chain: Chain, paths: list[Path], sizes: list[tuple[int, int]], settings: Settings) -> list[Prediction]:
     """Run the whole chain on a batch of readable images."""
     cfg = settings.params.crops
-    rt = chain.rt
+    branches = chain.branches
+    rt, dataset = branches.rt, branches.dataset
     whole = [LoadRequest(p, (0.0, 0.0, float(w), float(h))) for p, (w, h) in zip(paths, sizes)]
     # 1-3: heatmap, object box, MPALM parts (as extract-attention and extract-crops)
     heat_in = decode_batch(whole, (chain.heat_size, chain.heat_size))
     heat = chain.heat_method(normalize(heat_in.to(rt.device)), flip=chain.flip)
     names = [str(p) for p in paths]
-    require_finite(heat.heatmaps, names, f"`{chain.method_name}` heatmaps", chain.heat_path, "stage1", chain.dataset)
+    require_finite(heat.heatmaps, names, f"`{chain.method_name}` heatmaps", chain.heat_path, "stage1", dataset)
     heatmaps = heat.heatmaps.cpu().numpy()  # (B, h, w)
     found = object_boxes(heatmaps, chain.threshold, np.array(sizes, dtype=np.float64))
     crops = decode_batch([LoadRequest(p, tuple(float(v) for v in b)) for p, b in zip(paths, found.boxes)], (chain.part_size, chain.part_size))
     parts = parts_of(
         chain.heat_model, crops, found.boxes, chain.part_size, cfg, rt.device, names=names, checkpoint=chain.heat_path,
-        dataset=chain.dataset,
+        dataset=dataset,
     )
     # 4: the three branches (as evaluate)
-    s1 = chain.stage1_cfg
-    raw_in = decode_batch(whole, (resized_side(s1.input_size, s1.augment),) * 2)
-    raw, _ = predict_logits(chain.stage1, raw_in, s1, rt)
-    require_finite(raw, names, "logits", chain.stage1_path, "stage1", chain.dataset)
+    raw = branches.raw_logits(decode_batch(whole, (branches.whole_side,) * 2), names)
     boxes = [image_boxes(found.boxes[i], parts.boxes[i], int(parts.counts[i]), bool(found.fallback[i]), sizes[i]) for i in range(len(paths))]
-    rcfg = chain.refine_cfg
-    data = load_branch_data(
-        paths, sizes, boxes, [0] * len(paths), resized_side(rcfg.input_size, rcfg.augment),
-        resized_side(part_size(rcfg), rcfg.augment), 0.0, "predict", load=_quiet_load,
-    )
-    obj, part_logits = predict_branches(chain.refine, data, rcfg, rt)
-    for what, logits in (("object logits", obj), ("parts logits", part_logits)):
-        require_finite(logits, names, what, chain.refine_path, "refine", chain.dataset)
-    probs = {b: torch.softmax(x.double(), dim=1).numpy() for b, x in zip(BRANCHES, (raw, obj, part_logits))}
+    data = load_branch_data(paths, sizes, boxes, [0] * len(paths), *branches.region_sides, 0.0, "predict", load=_quiet_load)
+    obj, part_logits = branches.region_logits(data, names)
+    probs: dict[str, np.ndarray] = probabilities(raw, obj, part_logits)
     probs["joint"] = joint_probabilities(probs, chain.weights)
     return [
         Prediction(

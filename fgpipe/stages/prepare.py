@@ -194,7 +194,7 @@ def build_rows(
                                f"nothing is left after dropping {listing.crop_bottom} banner pixels")
         box = r.box
         if box is not None:
-            box, clipped = clip_box(box, w, h)
+            box, clipped = clip_annotation(box, w, h)
             counts["boxes_clipped"] += clipped
             counts["boxes_dropped"] += box is None
             if clipped:
@@ -369,8 +369,9 @@ def _decode_all(
     return sizes, digests, bad
 
 
-def clip_box(box: Box, width: int, height: int) -> tuple[Box | None, bool]:
-    """Clip a box to the image; (None, True) when nothing of it is left inside."""
+def clip_annotation(box: Box, width: int, height: int) -> tuple[Box | None, bool]:
+    """Clip a ground-truth box of the annotations to its image: (the box, whether it changed); (None, True) when
+    nothing of it is left inside."""
     x0, y0, x1, y1 = box
     c = (min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height))
     clipped = c != (x0, y0, x1, y1)

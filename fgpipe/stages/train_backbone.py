@@ -18,7 +18,6 @@ from __future__ import annotations
 import contextlib
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,12 +30,13 @@ from fgpipe.checkpoints import config_dict, load_checkpoint, save_checkpoint
 from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, TrainingError
-from fgpipe.imagecache import ImageCache, open_image_cache
+from fgpipe.imagecache import open_image_cache
+from fgpipe.inference import predict_logits
 from fgpipe.lineage import params_record, read_dataset_info
-from fgpipe.loader import center_crop, check_image_files, load_regions, normalize, resized_side, train_augment, whole_image_requests
-from fgpipe.manifest import ManifestRow, class_names, read_manifest
+from fgpipe.loader import Split, check_image_files, load_split, normalize, resized_side, train_augment
+from fgpipe.manifest import class_names, read_manifest
 from fgpipe.models import build_stage1
-from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop, refine_crop
+from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop
 from fgpipe.runtime import configure_threads
 from fgpipe.store import check_output_paths, file_sha256
 from fgpipe.training import (
@@ -64,23 +64,6 @@ from fgpipe.training import (
 
 STAGE = "train_backbone"
 StepHook = Callable[[int, int], None]  # (epoch, step) -> None; tests use it to interrupt a run
-
-
-@dataclass
-class Split:
-    """A split held in memory: uint8 images (N, 3, S, S) and labels (N,)."""
-
-    images: Tensor
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def load_split(root: Path, rows: list[ManifestRow], side: int, name: str, cache: ImageCache | None = None) -> Split:
-    """The manifest areas of ``rows`` resized to ``side`` x ``side`` (cut from ``cache`` when given), with their labels."""
-    images = load_regions(whole_image_requests(root, rows, cache), (side, side), desc=f"loading {name} images")
-    return Split(images, torch.tensor([r.label for r in rows], dtype=torch.long))
 
 
 def run(settings: Settings, dataset: str, resume: bool = False, on_step: StepHook | None = None) -> dict[str, Any]:
@@ -354,31 +337,6 @@ def _check_finite(loss: Tensor, epoch: int, step: int) -> None:
             f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; training stopped and the "
             "last good checkpoint was kept. Lower train_backbone.lr or check the data."
         )
-
-
-@torch.no_grad()
-def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, rt: Runtime, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Raw and refined logits (B, K) of uint8 images (N, 3, S, S) center-cropped to the input size.
-
-    Refined = mean of the raw logits and those of the test-time attention crop (mean of all maps,
-    threshold ``refine_threshold`` * max, padding ``refine_padding``); equal to raw when test_refine is off
-    or the head is plain (no attention maps).
-    """
-    model.eval()
-    raw_all, ref_all = [], []
-    for chunk in images.split(batch_size or cfg.batch_size * 2):
-        x = rt.to_input(normalize(center_crop(chunk, cfg.input_size)))
-        with rt.autocast():
-            out = model(x)
-            raw = out.logits.float()
-            if cfg.test_refine and out.attention is not None:
-                crop = refine_crop(x.float(), out.attention.float(), threshold=cfg.refine_threshold, padding=cfg.refine_padding)
-                refined = (raw + model(rt.to_input(crop)).logits.float()) / 2
-            else:
-                refined = raw
-        raw_all.append(raw.cpu())
-        ref_all.append(refined.cpu())
-    return torch.cat(raw_all), torch.cat(ref_all)
 
 
 def evaluate(model: nn.Module, data: Split, cfg: TrainBackboneConfig, rt: Runtime) -> dict[str, float]:
