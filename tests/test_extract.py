@@ -20,13 +20,13 @@ from conftest import write_fake_cub
 from PIL import Image
 from typer.testing import CliRunner
 
+from fgpipe import loader
 from fgpipe.attention import create_method
 from fgpipe.checkpoints import load_checkpoint, load_stage1, save_checkpoint
 from fgpipe.cli import app
 from fgpipe.config import load_params
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
-from fgpipe import loader
 from fgpipe.loader import load_regions, normalize, whole_image_requests
 from fgpipe.localize import box_iou, object_box, paired_iou
 from fgpipe.manifest import ManifestRow, read_manifest
@@ -343,22 +343,22 @@ def test_help(command: str, options: tuple[str, ...]) -> None:
 
 
 def test_preview_order_names_and_empty_grid() -> None:
-    from fgpipe import preview
+    from fgpipe import figures
 
     ids = (("10", "test"), ("9", "test"), ("2", "train"), ("img_2", "test"))
     rows = [ManifestRow(i, f"{i}.jpg", 0, "a", split, 10, 10, None) for i, split in ids]
-    assert preview.preview_indices(rows, 2) == [1, 0]  # "9" before "10": digit runs compare by value
+    assert figures.preview_indices(rows, 2) == [1, 0]  # "9" before "10": digit runs compare by value
     # class by class: the first test image of every class, then the second, ...; train images never
     labels = (2, 0, 2, 1, 0, 2, 0)
     rows = [ManifestRow(f"t{k}", f"t{k}.jpg", c, f"c{c}", "test", 10, 10, None) for k, c in enumerate(labels)]
     rows.append(ManifestRow("t0a", "t0a.jpg", 1, "c1", "train", 10, 10, None))
     expected = [1, 3, 0, 4, 2, 6, 5]  # round 1: t1 (0), t3 (1), t0 (2); round 2: t4 (0), t2 (2); round 3: t6, t5
-    assert preview.preview_indices(rows, 10) == expected and preview.preview_indices(rows, 4) == expected[:4]
-    assert preview.preview_indices(rows, 0) == []
-    assert preview.safe_name("test/class0/000") == "test_class0_000"
-    empty = preview.render([], "nothing")  # crops.preview_images: 0 still gives a (small) picture for DVC
+    assert figures.preview_indices(rows, 10) == expected and figures.preview_indices(rows, 4) == expected[:4]
+    assert figures.preview_indices(rows, 0) == []
+    assert figures.safe_name("test/class0/000") == "test_class0_000"
+    empty = figures.render([], "nothing")  # crops.preview_images: 0 still gives a (small) picture for DVC
     assert empty.size[0] > 0 and empty.size[1] > 0
-    np.testing.assert_array_equal(preview.colormap(np.array([[0.0, 1.0]]))[0], [[0, 0, 128], [128, 0, 0]])
+    np.testing.assert_array_equal(figures.colormap(np.array([[0.0, 1.0]]))[0], [[0, 0, 128], [128, 0, 0]])
 
 
 # --------------------------------------------------------------------------- every method stored; localisation per split
@@ -434,7 +434,7 @@ def test_crops_auto_threshold_localization_json_and_curves(project: Path) -> Non
 
 
 def test_predict_uses_the_threshold_extract_crops_chose(project: Path) -> None:
-    from fgpipe.stages import predict
+    from fgpipe.commands import predict
 
     settings = load_params(project / "params.yaml")
     with pytest.raises(ArtifactError, match="crops.threshold is auto.*fgpipe extract-crops --dataset toy"):
@@ -460,7 +460,7 @@ def test_localize_prints_the_table_without_a_network(project: Path, monkeypatch:
     out = result.stdout
     for name in ("oaam", "gradcam", "aolm", "bap", "train", "val", "test", "0.2", "0.4", "any"):
         assert name in out
-    from fgpipe.stages import localize
+    from fgpipe.commands import localize
 
     report = localize.run(load_params(project / "params.yaml"), "toy", [0.2, 0.4])
     fig = report["methods"]["gradcam"]["val"]["0.4"]

@@ -40,7 +40,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,13 +47,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
 from fgpipe.branch_data import read_crops, split_data
 from fgpipe.checkpoints import load_checked_stage1, load_refine, refine_config
 from fgpipe.config import EvaluateConfig, Settings, TrainBackboneConfig
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError
+from fgpipe.figures import confusion_image
 from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import ImageCache, open_image_cache
 from fgpipe.layout import Layout
@@ -340,74 +339,3 @@ def write_reports(
     title = f"{dataset}: joint prediction on test ({len(test.labels)} images)"
     with atomic_path(layout.data.confusion_png) as tmp:
         confusion_image(matrix, classes, title).save(tmp, format="PNG")
-
-
-# --------------------------------------------------------------------------- confusion heatmap
-_LOW, _HIGH = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])  # white -> dark blue
-_INK = (20, 20, 20)
-
-
-def _shorten(draw: ImageDraw.ImageDraw, text: str, width: float, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def confusion_image(matrix: np.ndarray, names: list[str], title: str) -> Image.Image:
-    """A heatmap of ``matrix`` (K, K), each row normalised to its true class's images, with class labels.
-
-    Cells shrink with K (4 to 36 pixels); when a cell is smaller than a text line only every n-th class is
-    labelled; counts are written in the cells when they are large enough.
-    """
-    k = len(names)
-    cell = int(np.clip(720 // max(k, 1), 4, 36))
-    font, small = ImageFont.load_default(size=12), ImageFont.load_default(size=max(8, min(12, cell // 2)))
-    every = max(1, math.ceil(15 / cell))  # label every n-th class so labels never overlap
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = int(min(200, max((probe.textlength(n, font=font) for n in names), default=10))) + 8
-    shown = [(i, _shorten(probe, n, label_w - 8, font)) for i, n in enumerate(names) if i % every == 0]
-    top = 28 + 16 + label_w
-    left = 22 + label_w
-    grid = k * cell
-    width, height = left + grid + 90, top + grid + 20
-    img = Image.new("RGB", (max(width, 420), height), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    d.text((8, 6), _shorten(d, title, img.width - 16, font), fill=_INK, font=font)
-    d.text((left, 28), "predicted class" + (f" (every {every}th labelled)" if every > 1 else ""), fill=_INK, font=font)
-
-    totals = matrix.sum(axis=1, keepdims=True)  # (K, 1)
-    share = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=np.float64), where=totals > 0)  # (K, K)
-    colours = (_LOW + share[..., None] * (_HIGH - _LOW)).round().astype(np.uint8)  # (K, K, 3)
-    heat = Image.fromarray(colours, mode="RGB").resize((grid, grid), Image.NEAREST)
-    img.paste(heat, (left, top))
-    d.rectangle([left - 1, top - 1, left + grid, top + grid], outline=(120, 120, 120))
-    if cell >= 22:
-        for r in range(k):
-            for c in range(k):
-                if matrix[r, c]:
-                    ink = (255, 255, 255) if share[r, c] > 0.5 else _INK
-                    d.text((left + c * cell + cell / 2, top + r * cell + cell / 2), str(matrix[r, c]), fill=ink, font=small, anchor="mm")
-
-    for i, text in shown:
-        y = top + i * cell + cell / 2
-        d.text((left - 6, y), text, fill=_INK, font=font, anchor="rm")
-        strip = Image.new("RGB", (label_w, 16), (255, 255, 255))
-        ImageDraw.Draw(strip).text((2, 8), text, fill=_INK, font=font, anchor="lm")
-        rotated = strip.rotate(90, expand=True)  # reads bottom to top
-        img.paste(rotated, (int(left + i * cell + cell / 2 - 8), top - label_w - 2))
-    side_w = int(probe.textlength("true class", font=font)) + 4
-    side = Image.new("RGB", (side_w, 16), (255, 255, 255))
-    ImageDraw.Draw(side).text((2, 8), "true class", fill=_INK, font=font, anchor="lm")
-    img.paste(side.rotate(90, expand=True), (2, top + max(0, (grid - side_w) // 2)))
-
-    # colour bar: share of the true class's images
-    bx, by, bh = left + grid + 16, top, min(grid, 160)
-    ramp = np.linspace(1.0, 0.0, bh)[:, None, None]  # (bh, 1, 1) top = 1
-    bar = (_LOW + ramp * (_HIGH - _LOW)).round().astype(np.uint8).repeat(12, axis=1)  # (bh, 12, 3)
-    img.paste(Image.fromarray(bar, mode="RGB"), (bx, by))
-    d.text((bx + 16, by), "1", fill=_INK, font=font, anchor="lt")
-    d.text((bx + 16, by + bh), "0", fill=_INK, font=font, anchor="lb")
-    d.text((bx, by + bh + 4), "share", fill=_INK, font=font)
-    return img

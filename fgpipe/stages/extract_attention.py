@@ -39,8 +39,8 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionMeta, AttentionWriter
 from fgpipe.imagecache import open_image_cache
-from fgpipe.lineage import params_record, read_dataset_info
 from fgpipe.inference import extraction_device
+from fgpipe.lineage import params_record, read_dataset_info
 from fgpipe.loader import LoadRequest, batched, check_image_files, normalize, prefetched
 from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.runtime import configure_threads

@@ -51,6 +51,8 @@ from fgpipe.checkpoints import load_checked_stage1, load_refine, refine_config, 
 from fgpipe.config import Settings, TrainBackboneConfig
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError
+from fgpipe.figures import COLOURS, TILE, colormap, safe_name
+from fgpipe.figures import save_png as write_png
 from fgpipe.h5schema import AttentionReader, CropsReader
 from fgpipe.images import DECODE_ERRORS, image_size
 from fgpipe.inference import BRANCHES, Branches, inference_runtime, joint_probabilities, parts_of, probabilities
@@ -59,13 +61,8 @@ from fgpipe.loader import LoadRequest, decode_batch, decode_region, normalize
 from fgpipe.localize import object_boxes
 from fgpipe.manifest import class_names, read_manifest
 from fgpipe.models.wsdan import Stage1Net
-from fgpipe.preview import COLOURS, TILE, colormap, safe_name
-from fgpipe.preview import save_png as write_png
 from fgpipe.runtime import configure_threads
 from fgpipe.store import FileHashes, read_json_artifact
-
-STAGE = "predict"
-
 
 @dataclass
 class Chain:

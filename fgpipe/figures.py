@@ -1,4 +1,4 @@
-"""Pictures of what extract-attention and extract-crops found: image, heatmap, object box, parts.
+"""The figures fgpipe draws: what extract-attention and extract-crops found per image, and evaluate's confusion heatmap.
 
 One picture per image, as a pair of tiles and a caption:
 
@@ -10,13 +10,15 @@ One picture per image, as a pair of tiles and a caption:
   number of parts, and FALLBACK when the heatmap was empty and the box is the whole image.
 
 ``extract-crops`` draws a grid of the first ``crops.preview_images`` test images (data/NAME/crops_preview.png);
-``fgpipe show`` draws one image. Drawing uses PIL and numpy only.
+``fgpipe show`` draws one image (:mod:`fgpipe.commands.show`), ``fgpipe predict --save-png`` its own two tiles
+(:mod:`fgpipe.commands.predict`). :func:`confusion_image` is evaluate's data/NAME/confusion.png. Drawing uses PIL
+and numpy only.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
+import math
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,15 +27,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from fgpipe.config import Settings
-from fgpipe.errors import ArtifactError, OutputError
+from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
-from fgpipe.layout import STAGE_PNGS
-from fgpipe.lineage import check_attention, check_crops, check_params, read_dataset_info
-from fgpipe.loader import check_image_files, decode_region
+from fgpipe.loader import decode_region
 from fgpipe.localize import box_iou
-from fgpipe.manifest import ManifestRow, class_names, read_manifest
-from fgpipe.store import FileHashes, atomic_path
+from fgpipe.manifest import ManifestRow, class_names
+from fgpipe.store import atomic_path
 
 TILE = 224  # longest side of each tile, pixels
 GAP = 8
@@ -233,81 +232,63 @@ def safe_name(image_id: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
 
 
-def show(settings: Settings, dataset: str, image_id: str, out: Path | None = None) -> Path:
-    """Draw one image's heatmap, object box, ground truth and parts; return the PNG's path.
+# --------------------------------------------------------------------------- evaluate's confusion heatmap
+_LOW, _HIGH = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])  # white -> dark blue
 
-    Default output: data/NAME/show_<ID>.png; ``out`` is checked before anything is read (:func:`check_show_target`:
-    never over an artefact or a file that is not a PNG). Refuses an attention.h5 or crops.h5 made from another
-    manifest, stage-1 checkpoint or attention file than those on disk, or with other params than the params now
-    (:mod:`fgpipe.lineage`).
+
+def confusion_image(matrix: np.ndarray, names: list[str], title: str) -> Image.Image:
+    """A heatmap of ``matrix`` (K, K), each row normalised to its true class's images, with class labels.
+
+    Cells shrink with K (4 to 36 pixels); when a cell is smaller than a text line only every n-th class is
+    labelled; counts are written in the cells when they are large enough.
     """
-    settings.dataset(dataset)
-    data = settings.layout(dataset).data
-    d = data.path
-    target = out if out is not None else data.show_png(safe_name(image_id))
-    check_show_target(settings, dataset, target, explicit=out is not None)
-    manifest, attention_path, crops_path = data.manifest, data.attention, data.crops
-    rows = read_manifest(manifest)
-    index = {r.image_id: i for i, r in enumerate(rows)}
-    if image_id not in index:
-        examples = ", ".join(r.image_id for r in rows[:3])
-        raise ArtifactError(f"{manifest}: no image with id `{image_id}` (ids look like: {examples})")
-    for path, command in ((attention_path, "extract-attention"), (crops_path, "extract-crops")):
-        if not path.is_file():
-            raise ArtifactError(f"{path} not found (run `fgpipe {command} --dataset {dataset}` first)")
-    info = read_dataset_info(settings, dataset)
-    root = info.root
-    check_image_files(info, [rows[index[image_id]]], None, dataset, manifest)
-    with AttentionReader(attention_path) as att, CropsReader(crops_path) as crops:
-        sha = FileHashes()  # each input hashed once
-        check_attention(att, d, dataset, sha)
-        check_crops(crops, d, dataset, sha)
-        check_params(attention_path, att.meta.provenance.get("params"), settings, "extract-attention", dataset)
-        check_params(crops_path, crops.meta.provenance.get("params"), settings, "extract-crops", dataset)
-        samples = load_samples(rows, [index[image_id]], root, att, crops)
-        title = f"{dataset} / {image_id}: {att.meta.method} heatmap, threshold {crops.meta.threshold:g}"
-    return save_png(render(samples, title, columns=1), target)
+    k = len(names)
+    cell = int(np.clip(720 // max(k, 1), 4, 36))
+    font, small = _font(12), _font(max(8, min(12, cell // 2)))
+    every = max(1, math.ceil(15 / cell))  # label every n-th class so labels never overlap
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_w = int(min(200, max((probe.textlength(n, font=font) for n in names), default=10))) + 8
+    shown = [(i, _fit(probe, n, label_w - 8, font)) for i, n in enumerate(names) if i % every == 0]
+    top = 28 + 16 + label_w
+    left = 22 + label_w
+    grid = k * cell
+    width, height = left + grid + 90, top + grid + 20
+    img = Image.new("RGB", (max(width, 420), height), (255, 255, 255))
+    d = ImageDraw.Draw(img)
+    d.text((8, 6), _fit(d, title, img.width - 16, font), fill=TEXT, font=font)
+    d.text((left, 28), "predicted class" + (f" (every {every}th labelled)" if every > 1 else ""), fill=TEXT, font=font)
 
+    totals = matrix.sum(axis=1, keepdims=True)  # (K, 1)
+    share = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=np.float64), where=totals > 0)  # (K, K)
+    colours = (_LOW + share[..., None] * (_HIGH - _LOW)).round().astype(np.uint8)  # (K, K, 3)
+    heat = Image.fromarray(colours, mode="RGB").resize((grid, grid), Image.NEAREST)
+    img.paste(heat, (left, top))
+    d.rectangle([left - 1, top - 1, left + grid, top + grid], outline=(120, 120, 120))
+    if cell >= 22:
+        for r in range(k):
+            for c in range(k):
+                if matrix[r, c]:
+                    ink = (255, 255, 255) if share[r, c] > 0.5 else TEXT
+                    d.text((left + c * cell + cell / 2, top + r * cell + cell / 2), str(matrix[r, c]), fill=ink, font=small, anchor="mm")
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+    for i, text in shown:
+        y = top + i * cell + cell / 2
+        d.text((left - 6, y), text, fill=TEXT, font=font, anchor="rm")
+        strip = Image.new("RGB", (label_w, 16), (255, 255, 255))
+        ImageDraw.Draw(strip).text((2, 8), text, fill=TEXT, font=font, anchor="lm")
+        rotated = strip.rotate(90, expand=True)  # reads bottom to top
+        img.paste(rotated, (int(left + i * cell + cell / 2 - 8), top - label_w - 2))
+    side_w = int(probe.textlength("true class", font=font)) + 4
+    side = Image.new("RGB", (side_w, 16), (255, 255, 255))
+    ImageDraw.Draw(side).text((2, 8), "true class", fill=TEXT, font=font, anchor="lm")
+    img.paste(side.rotate(90, expand=True), (2, top + max(0, (grid - side_w) // 2)))
 
-
-def _is_png(path: Path) -> bool:
-    """Whether ``path`` is a regular file starting with PNG's signature."""
-    try:
-        with open(path, "rb") as fh:
-            return os.path.isfile(path) and fh.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
-    except OSError:
-        return False
-
-
-def check_show_target(settings: Settings, dataset: str, target: Path, explicit: bool = True) -> None:
-    """Refuse a PNG path ``fgpipe show`` must not write (``explicit``: given as ``--out``): a folder, one in a folder
-    that does not exist, anything under prepare.data_dir or prepare.metrics_dir but a new (or show's own
-    ``show_*.png``) PNG directly in data/NAME/ (the rest belongs to the stages, DVC's outputs among them), or an
-    existing file elsewhere that is not a PNG image. Checked before anything is read."""
-    said = f"--out {target}" if explicit else str(target)
-    fix = f"choose another --out path, e.g. {settings.layout(dataset).data.show_png('ID')}"
-    if target.is_dir():
-        raise OutputError(f"{said}: is a folder; give the path of the PNG file to write ({fix})")
-    if not target.parent.is_dir():
-        if explicit or target.parent.exists():
-            raise OutputError(f"{said}: the folder {target.parent} does not exist (or is not a folder): create it first, or {fix}")
-        return  # data/NAME itself missing: the inputs' own checks name what to run first
-    real = Path(os.path.realpath(target.parent)) / target.name
-    data = Path(os.path.realpath(settings.resolve(settings.params.prepare.data_dir)))
-    trees = (data, Path(os.path.realpath(settings.resolve(settings.params.prepare.metrics_dir))))
-    tree = next((t for t in trees if real.is_relative_to(t)), None)
-    if tree is not None:
-        own = Path(os.path.realpath(settings.data_dir(dataset)))
-        ok = (
-            real.parent == own and target.suffix.lower() == ".png" and target.name not in STAGE_PNGS
-            and (not os.path.lexists(target) or (target.name.startswith("show_") and _is_png(target)))
-        )
-        if not ok:
-            raise OutputError(
-                f"{said}: lies in {tree}, where the stages keep their outputs; fgpipe show writes there only new PNG files "
-                f"(or its own show_*.png) directly in {settings.data_dir(dataset)}, so that it never replaces an artefact; {fix}"
-            )
-    elif os.path.lexists(target) and not _is_png(target):
-        raise OutputError(f"{said}: exists and is not a PNG image; fgpipe show replaces only PNG files: {fix}, or remove it")
+    # colour bar: share of the true class's images
+    bx, by, bh = left + grid + 16, top, min(grid, 160)
+    ramp = np.linspace(1.0, 0.0, bh)[:, None, None]  # (bh, 1, 1) top = 1
+    bar = (_LOW + ramp * (_HIGH - _LOW)).round().astype(np.uint8).repeat(12, axis=1)  # (bh, 12, 3)
+    img.paste(Image.fromarray(bar, mode="RGB"), (bx, by))
+    d.text((bx + 16, by), "1", fill=TEXT, font=font, anchor="lt")
+    d.text((bx + 16, by + bh), "0", fill=TEXT, font=font, anchor="lb")
+    d.text((bx, by + bh + 4), "share", fill=TEXT, font=font)
+    return img
