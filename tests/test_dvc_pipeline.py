@@ -12,7 +12,7 @@ import pytest
 import yaml
 from tinyproject import REPO, TINY, dvc, lock_hash, make_project, ran, read_params, write_params
 
-from fgpipe.datasets import READERS
+from fgpipe.datasets import GENERATORS, READERS
 
 
 def git(project: Path, *args: str) -> str:
@@ -125,7 +125,7 @@ def _module_file(name: str) -> Path | None:
 
 def imported_code(module: str) -> set[str]:
     """The files of ``module`` and of every fgpipe module it imports, transitively (each package's __init__.py too;
-    fgpipe.datasets loads its readers by name, so they count as imported with it)."""
+    fgpipe.datasets loads its readers and generators by name, so they count as imported with it)."""
     seen: set[Path] = set()
     todo = [module]
     while todo:
@@ -137,7 +137,7 @@ def imported_code(module: str) -> set[str]:
             seen.add(path)
             todo += _fgpipe_imports(path)
             if path == REPO / "fgpipe/datasets/__init__.py":
-                todo += READERS.values()
+                todo += [*READERS.values(), *GENERATORS.values()]
     return {p.relative_to(REPO).as_posix() for p in seen}
 
 

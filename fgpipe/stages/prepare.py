@@ -29,7 +29,7 @@ from rich.markup import escape
 from fgpipe import __version__
 from fgpipe.config import DatasetConfig, Settings
 from fgpipe.console import console, progress
-from fgpipe.datasets import reader
+from fgpipe.datasets import generator, reader
 from fgpipe.datasets.base import SourceListing, SourceRecord, safe_relpath
 from fgpipe.errors import BadImagesError, DatasetError
 from fgpipe.imagecache import build_image_cache
@@ -77,8 +77,9 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
             f"point datasets.{dataset}.root (or --root) at the dataset's folder\n{mod.HOW_TO_GET}"
         )
 
-    if cfg.kind == "synthetic":
-        mod.generate(root, cfg.options(), setting=f"datasets.{dataset}.root")
+    make = generator(cfg.kind)
+    if make is not None:
+        make.generate(root, cfg.options(), setting=f"datasets.{dataset}.root")
     elif not root.exists():
         if not cfg.download:
             raise DatasetError(f"dataset root not found: {root} (datasets.{dataset}.root)\n{mod.HOW_TO_GET}")
