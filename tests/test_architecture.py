@@ -1,5 +1,6 @@
 """The import rule of docs/ARCHITECTURE.md, checked on the code: each module imports only from its own layer or the
-layers below; no stage imports another stage and no command imports a stage or another command; no import cycle.
+layers below (the layers are read from the document's table); no stage imports another stage and no command imports a
+stage or another command; no import cycle.
 
 Imports are read from the source (``import fgpipe.x`` and ``from fgpipe.x import y``, at the top, inside functions
 and under ``TYPE_CHECKING`` alike), so the rule holds for every import a reader sees.
@@ -8,6 +9,7 @@ and under ``TYPE_CHECKING`` alike), so the rule holds for every import a reader 
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Callable
 from functools import cache
 from pathlib import Path
@@ -42,16 +44,25 @@ def imports_of(module: str) -> frozenset[str]:
     return frozenset(found - {module})
 
 
-# bottom to top: a module may import its own layer and those below (docs/ARCHITECTURE.md, "Layers"); a name stands
-# for the module and, for a package, everything in it
-LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("basics", ("fgpipe", "fgpipe.errors", "fgpipe.console", "fgpipe.runtime", "fgpipe.images", "fgpipe.layout", "fgpipe.store")),
-    ("artefacts and params", ("fgpipe.config", "fgpipe.manifest", "fgpipe.h5schema", "fgpipe.imagecache", "fgpipe.lineage")),
-    ("methods", ("fgpipe.datasets", "fgpipe.models", "fgpipe.attention", "fgpipe.localize", "fgpipe.loader")),
-    ("shared by the stages", ("fgpipe.checkpoints", "fgpipe.training", "fgpipe.branch_data", "fgpipe.inference", "fgpipe.figures")),
-    ("stages and commands", ("fgpipe.stages", "fgpipe.commands")),
-    ("command line", ("fgpipe.cli", "fgpipe.__main__")),
-]
+def read_layers(doc: Path = REPO / "docs" / "ARCHITECTURE.md") -> list[tuple[str, tuple[str, ...]]]:
+    """The layer table of docs/ARCHITECTURE.md, bottom to top: (name, modules); a module is named relative to fgpipe/
+    (`errors`, `datasets/` for a whole package; `fgpipe` is the package itself)."""
+    layers = []
+    for line in doc.read_text(encoding="utf-8").splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        match = re.fullmatch(r"(\d+)\. (.+)", cells[0]) if len(cells) == 3 else None
+        if match is None:
+            continue
+        assert int(match.group(1)) == len(layers) + 1, f"layer {match.group(1)} out of order in {doc}"
+        names = [n.rstrip("/") for n in re.findall(r"`([^`]+)`", cells[1])]
+        layers.append((match.group(2), tuple(n if n == "fgpipe" else f"fgpipe.{n}" for n in names)))
+    assert len(layers) >= 2, f"no layer table in {doc}"
+    return layers
+
+
+# bottom to top: a module may import its own layer and those below; a name stands for the module and, for a package,
+# everything in it
+LAYERS = read_layers()
 # within these packages no module imports a sibling: each stage (each command) stands on the layers below alone
 ISOLATED = ("fgpipe.stages", "fgpipe.commands")
 # the one cycle allowed: fgpipe.__main__ runs the CLI, and cli.main (kept for installs whose script names it) hands
@@ -124,6 +135,12 @@ def import_cycles(imports: Imports) -> list[str]:
 def test_every_module_is_in_one_layer() -> None:
     for module in MODULES:
         layer_of(module)
+
+
+def test_the_table_names_only_modules_that_exist() -> None:
+    named = [name for _, names in LAYERS for name in names]
+    assert len(named) == len(set(named))
+    assert [n for n in named if n not in MODULES] == []
 
 
 def test_modules_import_only_their_layer_and_those_below() -> None:
