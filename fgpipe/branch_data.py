@@ -1,7 +1,7 @@
 """The refinement branches' inputs: crops.h5's boxes, decoded once into object crops and part patches.
 
 train-refine trains on them (adding its box jitter, :mod:`fgpipe.stages.train_refine`), evaluate and
-``fgpipe predict`` run the branches on them exactly as train-refine validates (:mod:`fgpipe.inference`). Boxes are in
+``fgpipe predict`` run the branches on them exactly as train-refine validates (:mod:`fgpipe.branch_inference`). Boxes are in
 original pixels, clipped to the image; no crop is ever written as an image: every box is decoded once into memory
 (:func:`fgpipe.loader.load_regions`). Part patches are resized to ``part_size`` (0: ``input_size // 2``); an image
 with no part uses its object box as its single patch.
@@ -22,7 +22,6 @@ from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import ImageCache
 from fgpipe.loader import LoadRequest, center_crop, load_regions, resized_side
-from fgpipe.localize import clip_boxes
 from fgpipe.manifest import ManifestRow
 
 RegionLoader = Callable[..., Tensor]  # (requests, out_wh, desc=...) -> (N, 3, H, W) uint8, like load_regions
@@ -37,6 +36,19 @@ class ImageBoxes:
     parts: np.ndarray  # (P, 4) part boxes, P >= 1 (the object box when MPALM found none)
     fallback: bool  # the object box is the whole image (empty heatmap)
     num_parts: int  # parts found by MPALM (0 when ``parts`` holds the object box)
+
+
+def clip_boxes(box: np.ndarray, wh: tuple[float, float]) -> np.ndarray:
+    """Clip (4,) or (P, 4) boxes to ``(0, 0, W, H)``, keeping at least one pixel of extent."""
+    w, h = float(wh[0]), float(wh[1])
+    out = np.asarray(box, dtype=np.float64).copy()
+    out[..., 0::2] = np.clip(out[..., 0::2], 0.0, w)
+    out[..., 1::2] = np.clip(out[..., 1::2], 0.0, h)
+    out[..., 0] = np.minimum(out[..., 0], w - 1.0)
+    out[..., 1] = np.minimum(out[..., 1], h - 1.0)
+    out[..., 2] = np.maximum(out[..., 2], out[..., 0] + 1.0)
+    out[..., 3] = np.maximum(out[..., 3], out[..., 1] + 1.0)
+    return out
 
 
 def image_boxes(box: np.ndarray, parts: np.ndarray, count: int, fallback: bool, wh: tuple[float, float]) -> ImageBoxes:

@@ -1,4 +1,4 @@
-"""fgpipe's checkpoints: the file format, the checks every reader makes, and the networks rebuilt from them.
+"""fgpipe's checkpoints: the file format and the checks every reader makes.
 
 A checkpoint is a dict saved with :func:`torch.save` and loaded with ``weights_only=True`` (nothing in the file is
 ever executed), atomically written; ``kind`` says which network it holds (``stage1``: train-backbone's, ``refine``:
@@ -6,9 +6,8 @@ train-refine's) and it carries what rebuilding that network needs (``config``, `
 was made from (:mod:`fgpipe.lineage`) and ``finished`` (False until its training run ended). Every error names the
 file and the command that rewrites it.
 
-The later stages load them here: :func:`load_checked_stage1` (the stage-1 network, checked against the manifest
-and the params now), :func:`stage1_state` (the same checks, no network built: train-refine starts its branches from
-the state), :func:`load_refine` (the branches).
+The networks are rebuilt from them by :mod:`fgpipe.stage1_network` (stage 1) and :mod:`fgpipe.branch_inference`
+(the branches); training writes them (:func:`fgpipe.training.fit`).
 """
 
 from __future__ import annotations
@@ -18,23 +17,16 @@ import dataclasses
 import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
 from pydantic import ValidationError
 from torch import Tensor
 
-from fgpipe.config import ModelConfig, TrainBackboneConfig, TrainRefineConfig
 from fgpipe.errors import ArtifactError
-from fgpipe.lineage import check_params
-from fgpipe.models import build_stage1
-from fgpipe.models.branches import RefineNet, build_refine_net
-from fgpipe.models.wsdan import Stage1Net
 from fgpipe.store import atomic_path, safe_torch_load
 
-if TYPE_CHECKING:
-    from fgpipe.config import Settings
 
 CHECKPOINT_FORMAT = "fgpipe-checkpoint-1"
 
@@ -185,102 +177,3 @@ def require_finite(
 def config_dict(cfg: Any) -> dict[str, Any]:
     """A (nested) config dataclass as plain data for a checkpoint."""
     return dataclasses.asdict(cfg)
-
-
-# --------------------------------------------------------------------------- the networks, rebuilt
-def read_stage1(path: str | Path, device: str | torch.device = "cpu", dataset: str | None = None) -> dict[str, Any]:
-    """A stage-1 checkpoint's state: of a finished run, holding what rebuilding its network needs (its `model` and
-    `train_backbone` config sections valid). ``dataset`` names the command that rewrites the file in errors
-    (default: the one the checkpoint records)."""
-    state = load_checkpoint(path, map_location=device, kind="stage1", dataset=dataset)
-    dataset = dataset or str(state.get("dataset", "NAME"))
-    require_finished(state, path, f"fgpipe train-backbone --dataset {dataset}")
-    with rebuilding(path, "stage1", dataset):
-        ModelConfig(**state["config"]["model"])
-        TrainBackboneConfig(**state["config"]["train_backbone"])  # checked here: the callers read it
-    return state
-
-
-def load_stage1(
-    path: str | Path, device: str | torch.device = "cpu", dataset: str | None = None
-) -> tuple[Stage1Net, dict[str, Any]]:
-    """Rebuild the stage-1 network from a checkpoint (its own config; no weight download) in eval mode.
-
-    Returns the model and the checkpoint dict (class_names, manifest_sha256, config, ...). ``dataset`` names the
-    command that rewrites the file in errors (default: the one the checkpoint records).
-    """
-    state = read_stage1(path, device, dataset)
-    dataset = dataset or str(state.get("dataset", "NAME"))
-    model = build_stage1(ModelConfig(**state["config"]["model"]), len(state["class_names"]), weights="none")
-    with rebuilding(path, "stage1", dataset):
-        model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
-
-
-def check_stage1(
-    path: Path, state: dict[str, Any], manifest_sha: str, dataset: str, settings: Settings | None = None,
-    classes: list[str] | None = None,
-) -> None:
-    """Refuse a stage-1 checkpoint trained on another manifest (or, given, another class list) than the one on disk,
-    or (with ``settings``) with other `model` / `train_backbone` params than those now (:func:`fgpipe.lineage.check_params`)."""
-    if state.get("manifest_sha256") != manifest_sha or (classes is not None and list(state.get("class_names", [])) != classes):
-        raise ArtifactError(
-            f"{path} was trained on another manifest than {path.parent.parent / 'manifest.csv'}: "
-            f"rerun `fgpipe train-backbone --dataset {dataset}` (or `dvc repro`)"
-        )
-    if settings is not None:
-        check_params(path, state.get("params"), settings, "train-backbone", dataset)
-
-
-def _require_stage1_file(path: Path, dataset: str) -> None:
-    if not path.is_file():
-        raise ArtifactError(f"checkpoint not found: {path} (run `fgpipe train-backbone --dataset {dataset}` first)")
-
-
-def load_checked_stage1(
-    path: Path, manifest_sha: str, dataset: str, device: torch.device, settings: Settings | None = None
-) -> tuple[Stage1Net, dict[str, Any]]:
-    """The stage-1 network of ``path`` in eval mode, checked by :func:`check_stage1`."""
-    _require_stage1_file(path, dataset)
-    model, state = load_stage1(path, device, dataset)
-    check_stage1(path, state, manifest_sha, dataset, settings)
-    return model, state
-
-
-def stage1_state(
-    path: Path, manifest_sha: str, classes: list[str], dataset: str, settings: Settings | None = None
-) -> dict[str, Any]:
-    """The stage-1 checkpoint the branches start from, checked by :func:`check_stage1` (against ``classes`` too);
-    no network is built."""
-    _require_stage1_file(path, dataset)
-    state = read_stage1(path, dataset=dataset)
-    check_stage1(path, state, manifest_sha, dataset, settings, classes)
-    return state
-
-
-def stage1_input_size(state: dict[str, Any]) -> int:
-    """The input size a stage-1 checkpoint was trained at."""
-    return int(state["config"]["train_backbone"]["input_size"])
-
-
-def load_refine(
-    path: str | Path, device: str | torch.device = "cpu", dataset: str | None = None
-) -> tuple[RefineNet, dict[str, Any]]:
-    """Rebuild the branches from a refine checkpoint (its own config) in eval mode; returns (model, checkpoint dict).
-
-    ``dataset`` names the command that rewrites the file in errors (default: the one the checkpoint records)."""
-    state = load_checkpoint(path, map_location=device, kind="refine", dataset=dataset)
-    dataset = dataset or str(state.get("dataset", "NAME"))
-    require_finished(state, path, f"fgpipe train-refine --dataset {dataset}")
-    with rebuilding(path, "refine", dataset):
-        mcfg = ModelConfig(**state["config"]["model"])
-        shared = refine_config(state).shared_backbone  # also checks the section: the callers read it
-    model, _ = build_refine_net(mcfg, len(state["class_names"]), shared)
-    with rebuilding(path, "refine", dataset):
-        model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
-
-
-def refine_config(state: dict[str, Any]) -> TrainRefineConfig:
-    """The train_refine settings a refine checkpoint was trained with (input and part sizes, augmentation)."""
-    return TrainRefineConfig(**state["config"]["train_refine"])

@@ -42,16 +42,14 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from fgpipe.config import PRESET_SECTIONS, STAGE_SECTIONS, Settings
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
 from fgpipe.layout import CHECKPOINTS, DataDir
 from fgpipe.manifest import DatasetInfo, read_dataset_json, read_manifest
 from fgpipe.store import FileHashes, safe_torch_load
-
-if TYPE_CHECKING:
-    from fgpipe.config import Settings
 
 
 def rerun(dataset: str, *commands: str) -> str:
@@ -210,7 +208,9 @@ def check_evaluation(path: Path, metrics: Mapping[str, Any], data_dir: Path, dat
 
 
 # --------------------------------------------------------------------------- params
-# stage -> the params it records with its outputs: the sections (or keys) dvc.yaml lists for it ({dataset}: the name)
+# stage -> the params it reads, which its outputs record and later stages compare (sections or keys; {dataset}: the
+# dataset's name). The one table: dvc.yaml's `params:` of each stage are derived from it (:func:`dvc_params`), and
+# tests/test_dvc_pipeline.py checks both dvc.yaml and the stages' code against it.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "prepare": ("datasets.{dataset}", "prepare.cache_side", "prepare.max_pixels"),
     "train-backbone": ("model", "train_backbone"),
@@ -229,6 +229,24 @@ NOT_COMPARED = frozenset({
     "train_refine.device", "train_refine.amp", "train_refine.channels_last",
     "attention.batch_size", "crops.batch_size", "crops.preview_images", "evaluate.batch_size", "evaluate.top_k",
 })
+
+
+# params that say where the files are: every stage reads them (:meth:`fgpipe.config.Settings.layout`), none records
+# them (a project moved or copied keeps its artefacts). prepare.data_dir also shapes dataset.json (``root_relative``,
+# the dataset root relative to data/NAME), so dvc.yaml tracks it for prepare; prepare.metrics_dir shapes no output
+# (and dvc.yaml spells the outputs' paths anyway).
+LOCATION_PARAMS = ("prepare.data_dir", "prepare.metrics_dir")
+TRACKED_LOCATIONS: dict[str, tuple[str, ...]] = {"prepare": ("prepare.data_dir",)}
+
+
+def dvc_params(stage: str) -> list[str]:
+    """The `params:` of ``stage`` in dvc.yaml (``${key}``: the dataset): what it reads (:data:`STAGE_PARAMS`), the
+    locations it tracks (:data:`TRACKED_LOCATIONS`) and, where it reads stage sections, ``preset`` (a preset sets
+    only those) and the dataset's own block of each (``per_dataset.${key}.SECTION``)."""
+    reads = [spec.format(dataset="${key}") for spec in STAGE_PARAMS[stage]]
+    sections = [spec for spec in reads if spec in STAGE_SECTIONS]
+    preset = ["preset"] if any(spec.split(".")[0] in PRESET_SECTIONS for spec in reads) else []
+    return [*preset, *reads, *TRACKED_LOCATIONS.get(stage, ()), *(f"per_dataset.${{key}}.{s}" for s in sections)]
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 
 from fgpipe import loader
 from fgpipe.attention import create_method
-from fgpipe.checkpoints import load_checkpoint, load_stage1, save_checkpoint
+from fgpipe.checkpoints import load_checkpoint, save_checkpoint
 from fgpipe.cli import app
 from fgpipe.config import load_params
 from fgpipe.errors import ArtifactError
@@ -30,6 +30,7 @@ from fgpipe.h5schema import AttentionReader, CropsReader
 from fgpipe.loader import load_regions, normalize, whole_image_requests
 from fgpipe.localize import box_iou, object_box, paired_iou
 from fgpipe.manifest import ManifestRow, read_manifest
+from fgpipe.stage1_network import load_stage1
 from fgpipe.stages import extract_attention, extract_crops, prepare, train_backbone
 from fgpipe.store import file_sha256, read_json
 
@@ -343,22 +344,22 @@ def test_help(command: str, options: tuple[str, ...]) -> None:
 
 
 def test_preview_order_names_and_empty_grid() -> None:
-    from fgpipe import figures
+    from fgpipe import preview
 
     ids = (("10", "test"), ("9", "test"), ("2", "train"), ("img_2", "test"))
     rows = [ManifestRow(i, f"{i}.jpg", 0, "a", split, 10, 10, None) for i, split in ids]
-    assert figures.preview_indices(rows, 2) == [1, 0]  # "9" before "10": digit runs compare by value
+    assert preview.preview_indices(rows, 2) == [1, 0]  # "9" before "10": digit runs compare by value
     # class by class: the first test image of every class, then the second, ...; train images never
     labels = (2, 0, 2, 1, 0, 2, 0)
     rows = [ManifestRow(f"t{k}", f"t{k}.jpg", c, f"c{c}", "test", 10, 10, None) for k, c in enumerate(labels)]
     rows.append(ManifestRow("t0a", "t0a.jpg", 1, "c1", "train", 10, 10, None))
     expected = [1, 3, 0, 4, 2, 6, 5]  # round 1: t1 (0), t3 (1), t0 (2); round 2: t4 (0), t2 (2); round 3: t6, t5
-    assert figures.preview_indices(rows, 10) == expected and figures.preview_indices(rows, 4) == expected[:4]
-    assert figures.preview_indices(rows, 0) == []
-    assert figures.safe_name("test/class0/000") == "test_class0_000"
-    empty = figures.render([], "nothing")  # crops.preview_images: 0 still gives a (small) picture for DVC
+    assert preview.preview_indices(rows, 10) == expected and preview.preview_indices(rows, 4) == expected[:4]
+    assert preview.preview_indices(rows, 0) == []
+    assert preview.safe_name("test/class0/000") == "test_class0_000"
+    empty = preview.render([], "nothing")  # crops.preview_images: 0 still gives a (small) picture for DVC
     assert empty.size[0] > 0 and empty.size[1] > 0
-    np.testing.assert_array_equal(figures.colormap(np.array([[0.0, 1.0]]))[0], [[0, 0, 128], [128, 0, 0]])
+    np.testing.assert_array_equal(preview.colormap(np.array([[0.0, 1.0]]))[0], [[0, 0, 128], [128, 0, 0]])
 
 
 # --------------------------------------------------------------------------- every method stored; localisation per split

@@ -48,7 +48,7 @@ from test_faults import (  # noqa: F401  (chain and project are fixtures)
     temp_files,
 )
 
-from fgpipe import checkpoints, h5schema
+from fgpipe import branch_inference, h5schema, stage1_network
 from fgpipe.checkpoints import RESUME_KEYS, load_checkpoint, save_checkpoint
 from fgpipe.config import Params, validate
 from fgpipe.errors import ArtifactError, ConfigError
@@ -244,12 +244,12 @@ def test_a_bug_while_building_the_network_is_not_reported_as_a_damaged_checkpoin
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(checkpoints, "build_stage1", fail)
+    monkeypatch.setattr(stage1_network, "build_stage1", fail)
     with pytest.raises(RuntimeError, match="out of memory"):
-        checkpoints.load_stage1(chain / D / "stage1/best.pt", dataset=NAME)
-    monkeypatch.setattr(checkpoints, "build_refine_net", fail)
+        stage1_network.load_stage1(chain / D / "stage1/best.pt", dataset=NAME)
+    monkeypatch.setattr(branch_inference, "build_refine_net", fail)
     with pytest.raises(RuntimeError, match="out of memory"):
-        checkpoints.load_refine(chain / D / "refine/best.pt", dataset=NAME)
+        branch_inference.load_refine(chain / D / "refine/best.pt", dataset=NAME)
 
 
 def test_a_malicious_weights_file_is_refused_without_running_it(project: Path) -> None:

@@ -41,11 +41,11 @@ from fgpipe import images, loader
 from fgpipe.config import PrepareConfig, load_params
 from fgpipe.datasets.base import SourceListing, SourceRecord
 from fgpipe.errors import ConfigError, DatasetError
-from fgpipe.figures import preview_indices
 from fgpipe.imagecache import open_image_cache
 from fgpipe.images import DEFAULT_MAX_PIXELS, PIXEL_CEILING, ImageTooLargeError, image_size, open_image
 from fgpipe.loader import LoadRequest, check_image_files, load_regions
 from fgpipe.manifest import read_dataset_json, read_manifest
+from fgpipe.preview import preview_indices
 from fgpipe.stages import prepare
 from fgpipe.store import file_sha256, read_json
 

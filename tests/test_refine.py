@@ -23,7 +23,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from fgpipe.checkpoints import config_dict, load_refine, save_checkpoint
+from fgpipe.branch_inference import load_refine
+from fgpipe.checkpoints import config_dict, save_checkpoint
 from fgpipe.cli import app
 from fgpipe.config import ModelConfig, TrainBackboneConfig, load_params
 from fgpipe.errors import ArtifactError

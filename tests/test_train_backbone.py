@@ -15,13 +15,12 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
-from fgpipe.checkpoints import load_stage1
 from fgpipe.cli import app
 from fgpipe.config import TrainBackboneConfig, load_params
 from fgpipe.errors import ArtifactError, TrainingError
-from fgpipe.inference import predict_logits
 from fgpipe.loader import load_regions, resized_side, whole_image_requests
 from fgpipe.manifest import read_dataset_json, read_manifest
+from fgpipe.stage1_network import load_stage1, predict_logits
 from fgpipe.stages import prepare, train_backbone
 from fgpipe.training import setup_runtime
 

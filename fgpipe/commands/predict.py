@@ -47,21 +47,23 @@ from torch import Tensor
 
 from fgpipe.attention import HeatmapMethod, create_method
 from fgpipe.branch_data import image_boxes, load_branch_data
-from fgpipe.checkpoints import load_checked_stage1, load_refine, refine_config, require_finite, stage1_input_size
+from fgpipe.branch_inference import BRANCHES, Branches, joint_probabilities, load_refine, probabilities, refine_config
+from fgpipe.checkpoints import require_finite
 from fgpipe.config import Settings, TrainBackboneConfig
 from fgpipe.console import console
+from fgpipe.crop_parts import parts_of
 from fgpipe.errors import ArtifactError
-from fgpipe.figures import COLOURS, TILE, colormap, safe_name
 from fgpipe.figures import save_png as write_png
 from fgpipe.h5schema import AttentionReader, CropsReader
 from fgpipe.images import DECODE_ERRORS, image_size
-from fgpipe.inference import BRANCHES, Branches, inference_runtime, joint_probabilities, parts_of, probabilities
 from fgpipe.lineage import check_attention, check_crops, check_evaluation, check_params, check_refine, checkpoint_of, rerun
 from fgpipe.loader import LoadRequest, decode_batch, decode_region, normalize
 from fgpipe.localize import object_boxes
 from fgpipe.manifest import class_names, read_manifest
 from fgpipe.models.wsdan import Stage1Net
+from fgpipe.preview import COLOURS, TILE, colormap, safe_name
 from fgpipe.runtime import configure_threads
+from fgpipe.stage1_network import inference_runtime, load_checked_stage1, stage1_input_size
 from fgpipe.store import FileHashes, read_json_artifact
 
 @dataclass

@@ -13,12 +13,13 @@ from pathlib import Path
 
 from fgpipe.config import Settings
 from fgpipe.errors import ArtifactError, OutputError
-from fgpipe.figures import load_samples, render, safe_name, save_png
+from fgpipe.figures import save_png
 from fgpipe.h5schema import AttentionReader, CropsReader
 from fgpipe.layout import STAGE_PNGS
 from fgpipe.lineage import check_attention, check_crops, check_params, read_dataset_info
 from fgpipe.loader import check_image_files
 from fgpipe.manifest import read_manifest
+from fgpipe.preview import load_samples, render, safe_name
 from fgpipe.store import FileHashes
 
 

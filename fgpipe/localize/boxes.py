@@ -188,16 +188,3 @@ def nms(boxes: ArrayOrTensor, scores: ArrayOrTensor, iou_threshold: float) -> Ar
         iou_threshold,
     )
     return keep.numpy()
-
-
-def clip_boxes(box: np.ndarray, wh: tuple[float, float]) -> np.ndarray:
-    """Clip (4,) or (P, 4) boxes to ``(0, 0, W, H)``, keeping at least one pixel of extent."""
-    w, h = float(wh[0]), float(wh[1])
-    out = np.asarray(box, dtype=np.float64).copy()
-    out[..., 0::2] = np.clip(out[..., 0::2], 0.0, w)
-    out[..., 1::2] = np.clip(out[..., 1::2], 0.0, h)
-    out[..., 0] = np.minimum(out[..., 0], w - 1.0)
-    out[..., 1] = np.minimum(out[..., 1], h - 1.0)
-    out[..., 2] = np.maximum(out[..., 2], out[..., 0] + 1.0)
-    out[..., 3] = np.maximum(out[..., 3], out[..., 1] + 1.0)
-    return out

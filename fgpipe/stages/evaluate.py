@@ -49,7 +49,6 @@ import numpy as np
 import torch
 
 from fgpipe.branch_data import read_crops, split_data
-from fgpipe.checkpoints import load_checked_stage1, load_refine, refine_config
 from fgpipe.config import EvaluateConfig, Settings, TrainBackboneConfig
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError
@@ -67,10 +66,11 @@ from fgpipe.lineage import (
     read_dataset_info,
     rerun,
 )
-from fgpipe.inference import BRANCHES, Branches, inference_runtime, joint_probabilities, probabilities
+from fgpipe.branch_inference import BRANCHES, Branches, joint_probabilities, load_refine, probabilities, refine_config
 from fgpipe.loader import check_image_files, load_split
 from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.runtime import configure_threads
+from fgpipe.stage1_network import inference_runtime, load_checked_stage1
 from fgpipe.store import FileHashes, atomic_path, check_output_paths, read_json_artifact, replaced_together, write_json, write_text
 
 STAGE = "evaluate"

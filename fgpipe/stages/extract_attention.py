@@ -33,17 +33,17 @@ from torch import Tensor
 from fgpipe import __version__
 from fgpipe.attention import HeatmapMethod, HeatmapSet, companion_methods, create_method
 from fgpipe.attention import heatmaps_of as method_heatmaps
-from fgpipe.checkpoints import load_checked_stage1, require_finite, stage1_input_size
+from fgpipe.checkpoints import require_finite
 from fgpipe.config import Settings
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionMeta, AttentionWriter
 from fgpipe.imagecache import open_image_cache
-from fgpipe.inference import extraction_device
 from fgpipe.lineage import params_record, read_dataset_info
 from fgpipe.loader import LoadRequest, batched, check_image_files, normalize, prefetched
 from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.runtime import configure_threads
+from fgpipe.stage1_network import extraction_device, load_checked_stage1, stage1_input_size
 from fgpipe.store import check_output_paths, file_sha256, replaced_together, write_json
 
 STAGE = "extract_attention"

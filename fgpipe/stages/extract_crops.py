@@ -35,21 +35,22 @@ from typing import Any
 import numpy as np
 
 from fgpipe import __version__
-from fgpipe.checkpoints import load_checked_stage1, stage1_input_size
 from fgpipe.config import CropsConfig, Settings
 from fgpipe.console import console, progress
+from fgpipe.crop_parts import parts_of
 from fgpipe.errors import ArtifactError
-from fgpipe.figures import load_samples, preview_indices, render, save_png
+from fgpipe.figures import save_png
 from fgpipe.h5schema import AttentionReader, AttentionRecords, CropsMeta, CropsReader, CropsWriter
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.inference import extraction_device, parts_of
 from fgpipe.layout import DataDir
 from fgpipe.lineage import check_attention, check_params, params_record, read_dataset_info
 from fgpipe.loader import LoadRequest, check_image_files, prefetched
 from fgpipe.localize import ObjectBoxes, object_boxes, paired_iou
 from fgpipe.localize.sweep import IOU_HIT, localization_report, localization_sweep, resolve_threshold, write_curves
 from fgpipe.manifest import ManifestRow, read_manifest
+from fgpipe.preview import load_samples, preview_indices, render
 from fgpipe.runtime import configure_threads
+from fgpipe.stage1_network import extraction_device, load_checked_stage1, stage1_input_size
 from fgpipe.store import FileHashes, check_output_paths, file_sha256, pending, replaced_together, write_json
 
 STAGE = "extract_crops"

@@ -30,12 +30,12 @@ from fgpipe.checkpoints import config_dict, load_checkpoint
 from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig
 from fgpipe.errors import ArtifactError
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.inference import predict_logits
 from fgpipe.lineage import params_record, read_dataset_info
 from fgpipe.loader import Split, check_image_files, load_split, normalize, resized_side, train_augment
 from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.models import build_stage1
 from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop
+from fgpipe.stage1_network import predict_logits
 from fgpipe.store import check_output_paths, file_sha256
 from fgpipe.training import (
     FitResult,

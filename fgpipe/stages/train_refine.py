@@ -39,16 +39,17 @@ from torch import Tensor, nn
 from torchvision.ops import roi_align
 
 from fgpipe.branch_data import BranchData, part_size, read_crops, split_data, subset
-from fgpipe.checkpoints import config_dict, stage1_state
+from fgpipe.branch_inference import predict_branches
+from fgpipe.checkpoints import config_dict
 from fgpipe.config import ModelConfig, Settings, TrainRefineConfig
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import open_image_cache
-from fgpipe.inference import predict_branches
 from fgpipe.lineage import check_crops, check_crops_params, params_record, read_dataset_info
 from fgpipe.loader import check_image_files, normalize, resized_side, train_augment
 from fgpipe.manifest import class_names, read_manifest
 from fgpipe.models.branches import build_refine_net
+from fgpipe.stage1_network import stage1_state
 from fgpipe.store import FileHashes, check_output_paths
 from fgpipe.training import (
     FitResult,

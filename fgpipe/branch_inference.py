@@ -1,13 +1,10 @@
 """Batched inference of the three branches evaluate and ``fgpipe predict`` combine (METHODS.md section 6).
 
-- raw: the stage-1 network on the whole image, as stage-1 evaluates (resize to ``input_size * resize_ratio``,
-  centre crop; :func:`predict_logits`, also train-backbone's validation);
-- MPALM parts (METHODS.md section 5): the stage-1 backbone's features of object crops (:func:`parts_of`, as
-  extract-crops finds them);
+- raw: the stage-1 network on the whole image, as stage-1 evaluates (:func:`fgpipe.stage1_network.predict_logits`);
 - object / parts: the refinement branches on the object crop and on the part patches (mean of the patch logits), as
   train-refine validates (:func:`predict_branches` on :mod:`fgpipe.branch_data`).
 
-:class:`Branches` holds the three networks with the settings they were trained with and refuses NaN or infinite
+:func:`load_refine` rebuilds the branches from refine/best.pt; :class:`Branches` holds the three networks with the settings they were trained with and refuses NaN or infinite
 logits (a diverged network), naming the images and the checkpoint; :func:`probabilities` and
 :func:`joint_probabilities` turn the logits into the per-branch and joint class probabilities.
 """
@@ -17,58 +14,45 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from fgpipe.branch_data import BranchData, eval_inputs, part_size
-from fgpipe.checkpoints import require_finite
-from fgpipe.config import CropsConfig, TrainBackboneConfig, TrainRefineConfig
-from fgpipe.loader import center_crop, normalize, resized_side
-from fgpipe.localize import PartBoxes, mpalm_parts_batch
-from fgpipe.models.branches import RefineNet
-from fgpipe.models.wsdan import Stage1Net, refine_crop
+from fgpipe.checkpoints import load_checkpoint, rebuilding, require_finished, require_finite
+from fgpipe.config import ModelConfig, TrainBackboneConfig, TrainRefineConfig
+from fgpipe.loader import normalize, resized_side
+from fgpipe.models.branches import RefineNet, build_refine_net
+from fgpipe.models.wsdan import Stage1Net
+from fgpipe.stage1_network import predict_logits
 from fgpipe.training import Runtime
 
 BRANCHES = ("raw", "object", "parts")
 
 
-def extraction_device() -> torch.device:
-    """CUDA when torch sees a GPU, else the CPU (the attention and crops params have no device key)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def load_refine(
+    path: str | Path, device: str | torch.device = "cpu", dataset: str | None = None
+) -> tuple[RefineNet, dict[str, Any]]:
+    """Rebuild the branches from a refine checkpoint (its own config) in eval mode; returns (model, checkpoint dict).
+
+    ``dataset`` names the command that rewrites the file in errors (default: the one the checkpoint records)."""
+    state = load_checkpoint(path, map_location=device, kind="refine", dataset=dataset)
+    dataset = dataset or str(state.get("dataset", "NAME"))
+    require_finished(state, path, f"fgpipe train-refine --dataset {dataset}")
+    with rebuilding(path, "refine", dataset):
+        mcfg = ModelConfig(**state["config"]["model"])
+        shared = refine_config(state).shared_backbone  # also checks the section: the callers read it
+    model, _ = build_refine_net(mcfg, len(state["class_names"]), shared)
+    with rebuilding(path, "refine", dataset):
+        model.load_state_dict(state["model"])
+    return model.to(device).eval(), state
 
 
-def inference_runtime() -> Runtime:
-    """Where evaluation runs: CUDA (bf16 autocast, channels_last) when torch sees a GPU, else the CPU in float32."""
-    device = extraction_device()
-    cuda = device.type == "cuda"
-    return Runtime(device=device, amp_dtype=torch.bfloat16 if cuda else None, channels_last=cuda)
-
-
-@torch.no_grad()
-def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, rt: Runtime, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Raw and refined logits (B, K) of uint8 images (N, 3, S, S) center-cropped to the input size.
-
-    Refined = mean of the raw logits and those of the test-time attention crop (mean of all maps,
-    threshold ``refine_threshold`` * max, padding ``refine_padding``); equal to raw when test_refine is off
-    or the head is plain (no attention maps).
-    """
-    model.eval()
-    raw_all, ref_all = [], []
-    for chunk in images.split(batch_size or cfg.batch_size * 2):
-        x = rt.to_input(normalize(center_crop(chunk, cfg.input_size)))
-        with rt.autocast():
-            out = model(x)
-            raw = out.logits.float()
-            if cfg.test_refine and out.attention is not None:
-                crop = refine_crop(x.float(), out.attention.float(), threshold=cfg.refine_threshold, padding=cfg.refine_padding)
-                refined = (raw + model(rt.to_input(crop)).logits.float()) / 2
-            else:
-                refined = raw
-        raw_all.append(raw.cpu())
-        ref_all.append(refined.cpu())
-    return torch.cat(raw_all), torch.cat(ref_all)
+def refine_config(state: dict[str, Any]) -> TrainRefineConfig:
+    """The train_refine settings a refine checkpoint was trained with (input and part sizes, augmentation)."""
+    return TrainRefineConfig(**state["config"]["train_refine"])
 
 
 @torch.no_grad()
@@ -83,24 +67,6 @@ def predict_branches(model: RefineNet, data: BranchData, cfg: TrainRefineConfig,
         obj_all.append(out.object_logits.float().cpu())
         parts_all.append(out.part_logits.float().cpu())
     return torch.cat(obj_all), torch.cat(parts_all)
-
-
-def parts_of(
-    model: Stage1Net, crops: torch.Tensor, boxes: np.ndarray, size: int, cfg: CropsConfig, device: torch.device,
-    *, names: Sequence[str] | None = None, checkpoint: Path | None = None, dataset: str = "NAME",
-) -> PartBoxes:
-    """Section-5 MPALM parts of a batch of decoded object crops (B, 3, size, size) uint8 with their boxes (B, 4).
-
-    With ``checkpoint`` (the network's file), non-finite features (a diverged network) are refused, naming the
-    images ``names`` (B,) (default: their positions in the batch)."""
-    with torch.no_grad():
-        fmap = model.features(normalize(crops.to(device)))[model.feature_layer]  # (B, C, h, w)
-    if checkpoint is not None:
-        names = names if names is not None else [f"#{i}" for i in range(len(fmap))]
-        require_finite(fmap, names, "features of the object crops", checkpoint, "stage1", dataset)
-    return mpalm_parts_batch(
-        fmap, boxes, size, top_k=cfg.part_top_k, sizes=cfg.part_sizes, iou=cfg.part_nms_iou, max_parts=cfg.max_parts
-    )
 
 
 @dataclass
