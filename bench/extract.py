@@ -40,8 +40,8 @@ from common import emit, machine_info, timed  # noqa: E402
 
 from fgpipe.attention import create_method  # noqa: E402
 from fgpipe.config import CropsConfig, ModelConfig  # noqa: E402
-from fgpipe.h5schema import AttentionMeta, AttentionReader, AttentionWriter  # noqa: E402
 from fgpipe.crop_parts import parts_of  # noqa: E402
+from fgpipe.h5schema import AttentionMeta, AttentionReader, AttentionWriter  # noqa: E402
 from fgpipe.loader import LoadRequest, batched, decode_batch, normalize, prefetched  # noqa: E402
 from fgpipe.manifest import ManifestRow  # noqa: E402
 from fgpipe.models import build_stage1  # noqa: E402

@@ -111,7 +111,7 @@ def _key_problem(state: dict[str, Any], key: str, typ: type, prefix: str = "") -
 @contextlib.contextmanager
 def rebuilding(path: str | os.PathLike[str], kind: str, dataset: str | None) -> Iterator[None]:
     """Around the calls that take a loaded checkpoint's contents as they are (a config section into its
-    ``XConfig(**...)``, ``load_state_dict``, :func:`set_rng_state`) and nothing else: contents that do not fit
+    ``XConfig(**...)``, ``load_state_dict``, :func:`fgpipe.training.set_rng_state`) and nothing else: contents that do not fit
     (edited by hand, another fgpipe's) become an ArtifactError naming the file, not a traceback from inside torch.
     Building the network and anything else stays outside, so a genuine bug or running out of memory is not
     reported as a damaged checkpoint."""
