@@ -329,8 +329,8 @@ class Trainer(ABC):
     ``parts`` holds the objects every checkpoint saves and ``--resume`` restores, in the checkpoint's order:
     ``model`` first, ``optimizer`` and ``scheduler`` among them (fit steps the scheduler after each step and logs the
     first group's learning rate). ``state`` is the rest of each checkpoint (config, class names, what the run was
-    made from, params). Each training step returns per image the number its heads got right, one count per entry of
-    ``counts`` (the train statistics key and the progress bar's label).
+    made from, params). Each training step also returns how many of its images each head got right, one count per
+    entry of ``counts`` (the train statistics key and the progress bar's label).
     """
 
     kind: str  # the checkpoints' kind: stage1 | refine (fgpipe.checkpoints)
