@@ -40,15 +40,15 @@ from common import emit, machine_info, timed  # noqa: E402
 
 from fgpipe.attention import create_method  # noqa: E402
 from fgpipe.config import CropsConfig, ModelConfig  # noqa: E402
+from fgpipe.crop_parts import parts_of  # noqa: E402
 from fgpipe.h5schema import AttentionMeta, AttentionReader, AttentionWriter  # noqa: E402
-from fgpipe.loader import LoadRequest, normalize  # noqa: E402
+from fgpipe.loader import LoadRequest, batched, decode_batch, normalize, prefetched  # noqa: E402
 from fgpipe.manifest import ManifestRow  # noqa: E402
 from fgpipe.models import build_stage1  # noqa: E402
 from fgpipe.models.staged import lcam_key  # noqa: E402
 from fgpipe.models.wsdan import Stage1Net  # noqa: E402
 from fgpipe.runtime import configure_threads  # noqa: E402
-from fgpipe.stages.extract_attention import batched, decode_batch, prefetched  # noqa: E402
-from fgpipe.stages.extract_crops import batches_with_boxes, parts_of  # noqa: E402
+from fgpipe.stages.extract_crops import batches_with_boxes  # noqa: E402
 
 
 class LogitsOnly(nn.Module):

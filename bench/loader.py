@@ -38,15 +38,15 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import emit, machine_info  # noqa: E402
 
+from fgpipe.branch_data import margin_region, part_size  # noqa: E402
 from fgpipe.config import load_params  # noqa: E402
 from fgpipe.console import console  # noqa: E402
-from fgpipe.datasets.synthetic import read_parts  # noqa: E402
+from fgpipe.datasets.synthetic_reader import read_parts  # noqa: E402
 from fgpipe.imagecache import ImageCache, build_image_cache  # noqa: E402
 from fgpipe.loader import LoadRequest, load_regions, resized_side, whole_image_requests  # noqa: E402
 from fgpipe.manifest import read_manifest  # noqa: E402
 from fgpipe.runtime import available_cores, configure_threads  # noqa: E402
 from fgpipe.stages import prepare  # noqa: E402
-from fgpipe.stages.train_refine import margin_region, part_size  # noqa: E402
 from fgpipe.store import file_sha256  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

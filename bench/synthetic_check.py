@@ -27,7 +27,7 @@ from skimage.measure import label as cc_label
 from torch import Tensor, nn
 
 from fgpipe.config import DatasetConfig, SyntheticOptions
-from fgpipe.datasets import synthetic
+from fgpipe.datasets import synthetic, synthetic_reader
 
 
 def small_cnn(num_classes: int, width: int = 32) -> nn.Sequential:
@@ -49,7 +49,7 @@ def small_cnn(num_classes: int, width: int = 32) -> nn.Sequential:
 
 def load(root: Path, size: int) -> dict[str, dict[str, Tensor]]:
     """split -> {"whole": (N,3,S,S) uint8, "crop": (N,3,S,S) uint8, "y": (N,), "box": (N,4) original pixels}."""
-    listing = synthetic.read(root, DatasetConfig(kind="synthetic", root=str(root)))
+    listing = synthetic_reader.read(root, DatasetConfig(kind="synthetic", root=str(root)))
     label_of = {c: i for i, c in enumerate(listing.classes)}
     out: dict[str, dict[str, list]] = {s: {"whole": [], "crop": [], "y": [], "box": []} for s in ("train", "test")}
     for r in listing.records:
@@ -153,7 +153,7 @@ def iou(a: Tensor, b: Tensor) -> Tensor:
 
 
 def save_grid(root: Path, path: Path, per_class: int = 6) -> None:
-    listing = synthetic.read(root, DatasetConfig(kind="synthetic", root=str(root)))
+    listing = synthetic_reader.read(root, DatasetConfig(kind="synthetic", root=str(root)))
     rows = []
     for c in listing.classes:
         recs = [r for r in listing.records if r.class_name == c and r.split == "train"][:per_class]

@@ -1,6 +1,7 @@
-"""The `fgpipe` command: one thin Typer command per pipeline stage.
+"""The `fgpipe` command: one thin Typer command per pipeline stage (:mod:`fgpipe.stages`) and per other command
+(:mod:`fgpipe.commands`: predict, show, localize).
 
-Each command parses its options, loads params.yaml (with CLI overrides recorded), calls the stage's
+Each command parses its options, loads params.yaml (with CLI overrides recorded), calls the stage's (or command's)
 ``run()`` and reports. Errors of the FgpipeError family become a one-paragraph message and exit code 1; Ctrl-C
 (SIGTERM likewise) becomes one line saying what was kept and how to go on, and exit code 130 (143 for SIGTERM).
 A value an option cannot be parsed as is Typer's usage error: its usage line and message, exit code 2.
@@ -63,6 +64,12 @@ def _stage(name: str) -> ModuleType:
     """``fgpipe.stages.NAME``; commands import it inside :func:`_guard`, so a Ctrl-C during torch's import is
     reported like one during the stage."""
     return importlib.import_module(f"fgpipe.stages.{name}")
+
+
+def _command(name: str) -> ModuleType:
+    """``fgpipe.commands.NAME``, a command that is not a pipeline stage (predict, show, localize); imported like
+    :func:`_stage`."""
+    return importlib.import_module(f"fgpipe.commands.{name}")
 
 
 def _flag(option: str, value: object) -> str:
@@ -250,11 +257,11 @@ def localize(
     grid = _thresholds(thresholds)
 
     def run() -> tuple[ModuleType, Any]:
-        stage = _stage("localize")
-        return stage, stage.run(_settings(params, {}, dataset), dataset, grid)
+        command = _command("localize")
+        return command, command.run(_settings(params, {}, dataset), dataset, grid)
 
-    stage, report = _guard(run, f"fgpipe localize --dataset {dataset}")
-    stage.print_table(Console(file=sys.stdout), report)
+    command, report = _guard(run, f"fgpipe localize --dataset {dataset}")
+    command.print_table(Console(file=sys.stdout), report)
 
 
 @app.command()
@@ -267,9 +274,7 @@ def show(
     """Draw one image's heatmap, object box, ground-truth box and parts; print the PNG's path."""
 
     def draw() -> Path:
-        from fgpipe.preview import show as draw_one
-
-        return draw_one(_settings(params, {}, dataset), dataset, image, out)
+        return _command("show").show(_settings(params, {}, dataset), dataset, image, out)
 
     path = _guard(draw, f"fgpipe show --image {image} --dataset {dataset}")
     typer.echo(str(path))
@@ -326,7 +331,7 @@ def predict(
     An unreadable image is reported and skipped; the exit code is then 1 once every other image is done.
     """
     failed = _guard(
-        lambda: _stage("predict").run(_settings(params, {}, dataset), dataset, images, top_k=top_k, as_json=as_json, save_png=save_png)
+        lambda: _command("predict").run(_settings(params, {}, dataset), dataset, images, top_k=top_k, as_json=as_json, save_png=save_png)
     )
     if failed:
         raise typer.Exit(1)

@@ -11,8 +11,9 @@ dataset, in the order params.yaml < per_dataset.NAME < preset < CLI options.
 from __future__ import annotations
 
 import copy
-import json
 import dataclasses
+import json
+import math
 import os
 import re
 import types
@@ -27,6 +28,7 @@ from pydantic.dataclasses import dataclass
 
 from fgpipe.errors import ConfigError
 from fgpipe.images import DEFAULT_MAX_PIXELS, PIXEL_CEILING
+from fgpipe.layout import Layout
 
 _CFG = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float field: NaN and +-inf are refused, naming the key
 
@@ -35,11 +37,26 @@ SYNTHETIC_SOURCE = "fgpipe/datasets/synthetic.py"
 
 
 # --------------------------------------------------------------------------- datasets
+# The synthetic dataset's vocabulary (fgpipe/datasets/synthetic.py draws it): its birds' parts in the order classes
+# vary them, each with its markings. Class k uses the first few markings of each part (synthetic.class_attributes), so
+# 8 classes vary head, wing and tail with two each unless class_markings says otherwise (params.yaml: head, wing and
+# body). A class is one combination of markings: there are SYNTHETIC_MAX_CLASSES.
+SYNTHETIC_PARTS = ("head", "wing", "tail", "body")
+SYNTHETIC_MARKINGS: dict[str, tuple[str, ...]] = {
+    "head": ("redcrown", "eyestripe", "whitecheek", "darkhood", "bluecrown"),
+    "wing": ("wingbars", "wingspots", "paleedge", "yellowpatch", "wingstreaks"),
+    "tail": ("whitetip", "tailband", "redbase", "tailstripes"),
+    "body": ("plain", "spotted", "streaked", "yellowbreast", "greyplumage", "skyplumage", "lilacplumage", "tealplumage",
+             "roseplumage"),
+}
+SYNTHETIC_MAX_CLASSES = math.prod(len(m) for m in SYNTHETIC_MARKINGS.values())
+
+
 @dataclass(frozen=True, config=_CFG)
 class SyntheticOptions:
     """The built-in fine-grained synthetic dataset (see fgpipe/datasets/synthetic.py)."""
 
-    num_classes: int = Field(8, ge=2, le=900)  # 900 = synthetic.MAX_CLASSES, every combination of markings (a test ties them)
+    num_classes: int = Field(8, ge=2, le=SYNTHETIC_MAX_CLASSES)  # every combination of markings
     train_per_class: int = Field(60, ge=2, le=100_000)
     test_per_class: int = Field(20, ge=1, le=100_000)
     image_size: int = Field(224, ge=64, le=2048)
@@ -467,9 +484,13 @@ class Settings:
         """data/NAME: where every artefact of dataset NAME lives."""
         return self.resolve(self.params.prepare.data_dir) / name
 
+    def layout(self, name: str) -> Layout:
+        """Where each artefact of dataset NAME lives: data/NAME/... and metrics/NAME/... (:mod:`fgpipe.layout`)."""
+        return Layout.of(self.data_dir(name), self.resolve(self.params.prepare.metrics_dir) / name)
+
     def metrics_file(self, name: str, stage: str) -> Path:
         """metrics/NAME/<stage>.json: where every stage writes its metrics."""
-        return self.resolve(self.params.prepare.metrics_dir) / name / f"{stage}.json"
+        return self.layout(name).metrics.stage(stage)
 
     def provenance(self) -> dict[str, Any]:
         """What to record with an artefact so it says how it was made."""

@@ -42,15 +42,14 @@ import dataclasses
 import json
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from fgpipe.config import PRESET_SECTIONS, STAGE_SECTIONS, Settings
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
-from fgpipe.manifest import read_manifest
+from fgpipe.layout import CHECKPOINTS, DataDir
+from fgpipe.manifest import DatasetInfo, read_dataset_json, read_manifest
 from fgpipe.store import FileHashes, safe_torch_load
-
-if TYPE_CHECKING:
-    from fgpipe.config import Settings
 
 
 def rerun(dataset: str, *commands: str) -> str:
@@ -78,17 +77,19 @@ def require_intact(source: Path) -> None:
     checkpoint) and let its own error, naming the command that writes it, stop the run if it is damaged."""
     if not source.is_file():
         return
-    if source.name == "manifest.csv":
+    here, above = DataDir(source.parent), DataDir(source.parent.parent)  # data/NAME for a file in it, or in stage1/
+    checkpoints = {**{above.stage1(w): "train-backbone" for w in CHECKPOINTS}, **{above.refine(w): "train-refine" for w in CHECKPOINTS}}
+    if source == here.manifest:
         read_manifest(source)
-    elif source.name == "attention.h5":
+    elif source == here.attention:
         AttentionReader(source, source.parent.name).close()
-    elif source.name == "crops.h5":
+    elif source == here.crops:
         CropsReader(source, source.parent.name).close()
-    elif source.suffix == ".pt" and source.parent.name in ("stage1", "refine"):
-        writer = "train-backbone" if source.parent.name == "stage1" else "train-refine"
-        state = safe_torch_load(source, "checkpoint", rerun(source.parent.parent.name, writer))
+    elif source in checkpoints:
+        fix = rerun(above.path.name, checkpoints[source])
+        state = safe_torch_load(source, "checkpoint", fix)
         if not isinstance(state, dict):
-            raise ArtifactError(f"{source} is not an fgpipe checkpoint; {rerun(source.parent.parent.name, writer)}")
+            raise ArtifactError(f"{source} is not an fgpipe checkpoint; {fix}")
 
 
 def check_sources(
@@ -106,11 +107,11 @@ def checkpoint_of(attention: AttentionReader, data_dir: Path, dataset: str, requ
     """The stage-1 checkpoint attention.h5 was made from (its provenance names best or last); with ``required``,
     refuse one that is not on disk."""
     which = attention.meta.provenance.get("checkpoint")
-    if which not in ("best", "last"):
+    if which not in CHECKPOINTS:
         raise ArtifactError(
             f"{attention.path}: its provenance names no stage-1 checkpoint (best or last); {rerun(dataset, 'extract-attention')}"
         )
-    path = data_dir / "stage1" / f"{which}.pt"
+    path = DataDir(data_dir).stage1(which)
     if required and not path.is_file():
         raise ArtifactError(
             f"{path} (the checkpoint {attention.path.name} was made from) not found: "
@@ -127,7 +128,7 @@ def check_attention(
     ``required``: the checkpoint must be on disk (the caller loads it)."""
     checkpoint = checkpoint_of(attention, data_dir, dataset, required)
     fix = rerun(dataset, "extract-attention")
-    manifest = data_dir / "manifest.csv"
+    manifest = DataDir(data_dir).manifest
     check_recorded(attention.path, attention.meta.manifest_sha256, manifest, hashes(manifest), "manifest", fix, "manifest_sha256")
     if checkpoint.is_file():
         check_recorded(
@@ -141,19 +142,20 @@ def _crops_checkpoint(crops: CropsReader, data_dir: Path, dataset: str) -> Path:
     """The stage-1 checkpoint crops.h5's parts came from (its provenance ``checkpoint``: best, last or that file's path)."""
     named = str(crops.meta.provenance.get("checkpoint", ""))
     which = Path(named).stem
-    if which not in ("best", "last"):
+    if which not in CHECKPOINTS:
         raise ArtifactError(
             f"{crops.path}: its provenance names no stage-1 checkpoint (best or last); {rerun(dataset, 'extract-crops')}"
         )
-    return data_dir / "stage1" / f"{which}.pt"
+    return DataDir(data_dir).stage1(which)
 
 
 def check_crops(crops: CropsReader, data_dir: Path, dataset: str, hashes: FileHashes) -> None:
     """Refuse crops.h5 made from another manifest, attention.h5 or stage-1 checkpoint than data/NAME's.
 
     The fix names extract-attention too when attention.h5 is as stale as crops.h5 (made from the same old source)."""
-    attention = data_dir / "attention.h5"
-    sources = {"manifest_sha256": data_dir / "manifest.csv", "checkpoint_sha256": _crops_checkpoint(crops, data_dir, dataset)}
+    files = DataDir(data_dir)
+    attention = files.attention
+    sources = {"manifest_sha256": files.manifest, "checkpoint_sha256": _crops_checkpoint(crops, data_dir, dataset)}
     for key, source in sources.items():
         if not source.is_file():
             continue
@@ -184,10 +186,11 @@ def _attention_has(path: Path, key: str, sha256: str) -> bool:
 def check_refine(state: Mapping[str, Any], path: Path, data_dir: Path, dataset: str, hashes: FileHashes) -> None:
     """Refuse a refine checkpoint (``state``, loaded from ``path``) trained from another manifest, crops.h5 or
     stage1/best.pt than those of data/NAME."""
+    files = DataDir(data_dir)
     sources = {
-        "manifest_sha256": (data_dir / "manifest.csv", "manifest"),
-        "crops_sha256": (data_dir / "crops.h5", "crops.h5"),
-        "stage1_sha256": (data_dir / "stage1" / "best.pt", "stage-1 checkpoint"),
+        "manifest_sha256": (files.manifest, "manifest"),
+        "crops_sha256": (files.crops, "crops.h5"),
+        "stage1_sha256": (files.stage1("best"), "stage-1 checkpoint"),
     }
     check_sources(path, state, sources, hashes, rerun(dataset, "train-refine"), made="trained")
 
@@ -196,15 +199,18 @@ def check_evaluation(path: Path, metrics: Mapping[str, Any], data_dir: Path, dat
     """Refuse evaluate.json (``metrics``, read from ``path``) computed for other checkpoints than data/NAME's: its joint
     weights were chosen for those (``sources``)."""
     recorded = metrics.get("sources")
+    files = DataDir(data_dir)
     sources = {
-        "stage1_sha256": (data_dir / "stage1" / "best.pt", "stage-1 checkpoint"),
-        "refine_sha256": (data_dir / "refine" / "best.pt", "refine checkpoint"),
+        "stage1_sha256": (files.stage1("best"), "stage-1 checkpoint"),
+        "refine_sha256": (files.refine("best"), "refine checkpoint"),
     }
     check_sources(path, recorded if isinstance(recorded, Mapping) else {}, sources, hashes, rerun(dataset, "evaluate"), made="computed")
 
 
 # --------------------------------------------------------------------------- params
-# stage -> the params it records with its outputs: the sections (or keys) dvc.yaml lists for it ({dataset}: the name)
+# stage -> the params it reads, which its outputs record and later stages compare (sections or keys; {dataset}: the
+# dataset's name). The one table: dvc.yaml's `params:` of each stage are derived from it (:func:`dvc_params`), and
+# tests/test_dvc_pipeline.py checks both dvc.yaml and the stages' code against it.
 STAGE_PARAMS: dict[str, tuple[str, ...]] = {
     "prepare": ("datasets.{dataset}", "prepare.cache_side", "prepare.max_pixels"),
     "train-backbone": ("model", "train_backbone"),
@@ -223,6 +229,24 @@ NOT_COMPARED = frozenset({
     "train_refine.device", "train_refine.amp", "train_refine.channels_last",
     "attention.batch_size", "crops.batch_size", "crops.preview_images", "evaluate.batch_size", "evaluate.top_k",
 })
+
+
+# params that say where the files are: every stage reads them (:meth:`fgpipe.config.Settings.layout`), none records
+# them (a project moved or copied keeps its artefacts). prepare.data_dir also shapes dataset.json (``root_relative``,
+# the dataset root relative to data/NAME), so dvc.yaml tracks it for prepare; prepare.metrics_dir shapes no output
+# (and dvc.yaml spells the outputs' paths anyway).
+LOCATION_PARAMS = ("prepare.data_dir", "prepare.metrics_dir")
+TRACKED_LOCATIONS: dict[str, tuple[str, ...]] = {"prepare": ("prepare.data_dir",)}
+
+
+def dvc_params(stage: str) -> list[str]:
+    """The `params:` of ``stage`` in dvc.yaml (``${key}``: the dataset): what it reads (:data:`STAGE_PARAMS`), the
+    locations it tracks (:data:`TRACKED_LOCATIONS`) and, where it reads stage sections, ``preset`` (a preset sets
+    only those) and the dataset's own block of each (``per_dataset.${key}.SECTION``)."""
+    reads = [spec.format(dataset="${key}") for spec in STAGE_PARAMS[stage]]
+    sections = [spec for spec in reads if spec in STAGE_SECTIONS]
+    preset = ["preset"] if any(spec.split(".")[0] in PRESET_SECTIONS for spec in reads) else []
+    return [*preset, *reads, *TRACKED_LOCATIONS.get(stage, ()), *(f"per_dataset.${{key}}.{s}" for s in sections)]
 
 
 def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
@@ -297,8 +321,17 @@ def check_params(path: Path, record: Any, settings: Settings, stage: str, datase
 def check_crops_params(crops: CropsReader, data_dir: Path, settings: Settings, dataset: str) -> None:
     """:func:`check_params` of the attention.h5 beside crops.h5 (when on disk: the crops were cut from its heatmaps),
     then of crops.h5 itself."""
-    attention = data_dir / "attention.h5"
+    attention = DataDir(data_dir).attention
     if attention.is_file():
         with AttentionReader(attention, dataset) as att:
             check_params(attention, att.meta.provenance.get("params"), settings, "extract-attention", dataset)
     check_params(crops.path, crops.meta.provenance.get("params"), settings, "extract-crops", dataset)
+
+
+def read_dataset_info(settings: Settings, dataset: str) -> DatasetInfo:
+    """data/NAME/dataset.json: the dataset root the manifest's paths are relative to (:func:`fgpipe.manifest.read_dataset_json`),
+    refused when prepare ran with other params than those now (:func:`check_params`)."""
+    path = settings.layout(dataset).data.dataset_json
+    info = read_dataset_json(path, dataset)
+    check_params(path, info.params, settings, "prepare", dataset)
+    return info

@@ -11,10 +11,11 @@ memory-mapped copies instead, and no file is decoded at all.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -29,6 +30,7 @@ from fgpipe.images import DECODE_ERRORS, open_image, to_rgb
 from fgpipe.manifest import Box, DatasetInfo, ManifestRow
 from fgpipe.runtime import available_cores
 
+T = TypeVar("T")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -187,3 +189,75 @@ def train_augment(x: Tensor, size: int, cfg: AugmentConfig, generator: torch.Gen
 def resized_side(input_size: int, cfg: AugmentConfig) -> int:
     """Side of the square images held in memory: the input size times the resize ratio."""
     return int(round(input_size * cfg.resize_ratio))
+
+
+# --------------------------------------------------------------------------- batched decoding
+def decode_batch(requests: Sequence[LoadRequest], out_wh: tuple[int, int], pool: ThreadPoolExecutor | None = None) -> Tensor:
+    """Decode one batch of regions into a (B, 3, H, W) uint8 tensor (in ``pool``'s threads when given)."""
+    out = torch.empty((len(requests), 3, out_wh[1], out_wh[0]), dtype=torch.uint8)
+
+    def one(i: int) -> None:
+        req = requests[i]
+        try:
+            arr = decode_region(req.path, req.region, out_wh, req.cache)  # (H, W, 3)
+        except DECODE_ERRORS as exc:  # PIL's errors for a missing, corrupt or too large file (a bug is not caught)
+            raise DatasetError(f"cannot read image {req.path}: {exc} (rerun `fgpipe prepare` to recheck the dataset)") from None
+        out[i] = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
+
+    if pool is None:
+        for i in range(len(requests)):
+            one(i)
+    else:
+        for _ in pool.map(one, range(len(requests))):
+            pass
+    return out
+
+
+def batched(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
+    """Consecutive slices of at most ``batch_size`` items (the last may be shorter)."""
+    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+
+
+def prefetched(
+    jobs: Iterable[tuple[T, Sequence[LoadRequest]]], out_wh: tuple[int, int], decode: Callable[..., Tensor] | None = None
+) -> Iterator[tuple[T, Tensor]]:
+    """``(payload, decoded batch)`` for each ``(payload, requests)`` job, in order.
+
+    Each batch is decoded (by :func:`decode_batch`, in threads) while the caller works on the previous one,
+    so at most two decoded batches exist at a time; ``jobs`` is advanced lazily, one ahead.
+    """
+    decode = decode or decode_batch
+    it = iter(jobs)
+    with ThreadPoolExecutor(max_workers=available_cores()) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
+
+        def submit() -> tuple[T, Future[Tensor]] | None:
+            job = next(it, None)
+            if job is None:
+                return None
+            payload, requests = job
+            return payload, ahead.submit(decode, requests, out_wh, pool)
+
+        pending = submit()
+        while pending is not None:
+            payload, future = pending
+            images = future.result()
+            pending = submit()
+            yield payload, images
+
+
+# --------------------------------------------------------------------------- a split in memory
+@dataclass
+class Split:
+    """A split held in memory: uint8 images (N, 3, S, S) and labels (N,)."""
+
+    images: Tensor
+    labels: Tensor
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def load_split(root: Path, rows: list[ManifestRow], side: int, name: str, cache: ImageCache | None = None) -> Split:
+    """The manifest areas of ``rows`` resized to ``side`` x ``side`` (cut from ``cache`` when given), with their labels."""
+    images = load_regions(whole_image_requests(root, rows, cache), (side, side), desc=f"loading {name} images")
+    return Split(images, torch.tensor([r.label for r in rows], dtype=torch.long))

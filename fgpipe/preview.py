@@ -10,36 +10,34 @@ One picture per image, as a pair of tiles and a caption:
   number of parts, and FALLBACK when the heatmap was empty and the box is the whole image.
 
 ``extract-crops`` draws a grid of the first ``crops.preview_images`` test images (data/NAME/crops_preview.png);
-``fgpipe show`` draws one image. Drawing uses PIL and numpy only.
+``fgpipe show`` draws one image (:mod:`fgpipe.commands.show`), ``fgpipe predict --save-png`` its own two tiles
+with the same colours (:mod:`fgpipe.commands.predict`); the font, the ink and the PNG writes are
+:mod:`fgpipe.figures`. Drawing uses PIL and numpy only.
 """
 
 from __future__ import annotations
 
 import itertools
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
-from fgpipe.config import Settings
-from fgpipe.errors import ArtifactError, OutputError
+from fgpipe.errors import ArtifactError
+from fgpipe.figures import TEXT, fit_text, label_font
 from fgpipe.h5schema import AttentionReader, CropsReader
-from fgpipe.lineage import check_attention, check_crops, check_params
-from fgpipe.loader import check_image_files, decode_region
+from fgpipe.loader import decode_region
 from fgpipe.localize import box_iou
-from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
-from fgpipe.store import FileHashes, atomic_path
+from fgpipe.manifest import ManifestRow, class_names
 
 TILE = 224  # longest side of each tile, pixels
 GAP = 8
 CAPTION_LINES = 2
 LINE = 15  # caption line height, pixels
 BACKGROUND = (255, 255, 255)
-TEXT = (20, 20, 20)
 COLOURS = {"ground truth": (0, 190, 60), "object box": (230, 30, 30), "parts": (255, 210, 0)}
 # jet-like colormap anchors: value -> RGB in [0, 1]
 _CMAP_X = np.array([0.0, 0.125, 0.375, 0.625, 0.875, 1.0])
@@ -67,10 +65,6 @@ class Sample:
         return float(box_iou(self.box[None].astype(np.float64), np.asarray(self.row.box, dtype=np.float64)[None])[0, 0])
 
 
-def _font(size: int = 12) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    return ImageFont.load_default(size=size)
-
-
 def colormap(values: np.ndarray) -> np.ndarray:
     """Values in [0, 1] (H, W) -> RGB uint8 (H, W, 3), a jet-like colormap."""
     v = np.clip(values, 0.0, 1.0)
@@ -86,15 +80,6 @@ def _tile_size(width: int, height: int) -> tuple[int, int]:
 def _scaled(box: Sequence[float] | np.ndarray, sx: float, sy: float) -> list[float]:
     x0, y0, x1, y1 = (float(v) for v in box)
     return [x0 * sx, y0 * sy, max(x0 * sx, x1 * sx - 1), max(y0 * sy, y1 * sy - 1)]  # PIL boxes are inclusive
-
-
-def _fit(draw: ImageDraw.ImageDraw, text: str, width: float, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> str:
-    """``text`` shortened with an ellipsis until it fits in ``width`` pixels."""
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
 
 
 def draw_sample(sample: Sample) -> Image.Image:
@@ -122,7 +107,7 @@ def draw_sample(sample: Sample) -> Image.Image:
     panel.paste(left, ((TILE - tw) // 2, (TILE - th) // 2))
     panel.paste(overlay, (TILE + GAP + (TILE - tw) // 2, (TILE - th) // 2))
     d = ImageDraw.Draw(panel)
-    font = _font()
+    font = label_font()
     iou = sample.iou
     correct = sample.predicted_name == sample.true_name
     lines = [
@@ -133,7 +118,7 @@ def draw_sample(sample: Sample) -> Image.Image:
         + ("  FALLBACK (empty heatmap)" if sample.fallback else ""),
     ]
     for k, text in enumerate(lines):
-        d.text((2, TILE + 2 + k * LINE), _fit(d, text, width - 4, font), fill=TEXT, font=font)
+        d.text((2, TILE + 2 + k * LINE), fit_text(d, text, width - 4, font), fill=TEXT, font=font)
     return panel
 
 
@@ -148,8 +133,8 @@ def render(samples: Sequence[Sample], title: str, columns: int = 2) -> Image.Ima
     height = header + rows * (ph + 2 * GAP) + GAP
     canvas = Image.new("RGB", (width, height), BACKGROUND)
     d = ImageDraw.Draw(canvas)
-    font = _font(13)
-    d.text((2 * GAP, 4), _fit(d, title, width - 4 * GAP, font), fill=TEXT, font=font)
+    font = label_font(13)
+    d.text((2 * GAP, 4), fit_text(d, title, width - 4 * GAP, font), fill=TEXT, font=font)
     x = 2 * GAP
     legend = [*COLOURS.items(), ("heatmap: low -> high", None)]
     for name, colour in legend:
@@ -160,21 +145,14 @@ def render(samples: Sequence[Sample], title: str, columns: int = 2) -> Image.Ima
             bar = Image.fromarray(colormap(np.tile(np.linspace(0, 1, 40), (10, 1))))
             canvas.paste(bar, (x, y + 2))
             x += 26
-        d.text((x + 20, y), name, fill=TEXT, font=_font())
-        x += 20 + int(d.textlength(name, font=_font())) + 3 * GAP
+        d.text((x + 20, y), name, fill=TEXT, font=label_font())
+        x += 20 + int(d.textlength(name, font=label_font())) + 3 * GAP
     if not panels:
-        d.text((2 * GAP, header + GAP), "no images to show", fill=TEXT, font=_font())
+        d.text((2 * GAP, header + GAP), "no images to show", fill=TEXT, font=label_font())
     for i, panel in enumerate(panels):
         r, c = divmod(i, cols)
         canvas.paste(panel, (2 * GAP + c * (pw + 2 * GAP), header + GAP + r * (ph + 2 * GAP)))
     return canvas
-
-
-def save_png(image: Image.Image, path: Path) -> Path:
-    """Atomically write ``image`` as PNG."""
-    with atomic_path(path) as tmp:
-        image.save(tmp, format="PNG")
-    return path
 
 
 def load_samples(
@@ -230,84 +208,3 @@ def preview_indices(rows: Sequence[ManifestRow], count: int) -> list[int]:
 def safe_name(image_id: str) -> str:
     """An image id usable in a file name (``test/class0/000`` -> ``test_class0_000``)."""
     return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
-
-
-def show(settings: Settings, dataset: str, image_id: str, out: Path | None = None) -> Path:
-    """Draw one image's heatmap, object box, ground truth and parts; return the PNG's path.
-
-    Default output: data/NAME/show_<ID>.png; ``out`` is checked before anything is read (:func:`check_show_target`:
-    never over an artefact or a file that is not a PNG). Refuses an attention.h5 or crops.h5 made from another
-    manifest, stage-1 checkpoint or attention file than those on disk, or with other params than the params now
-    (:mod:`fgpipe.lineage`).
-    """
-    settings.dataset(dataset)
-    d = settings.data_dir(dataset)
-    target = out if out is not None else d / f"show_{safe_name(image_id)}.png"
-    check_show_target(settings, dataset, target, explicit=out is not None)
-    manifest, attention_path, crops_path = d / "manifest.csv", d / "attention.h5", d / "crops.h5"
-    rows = read_manifest(manifest)
-    index = {r.image_id: i for i, r in enumerate(rows)}
-    if image_id not in index:
-        examples = ", ".join(r.image_id for r in rows[:3])
-        raise ArtifactError(f"{manifest}: no image with id `{image_id}` (ids look like: {examples})")
-    for path, command in ((attention_path, "extract-attention"), (crops_path, "extract-crops")):
-        if not path.is_file():
-            raise ArtifactError(f"{path} not found (run `fgpipe {command} --dataset {dataset}` first)")
-    info = read_dataset_json(d / "dataset.json", dataset)
-    check_params(d / "dataset.json", info.params, settings, "prepare", dataset)
-    root = info.root
-    check_image_files(info, [rows[index[image_id]]], None, dataset, manifest)
-    with AttentionReader(attention_path) as att, CropsReader(crops_path) as crops:
-        sha = FileHashes()  # each input hashed once
-        check_attention(att, d, dataset, sha)
-        check_crops(crops, d, dataset, sha)
-        check_params(attention_path, att.meta.provenance.get("params"), settings, "extract-attention", dataset)
-        check_params(crops_path, crops.meta.provenance.get("params"), settings, "extract-crops", dataset)
-        samples = load_samples(rows, [index[image_id]], root, att, crops)
-        title = f"{dataset} / {image_id}: {att.meta.method} heatmap, threshold {crops.meta.threshold:g}"
-    return save_png(render(samples, title, columns=1), target)
-
-
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-STAGE_PNGS = ("crops_preview.png", "confusion.png")  # the PNGs stages write into data/NAME/
-
-
-def _is_png(path: Path) -> bool:
-    """Whether ``path`` is a regular file starting with PNG's signature."""
-    try:
-        with open(path, "rb") as fh:
-            return os.path.isfile(path) and fh.read(len(PNG_SIGNATURE)) == PNG_SIGNATURE
-    except OSError:
-        return False
-
-
-def check_show_target(settings: Settings, dataset: str, target: Path, explicit: bool = True) -> None:
-    """Refuse a PNG path ``fgpipe show`` must not write (``explicit``: given as ``--out``): a folder, one in a folder
-    that does not exist, anything under prepare.data_dir or prepare.metrics_dir but a new (or show's own
-    ``show_*.png``) PNG directly in data/NAME/ (the rest belongs to the stages, DVC's outputs among them), or an
-    existing file elsewhere that is not a PNG image. Checked before anything is read."""
-    said = f"--out {target}" if explicit else str(target)
-    fix = f"choose another --out path, e.g. {settings.data_dir(dataset) / 'show_ID.png'}"
-    if target.is_dir():
-        raise OutputError(f"{said}: is a folder; give the path of the PNG file to write ({fix})")
-    if not target.parent.is_dir():
-        if explicit or target.parent.exists():
-            raise OutputError(f"{said}: the folder {target.parent} does not exist (or is not a folder): create it first, or {fix}")
-        return  # data/NAME itself missing: the inputs' own checks name what to run first
-    real = Path(os.path.realpath(target.parent)) / target.name
-    data = Path(os.path.realpath(settings.resolve(settings.params.prepare.data_dir)))
-    trees = (data, Path(os.path.realpath(settings.resolve(settings.params.prepare.metrics_dir))))
-    tree = next((t for t in trees if real.is_relative_to(t)), None)
-    if tree is not None:
-        own = Path(os.path.realpath(settings.data_dir(dataset)))
-        ok = (
-            real.parent == own and target.suffix.lower() == ".png" and target.name not in STAGE_PNGS
-            and (not os.path.lexists(target) or (target.name.startswith("show_") and _is_png(target)))
-        )
-        if not ok:
-            raise OutputError(
-                f"{said}: lies in {tree}, where the stages keep their outputs; fgpipe show writes there only new PNG files "
-                f"(or its own show_*.png) directly in {settings.data_dir(dataset)}, so that it never replaces an artefact; {fix}"
-            )
-    elif os.path.lexists(target) and not _is_png(target):
-        raise OutputError(f"{said}: exists and is not a PNG image; fgpipe show replaces only PNG files: {fix}, or remove it")

@@ -1,18 +1,21 @@
-"""Training machinery shared by stage-1 and the refinement branches.
+"""Training machinery shared by stage-1 and the refinement branches: the one training loop, :func:`fit`.
 
-Flat functions in the spirit of torchvision's references: device and distributed set-up, optimizer and
-schedule, atomic checkpoints that load with ``weights_only=True``, and per-epoch seeding so that a run
-resumed from its last checkpoint replays exactly what an uninterrupted run would have done.
+A trainer (train-backbone's, train-refine's) supplies its data, its step and its figures (:class:`Trainer`); fit
+owns the rest: per-epoch seeding (so that a run resumed from its last checkpoint, :mod:`fgpipe.checkpoints`,
+replays exactly what an uninterrupted run would have done), the epochs, best.pt and last.pt, ``--resume``, DDP,
+the dvclive curves, the stop on a NaN loss, Ctrl-C, the progress bar. Below it, flat functions in the spirit of
+torchvision's references: device and distributed set-up, optimizer and schedule.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,15 +23,15 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
-from pydantic import ValidationError
+from rich.progress import TextColumn
 from torch import Tensor, nn
 
-from fgpipe.console import console
-from fgpipe.errors import ArtifactError, ConfigError, Interrupted
-from fgpipe.runtime import env_int
-from fgpipe.store import atomic_path, output_error, replaced_together, safe_torch_load, write_json
-
-CHECKPOINT_FORMAT = "fgpipe-checkpoint-1"
+from fgpipe.checkpoints import RESUME_KEYS, load_checkpoint, mark_finished, rebuilding, save_checkpoint
+from fgpipe.config import TrainingConfig
+from fgpipe.console import console, progress
+from fgpipe.errors import ArtifactError, ConfigError, Interrupted, TrainingError
+from fgpipe.runtime import configure_threads, env_int
+from fgpipe.store import output_error, replaced_together, write_json
 
 
 # --------------------------------------------------------------------------- device and distributed
@@ -272,114 +275,223 @@ def unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-# --------------------------------------------------------------------------- checkpoints
-# kind -> (the name error messages give it, the command that writes it)
-CHECKPOINT_KINDS = {"stage1": ("stage-1", "fgpipe train-backbone"), "refine": ("train-refine", "fgpipe train-refine")}
-# what every checkpoint of a kind holds to rebuild its network: key -> type, and the config sections it needs
-_REBUILD_KEYS: dict[str, type] = {"model": dict, "config": dict, "class_names": list}
-_CONFIG_SECTIONS = {"stage1": ("model", "train_backbone"), "refine": ("model", "train_refine")}
-# what --resume needs besides (and each object of ``parts`` it restores: a dict)
-RESUME_KEYS: dict[str, type] = {"epoch": int, "best": dict, "history": list, "rng": dict}
+# --------------------------------------------------------------------------- the training loop
+StepHook = Callable[[int, int], None]  # (epoch, step) -> None, after each step; tests use it to interrupt a run
 
 
-def rerun_hint(kind: str | None, dataset: str | None) -> str:
-    """``rerun `fgpipe train-backbone --dataset NAME` (or `dvc repro`)``: how to rewrite a checkpoint of ``kind``."""
-    if kind not in CHECKPOINT_KINDS:
-        return "rerun the training stage that writes it (or `dvc repro`)"
-    return f"rerun `{CHECKPOINT_KINDS[kind][1]} --dataset {dataset or 'NAME'}` (or `dvc repro`)"
+class NonFiniteLoss(TrainingError):
+    """A training step's loss is NaN or infinite; :func:`fit` says at which epoch and step, and which rate to lower."""
+
+    def __init__(self, value: float) -> None:
+        super().__init__(f"the loss became {value}; training stopped")
+        self.value = value
 
 
-def save_checkpoint(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Atomically write a checkpoint (temp file + rename: a crash never leaves a partial one).
-
-    Written through a Python file object, so a full disk raises OSError(ENOSPC) (which atomic_path reports) rather
-    than torch's opaque RuntimeError from its own C++ writer."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
-        torch.save({"format": CHECKPOINT_FORMAT, **state}, fh)
+def check_loss(loss: Tensor) -> None:
+    """Stop on a NaN or infinite loss before it reaches the weights (call it before each ``backward``)."""
+    if not torch.isfinite(loss.detach()).all():
+        raise NonFiniteLoss(float(loss.detach()))
 
 
-def load_checkpoint(
-    path: str | os.PathLike[str],
-    map_location: str | torch.device = "cpu",
-    kind: str | None = None,
-    dataset: str | None = None,
-    keys: dict[str, type] | None = None,
-) -> dict[str, Any]:
-    """Load a checkpoint with ``weights_only=True`` (nothing in the file is ever executed); errors name the file
-    and the command that rewrites it.
+@dataclass(frozen=True)
+class RunFiles:
+    """Where a training stage writes: its two checkpoints, its metrics file and its dvclive curves folder."""
 
-    With ``kind`` (stage1 or refine; ``dataset`` names the command in messages), refuse a checkpoint of another
-    kind or one without what rebuilding its network needs; ``keys``: what else it must hold (key -> type).
+    best: Path
+    last: Path
+    metrics: Path
+    curves: Path
+
+
+@dataclass
+class FitResult:
+    """What :func:`fit` hands the trainer at the end of the epochs, for its metrics."""
+
+    start_epoch: int  # the epoch this run began at (0, or the epoch --resume continued after)
+    resumed: bool  # --resume was asked for
+    best: dict[str, Any]  # the epoch kept as best.pt and its val figures
+    history: list[dict[str, Any]]  # one record per epoch, resumed ones included
+    train_seconds: float  # time in the training epochs of this run (validation left out)
+    train_images: int  # images trained on in this run, over every rank
+
+    @property
+    def images_per_s(self) -> float | None:
+        return round(self.train_images / self.train_seconds, 2) if self.train_seconds else None
+
+    @property
+    def resumed_from_epoch(self) -> int | None:
+        return self.start_epoch if self.resumed else None
+
+
+class Trainer(ABC):
+    """What a training stage gives :func:`fit`: its step, its validation and its figures; fit does the rest.
+
+    ``parts`` holds the objects every checkpoint saves and ``--resume`` restores, in the checkpoint's order:
+    ``model`` first, ``optimizer`` and ``scheduler`` among them (fit steps the scheduler after each step and logs the
+    first group's learning rate). ``state`` is the rest of each checkpoint (config, class names, what the run was
+    made from, params). Each training step also returns how many of its images each head got right, one count per
+    entry of ``counts`` (the train statistics key and the progress bar's label).
     """
-    path = Path(path)
-    rerun = rerun_hint(kind, dataset)
-    if not path.is_file():
-        raise ArtifactError(f"checkpoint not found: {path} ({rerun})")
-    state = safe_torch_load(path, "checkpoint", rerun, map_location=map_location)
-    if not isinstance(state, dict):
-        raise ArtifactError(f"{path} is not an fgpipe checkpoint (it holds a {type(state).__name__}, not a dict); {rerun}")
-    if state.get("format") != CHECKPOINT_FORMAT:
-        what = (
-            f"format {state['format']!r}, this fgpipe reads {CHECKPOINT_FORMAT!r}" if "format" in state
-            else "a dict without fgpipe's `format` key: a plain state_dict, or another program's checkpoint"
-        )
-        raise ArtifactError(f"{path} is not an fgpipe checkpoint ({what}); {rerun}")
-    if kind is not None:
-        name = CHECKPOINT_KINDS[kind][0]
-        if state.get("kind") != kind:
-            raise ArtifactError(f"{path}: not a {name} checkpoint (kind {state.get('kind')!r}); {rerun}")
-        wrong = [_key_problem(state, key, typ) for key, typ in {**_REBUILD_KEYS, **(keys or {})}.items()]
-        if all(w is None for w in wrong[: len(_REBUILD_KEYS)]):  # model, config, class_names have their types: look inside
-            wrong += [_key_problem(state["config"], sec, dict, "config.") for sec in _CONFIG_SECTIONS[kind]]
-            if not all(isinstance(k, str) and isinstance(v, Tensor) for k, v in state["model"].items()):
-                wrong.append("`model` is not a mapping of names to tensors")
-            if not all(isinstance(c, str) for c in state["class_names"]):
-                wrong.append("`class_names` is not a list of names")
-        problems = [w for w in wrong if w is not None]
-        if problems:
-            raise ArtifactError(f"{path} is not a complete fgpipe {name} checkpoint: {'; '.join(problems)}; {rerun}")
-    return state
+
+    kind: str  # the checkpoints' kind: stage1 | refine (fgpipe.checkpoints)
+    command: str  # `fgpipe train-backbone --dataset NAME`: named by Ctrl-C's message
+    lr_key: str  # the params key to lower when the loss diverges
+    cfg: TrainingConfig
+    files: RunFiles
+    dataset: str
+    parts: dict[str, Any]
+    state: dict[str, Any]
+    counts: tuple[tuple[str, str], ...]
+    train_size: int  # images in the train split
+
+    @abstractmethod
+    def check_resumable(self, state: dict[str, Any]) -> None:
+        """Refuse a last.pt that ``--resume`` must not continue (other inputs or params)."""
+
+    @abstractmethod
+    def train_step(self, net: nn.Module, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
+        """One optimisation step on the training images ``idx``, drawing randomness from ``gen`` only; returns the
+        loss (detached; :func:`check_loss` before each backward), the right answers per count and the batch size."""
+
+    @abstractmethod
+    def validate(self) -> dict[str, float]:
+        """The val figures of the model as it is now (sharded over ranks, counts summed)."""
+
+    @abstractmethod
+    def figures(self, stats: dict[str, float], val: dict[str, float]) -> dict[str, float]:
+        """An epoch's figures for its history record, between ``train_loss`` and ``lr``; ``val_top1`` selects best.pt
+        (a tie goes to the later, longer-trained epoch)."""
+
+    def best_figures(self, val: dict[str, float]) -> dict[str, float]:
+        """What ``best`` records besides the epoch and ``val_top1``."""
+        return {}
+
+    @abstractmethod
+    def describe(self, stats: dict[str, float], val: dict[str, float]) -> str:
+        """The epoch's line on the console, between the loss and the speed."""
+
+    @abstractmethod
+    def finish(self, result: FitResult) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The run's metrics once the epochs are done, and best.pt's state if it loaded it (else None)."""
 
 
-def _key_problem(state: dict[str, Any], key: str, typ: type, prefix: str = "") -> str | None:
-    """What is wrong with ``state[key]`` (missing, or not a ``typ``), or None."""
-    if key not in state:
-        return f"no `{prefix}{key}`"
-    if not isinstance(state[key], typ) or (typ is int and isinstance(state[key], bool)):
-        return f"`{prefix}{key}` is a {type(state[key]).__name__}, not a {typ.__name__}"
-    return None
+def fit(trainer: Trainer, rt: Runtime, resume: bool, on_step: StepHook | None = None) -> dict[str, Any]:
+    """Train ``trainer`` for its epochs, keeping best.pt (by ``val_top1``) and last.pt after every epoch; return its
+    metrics, written with both checkpoints marked finished at the very end (:func:`finish_run`).
 
-
-@contextlib.contextmanager
-def rebuilding(path: str | os.PathLike[str], kind: str, dataset: str | None) -> Iterator[None]:
-    """Around the calls that take a loaded checkpoint's contents as they are (a config section into its
-    ``XConfig(**...)``, ``load_state_dict``, :func:`set_rng_state`) and nothing else: contents that do not fit
-    (edited by hand, another fgpipe's) become an ArtifactError naming the file, not a traceback from inside torch.
-    Building the network and anything else stays outside, so a genuine bug or running out of memory is not
-    reported as a damaged checkpoint."""
+    Each epoch is seeded from (seed, epoch) (:func:`epoch_seed`: torch's global RNG and the generator of data order
+    and augmentation), so ``resume`` (continue from last.pt, :func:`resume_from`) ends with the weights an
+    uninterrupted run has. Under torchrun the model is wrapped in DDP and each rank trains its share of every epoch;
+    rank 0 alone writes. Per epoch: a progress bar, a console line, the dvclive curves (opened with the first
+    checkpoint: a fresh run resets the curves folder). A NaN or infinite loss stops the run naming the epoch, the
+    step and the learning rate to lower, and Ctrl-C says what was kept: the last good checkpoints stay, marked
+    unfinished, for ``--resume`` only.
+    """
+    cfg, files, model = trainer.cfg, trainer.files, trainer.parts["model"]
+    start_epoch, best, history = resume_from(
+        files.last, resume, rt, trainer.check_resumable, trainer.parts, kind=trainer.kind, dataset=trainer.dataset
+    )
+    net = wrap_ddp(model, rt)
+    live = None  # dvclive, opened once the first checkpoint is written
+    saved = start_epoch  # the last epoch whose checkpoints are on disk (0: none of this run yet)
+    train_seconds, train_images = 0.0, 0
     try:
-        yield
-    except (KeyError, TypeError, ValueError, RuntimeError, IndexError) as exc:  # pydantic's ValidationError is a ValueError
-        if isinstance(exc, ValidationError):
-            detail = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
-        else:
-            detail = " ".join(str(exc).split())
-        detail = f"{exc.title if isinstance(exc, ValidationError) else type(exc).__name__}: {detail[:240]}"
-        raise ArtifactError(
-            f"{path} is not a complete fgpipe {CHECKPOINT_KINDS[kind][0]} checkpoint: its contents do not rebuild "
-            f"the network ({detail}); {rerun_hint(kind, dataset)}"
-        ) from None
+        for epoch in range(start_epoch, cfg.epochs):
+            seed = epoch_seed(cfg.seed, epoch)
+            torch.manual_seed(seed)  # global RNG (e.g. stochastic depth) replays per epoch
+            gen = torch.Generator().manual_seed(seed)  # data order, augmentation, crop/drop sampling, box jitter
+            t0 = time.perf_counter()
+            stats = _train_epoch(trainer, net, rt, gen, epoch, on_step)
+            train_seconds += time.perf_counter() - t0
+            train_images += int(stats["images"])
+            val = trainer.validate()
+            record = {
+                "epoch": epoch + 1, "train_loss": stats["loss"], **trainer.figures(stats, val),
+                "lr": trainer.parts["optimizer"].param_groups[0]["lr"], "images_per_s": stats["images_per_s"],
+            }
+            history.append(record)
+            improved = record["val_top1"] >= best["val_top1"]  # a tie goes to the later, longer-trained epoch
+            if improved:
+                best = {"epoch": epoch + 1, "val_top1": record["val_top1"], **trainer.best_figures(val)}
+            if rt.is_main:
+                state = {
+                    "kind": trainer.kind, **{key: obj.state_dict() for key, obj in trainer.parts.items()},
+                    "epoch": epoch + 1, "best": best, "history": history, "rng": rng_state(), **trainer.state,
+                    "finished": False,  # both are marked at the end, with the metrics (finish_run)
+                }
+                saved = epoch + 1
+                if improved:
+                    save_checkpoint(files.best, state)
+                save_checkpoint(files.last, state)
+                console.print(
+                    f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  {trainer.describe(stats, val)}  "
+                    f"{stats['images_per_s']:.1f} img/s" + ("  [green]best" if improved else ""),
+                    highlight=False,
+                )
+                if live is None:
+                    live = open_live(files.curves, resume and start_epoch > 0)
+                log_epoch(live, record)
+            barrier(rt)
+        if live is not None:
+            close_live(live)
+            live = None
+        if not files.best.is_file():
+            raise ArtifactError(f"no best checkpoint at {files.best}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})")
+        metrics, best_state = trainer.finish(FitResult(start_epoch, resume, best, history, train_seconds, train_images))
+        if rt.is_main:
+            finish_run(files.best, files.last, files.metrics, metrics, best_state)  # together, at the end
+        return metrics
+    except KeyboardInterrupt:
+        raise interrupted(trainer.command, saved, cfg.epochs) from None
+    finally:
+        if live is not None:  # the run stops on another error: that one is reported
+            close_live(live, failing=True)
 
 
-def mark_finished(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Rewrite the checkpoint ``state`` loaded from ``path`` as the result of a finished run, if it is not yet.
+def _train_epoch(
+    trainer: Trainer, net: nn.Module, rt: Runtime, gen: torch.Generator, epoch: int, on_step: StepHook | None
+) -> dict[str, float]:
+    """One epoch of ``trainer``'s steps in a random order drawn from ``gen``, with a progress bar; the mean loss, each
+    count's share of right answers, the images seen and their rate, summed over ranks."""
+    cfg, scheduler = trainer.cfg, trainer.parts["scheduler"]
+    net.train()
+    order = torch.randperm(trainer.train_size, generator=gen)
+    chunks = batches(shard_indices(order, rt), cfg.batch_size)
+    total_loss = 0.0
+    right = [0] * len(trainer.counts)
+    seen = 0
+    t0 = time.perf_counter()
+    bar = progress(TextColumn("{task.fields[info]}")) if rt.is_main else contextlib.nullcontext()
+    with bar as pbar:
+        task = pbar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(chunks), info="") if pbar else None
+        for step, idx in enumerate(chunks):
+            try:
+                loss, correct, n = trainer.train_step(net, idx, gen)
+            except NonFiniteLoss as exc:
+                raise TrainingError(
+                    f"the loss became {exc.value} at epoch {epoch + 1}, step {step + 1}; training stopped and the last "
+                    f"good checkpoint was kept. Lower {trainer.lr_key} or check the data."
+                ) from None
+            scheduler.step()
 
-    Checkpoints written during training say ``finished: False`` until this is called at the end (on best.pt and
-    last.pt, together with the metrics file), so a run killed or failing before leaves checkpoints only ``--resume``
-    accepts.
-    """
-    if state.get("finished") is False:
-        save_checkpoint(path, {**{k: v for k, v in state.items() if k != "format"}, "finished": True})
+            loss_value = float(loss)
+            total_loss += loss_value * n
+            right = [r + c for r, c in zip(right, correct, strict=True)]
+            seen += n
+            if pbar is not None:
+                rate = seen * rt.world_size / (time.perf_counter() - t0)
+                shares = " ".join(f"{label} {r / seen:.3f}" for (_, label), r in zip(trainer.counts, right))
+                pbar.update(task, advance=1, info=f"loss {loss_value:.3f} {shares} {rate:.1f} img/s")
+            if on_step is not None:
+                on_step(epoch, step)
+    stats = torch.tensor([total_loss, *right, seen], dtype=torch.float64)
+    all_reduce_sum(stats, rt)
+    elapsed = time.perf_counter() - t0
+    n = float(stats[-1])
+    return {
+        "loss": float(stats[0]) / n, **{key: float(stats[1 + k]) / n for k, (key, _) in enumerate(trainer.counts)},
+        "images": int(n), "images_per_s": n / elapsed,
+    }
 
 
 def finish_run(best: Path, last: Path, metrics_path: Path, metrics: dict[str, Any], best_state: dict[str, Any] | None = None) -> None:
@@ -391,40 +503,34 @@ def finish_run(best: Path, last: Path, metrics_path: Path, metrics: dict[str, An
         write_json(metrics_path, metrics)
 
 
-def require_finished(state: dict[str, Any], path: str | os.PathLike[str], command: str) -> None:
-    """Refuse a checkpoint left by a run that was killed or failed before its last epoch (``finished: False``).
-
-    ``command`` is the one that wrote it. Checkpoints without the key (made by hand, or by an older fgpipe) pass.
-    """
-    if state.get("finished") is False:
-        epochs = [sec["epochs"] for sec in state.get("config", {}).values() if isinstance(sec, dict) and "epochs" in sec]
-        of = f" of {epochs[0]}" if epochs else ""
-        raise ArtifactError(
-            f"{path} is from a training run that did not finish (it stopped after epoch {state.get('epoch')}{of}): "
-            f"finish it with `{command} --resume`, or rerun `{command}` (or `dvc repro`)"
-        )
+def config_mismatch(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
+    """Refuse to resume from ``path`` when its ``config`` (the params sections it was trained with) is not ``config``,
+    naming the keys that differ."""
+    if state.get("config") != config:
+        diff = [f"{sec}.{k}" for sec in config for k in config[sec] if state["config"].get(sec, {}).get(k) != config[sec][k]]
+        raise ArtifactError(f"{path} was made with other params ({', '.join(diff)}): delete it or run without --resume")
 
 
-# kind -> the learning rate to lower when its network diverged
-_LR_KEYS = {"stage1": "train_backbone.lr", "refine": "train_refine.lr"}
+@contextlib.contextmanager
+def training_runtime(cfg: TrainingConfig) -> Iterator[Runtime]:
+    """The CPU threads set, then the device and torch.distributed of ``cfg`` (:func:`setup_runtime`) for the block."""
+    configure_threads()
+    rt = setup_runtime(cfg.device, cfg.amp, cfg.channels_last)
+    try:
+        yield rt
+    finally:
+        teardown_runtime(rt)
 
 
-def require_finite(
-    values: Tensor | np.ndarray, names: Sequence[str], what: str, path: str | os.PathLike[str], kind: str, dataset: str
-) -> None:
-    """Refuse NaN or infinite outputs of the network of checkpoint ``path`` (of ``kind``): ``values`` (B, ...) holds
-    one row per image, named by ``names`` (B,). The error names the images and the checkpoint: it has diverged."""
-    rows = values.detach().float().cpu().numpy() if isinstance(values, Tensor) else np.asarray(values, dtype=np.float64)
-    bad = np.flatnonzero(~np.isfinite(rows.reshape(len(rows), -1)).all(axis=1))
-    if not len(bad):
-        return
-    shown = ", ".join(str(names[i]) for i in bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-    raise ArtifactError(
-        f"the {CHECKPOINT_KINDS[kind][0]} network of {path} gives NaN or infinite {what} for {len(bad)} image(s) "
-        f"({shown}): the model has probably diverged; {rerun_hint(kind, dataset)}, e.g. with a lower {_LR_KEYS[kind]}"
+def optimizer_for(params: Iterator[nn.Parameter] | list[Any], cfg: TrainingConfig) -> torch.optim.Optimizer:
+    """:func:`build_optimizer` with ``cfg``'s optimiser, rate, momentum and weight decay."""
+    return build_optimizer(params, cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
+
+
+def scheduler_for(opt: torch.optim.Optimizer, cfg: TrainingConfig, train_size: int, rt: Runtime) -> torch.optim.lr_scheduler.LambdaLR:
+    """:func:`build_scheduler` with ``cfg``'s schedule, stepped once per step of this rank's share of ``train_size``."""
+    steps_per_epoch = len(batches(shard_indices(torch.arange(train_size), rt), cfg.batch_size))
+    return build_scheduler(
+        opt, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
+        schedule=cfg.schedule, step_size=cfg.step_size, gamma=cfg.gamma,
     )
-
-
-def config_dict(cfg: Any) -> dict[str, Any]:
-    """A (nested) config dataclass as plain data for a checkpoint."""
-    return dataclasses.asdict(cfg)

@@ -12,7 +12,8 @@ import pytest
 import yaml
 from tinyproject import REPO, TINY, dvc, lock_hash, make_project, ran, read_params, write_params
 
-from fgpipe.datasets import READERS
+from fgpipe.datasets import GENERATORS, READERS
+from fgpipe.lineage import LOCATION_PARAMS, STAGE_PARAMS, TRACKED_LOCATIONS, dvc_params
 
 
 def git(project: Path, *args: str) -> str:
@@ -125,7 +126,7 @@ def _module_file(name: str) -> Path | None:
 
 def imported_code(module: str) -> set[str]:
     """The files of ``module`` and of every fgpipe module it imports, transitively (each package's __init__.py too;
-    fgpipe.datasets loads its readers by name, so they count as imported with it)."""
+    fgpipe.datasets loads its readers and generators by name, so they count as imported with it)."""
     seen: set[Path] = set()
     todo = [module]
     while todo:
@@ -137,7 +138,7 @@ def imported_code(module: str) -> set[str]:
             seen.add(path)
             todo += _fgpipe_imports(path)
             if path == REPO / "fgpipe/datasets/__init__.py":
-                todo += READERS.values()
+                todo += [*READERS.values(), *GENERATORS.values()]
     return {p.relative_to(REPO).as_posix() for p in seen}
 
 
@@ -163,3 +164,60 @@ def test_every_stage_depends_on_exactly_the_code_it_imports() -> None:
         listed = [d for d in spec["deps"] if d.startswith("fgpipe/")]
         assert len(listed) == len(set(listed)), name
         assert set(listed) == want, f"{name}: missing {sorted(want - set(listed))}, not imported {sorted(set(listed) - want)}"
+
+
+# --------------------------------------------------------------------------- the params each stage reads
+def test_every_stage_tracks_exactly_the_params_it_reads() -> None:
+    """dvc.yaml's params of each stage are those derived from lineage.STAGE_PARAMS, the table of what each stage reads
+    and its artefacts record (lineage.dvc_params: plus the locations it tracks, preset and per_dataset blocks)."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    assert set(stages) == set(STAGE_PARAMS)
+    for name, stage in stages.items():
+        listed = stage["do"]["params"]
+        assert len(listed) == len(set(listed)), name
+        want = set(dvc_params(name))
+        assert set(listed) == want, f"{name}: missing {sorted(want - set(listed))}, not read {sorted(set(listed) - want)}"
+
+
+def _params_read(module: str) -> set[str]:
+    """The params keys the source of ``module`` reads: every ``<...>.params.SECTION[.KEY]`` attribute chain, and
+    ``datasets.{dataset}`` for ``settings.dataset(...)`` / ``settings.dataset_root(...)`` used for more than a check."""
+    tree = ast.parse(_module_file(module).read_text(encoding="utf-8"))
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and node.attr == "params" and isinstance(node.ctx, ast.Load):
+            chain, parent = [], _parents(tree).get(node)
+            while isinstance(parent, ast.Attribute) and len(chain) < 2:
+                chain.append(parent.attr)
+                parent = _parents(tree).get(parent)
+            if chain:
+                found.add(".".join(chain))
+        elif isinstance(node, ast.Assign) and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Attribute):
+            if node.value.func.attr in ("dataset", "dataset_root"):  # its value kept: the dataset's params are read
+                found.add("datasets.{dataset}")
+    return found
+
+
+_PARENTS: dict[int, dict[ast.AST, ast.AST]] = {}
+
+
+def _parents(tree: ast.AST) -> dict[ast.AST, ast.AST]:
+    if id(tree) not in _PARENTS:
+        _PARENTS[id(tree)] = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    return _PARENTS[id(tree)]
+
+
+def _covered(key: str, specs: list[str]) -> bool:
+    return any(key == s or key.startswith(s + ".") for s in specs)
+
+
+@pytest.mark.parametrize("stage", list(STAGE_PARAMS))
+def test_each_stage_reads_the_params_of_its_table_and_no_other(stage: str) -> None:
+    """The stage's own module reads every section (or key) STAGE_PARAMS lists for it and nothing else but the
+    locations (prepare.data_dir, prepare.metrics_dir: where the files are, read by every stage, tracked by prepare)."""
+    module = "fgpipe.stages." + stage.replace("-", "_")
+    reads = _params_read(module)
+    table = list(STAGE_PARAMS[stage])
+    assert not [k for k in reads if not _covered(k, [*table, *LOCATION_PARAMS])], f"{module} reads params its table lacks"
+    assert not [s for s in table if not any(_covered(k, [s]) or _covered(s, [k]) for k in reads)], f"{module} reads not all its table lists"
+    assert set(TRACKED_LOCATIONS.get(stage, ())) <= set(LOCATION_PARAMS)

@@ -20,17 +20,19 @@ from conftest import write_fake_cub
 from PIL import Image
 from typer.testing import CliRunner
 
+from fgpipe import loader
 from fgpipe.attention import create_method
+from fgpipe.checkpoints import load_checkpoint, save_checkpoint
 from fgpipe.cli import app
 from fgpipe.config import load_params
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
 from fgpipe.loader import load_regions, normalize, whole_image_requests
-from fgpipe.localize import box_iou, object_box
+from fgpipe.localize import box_iou, object_box, paired_iou
 from fgpipe.manifest import ManifestRow, read_manifest
+from fgpipe.stage1_network import load_stage1
 from fgpipe.stages import extract_attention, extract_crops, prepare, train_backbone
 from fgpipe.store import file_sha256, read_json
-from fgpipe.training import load_checkpoint, save_checkpoint
 
 SIZE = (56, 44)  # (W, H) of the fake images: not square, so x and y scales differ
 COLOURS = [(210, 40, 40), (40, 200, 40), (40, 40, 210)]
@@ -145,7 +147,7 @@ def test_true_target_heatmaps_equal_a_direct_computation(project: Path) -> None:
     extract_attention.run(load_params(params, {"attention.target": "true", "attention.method": "gradcam"}), "toy")
     rows = _rows(project)
     root = Path(read_json(project / "data/toy/dataset.json")["root"])
-    model, _ = train_backbone.load_stage1(project / "data/toy/stage1/best.pt")
+    model, _ = load_stage1(project / "data/toy/stage1/best.pt")
     x = normalize(load_regions(whole_image_requests(root, rows), (INPUT, INPUT)))
     ref = create_method("gradcam", model)(x, torch.tensor([r.label for r in rows]))
     with AttentionReader(project / "data/toy/attention.h5") as att:
@@ -157,13 +159,13 @@ def test_true_target_heatmaps_equal_a_direct_computation(project: Path) -> None:
 
 def test_images_are_decoded_batch_by_batch(project: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     calls: list[int] = []
-    real = extract_attention.decode_batch
+    real = loader.decode_batch
 
     def counting(requests, out_wh, pool=None):
         calls.append(len(requests))
         return real(requests, out_wh, pool)
 
-    monkeypatch.setattr(extract_attention, "decode_batch", counting)
+    monkeypatch.setattr(loader, "decode_batch", counting)
     settings = load_params(project / "params.yaml")
     extract_attention.run(settings, "toy")
     assert calls == [5, 5, 5, 5, 4]  # attention.batch_size 5, 24 images: one decode per batch, never the dataset
@@ -296,7 +298,7 @@ def test_localization_null_without_boxes_and_by_hand_with_them() -> None:
         return np.stack([xs[:, 0], ys[:, 0], xs[:, 1], ys[:, 1]], axis=1)  # (n, 4) x0 y0 x1 y1
 
     a, b = random_boxes(20), random_boxes(20)
-    np.testing.assert_allclose(extract_crops.paired_iou(a, b), np.diag(box_iou(a, b)))  # pairwise, then its diagonal
+    np.testing.assert_allclose(paired_iou(a, b), np.diag(box_iou(a, b)))  # pairwise, then its diagonal
 
 
 # --------------------------------------------------------------------------- show and --help
@@ -365,7 +367,7 @@ def test_attention_stores_every_supported_method_and_the_explained_logits(projec
     extract_attention.run(load_params(project / "params.yaml"), "toy")
     rows = _rows(project)
     root = Path(read_json(project / "data/toy/dataset.json")["root"])
-    model, _ = train_backbone.load_stage1(project / "data/toy/stage1/best.pt")
+    model, _ = load_stage1(project / "data/toy/stage1/best.pt")
     x = normalize(load_regions(whole_image_requests(root, rows), (INPUT, INPUT)))
     with AttentionReader(project / "data/toy/attention.h5") as att:
         assert att.meta.method == "oaam" and att.methods == ("oaam", "gradcam", "aolm", "bap")
@@ -433,7 +435,7 @@ def test_crops_auto_threshold_localization_json_and_curves(project: Path) -> Non
 
 
 def test_predict_uses_the_threshold_extract_crops_chose(project: Path) -> None:
-    from fgpipe.stages import predict
+    from fgpipe.commands import predict
 
     settings = load_params(project / "params.yaml")
     with pytest.raises(ArtifactError, match="crops.threshold is auto.*fgpipe extract-crops --dataset toy"):
@@ -459,7 +461,7 @@ def test_localize_prints_the_table_without_a_network(project: Path, monkeypatch:
     out = result.stdout
     for name in ("oaam", "gradcam", "aolm", "bap", "train", "val", "test", "0.2", "0.4", "any"):
         assert name in out
-    from fgpipe.stages import localize
+    from fgpipe.commands import localize
 
     report = localize.run(load_params(project / "params.yaml"), "toy", [0.2, 0.4])
     fig = report["methods"]["gradcam"]["val"]["0.4"]
@@ -476,7 +478,7 @@ def test_attention_input_size_computes_every_method_at_that_size(project: Path) 
     extract_attention.run(load_params(project / "params.yaml", {"attention.input_size": size}), "toy")
     rows = _rows(project)
     root = Path(read_json(project / "data/toy/dataset.json")["root"])
-    model, _ = train_backbone.load_stage1(project / "data/toy/stage1/best.pt")
+    model, _ = load_stage1(project / "data/toy/stage1/best.pt")
     x = normalize(load_regions(whole_image_requests(root, rows), (size, size)))
     with AttentionReader(project / "data/toy/attention.h5") as att:
         assert att.meta.input_size == size and att.heatmap_hw == (size // 16, size // 16)

@@ -44,6 +44,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fgpipe import h5schema
+from fgpipe.checkpoints import load_checkpoint
 from fgpipe.cli import app
 from fgpipe.h5schema import AttentionReader, CropsReader
 from fgpipe.images import open_rgb
@@ -51,7 +52,6 @@ from fgpipe.loader import decode_region
 from fgpipe.manifest import read_manifest
 from fgpipe.stages import train_backbone, train_refine
 from fgpipe.store import read_json
-from fgpipe.training import load_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 NAME = "toy"

@@ -48,12 +48,11 @@ from test_faults import (  # noqa: F401  (chain and project are fixtures)
     temp_files,
 )
 
-import fgpipe.store
-from fgpipe import h5schema
+from fgpipe import branch_inference, h5schema, stage1_network
+from fgpipe.checkpoints import RESUME_KEYS, load_checkpoint, save_checkpoint
 from fgpipe.config import Params, validate
 from fgpipe.errors import ArtifactError, ConfigError
-from fgpipe.stages import train_backbone, train_refine
-from fgpipe.training import RESUME_KEYS, load_checkpoint, save_checkpoint
+import fgpipe.store
 
 D = f"data/{NAME}"
 WRITERS = {"stage1": f"fgpipe train-backbone --dataset {NAME}", "refine": f"fgpipe train-refine --dataset {NAME}"}
@@ -245,12 +244,12 @@ def test_a_bug_while_building_the_network_is_not_reported_as_a_damaged_checkpoin
     def fail(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("out of memory")
 
-    monkeypatch.setattr(train_backbone, "build_stage1", fail)
+    monkeypatch.setattr(stage1_network, "build_stage1", fail)
     with pytest.raises(RuntimeError, match="out of memory"):
-        train_backbone.load_stage1(chain / D / "stage1/best.pt", dataset=NAME)
-    monkeypatch.setattr(train_refine, "build_refine_net", fail)
+        stage1_network.load_stage1(chain / D / "stage1/best.pt", dataset=NAME)
+    monkeypatch.setattr(branch_inference, "build_refine_net", fail)
     with pytest.raises(RuntimeError, match="out of memory"):
-        train_refine.load_refine(chain / D / "refine/best.pt", dataset=NAME)
+        branch_inference.load_refine(chain / D / "refine/best.pt", dataset=NAME)
 
 
 def test_a_malicious_weights_file_is_refused_without_running_it(project: Path) -> None:

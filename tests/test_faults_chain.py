@@ -49,11 +49,12 @@ from test_faults import (  # noqa: F401  (chain and project are fixtures)
     temp_files,
 )
 
-import fgpipe.store
 from fgpipe import h5schema
+from fgpipe.checkpoints import load_checkpoint
+from fgpipe.commands import predict
 from fgpipe.manifest import read_manifest
-from fgpipe.stages import evaluate, extract_crops, predict, train_backbone, train_refine
-from fgpipe.training import load_checkpoint
+from fgpipe.stages import evaluate, extract_crops, train_backbone, train_refine
+import fgpipe.store
 
 D = f"data/{NAME}"
 M = f"metrics/{NAME}"

@@ -42,9 +42,9 @@ from test_faults import (  # noqa: F401  (chain, project and fork_server are fix
 )
 
 from fgpipe import h5schema, runtime
+from fgpipe.checkpoints import load_checkpoint
 from fgpipe.cli import app
 from fgpipe.stages import train_backbone
-from fgpipe.training import load_checkpoint
 
 D = f"data/{NAME}"
 M = f"metrics/{NAME}"

@@ -46,11 +46,11 @@ from test_faults import (  # noqa: F401  (chain and project are fixtures)
     write_dataset,
 )
 
+from fgpipe.commands.show import show
 from fgpipe.config import load_params
 from fgpipe.errors import OutputError
 from fgpipe.loader import check_image_files
 from fgpipe.manifest import read_dataset_json, read_manifest
-from fgpipe.preview import show
 from fgpipe.store import read_json
 
 D = f"data/{NAME}"

@@ -16,6 +16,7 @@ from conftest import write_fake_aircraft, write_fake_cub
 from PIL import Image
 
 from fgpipe import imagecache
+from fgpipe.checkpoints import load_checkpoint
 from fgpipe.config import load_params
 from fgpipe.errors import ArtifactError, ConfigError, DatasetError
 from fgpipe.h5schema import IMAGES_SCHEMA_VERSION, ImagesMeta, ImagesReader, ImagesWriter
@@ -24,7 +25,6 @@ from fgpipe.loader import decode_region, load_regions, whole_image_requests
 from fgpipe.manifest import read_manifest
 from fgpipe.stages import evaluate, extract_attention, extract_crops, prepare, train_backbone, train_refine
 from fgpipe.store import file_sha256, read_json
-from fgpipe.training import load_checkpoint
 
 SIZES = [(96, 72), (72, 96), (90, 60), (40, 30)]  # (W, H): landscape, portrait, 3:2, one below every cache side
 

@@ -115,7 +115,7 @@ def test_heatmaps_at_the_recorded_input_size_parts_at_stage_1s(
 ) -> None:
     """attention.h5 made at 48 px (stage 1 trained at 32): predict decodes the whole image at 48 for the heatmap
     and the object crop at stage 1's 32 for MPALM, as extract-attention and extract-crops do."""
-    from fgpipe.stages import predict as stage
+    from fgpipe.commands import predict as stage
 
     numeric_threshold(project)
     data = tmp_path / "data/toy"

@@ -23,6 +23,8 @@ import yaml
 from PIL import Image
 from typer.testing import CliRunner
 
+from fgpipe.branch_inference import load_refine
+from fgpipe.checkpoints import config_dict, save_checkpoint
 from fgpipe.cli import app
 from fgpipe.config import ModelConfig, TrainBackboneConfig, load_params
 from fgpipe.errors import ArtifactError
@@ -32,7 +34,6 @@ from fgpipe.models import build_stage1
 from fgpipe.models.branches import build_refine_net, pool_patch_logits
 from fgpipe.stages import prepare, train_refine
 from fgpipe.store import file_sha256, write_json
-from fgpipe.training import config_dict, save_checkpoint
 
 COLOURS = [(210, 40, 40), (40, 190, 40), (40, 60, 210)]
 SIDE = 48  # image side
@@ -187,10 +188,44 @@ def test_jittered_crop_without_jitter_is_the_box() -> None:
     regions = torch.tensor([[10.0, 20.0, 26.0, 36.0], [0.0, 0.0, 8.0, 8.0]])  # 2 original px per stored px, and 1
     out = train_refine.jittered_crops(stored, regions, regions.clone(), torch.zeros(2, 4), 0.2, 8)
     assert torch.allclose(out, stored.float())
-    # jitter moves each edge by at most jitter * side and stays inside the stored region
+
+
+def _coordinate_image(n: int, side: int) -> torch.Tensor:
+    """(n, 3, side, side) uint8 whose channel 0 holds 10 x and channel 1 10 y of each pixel's centre (stored pixels),
+    so that a bilinear sample at any point reads back 10 times that point's coordinates."""
+    centre = torch.arange(side, dtype=torch.float32) * 10 + 5  # (side,)
+    img = torch.zeros(n, 3, side, side)
+    img[:, 0] = centre[None, None, :]
+    img[:, 1] = centre[None, :, None]
+    return img.to(torch.uint8)
+
+
+@pytest.mark.parametrize("u", [1.0, -1.0, 0.5, -0.3])
+def test_jittered_crop_moves_each_edge_by_at_most_jitter_times_the_side_inside_the_region(u: float) -> None:
+    """Every sample roi_align reads lies in the box the promise allows: each edge moved by at most jitter x the box's
+    side, clipped to the stored region; and the samples span the box computed by hand, so the crop is that box."""
+    side, out_side, jitter = 8, 4, 0.5
+    stored = _coordinate_image(2, side)
+    regions = torch.tensor([[10.0, 20.0, 26.0, 36.0], [0.0, 0.0, 8.0, 8.0]])  # 2 original px per stored px, and 1
     boxes = torch.tensor([[12.0, 22.0, 24.0, 34.0], [2.0, 2.0, 6.0, 6.0]])
-    out = train_refine.jittered_crops(stored, regions, boxes, torch.ones(2, 4), 0.5, 4)
-    assert out.shape == (2, 3, 4, 4) and torch.isfinite(out).all()
+    crops = train_refine.jittered_crops(stored, regions, boxes, torch.full((2, 4), u), jitter, out_side)  # (2, 3, 4, 4)
+    scale = side / (regions[:, 2:] - regions[:, :2])  # (2, 2) stored px per original px
+    xs = crops[:, 0] / 10 / scale[:, 0, None, None] + regions[:, 0, None, None]  # (2, 4, 4) in original px
+    ys = crops[:, 1] / 10 / scale[:, 1, None, None] + regions[:, 1, None, None]
+    wh = boxes[:, 2:] - boxes[:, :2]  # (2, 2)
+    for i in range(2):
+        (x0, y0, x1, y1), (w, h), (rx0, ry0, rx1, ry1) = boxes[i].tolist(), wh[i].tolist(), regions[i].tolist()
+        allowed = (max(x0 - jitter * w, rx0), max(y0 - jitter * h, ry0), min(x1 + jitter * w, rx1), min(y1 + jitter * h, ry1))
+        eps = 1e-3
+        assert allowed[0] - eps <= xs[i].min() and xs[i].max() <= allowed[2] + eps, (i, xs[i])
+        assert allowed[1] - eps <= ys[i].min() and ys[i].max() <= allowed[3] + eps, (i, ys[i])
+        # the box by hand: every edge moved by u * jitter * side, clipped to the region (never shrunk below half)
+        jb = [min(max(x0 + u * jitter * w, rx0), rx1), min(max(y0 + u * jitter * h, ry0), ry1),
+              min(max(x1 + u * jitter * w, rx0), rx1), min(max(y1 + u * jitter * h, ry0), ry1)]
+        assert jb[2] - jb[0] >= 0.5 * w and jb[3] - jb[1] >= 0.5 * h  # no fallback to the box in these cases
+        bin_w, bin_h = (jb[2] - jb[0]) / out_side, (jb[3] - jb[1]) / out_side
+        assert jb[0] - eps <= xs[i].min() <= jb[0] + bin_w and jb[2] - bin_w <= xs[i].max() <= jb[2] + eps, (i, jb, xs[i])
+        assert jb[1] - eps <= ys[i].min() <= jb[1] + bin_h and jb[3] - bin_h <= ys[i].max() <= jb[3] + eps, (i, jb, ys[i])
 
 
 # --------------------------------------------------------------------------- the stage
@@ -212,7 +247,7 @@ def test_training_lowers_the_loss_and_writes_everything(tmp_path_factory: pytest
     curves = tmp_path / "metrics/toy/train_refine/plots/metrics"
     assert len((curves / "train/loss.tsv").read_text().strip().splitlines()) == 1 + 3
     assert (curves / "val/object_top1.tsv").is_file() and (curves / "val/parts_top1.tsv").is_file()
-    model, state = train_refine.load_refine(tmp_path / "data/toy/refine/best.pt")
+    model, state = load_refine(tmp_path / "data/toy/refine/best.pt")
     assert not model.training and state["class_names"] == ["class0", "class1", "class2"]
 
 

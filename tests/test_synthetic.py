@@ -10,8 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from fgpipe.config import DatasetConfig, SyntheticOptions, load_params
+from fgpipe.config import SYNTHETIC_MAX_CLASSES, DatasetConfig, SyntheticOptions, load_params
 from fgpipe.datasets import synthetic as syn
+from fgpipe.datasets import synthetic_reader
+from fgpipe.datasets.base import SourceListing
 from fgpipe.errors import ConfigError, DatasetError
 from fgpipe.manifest import read_manifest
 from fgpipe.stages import prepare
@@ -20,8 +22,8 @@ from tests.conftest import write_params
 TINY = SyntheticOptions(num_classes=3, train_per_class=3, test_per_class=2, image_size=64, distractors=3, seed=7)
 
 
-def listing_of(root: Path) -> syn.SourceListing:
-    return syn.read(root, DatasetConfig(kind="synthetic", root=str(root)))
+def listing_of(root: Path) -> SourceListing:
+    return synthetic_reader.read(root, DatasetConfig(kind="synthetic", root=str(root)))
 
 
 def files_of(root: Path) -> dict[str, bytes]:
@@ -107,7 +109,7 @@ def test_reader_lists_every_image_per_class_and_split(tmp_path: Path) -> None:
 def test_written_boxes_are_the_rendered_ones(tmp_path: Path) -> None:
     root = tmp_path / "syn"
     syn.generate(root, TINY)
-    parts = syn.read_parts(root)
+    parts = synthetic_reader.read_parts(root)
     for r in listing_of(root).records:
         k = syn.class_names(TINY.num_classes).index(r.class_name)
         index = int(r.image_id.rsplit("_", 1)[1])
@@ -322,7 +324,7 @@ def test_coarse_colour_markings() -> None:
 
 def test_classes_are_unique_marking_combinations() -> None:
     assert syn.marking_counts(8) == (2, 2, 2, 1)  # head, wing and tail vary; the body is the same for all
-    for n in (2, 3, 8, 10, 27, syn.MAX_CLASSES):
+    for n in (2, 3, 8, 10, 27, SYNTHETIC_MAX_CLASSES):
         attrs = syn.class_attributes(n)
         assert len(set(attrs)) == n
         assert len(set(syn.class_names(n))) == n
@@ -332,13 +334,13 @@ def test_classes_are_unique_marking_combinations() -> None:
         for p in range(3):
             assert sum(sum(x != y for x, y in zip(a, b)) == 1 and a[p] != b[p] for b in attrs) == 1
     with pytest.raises(DatasetError, match="num_classes"):
-        syn.marking_counts(syn.MAX_CLASSES + 1)
+        syn.marking_counts(SYNTHETIC_MAX_CLASSES + 1)
 
 
 def test_option_validation_names_the_key(tmp_path: Path) -> None:
     ds = {"kind": "synthetic", "root": str(tmp_path / "raw")}
-    assert SyntheticOptions(num_classes=syn.MAX_CLASSES).num_classes == syn.MAX_CLASSES  # the bound is the palette's
-    for bad, key in (({"num_classes": syn.MAX_CLASSES + 1}, "num_classes"), ({"object_size": [0.5, 0.9]}, "object_size"),
+    assert SyntheticOptions(num_classes=SYNTHETIC_MAX_CLASSES).num_classes == SYNTHETIC_MAX_CLASSES  # the bound is the palette's
+    for bad, key in (({"num_classes": SYNTHETIC_MAX_CLASSES + 1}, "num_classes"), ({"object_size": [0.5, 0.9]}, "object_size"),
                      ({"max_rotation": -1.0}, "max_rotation")):
         path = write_params(tmp_path, {"syn": {**ds, "synthetic": bad}})
         with pytest.raises(ConfigError, match=rf"datasets\.syn\.synthetic\.?.*{key}"):

@@ -20,18 +20,12 @@ zoomed to the object tells them apart. The defaults in params.yaml combine both:
 spread class evidence over the whole bird, for the class-aware heatmap to outline, and the wing needs the
 object crop's resolution.
 
-On-disk layout under ``root`` (written by :func:`generate`, read by :func:`read`)::
-
-    images/<class>/<image_id>.jpg   RGB JPEG, quality 92, no chroma subsampling
-    annotations.csv                 image_id,path,class_name,split,x0,y0,x1,y1   (one row per image)
-    parts.csv                       image_id,part,x0,y0,x1,y1                   (one row per image and part)
-    classes.csv                     class_name,head,wing,tail,body              (label order, markings)
-    synthetic.json                  the options and the generator version; written last
-
-Boxes are pixel edges (x1, y1 exclusive): the object box is the tight box of every pixel the object
-covers at all (anti-aliased edges included), a part box that of the pixels where the part is visible.
-``split`` is train or test (the prepare stage carves val from train). Generation is deterministic:
-the same options give byte-identical files on the same library versions.
+This module is the generator (:func:`generate`, what ``run.NAME`` names in params.yaml for a synthetic dataset);
+the files it writes under ``root`` and the reader prepare lists them with are :mod:`fgpipe.datasets.synthetic_reader`.
+The parts and markings (hence the class limit) are the options' vocabulary, :data:`fgpipe.config.SYNTHETIC_MARKINGS`.
+The object box is the tight box of every pixel the object covers at all (anti-aliased edges included), a part box
+that of the pixels where the part is visible. Generation is deterministic: the same options give byte-identical
+files on the same library versions.
 """
 
 from __future__ import annotations
@@ -53,9 +47,11 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from fgpipe.config import DatasetConfig, SyntheticOptions
+from fgpipe.config import SYNTHETIC_MARKINGS as MARKINGS
+from fgpipe.config import SYNTHETIC_PARTS as PARTS
+from fgpipe.config import SyntheticOptions
 from fgpipe.console import progress
-from fgpipe.datasets.base import SourceListing, SourceRecord, require_files, safe_relpath
+from fgpipe.datasets.synthetic_reader import ANNOTATION_COLUMNS, FILES, PART_COLUMNS, SPLIT_NAMES
 from fgpipe.errors import DatasetError
 from fgpipe.manifest import Box
 from fgpipe.runtime import available_cores
@@ -63,29 +59,9 @@ from fgpipe.store import output_error
 
 # Bump whenever the rendering or the layout changes: an existing dataset with another version is regenerated.
 GENERATOR_VERSION = "synthetic-birds-1"
-HOW_TO_GET = (
-    "synthetic: nothing to download; `fgpipe prepare --dataset NAME` generates it under "
-    "datasets.NAME.root from the options in datasets.NAME.synthetic (params.yaml)."
-)
-SPLIT_NAMES = ("train", "test")
-ANNOTATION_COLUMNS = ("image_id", "path", "class_name", "split", "x0", "y0", "x1", "y1")
-PART_COLUMNS = ("image_id", "part", "x0", "y0", "x1", "y1")
-FILES = ["annotations.csv", "classes.csv", "images"]
 JPEG_QUALITY = 92
 SUPERSAMPLE = 2  # sub-pixels per pixel side when drawing shapes (anti-aliasing)
 
-# Parts in the order classes vary them, each with its markings. Class k uses the first few markings of each
-# part (see class_attributes), so 8 classes vary head, wing and tail with two each unless class_markings
-# says otherwise (params.yaml: head, wing and body).
-PARTS = ("head", "wing", "tail", "body")
-MARKINGS: dict[str, tuple[str, ...]] = {
-    "head": ("redcrown", "eyestripe", "whitecheek", "darkhood", "bluecrown"),
-    "wing": ("wingbars", "wingspots", "paleedge", "yellowpatch", "wingstreaks"),
-    "tail": ("whitetip", "tailband", "redbase", "tailstripes"),
-    "body": ("plain", "spotted", "streaked", "yellowbreast", "greyplumage", "skyplumage", "lilacplumage", "tealplumage",
-             "roseplumage"),
-}
-MAX_CLASSES = math.prod(len(m) for m in MARKINGS.values())
 
 # Colours (RGB): the object's (shared by every class), the markings' and the background palette.
 BODY = np.array([150.0, 118.0, 80.0])
@@ -697,66 +673,3 @@ def _write_all(out: Path, opts: SyntheticOptions) -> None:
     class_rows: list[list[object]] = [[n, *(MARKINGS[p][a] for p, a in zip(PARTS, at))] for n, at in zip(names, attrs)]
     (out / "classes.csv").write_text(_csv_text(("class_name", *PARTS), class_rows), encoding="utf-8")
     (out / "synthetic.json").write_text(metadata_text(opts), encoding="utf-8")
-
-
-# --------------------------------------------------------------------------- reader
-def _rows(path: Path, header: tuple[str, ...]) -> list[tuple[dict[str, str], str]]:
-    """Rows of a CSV file as (field -> value, "file:line"), checking the header and the field count."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        reader = csv.reader(fh)
-        got = next(reader, None)
-        if got is None or tuple(got) != header:
-            raise DatasetError(f"{path}:1: header must be {','.join(header)}, got {','.join(got or [])}")
-        out = []
-        for lineno, rec in enumerate(reader, start=2):
-            if not rec:
-                continue
-            if len(rec) != len(header):
-                raise DatasetError(f"{path}:{lineno}: expected {len(header)} fields, got {len(rec)}")
-            out.append((dict(zip(header, rec)), f"{path}:{lineno}"))
-    return out
-
-
-def read(root: Path, cfg: DatasetConfig) -> SourceListing:
-    """List the generated images with their classes, splits and object boxes (no image is decoded)."""
-    require_files(root, FILES, HOW_TO_GET)
-    class_rows = _rows(root / "classes.csv", ("class_name", *PARTS))
-    classes = [row["class_name"] for row, _ in class_rows]
-    known = set(classes)
-    records = []
-    for row, origin in _rows(root / "annotations.csv", ANNOTATION_COLUMNS):
-        if row["class_name"] not in known:
-            raise DatasetError(f"{origin}: class {row['class_name']!r} is not in {root / 'classes.csv'}")
-        if row["split"] not in SPLIT_NAMES:
-            raise DatasetError(f"{origin}: split must be one of {', '.join(SPLIT_NAMES)}, got {row['split']!r}")
-        try:
-            box = tuple(float(row[c]) for c in ("x0", "y0", "x1", "y1"))
-        except ValueError:
-            raise DatasetError(f"{origin}: box values must be numbers") from None
-        if not (box[0] < box[2] and box[1] < box[3]):
-            raise DatasetError(f"{origin}: box must have x0 < x1 and y0 < y1, got {box}")
-        records.append(
-            SourceRecord(
-                image_id=row["image_id"],
-                path=safe_relpath(root, row["path"], origin),
-                class_name=row["class_name"],
-                split=row["split"],
-                box=box,  # type: ignore[arg-type]
-                origin=origin,
-            )
-        )
-    return SourceListing(records=records, classes=classes, class_origins=[origin for _, origin in class_rows])
-
-
-def read_parts(root: Path) -> dict[str, dict[str, Box]]:
-    """image_id -> part -> ground-truth part box, from parts.csv."""
-    out: dict[str, dict[str, Box]] = {}
-    for row, origin in _rows(root / "parts.csv", PART_COLUMNS):
-        if row["part"] not in PARTS:
-            raise DatasetError(f"{origin}: part must be one of {', '.join(PARTS)}, got {row['part']!r}")
-        try:
-            box = tuple(float(row[c]) for c in ("x0", "y0", "x1", "y1"))
-        except ValueError:
-            raise DatasetError(f"{origin}: box values must be numbers") from None
-        out.setdefault(row["image_id"], {})[row["part"]] = box  # type: ignore[assignment]
-    return out

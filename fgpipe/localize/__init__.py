@@ -9,6 +9,7 @@ from fgpipe.localize.boxes import (
     nms,
     object_box,
     object_boxes,
+    paired_iou,
 )
 from fgpipe.localize.mpalm import DEFAULT_SIZES, PartBoxes, mpalm_parts, mpalm_parts_batch, pyramid_sizes
 
@@ -24,5 +25,6 @@ __all__ = [
     "nms",
     "object_box",
     "object_boxes",
+    "paired_iou",
     "pyramid_sizes",
 ]

@@ -149,6 +149,17 @@ def _box_iou_numpy(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
+def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU of ``a[..., i, :]`` with ``b[i]`` for boxes (..., N, 4) and (N, 4) xyxy -> (..., N); 0 for an empty union."""
+    lt = np.maximum(a[..., :2], b[..., :2])  # (..., N, 2) intersection top-left
+    rb = np.minimum(a[..., 2:], b[..., 2:])  # (..., N, 2) intersection bottom-right
+    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)  # (..., N)
+    area_a = np.prod(np.clip(a[..., 2:] - a[..., :2], 0, None), axis=-1)
+    area_b = np.prod(np.clip(b[..., 2:] - b[..., :2], 0, None), axis=-1)
+    union = area_a + area_b - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
 def box_iou(a: ArrayOrTensor, b: ArrayOrTensor) -> ArrayOrTensor:
     """Pairwise IoU of boxes ``a`` (N, 4) and ``b`` (M, 4) in xyxy -> (N, M); numpy in, numpy out; tensor in, tensor out.
 

@@ -26,7 +26,7 @@ from skimage.measure import label as label_components
 from torch import Tensor
 
 from fgpipe.h5schema import AttentionReader
-from fgpipe.localize.boxes import _as_numpy, _check_threshold
+from fgpipe.localize.boxes import _as_numpy, _check_threshold, paired_iou
 from fgpipe.manifest import ManifestRow
 from fgpipe.store import atomic_path, output_error, remove_output
 
@@ -122,17 +122,6 @@ def _grid_boxes(maps: np.ndarray, grid: np.ndarray, sizes: np.ndarray) -> np.nda
     box = box.reshape(t, n, 4)
     box[:, empty] = whole[empty]
     return box
-
-
-def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of ``a[..., i, :]`` with ``b[i]`` for boxes (..., N, 4) and (N, 4) xyxy -> (..., N); 0 for an empty union."""
-    lt = np.maximum(a[..., :2], b[..., :2])  # (..., N, 2) intersection top-left
-    rb = np.minimum(a[..., 2:], b[..., 2:])  # (..., N, 2) intersection bottom-right
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=-1)  # (..., N)
-    area_a = np.prod(np.clip(a[..., 2:] - a[..., :2], 0, None), axis=-1)
-    area_b = np.prod(np.clip(b[..., 2:] - b[..., :2], 0, None), axis=-1)
-    union = area_a + area_b - inter
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 # --------------------------------------------------------------------------- the sweep over a file

@@ -15,14 +15,14 @@ from torch import nn
 
 from fgpipe.config import ModelConfig
 from fgpipe.errors import ConfigError
-from fgpipe.models.base import Backbone
+from fgpipe.models.base import Backbone, WeightsReport
 from fgpipe.models.efficientnet import EfficientNetLiteBackbone
 from fgpipe.models.inception import InceptionV3Backbone
 from fgpipe.models.lcam import LCAM, LCAM_PLACEMENTS, adaptive_kernel_size, check_kernel_size, check_placement
 from fgpipe.models.resnet import ResNetBackbone
 from fgpipe.models.staged import StagedBackbone
 from fgpipe.models.tiny import TinyBackbone
-from fgpipe.models.weights import WeightsReport, load_backbone_weights
+from fgpipe.models.weights import load_backbone_weights
 from fgpipe.models.wsdan import (
     CenterLoss,
     HeadOutput,

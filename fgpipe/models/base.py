@@ -9,12 +9,24 @@ asked with ``penultimate=True``, the output of the block before it (MMAL-Net's c
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 from torch import Tensor, nn
 
 #: key of the block before the last in ``forward_features(x, penultimate=True)``; the brackets keep it apart
 #: from every stage name (stage names are module-like identifiers)
 PENULTIMATE_BLOCK = "block[-2]"
+
+
+@dataclass(frozen=True)
+class WeightsReport:
+    """What a weights load did (:mod:`fgpipe.models.weights`): how many tensors it copied and which keys it skipped or
+    left new; a backbone keeps it as ``weights_report``."""
+
+    source: str  # "imagenet (ResNet50_Weights.IMAGENET1K_V2)" or the file path
+    loaded: int  # tensors copied into the backbone
+    ignored: tuple[str, ...]  # keys in the source the backbone does not use (classifier, stage-1 head)
+    new: tuple[str, ...]  # backbone keys the source lacks and that keep their fresh init (LCAM only)
 
 
 class Backbone(nn.Module, ABC):

@@ -17,8 +17,8 @@ from torch import Tensor, nn
 
 from fgpipe.config import ModelConfig
 from fgpipe.models import create_backbone, set_bn_momentum
-from fgpipe.models.base import Backbone
-from fgpipe.models.weights import WeightsReport, apply_state_dict
+from fgpipe.models.base import Backbone, WeightsReport
+from fgpipe.models.weights import apply_state_dict
 
 
 class BranchOutput(NamedTuple):

@@ -10,16 +10,12 @@ from __future__ import annotations
 
 from abc import abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
 from fgpipe.errors import ConfigError
-from fgpipe.models.base import PENULTIMATE_BLOCK, Backbone
+from fgpipe.models.base import PENULTIMATE_BLOCK, Backbone, WeightsReport
 from fgpipe.models.lcam import LCAM, check_kernel_size, check_placement
-
-if TYPE_CHECKING:
-    from fgpipe.models.weights import WeightsReport
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
 from typing import Any
@@ -22,20 +21,11 @@ import torch
 from torch import Tensor
 
 from fgpipe.errors import ConfigError
+from fgpipe.models.base import WeightsReport
 from fgpipe.models.staged import StagedBackbone
 from fgpipe.store import safe_torch_load
 
 _SHOW = 12  # keys listed in an error message
-
-
-@dataclass(frozen=True)
-class WeightsReport:
-    """What a weights load did: how many tensors it copied and which keys it skipped or left new."""
-
-    source: str  # "imagenet (ResNet50_Weights.IMAGENET1K_V2)" or the file path
-    loaded: int  # tensors copied into the backbone
-    ignored: tuple[str, ...]  # keys in the source the backbone does not use (classifier, stage-1 head)
-    new: tuple[str, ...]  # backbone keys the source lacks and that keep their fresh init (LCAM only)
 
 
 def torchvision_state_dict(weights_enum: Any, backbone: str) -> dict[str, Tensor]:

@@ -40,7 +40,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,54 +47,34 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageDraw, ImageFont
 
-from fgpipe.config import EvaluateConfig, Settings, TrainBackboneConfig, TrainRefineConfig
+from fgpipe.branch_data import read_crops, split_data
+from fgpipe.config import EvaluateConfig, Settings, TrainBackboneConfig
 from fgpipe.console import console
 from fgpipe.errors import ArtifactError, ConfigError
+from fgpipe.figures import confusion_image
 from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.lineage import check_crops, check_crops_params, check_params, check_recorded, check_refine, params_record, rerun
-from fgpipe.loader import check_image_files, resized_side
-from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
-from fgpipe.models.branches import RefineNet
-from fgpipe.models.wsdan import Stage1Net
+from fgpipe.layout import Layout
+from fgpipe.lineage import (
+    check_crops,
+    check_crops_params,
+    check_params,
+    check_recorded,
+    check_refine,
+    params_record,
+    read_dataset_info,
+    rerun,
+)
+from fgpipe.branch_inference import BRANCHES, Branches, joint_probabilities, load_refine, probabilities, refine_config
+from fgpipe.loader import check_image_files, load_split
+from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.runtime import configure_threads
-from fgpipe.stages.extract_attention import extraction_device, load_checked_stage1
-from fgpipe.stages.train_backbone import load_split, predict_logits
-from fgpipe.stages.train_refine import ImageBoxes, load_refine, predict_branches, read_crops, refine_config, split_data
+from fgpipe.stage1_network import inference_runtime, load_checked_stage1
 from fgpipe.store import FileHashes, atomic_path, check_output_paths, read_json_artifact, replaced_together, write_json, write_text
-from fgpipe.training import Runtime, require_finite
 
 STAGE = "evaluate"
-BRANCHES = ("raw", "object", "parts")
 LOCALIZATION_KEYS = ("accuracy", "mean_iou", "fallback_rate")
-
-
-def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
-    d = settings.data_dir(dataset)
-    metrics = settings.metrics_file(dataset, STAGE).parent
-    return {
-        "manifest": d / "manifest.csv",
-        "dataset": d / "dataset.json",
-        "images": d / "images.h5",
-        "stage1": d / "stage1" / "best.pt",
-        "refine": d / "refine" / "best.pt",
-        "crops": d / "crops.h5",
-        "extract_crops": settings.metrics_file(dataset, "extract_crops"),
-        "metrics": settings.metrics_file(dataset, STAGE),
-        "per_class": metrics / "per_class.csv",
-        "confusion": metrics / "confusion.csv",
-        "predictions": metrics / "predictions.csv",
-        "confusion_png": d / "confusion.png",
-    }
-
-
-def inference_runtime() -> Runtime:
-    """Where evaluation runs: CUDA (bf16 autocast, channels_last) when torch sees a GPU, else the CPU in float32."""
-    device = extraction_device()
-    cuda = device.type == "cuda"
-    return Runtime(device=device, amp_dtype=torch.bfloat16 if cuda else None, channels_last=cuda)
 
 
 @dataclass
@@ -109,13 +88,7 @@ class Inputs:
     crops: Path
     manifest_sha256: str
     sources: dict[str, str]  # SHA-256 of the manifest, both checkpoints and crops.h5: evaluate.json's ``sources``
-    checkpoints: dict[str, Path]  # stage1, refine: named when their networks give NaN
-    dataset: str
-    stage1: Stage1Net
-    stage1_cfg: TrainBackboneConfig  # as stage-1 evaluates, without test-time refinement
-    refine: RefineNet
-    refine_cfg: TrainRefineConfig  # the settings the branches were trained with (sizes, augmentation)
-    rt: Runtime
+    branches: Branches
     batch_size: int
 
 
@@ -128,66 +101,64 @@ class SplitProbabilities:
     probs: dict[str, np.ndarray]  # branch -> (N, K) float64
 
 
-def open_inputs(settings: Settings, dataset: str, paths: dict[str, Path]) -> Inputs:
+def open_inputs(settings: Settings, dataset: str) -> Inputs:
     """Load and cross-check the manifest, both checkpoints and crops.h5 (no image is read here)."""
     settings.dataset(dataset)  # a clear error for an unknown dataset name
-    rows = read_manifest(paths["manifest"])
-    info = read_dataset_json(paths["dataset"], dataset)
-    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
+    data = settings.layout(dataset).data
+    rows = read_manifest(data.manifest)
+    info = read_dataset_info(settings, dataset)
     root = info.root
     classes = class_names(rows)
     sha = FileHashes()  # each input hashed once
-    manifest_sha = sha(paths["manifest"])
+    manifest_sha = sha(data.manifest)
     rt = inference_runtime()
-    stage1, s1_state = load_checked_stage1(paths["stage1"], manifest_sha, dataset, rt.device, settings)
-    if not paths["refine"].is_file():
-        raise ArtifactError(f"checkpoint not found: {paths['refine']} (run `fgpipe train-refine --dataset {dataset}` first)")
-    refine, r_state = load_refine(paths["refine"], rt.device, dataset)
-    if not paths["crops"].is_file():
-        raise ArtifactError(f"{paths['crops']} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
-    check_refine(r_state, paths["refine"], paths["crops"].parent, dataset, sha)
+    stage1_path, refine_path = data.stage1("best"), data.refine("best")
+    stage1, s1_state = load_checked_stage1(stage1_path, manifest_sha, dataset, rt.device, settings)
+    if not refine_path.is_file():
+        raise ArtifactError(f"checkpoint not found: {refine_path} (run `fgpipe train-refine --dataset {dataset}` first)")
+    refine, r_state = load_refine(refine_path, rt.device, dataset)
+    if not data.crops.is_file():
+        raise ArtifactError(f"{data.crops} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
+    check_refine(r_state, refine_path, data.path, dataset, sha)
     if list(r_state["class_names"]) != classes or list(s1_state["class_names"]) != classes:
-        raise ArtifactError(f"{paths['refine']} was trained from another class list: {rerun(dataset, 'train-refine')}")
-    with CropsReader(paths["crops"]) as crops:  # made from this manifest, attention.h5 and stage-1 checkpoint
-        check_crops(crops, paths["crops"].parent, dataset, sha)
-        check_crops_params(crops, paths["crops"].parent, settings, dataset)  # and with the params now
-    check_params(paths["refine"], r_state.get("params"), settings, "train-refine", dataset)
+        raise ArtifactError(f"{refine_path} was trained from another class list: {rerun(dataset, 'train-refine')}")
+    with CropsReader(data.crops) as crops:  # made from this manifest, attention.h5 and stage-1 checkpoint
+        check_crops(crops, data.path, dataset, sha)
+        check_crops_params(crops, data.path, settings, dataset)  # and with the params now
+    check_params(refine_path, r_state.get("params"), settings, "train-refine", dataset)
     sources = {
-        "manifest_sha256": manifest_sha, "stage1_sha256": sha(paths["stage1"]), "refine_sha256": sha(paths["refine"]),
-        "crops_sha256": sha(paths["crops"]),
+        "manifest_sha256": manifest_sha, "stage1_sha256": sha(stage1_path), "refine_sha256": sha(refine_path),
+        "crops_sha256": sha(data.crops),
     }
     if rt.channels_last:
         stage1 = stage1.to(memory_format=torch.channels_last)
         refine = refine.to(memory_format=torch.channels_last)
     s1_cfg = dataclasses.replace(TrainBackboneConfig(**s1_state["config"]["train_backbone"]), test_refine=False)
-    cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
+    cache = open_image_cache(data.images, root, manifest_sha, dataset)
     by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
     # before any report is written; train images are never decoded here, so only val's and test's are checked
-    check_image_files(info, by_split["val"] + by_split["test"], cache, dataset, paths["manifest"])
+    check_image_files(info, by_split["val"] + by_split["test"], cache, dataset, data.manifest)
+    branches = Branches(
+        stage1=stage1, stage1_cfg=s1_cfg, stage1_path=stage1_path, refine=refine, refine_cfg=refine_config(r_state),
+        refine_path=refine_path, rt=rt, dataset=dataset,
+    )
     return Inputs(
-        root=root, cache=cache, rows=by_split, classes=classes,
-        crops=paths["crops"], manifest_sha256=manifest_sha, sources=sources,
-        checkpoints={"stage1": paths["stage1"], "refine": paths["refine"]}, dataset=dataset, stage1=stage1, stage1_cfg=s1_cfg,
-        refine=refine, refine_cfg=refine_config(r_state), rt=rt, batch_size=settings.params.evaluate.batch_size,
+        root=root, cache=cache, rows=by_split, classes=classes, crops=data.crops, manifest_sha256=manifest_sha,
+        sources=sources, branches=branches, batch_size=settings.params.evaluate.batch_size,
     )
 
 
 def split_probabilities(inputs: Inputs, split: str) -> SplitProbabilities:
     """Decode the images and boxes of ``split`` and return the three branches' probabilities."""
     rows = inputs.rows[split]
-    boxes: list[ImageBoxes] = read_crops(inputs.crops, inputs.manifest_sha256, rows)
-    s1 = inputs.stage1_cfg
-    whole = load_split(inputs.root, rows, resized_side(s1.input_size, s1.augment), split, inputs.cache)
-    raw, _ = predict_logits(inputs.stage1, whole.images, s1, inputs.rt, batch_size=inputs.batch_size)
+    boxes = read_crops(inputs.crops, inputs.manifest_sha256, rows)
+    branches, ids = inputs.branches, [r.image_id for r in rows]
+    whole = load_split(inputs.root, rows, branches.whole_side, split, inputs.cache)
+    raw = branches.raw_logits(whole.images, ids, inputs.batch_size)
     del whole
-    data = split_data(inputs.root, rows, boxes, inputs.refine_cfg, 0.0, split, inputs.cache)
-    obj, parts = predict_branches(inputs.refine, data, inputs.refine_cfg, inputs.rt, batch_size=inputs.batch_size)
-    ids = [r.image_id for r in rows]
-    require_finite(raw, ids, "logits", inputs.checkpoints["stage1"], "stage1", inputs.dataset)
-    for name, logits in (("object", obj), ("parts", parts)):
-        require_finite(logits, ids, f"{name} logits", inputs.checkpoints["refine"], "refine", inputs.dataset)
-    probs = {name: torch.softmax(logits.double(), dim=1).numpy() for name, logits in zip(BRANCHES, (raw, obj, parts))}
-    return SplitProbabilities([r.image_id for r in rows], np.array([r.label for r in rows], dtype=np.int64), probs)
+    data = split_data(inputs.root, rows, boxes, branches.refine_cfg, 0.0, split, inputs.cache)
+    obj, parts = branches.region_logits(data, ids, inputs.batch_size)
+    return SplitProbabilities(ids, np.array([r.label for r in rows], dtype=np.int64), probabilities(raw, obj, parts))
 
 
 # --------------------------------------------------------------------------- combination weights
@@ -199,11 +170,6 @@ def weight_grid(step: float, branches: tuple[str, ...] = BRANCHES) -> list[tuple
         raise ConfigError(f"evaluate.weight_step must divide 1 (e.g. 0.05, 0.1, 0.125, 0.25, 0.5), got {step}")
     grid = [(i, j, n - i - j) for i in range(n + 1) for j in range(n + 1 - i)]
     return [p for p in grid if all(v == 0 for b, v in zip(BRANCHES, p) if b not in branches)]
-
-
-def joint_probabilities(probs: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:
-    """Weighted mean of the branch probabilities (weights summing to 1). (N, K)"""
-    return sum(weights[b] * probs[b] for b in BRANCHES)  # type: ignore[return-value]
 
 
 NLL_FLOOR = 1e-12  # probabilities are floored here before the log: a confident miss costs 27.6, not infinity
@@ -277,27 +243,29 @@ def run(settings: Settings, dataset: str) -> dict[str, Any]:
 def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     configure_threads()
     cfg = settings.params.evaluate
-    paths = stage_paths(settings, dataset)
+    layout = settings.layout(dataset)
+    data, out = layout.data, layout.metrics
     if cfg.combine == "val":
         weight_grid(cfg.weight_step)  # a bad step fails before any work
-    check_output_paths([paths[k] for k in ("metrics", "per_class", "confusion", "predictions", "confusion_png")])
-    inputs = open_inputs(settings, dataset, paths)
-    if not os.path.lexists(paths["extract_crops"]):
-        raise ArtifactError(f"{paths['extract_crops']} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
-    crops_figures = read_json_artifact(paths["extract_crops"], rerun(dataset, "extract-crops"))
+    check_output_paths([out.stage(STAGE), out.per_class, out.confusion, out.predictions, data.confusion_png])
+    inputs = open_inputs(settings, dataset)
+    crops_json = out.stage("extract_crops")
+    if not os.path.lexists(crops_json):
+        raise ArtifactError(f"{crops_json} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
+    crops_figures = read_json_artifact(crops_json, rerun(dataset, "extract-crops"))
     recorded = crops_figures.get("sources") if isinstance(crops_figures.get("sources"), dict) else {}
     check_recorded(  # its localisation figures describe this crops.h5
-        paths["extract_crops"], recorded.get("crops_sha256"), paths["crops"], inputs.sources["crops_sha256"], "crops.h5",
+        crops_json, recorded.get("crops_sha256"), data.crops, inputs.sources["crops_sha256"], "crops.h5",
         rerun(dataset, "extract-crops"), "crops_sha256", made="computed",
     )
-    located = localization_figures(paths["extract_crops"], crops_figures, dataset)
+    located = localization_figures(crops_json, crops_figures, dataset)
     if not inputs.rows["test"]:
-        raise ArtifactError(f"{paths['manifest']}: the test split is empty: nothing to evaluate")
+        raise ArtifactError(f"{data.manifest}: the test split is empty: nothing to evaluate")
 
     # 1. the weights: chosen on val or fixed; the test split is not touched before this is done
     if cfg.combine == "val":
         if not inputs.rows["val"]:
-            raise ArtifactError(f"{paths['manifest']}: the val split is empty; use evaluate.combine: fixed")
+            raise ArtifactError(f"{data.manifest}: the val split is empty; use evaluate.combine: fixed")
         val = split_probabilities(inputs, "val")
         weights = select_weights(val, cfg.weight_step, cfg.select_by, cfg.branches)
         val_joint = joint_probabilities(val.probs, weights)
@@ -323,8 +291,8 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     if located is not None:
         metrics["localization"] = located
 
-    write_reports(paths, dataset, inputs.classes, test, probs)
-    write_json(paths["metrics"], metrics)
+    write_reports(layout, dataset, inputs.classes, test, probs)
+    write_json(out.stage(STAGE), metrics)
     return metrics
 
 
@@ -348,7 +316,7 @@ def localization_figures(path: Path, doc: dict[str, Any], dataset: str) -> dict[
 
 
 def write_reports(
-    paths: dict[str, Path], dataset: str, classes: list[str], test: SplitProbabilities, probs: dict[str, np.ndarray]
+    layout: Layout, dataset: str, classes: list[str], test: SplitProbabilities, probs: dict[str, np.ndarray]
 ) -> None:
     """predictions.csv, per_class.csv, confusion.csv and confusion.png of the test split."""
     top1 = {name: p.argmax(1) for name, p in probs.items()}  # (N,) each
@@ -356,7 +324,7 @@ def write_reports(
     rows = [["image_id", "label", "raw_top1", "object_top1", "parts_top1", "joint_top1", "joint_prob"]]
     for i, image_id in enumerate(test.image_ids):
         rows.append([image_id, classes[test.labels[i]], *(classes[top1[b][i]] for b in (*BRANCHES, "joint")), f"{joint_prob[i]:.6f}"])
-    write_text(paths["predictions"], _csv(rows))
+    write_text(layout.metrics.predictions, _csv(rows))
 
     per_class = [["class", "images", *BRANCHES, "joint"]]
     for c, name in enumerate(classes):
@@ -364,81 +332,10 @@ def write_reports(
         n = int(mask.sum())
         accs = [f"{float((top1[b][mask] == c).mean()):.6f}" if n else "" for b in (*BRANCHES, "joint")]
         per_class.append([name, n, *accs])
-    write_text(paths["per_class"], _csv(per_class))
+    write_text(layout.metrics.per_class, _csv(per_class))
 
     matrix = confusion_matrix(test.labels, top1["joint"], len(classes))
-    write_text(paths["confusion"], _csv([["true \\ predicted", *classes], *([name, *row] for name, row in zip(classes, matrix.tolist()))]))
+    write_text(layout.metrics.confusion, _csv([["true \\ predicted", *classes], *([name, *row] for name, row in zip(classes, matrix.tolist()))]))
     title = f"{dataset}: joint prediction on test ({len(test.labels)} images)"
-    with atomic_path(paths["confusion_png"]) as tmp:
+    with atomic_path(layout.data.confusion_png) as tmp:
         confusion_image(matrix, classes, title).save(tmp, format="PNG")
-
-
-# --------------------------------------------------------------------------- confusion heatmap
-_LOW, _HIGH = np.array([255.0, 255.0, 255.0]), np.array([8.0, 48.0, 107.0])  # white -> dark blue
-_INK = (20, 20, 20)
-
-
-def _shorten(draw: ImageDraw.ImageDraw, text: str, width: float, font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> str:
-    if draw.textlength(text, font=font) <= width:
-        return text
-    while text and draw.textlength(text + "...", font=font) > width:
-        text = text[:-1]
-    return text + "..."
-
-
-def confusion_image(matrix: np.ndarray, names: list[str], title: str) -> Image.Image:
-    """A heatmap of ``matrix`` (K, K), each row normalised to its true class's images, with class labels.
-
-    Cells shrink with K (4 to 36 pixels); when a cell is smaller than a text line only every n-th class is
-    labelled; counts are written in the cells when they are large enough.
-    """
-    k = len(names)
-    cell = int(np.clip(720 // max(k, 1), 4, 36))
-    font, small = ImageFont.load_default(size=12), ImageFont.load_default(size=max(8, min(12, cell // 2)))
-    every = max(1, math.ceil(15 / cell))  # label every n-th class so labels never overlap
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    label_w = int(min(200, max((probe.textlength(n, font=font) for n in names), default=10))) + 8
-    shown = [(i, _shorten(probe, n, label_w - 8, font)) for i, n in enumerate(names) if i % every == 0]
-    top = 28 + 16 + label_w
-    left = 22 + label_w
-    grid = k * cell
-    width, height = left + grid + 90, top + grid + 20
-    img = Image.new("RGB", (max(width, 420), height), (255, 255, 255))
-    d = ImageDraw.Draw(img)
-    d.text((8, 6), _shorten(d, title, img.width - 16, font), fill=_INK, font=font)
-    d.text((left, 28), "predicted class" + (f" (every {every}th labelled)" if every > 1 else ""), fill=_INK, font=font)
-
-    totals = matrix.sum(axis=1, keepdims=True)  # (K, 1)
-    share = np.divide(matrix, totals, out=np.zeros(matrix.shape, dtype=np.float64), where=totals > 0)  # (K, K)
-    colours = (_LOW + share[..., None] * (_HIGH - _LOW)).round().astype(np.uint8)  # (K, K, 3)
-    heat = Image.fromarray(colours, mode="RGB").resize((grid, grid), Image.NEAREST)
-    img.paste(heat, (left, top))
-    d.rectangle([left - 1, top - 1, left + grid, top + grid], outline=(120, 120, 120))
-    if cell >= 22:
-        for r in range(k):
-            for c in range(k):
-                if matrix[r, c]:
-                    ink = (255, 255, 255) if share[r, c] > 0.5 else _INK
-                    d.text((left + c * cell + cell / 2, top + r * cell + cell / 2), str(matrix[r, c]), fill=ink, font=small, anchor="mm")
-
-    for i, text in shown:
-        y = top + i * cell + cell / 2
-        d.text((left - 6, y), text, fill=_INK, font=font, anchor="rm")
-        strip = Image.new("RGB", (label_w, 16), (255, 255, 255))
-        ImageDraw.Draw(strip).text((2, 8), text, fill=_INK, font=font, anchor="lm")
-        rotated = strip.rotate(90, expand=True)  # reads bottom to top
-        img.paste(rotated, (int(left + i * cell + cell / 2 - 8), top - label_w - 2))
-    side_w = int(probe.textlength("true class", font=font)) + 4
-    side = Image.new("RGB", (side_w, 16), (255, 255, 255))
-    ImageDraw.Draw(side).text((2, 8), "true class", fill=_INK, font=font, anchor="lm")
-    img.paste(side.rotate(90, expand=True), (2, top + max(0, (grid - side_w) // 2)))
-
-    # colour bar: share of the true class's images
-    bx, by, bh = left + grid + 16, top, min(grid, 160)
-    ramp = np.linspace(1.0, 0.0, bh)[:, None, None]  # (bh, 1, 1) top = 1
-    bar = (_LOW + ramp * (_HIGH - _LOW)).round().astype(np.uint8).repeat(12, axis=1)  # (bh, 12, 3)
-    img.paste(Image.fromarray(bar, mode="RGB"), (bx, by))
-    d.text((bx + 16, by), "1", fill=_INK, font=font, anchor="lt")
-    d.text((bx + 16, by + bh), "0", fill=_INK, font=font, anchor="lb")
-    d.text((bx, by + bh + 4), "share", fill=_INK, font=font)
-    return img

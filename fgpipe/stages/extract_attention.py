@@ -23,10 +23,8 @@ for gradient methods, one backward.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -35,113 +33,20 @@ from torch import Tensor
 from fgpipe import __version__
 from fgpipe.attention import HeatmapMethod, HeatmapSet, companion_methods, create_method
 from fgpipe.attention import heatmaps_of as method_heatmaps
+from fgpipe.checkpoints import require_finite
 from fgpipe.config import Settings
 from fgpipe.console import console, progress
-from fgpipe.errors import ArtifactError, DatasetError
+from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionMeta, AttentionWriter
 from fgpipe.imagecache import open_image_cache
-from fgpipe.images import DECODE_ERRORS
-from fgpipe.lineage import check_params, params_record
-from fgpipe.loader import LoadRequest, check_image_files, decode_region, normalize
-from fgpipe.manifest import ManifestRow, read_dataset_json, read_manifest
-from fgpipe.models.wsdan import Stage1Net
-from fgpipe.runtime import available_cores, configure_threads
-from fgpipe.stages.train_backbone import load_stage1, stage1_input_size
+from fgpipe.lineage import params_record, read_dataset_info
+from fgpipe.loader import LoadRequest, batched, check_image_files, normalize, prefetched
+from fgpipe.manifest import ManifestRow, read_manifest
+from fgpipe.runtime import configure_threads
+from fgpipe.stage1_network import extraction_device, load_checked_stage1, stage1_input_size
 from fgpipe.store import check_output_paths, file_sha256, replaced_together, write_json
-from fgpipe.training import require_finite
 
 STAGE = "extract_attention"
-T = TypeVar("T")
-
-
-def stage_paths(settings: Settings, dataset: str, checkpoint: str) -> dict[str, Path]:
-    """Inputs and outputs of the stage for ``dataset``; ``checkpoint`` is ``best`` or ``last``."""
-    d = settings.data_dir(dataset)
-    return {
-        "manifest": d / "manifest.csv",
-        "dataset": d / "dataset.json",
-        "checkpoint": d / "stage1" / f"{checkpoint}.pt",
-        "images": d / "images.h5",
-        "attention": d / "attention.h5",
-        "metrics": settings.metrics_file(dataset, STAGE),
-    }
-
-
-def extraction_device() -> torch.device:
-    """CUDA when torch sees a GPU, else the CPU (the attention and crops params have no device key)."""
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-def load_checked_stage1(
-    path: Path, manifest_sha: str, dataset: str, device: torch.device, settings: Settings | None = None
-) -> tuple[Stage1Net, dict[str, Any]]:
-    """The stage-1 network of ``path`` in eval mode; refuses a checkpoint trained on another manifest, or (with
-    ``settings``) with other `model` / `train_backbone` params than those now (:func:`fgpipe.lineage.check_params`)."""
-    if not path.is_file():
-        raise ArtifactError(f"checkpoint not found: {path} (run `fgpipe train-backbone --dataset {dataset}` first)")
-    model, state = load_stage1(path, device, dataset)
-    if state.get("manifest_sha256") != manifest_sha:
-        raise ArtifactError(
-            f"{path} was trained on another manifest than {path.parent.parent / 'manifest.csv'}: "
-            f"rerun `fgpipe train-backbone --dataset {dataset}` (or `dvc repro`)"
-        )
-    if settings is not None:
-        check_params(path, state.get("params"), settings, "train-backbone", dataset)
-    return model, state
-
-
-# --------------------------------------------------------------------------- batched decoding
-def decode_batch(requests: Sequence[LoadRequest], out_wh: tuple[int, int], pool: ThreadPoolExecutor | None = None) -> Tensor:
-    """Decode one batch of regions into a (B, 3, H, W) uint8 tensor (in ``pool``'s threads when given)."""
-    out = torch.empty((len(requests), 3, out_wh[1], out_wh[0]), dtype=torch.uint8)
-
-    def one(i: int) -> None:
-        req = requests[i]
-        try:
-            arr = decode_region(req.path, req.region, out_wh, req.cache)  # (H, W, 3)
-        except DECODE_ERRORS as exc:  # PIL's errors for a missing, corrupt or too large file (a bug is not caught)
-            raise DatasetError(f"cannot read image {req.path}: {exc} (rerun `fgpipe prepare` to recheck the dataset)") from None
-        out[i] = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
-
-    if pool is None:
-        for i in range(len(requests)):
-            one(i)
-    else:
-        for _ in pool.map(one, range(len(requests))):
-            pass
-    return out
-
-
-def batched(items: Sequence[Any], batch_size: int) -> list[Sequence[Any]]:
-    """Consecutive slices of at most ``batch_size`` items (the last may be shorter)."""
-    return [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-
-
-def prefetched(
-    jobs: Iterable[tuple[T, Sequence[LoadRequest]]], out_wh: tuple[int, int], decode: Callable[..., Tensor] | None = None
-) -> Iterator[tuple[T, Tensor]]:
-    """``(payload, decoded batch)`` for each ``(payload, requests)`` job, in order.
-
-    Each batch is decoded (by :func:`decode_batch`, in threads) while the caller works on the previous one,
-    so at most two decoded batches exist at a time; ``jobs`` is advanced lazily, one ahead.
-    """
-    decode = decode or decode_batch
-    it = iter(jobs)
-    with ThreadPoolExecutor(max_workers=available_cores()) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
-
-        def submit() -> tuple[T, Future[Tensor]] | None:
-            job = next(it, None)
-            if job is None:
-                return None
-            payload, requests = job
-            return payload, ahead.submit(decode, requests, out_wh, pool)
-
-        pending = submit()
-        while pending is not None:
-            payload, future = pending
-            images = future.result()
-            pending = submit()
-            yield payload, images
 
 
 # --------------------------------------------------------------------------- the stage
@@ -156,17 +61,17 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = settings.params.attention
     settings.dataset(dataset)  # a clear error for an unknown dataset name
-    paths = stage_paths(settings, dataset, cfg.checkpoint)
-    check_output_paths([paths["attention"], paths["metrics"]])
-    rows = read_manifest(paths["manifest"])
+    layout = settings.layout(dataset)
+    data, metrics_path, checkpoint = layout.data, layout.metrics.stage(STAGE), layout.data.stage1(cfg.checkpoint)
+    check_output_paths([data.attention, metrics_path])
+    rows = read_manifest(data.manifest)
     if not rows:
-        raise ArtifactError(f"{paths['manifest']}: lists no images (rerun `fgpipe prepare --dataset {dataset}`)")
-    info = read_dataset_json(paths["dataset"], dataset)
-    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
+        raise ArtifactError(f"{data.manifest}: lists no images (rerun `fgpipe prepare --dataset {dataset}`)")
+    info = read_dataset_info(settings, dataset)
     root = info.root
-    manifest_sha = file_sha256(paths["manifest"])
+    manifest_sha = file_sha256(data.manifest)
     device = extraction_device()
-    model, state = load_checked_stage1(paths["checkpoint"], manifest_sha, dataset, device, settings)
+    model, state = load_checked_stage1(checkpoint, manifest_sha, dataset, device, settings)
     size = cfg.input_size or stage1_input_size(state)  # 0: the size stage 1 was trained at
     method = create_method(cfg.method, model, score=cfg.score)
     methods = companion_methods(method)  # every method the checkpoint supports on this grid, one pass for all
@@ -180,12 +85,12 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         methods=tuple(names),
         layer=method.layer,
         input_size=size,
-        checkpoint_sha256=file_sha256(paths["checkpoint"]),
+        checkpoint_sha256=file_sha256(checkpoint),
         manifest_sha256=manifest_sha,
         provenance={
             "dataset": dataset,
             "checkpoint": cfg.checkpoint,
-            "checkpoint_path": str(paths["checkpoint"]),
+            "checkpoint_path": str(checkpoint),
             "target": cfg.target,
             "flip": cfg.flip,
             "score": method.score,
@@ -196,20 +101,20 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         },
     )
     row_batches = batched(rows, cfg.batch_size)
-    cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
-    check_image_files(info, rows, cache, dataset, paths["manifest"])  # a missing or replaced file: stop before writing
+    cache = open_image_cache(data.images, root, manifest_sha, dataset)
+    check_image_files(info, rows, cache, dataset, data.manifest)  # a missing or replaced file: stop before writing
     jobs = ((b, [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height)), cache) for r in b]) for b in row_batches)
     predictions = np.empty(len(rows), dtype=np.int64)
     t0 = time.perf_counter()
-    with AttentionWriter(paths["attention"], meta, grid, len(state["class_names"])) as writer, progress() as bar:
+    with AttentionWriter(data.attention, meta, grid, len(state["class_names"])) as writer, progress() as bar:
         task = bar.add_task(f"{' + '.join(names)} heatmaps", total=len(rows))
         done = 0
         for batch_rows, images in prefetched(jobs, (size, size)):
             out = heatmaps_of(methods, images, batch_rows, cfg.target, device, cfg.flip)
             ids = [r.image_id for r in batch_rows]
-            require_finite(out.logits, ids, "logits", paths["checkpoint"], "stage1", dataset)
+            require_finite(out.logits, ids, "logits", checkpoint, "stage1", dataset)
             for name, maps in out.heatmaps.items():
-                require_finite(maps, ids, f"`{name}` heatmaps", paths["checkpoint"], "stage1", dataset)
+                require_finite(maps, ids, f"`{name}` heatmaps", checkpoint, "stage1", dataset)
             writer.append(
                 [r.image_id for r in batch_rows], [r.label for r in batch_rows],
                 out.heatmaps, out.logits, out.predictions,
@@ -240,8 +145,8 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         "device": str(device),
         **settings.provenance(),
     }
-    write_json(paths["metrics"], metrics)
-    console.print(f"wrote {paths['attention']} ({len(rows)} images)", highlight=False)
+    write_json(metrics_path, metrics)
+    console.print(f"wrote {data.attention} ({len(rows)} images)", highlight=False)
     return metrics
 
 

@@ -33,68 +33,33 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from fgpipe import __version__
 from fgpipe.config import CropsConfig, Settings
 from fgpipe.console import console, progress
+from fgpipe.crop_parts import parts_of
 from fgpipe.errors import ArtifactError
+from fgpipe.figures import save_png
 from fgpipe.h5schema import AttentionReader, AttentionRecords, CropsMeta, CropsReader, CropsWriter
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.lineage import check_attention, check_params, params_record
-from fgpipe.loader import LoadRequest, check_image_files, normalize
-from fgpipe.localize import ObjectBoxes, PartBoxes, mpalm_parts_batch, object_boxes
+from fgpipe.layout import DataDir
+from fgpipe.lineage import check_attention, check_params, params_record, read_dataset_info
+from fgpipe.loader import LoadRequest, check_image_files, prefetched
+from fgpipe.localize import ObjectBoxes, object_boxes, paired_iou
 from fgpipe.localize.sweep import IOU_HIT, localization_report, localization_sweep, resolve_threshold, write_curves
-from fgpipe.manifest import ManifestRow, read_dataset_json, read_manifest
-from fgpipe.models.wsdan import Stage1Net
-from fgpipe.preview import load_samples, preview_indices, render, save_png
+from fgpipe.manifest import ManifestRow, read_manifest
+from fgpipe.preview import load_samples, preview_indices, render
 from fgpipe.runtime import configure_threads
-from fgpipe.stages.extract_attention import extraction_device, load_checked_stage1, prefetched
-from fgpipe.stages.train_backbone import stage1_input_size
+from fgpipe.stage1_network import extraction_device, load_checked_stage1, stage1_input_size
 from fgpipe.store import FileHashes, check_output_paths, file_sha256, pending, replaced_together, write_json
-from fgpipe.training import require_finite
 
 STAGE = "extract_crops"
-
-
-def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
-    """Inputs and outputs of the stage for ``dataset``."""
-    d = settings.data_dir(dataset)
-    return {
-        "manifest": d / "manifest.csv",
-        "dataset": d / "dataset.json",
-        "images": d / "images.h5",
-        "attention": d / "attention.h5",
-        "crops": d / "crops.h5",
-        "preview": d / "crops_preview.png",
-        "metrics": settings.metrics_file(dataset, STAGE),
-        "localization": settings.metrics_file(dataset, "localization"),
-        "curves": settings.metrics_file(dataset, "localization").with_suffix(""),  # metrics/NAME/localization/
-    }
 
 
 def object_boxes_of(records: AttentionRecords, rows: Sequence[ManifestRow], threshold: float) -> ObjectBoxes:
     """Section-4 object boxes of a batch, in original pixels of each image's manifest area."""
     wh = np.array([[r.width, r.height] for r in rows], dtype=np.float64)  # (B, 2)
     return object_boxes(records.heatmaps, threshold, wh)
-
-
-def parts_of(
-    model: Stage1Net, crops: torch.Tensor, boxes: np.ndarray, size: int, cfg: CropsConfig, device: torch.device,
-    *, names: Sequence[str] | None = None, checkpoint: Path | None = None, dataset: str = "NAME",
-) -> PartBoxes:
-    """Section-5 MPALM parts of a batch of decoded object crops (B, 3, size, size) uint8 with their boxes (B, 4).
-
-    With ``checkpoint`` (the network's file), non-finite features (a diverged network) are refused, naming the
-    images ``names`` (B,) (default: their positions in the batch)."""
-    with torch.no_grad():
-        fmap = model.features(normalize(crops.to(device)))[model.feature_layer]  # (B, C, h, w)
-    if checkpoint is not None:
-        names = names if names is not None else [f"#{i}" for i in range(len(fmap))]
-        require_finite(fmap, names, "features of the object crops", checkpoint, "stage1", dataset)
-    return mpalm_parts_batch(
-        fmap, boxes, size, top_k=cfg.part_top_k, sizes=cfg.part_sizes, iou=cfg.part_nms_iou, max_parts=cfg.max_parts
-    )
 
 
 def batches_with_boxes(
@@ -130,31 +95,31 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     t_start = time.perf_counter()
     cfg = settings.params.crops
     settings.dataset(dataset)  # a clear error for an unknown dataset name
-    paths = stage_paths(settings, dataset)
-    check_output_paths([paths[k] for k in ("crops", "preview", "metrics", "localization")], [paths["curves"]])
-    rows = read_manifest(paths["manifest"])
-    info = read_dataset_json(paths["dataset"], dataset)
-    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
+    layout = settings.layout(dataset)
+    data, out = layout.data, layout.metrics
+    check_output_paths([data.crops, data.crops_preview, out.stage(STAGE), out.localization], [out.localization_curves])
+    rows = read_manifest(data.manifest)
+    info = read_dataset_info(settings, dataset)
     root = info.root
-    if not paths["attention"].is_file():
+    if not data.attention.is_file():
         raise ArtifactError(
-            f"attention file not found: {paths['attention']} (run `fgpipe extract-attention --dataset {dataset}` first)"
+            f"attention file not found: {data.attention} (run `fgpipe extract-attention --dataset {dataset}` first)"
         )
     sha = FileHashes()  # each input hashed once
-    manifest_sha = sha(paths["manifest"])
-    attention_sha = sha(paths["attention"])
+    manifest_sha = sha(data.manifest)
+    attention_sha = sha(data.attention)
     device = extraction_device()
 
     n = len(rows)
     boxes = np.zeros((n, 4), dtype=np.float64)
     fallback = np.zeros(n, dtype=bool)
     part_total = 0
-    with AttentionReader(paths["attention"]) as attention:
-        checkpoint = check_attention(attention, settings.data_dir(dataset), dataset, sha, required=True)
-        check_params(paths["attention"], attention.meta.provenance.get("params"), settings, "extract-attention", dataset)
+    with AttentionReader(data.attention) as attention:
+        checkpoint = check_attention(attention, data.path, dataset, sha, required=True)
+        check_params(data.attention, attention.meta.provenance.get("params"), settings, "extract-attention", dataset)
         if attention.image_ids() != [r.image_id for r in rows]:
             raise ArtifactError(
-                f"{paths['attention']} does not hold the images of {paths['manifest']} in its order: "
+                f"{data.attention} does not hold the images of {data.manifest} in its order: "
                 f"rerun `fgpipe extract-attention --dataset {dataset}`"
             )
         # localisation of every stored method x threshold x split, from the heatmaps alone; auto picks on train+val
@@ -163,10 +128,10 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         report = localization_report(sweeps, attention.meta.method, threshold, source)
         model, state = load_checked_stage1(checkpoint, manifest_sha, dataset, device, settings)
         size = stage1_input_size(state)
-        cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
-        check_image_files(info, rows, cache, dataset, paths["manifest"])  # a missing or replaced file: stop before writing
+        cache = open_image_cache(data.images, root, manifest_sha, dataset)
+        check_image_files(info, rows, cache, dataset, data.manifest)  # a missing or replaced file: stop before writing
         # the preview (written after crops.h5) draws its images from the files, cache or not
-        check_image_files(info, [rows[i] for i in preview_indices(rows, cfg.preview_images)], None, dataset, paths["manifest"])
+        check_image_files(info, [rows[i] for i in preview_indices(rows, cfg.preview_images)], None, dataset, data.manifest)
         meta = CropsMeta(
             method=attention.meta.method,
             threshold=threshold,
@@ -190,7 +155,7 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
             },
         )
         t0 = time.perf_counter()
-        with CropsWriter(paths["crops"], meta, cfg.max_parts) as writer, progress() as bar:
+        with CropsWriter(data.crops, meta, cfg.max_parts) as writer, progress() as bar:
             task = bar.add_task("object boxes + MPALM parts", total=n)
             jobs = batches_with_boxes(attention, rows, root, cfg, cache, threshold)
             for (sl, records, obj), crops in prefetched(jobs, (size, size)):
@@ -217,26 +182,16 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         "images_per_s": round(n / seconds, 2) if seconds > 0 else None,
         "input_size": size,
         "device": str(device),
-        "sources": {"crops_sha256": file_sha256(pending(paths["crops"]))},  # the crops.h5 these figures describe
+        "sources": {"crops_sha256": file_sha256(pending(data.crops))},  # the crops.h5 these figures describe
         **settings.provenance(),
     }
-    write_curves(paths["curves"], sweeps)
-    write_preview(paths, rows, root, dataset, cfg, method, threshold)
-    write_json(paths["localization"], {"dataset": dataset, **report})
+    write_curves(out.localization_curves, sweeps)
+    write_preview(data, rows, root, dataset, cfg, method, threshold)
+    write_json(out.localization, {"dataset": dataset, **report})
     metrics["seconds"] = round(time.perf_counter() - t_start, 3)
-    write_json(paths["metrics"], metrics)
-    console.print(f"wrote {paths['crops']}, {paths['preview']} and {paths['localization']}", highlight=False)
+    write_json(out.stage(STAGE), metrics)
+    console.print(f"wrote {data.crops}, {data.crops_preview} and {out.localization}", highlight=False)
     return metrics
-
-
-def paired_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """IoU of ``a[i]`` with ``b[i]`` for boxes (N, 4) xyxy -> (N,) (0 for an empty union); O(N), not N x N."""
-    lt = np.maximum(a[:, :2], b[:, :2])  # (N, 2) intersection top-left
-    rb = np.minimum(a[:, 2:], b[:, 2:])  # (N, 2) intersection bottom-right
-    inter = np.prod(np.clip(rb - lt, 0, None), axis=1)  # (N,)
-    area = lambda x: np.prod(np.clip(x[:, 2:] - x[:, :2], 0, None), axis=1)  # noqa: E731
-    union = area(a) + area(b) - inter  # (N,)
-    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
 
 
 def localization(rows: Sequence[ManifestRow], boxes: np.ndarray) -> dict[str, float | int] | None:
@@ -253,7 +208,7 @@ def localization(rows: Sequence[ManifestRow], boxes: np.ndarray) -> dict[str, fl
 
 
 def write_preview(
-    paths: dict[str, Path],
+    data: DataDir,
     rows: Sequence[ManifestRow],
     root: Path,
     dataset: str,
@@ -267,6 +222,6 @@ def write_preview(
         f"{dataset}: {method} heatmaps, object threshold {threshold:g}, "
         f"MPALM parts ({len(indices)} test images, class by class)"
     )
-    with AttentionReader(paths["attention"]) as attention, CropsReader(pending(paths["crops"])) as crops:  # this run's
+    with AttentionReader(data.attention) as attention, CropsReader(pending(data.crops)) as crops:  # this run's
         samples = load_samples(rows, indices, root, attention, crops)
-    return save_png(render(samples, title), paths["preview"])
+    return save_png(render(samples, title), data.crops_preview)

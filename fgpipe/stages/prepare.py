@@ -29,7 +29,7 @@ from rich.markup import escape
 from fgpipe import __version__
 from fgpipe.config import DatasetConfig, Settings
 from fgpipe.console import console, progress
-from fgpipe.datasets import reader
+from fgpipe.datasets import generator, reader
 from fgpipe.datasets.base import SourceListing, SourceRecord, safe_relpath
 from fgpipe.errors import BadImagesError, DatasetError
 from fgpipe.imagecache import build_image_cache
@@ -61,9 +61,9 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     cfg = settings.dataset(dataset)
     root = settings.dataset_root(dataset)
     mod = reader(cfg.kind)
-    out_dir = settings.data_dir(dataset)
-    metrics_path = settings.metrics_file(dataset, STAGE)
-    check_output_paths([out_dir / "manifest.csv", out_dir / "dataset.json", out_dir / "images.h5", metrics_path])
+    layout = settings.layout(dataset)
+    data, metrics_path = layout.data, layout.metrics.stage(STAGE)
+    check_output_paths([data.manifest, data.dataset_json, data.images, metrics_path])
     if cfg.download and not hasattr(mod, "download"):  # an option silently ignored would hide a wrong setup
         cli = bool(settings.overrides.get(f"datasets.{dataset}.download"))
         said = "--download" if cli else f"datasets.{dataset}.download: true"
@@ -77,8 +77,9 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
             f"point datasets.{dataset}.root (or --root) at the dataset's folder\n{mod.HOW_TO_GET}"
         )
 
-    if cfg.kind == "synthetic":
-        mod.generate(root, cfg.options(), setting=f"datasets.{dataset}.root")
+    make = generator(cfg.kind)
+    if make is not None:
+        make.generate(root, cfg.options(), setting=f"datasets.{dataset}.root")
     elif not root.exists():
         if not cfg.download:
             raise DatasetError(f"dataset root not found: {root} (datasets.{dataset}.root)\n{mod.HOW_TO_GET}")
@@ -88,15 +89,15 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     listing: SourceListing = mod.read(root, cfg)
     rows, counts, issues = build_rows(root, cfg, listing, settings.params.prepare.max_pixels, dataset=dataset)
 
-    write_manifest(out_dir / "manifest.csv", rows)
+    write_manifest(data.manifest, rows)
     classes = sorted({(r.label, r.class_name) for r in rows})
     write_json(
-        out_dir / "dataset.json",
+        data.dataset_json,
         {
             "dataset": dataset,
             "kind": cfg.kind,
             "root": str(root),
-            **root_relative(settings, dataset, root, out_dir),
+            **root_relative(settings, dataset, root, data.path),
             "classes": [name for _, name in classes],
             "crop_bottom": listing.crop_bottom,
             "params": params_record(settings, "prepare", dataset),
@@ -105,7 +106,7 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         },
     )
     cache = build_image_cache(
-        out_dir / "images.h5", root, rows, settings.params.prepare.cache_side, file_sha256(pending(out_dir / "manifest.csv")),
+        data.images, root, rows, settings.params.prepare.cache_side, file_sha256(pending(data.manifest)),
         {"dataset": dataset, "root": str(root), "resample": "bilinear (antialiased)", "fgpipe_version": __version__, **settings.provenance()},
     )
     per_split = Counter(r.split for r in rows)
@@ -194,7 +195,7 @@ def build_rows(
                                f"nothing is left after dropping {listing.crop_bottom} banner pixels")
         box = r.box
         if box is not None:
-            box, clipped = clip_box(box, w, h)
+            box, clipped = clip_annotation(box, w, h)
             counts["boxes_clipped"] += clipped
             counts["boxes_dropped"] += box is None
             if clipped:
@@ -369,8 +370,9 @@ def _decode_all(
     return sizes, digests, bad
 
 
-def clip_box(box: Box, width: int, height: int) -> tuple[Box | None, bool]:
-    """Clip a box to the image; (None, True) when nothing of it is left inside."""
+def clip_annotation(box: Box, width: int, height: int) -> tuple[Box | None, bool]:
+    """Clip a ground-truth box of the annotations to its image: (the box, whether it changed); (None, True) when
+    nothing of it is left inside."""
     x0, y0, x1, y1 = box
     c = (min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height))
     clipped = c != (x0, y0, x1, y1)

@@ -5,9 +5,10 @@ Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NA
 Writes: data/NAME/stage1/{best,last}.pt, metrics/NAME/train_backbone.json,
         metrics/NAME/train_backbone/ (per-epoch curves for `dvc plots`, written by dvclive).
 
-The best epoch is selected on val (carved from train); test is only evaluated once, at the end, for
-the report. ``--resume`` continues from last.pt; each epoch is seeded from (seed, epoch), so a resumed
-run ends with the same weights as an uninterrupted one.
+The stage supplies its data, its step (:func:`train_step`) and its figures (:class:`Stage1Trainer`); the loop is
+:func:`fgpipe.training.fit`. The best epoch is selected on val (carved from train); test is only evaluated once,
+at the end, for the report. ``--resume`` continues from last.pt; each epoch is seeded from (seed, epoch), so a
+resumed run ends with the same weights as an uninterrupted one.
 Until the run ends its checkpoints say ``finished: False``, and the later stages refuse them: a killed or
 failed run leaves them for ``--resume`` only (Ctrl-C says so); both are marked finished together with the
 metrics file, at the very end (:func:`fgpipe.store.replaced_together`).
@@ -17,225 +18,178 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from rich.progress import TextColumn
 from torch import Tensor, nn
 
+from fgpipe.checkpoints import config_dict, load_checkpoint
 from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig
-from fgpipe.console import console, progress
-from fgpipe.errors import ArtifactError, TrainingError
+from fgpipe.errors import ArtifactError
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.lineage import check_params, params_record
-from fgpipe.loader import center_crop, check_image_files, load_regions, normalize, resized_side, train_augment, whole_image_requests
-from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
+from fgpipe.lineage import params_record, read_dataset_info
+from fgpipe.loader import Split, check_image_files, load_split, normalize, resized_side, train_augment
+from fgpipe.manifest import ManifestRow, class_names, read_manifest
 from fgpipe.models import build_stage1
-from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop, refine_crop
-from fgpipe.runtime import configure_threads
+from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop
+from fgpipe.stage1_network import predict_logits
 from fgpipe.store import check_output_paths, file_sha256
 from fgpipe.training import (
+    FitResult,
+    RunFiles,
     Runtime,
+    StepHook,
+    Trainer,
     all_reduce_sum,
-    barrier,
-    batches,
-    build_optimizer,
-    build_scheduler,
-    close_live,
-    config_dict,
-    epoch_seed,
-    interrupted,
-    load_checkpoint,
-    log_epoch,
-    finish_run,
-    open_live,
-    rebuilding,
-    require_finished,
-    resume_from,
-    rng_state,
-    save_checkpoint,
+    check_loss,
+    config_mismatch,
+    fit,
+    optimizer_for,
+    scheduler_for,
     seed_everything,
-    setup_runtime,
-    shard_indices,
-    teardown_runtime,
+    training_runtime,
     unwrap,
-    wrap_ddp,
 )
 
 STAGE = "train_backbone"
-StepHook = Callable[[int, int], None]  # (epoch, step) -> None; tests use it to interrupt a run
-
-
-@dataclass
-class Split:
-    """A split held in memory: uint8 images (N, 3, S, S) and labels (N,)."""
-
-    images: Tensor
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def load_split(root: Path, rows: list[ManifestRow], side: int, name: str, cache: ImageCache | None = None) -> Split:
-    """The manifest areas of ``rows`` resized to ``side`` x ``side`` (cut from ``cache`` when given), with their labels."""
-    images = load_regions(whole_image_requests(root, rows, cache), (side, side), desc=f"loading {name} images")
-    return Split(images, torch.tensor([r.label for r in rows], dtype=torch.long))
-
-
-def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
-    d = settings.data_dir(dataset)
-    return {
-        "manifest": d / "manifest.csv",
-        "dataset": d / "dataset.json",
-        "images": d / "images.h5",
-        "best": d / "stage1" / "best.pt",
-        "last": d / "stage1" / "last.pt",
-        "metrics": settings.metrics_file(dataset, STAGE),
-        "live": settings.metrics_file(dataset, STAGE).with_suffix(""),
-    }
 
 
 def run(settings: Settings, dataset: str, resume: bool = False, on_step: StepHook | None = None) -> dict[str, Any]:
     """Train stage-1 on train, select on val; return the metrics (also written to metrics/NAME/train_backbone.json)."""
-    configure_threads()
     cfg = settings.params.train_backbone
-    rt = setup_runtime(cfg.device, cfg.amp, cfg.channels_last)
-    try:
-        return _run(settings, dataset, cfg, settings.params.model, rt, resume, on_step)
-    finally:
-        teardown_runtime(rt)
+    with training_runtime(cfg) as rt:
+        t_start = time.perf_counter()
+        return fit(Stage1Trainer.build(settings, dataset, cfg, settings.params.model, rt, t_start), rt, resume, on_step)
 
 
-def _run(
-    settings: Settings, dataset: str, cfg: TrainBackboneConfig, mcfg: ModelConfig, rt: Runtime, resume: bool, on_step: StepHook | None
-) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    paths = stage_paths(settings, dataset)
-    settings.dataset(dataset)  # a clear error for an unknown dataset name
-    check_output_paths([paths["best"], paths["last"], paths["metrics"]], [paths["live"]])  # not after the training
-    rows = read_manifest(paths["manifest"])
-    info = read_dataset_json(paths["dataset"], dataset)
-    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
-    root = info.root
-    classes = class_names(rows)
-    by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
-    for s in ("train", "val"):
-        if not by_split[s]:
-            raise ArtifactError(f"{paths['manifest']}: the {s} split is empty")
+@dataclass
+class Stage1Trainer(Trainer):
+    """The stage-1 network (backbone + LCAM + WS-DAN head, or the plain head) on whole images, WS-DAN's losses."""
 
-    side = resized_side(cfg.input_size, cfg.augment)
-    cache = open_image_cache(paths["images"], root, file_sha256(paths["manifest"]), dataset)
-    check_image_files(info, rows, cache, dataset, paths["manifest"])  # test images too: they are read after training
-    train = load_split(root, by_split["train"], side, "train", cache)
-    val = load_split(root, by_split["val"], side, "val", cache)
+    settings: Settings
+    dataset: str
+    cfg: TrainBackboneConfig
+    mcfg: ModelConfig
+    rt: Runtime
+    t_start: float
+    files: RunFiles
+    parts: dict[str, Any]
+    state: dict[str, Any]
+    train: Split
+    val: Split
+    test_rows: list[ManifestRow]
+    root: Path
+    cache: ImageCache | None
+    kind: str = "stage1"
+    lr_key: str = "train_backbone.lr"
+    counts: tuple[tuple[str, str], ...] = (("top1", "acc"),)
 
-    seed_everything(cfg.seed)
-    weights = mcfg.weights if mcfg.weights in ("none", "imagenet") else str(settings.resolve(mcfg.weights))
-    model = build_stage1(mcfg, len(classes), weights=weights).to(rt.device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    with torch.no_grad():
-        probe = model(torch.zeros(2, 3, cfg.input_size, cfg.input_size, device=rt.device))
-    center = CenterLoss(len(classes), probe.embedding.shape[1]).to(rt.device)
-    opt = build_optimizer(param_groups(model, cfg), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
-    steps_per_epoch = len(batches(shard_indices(torch.arange(len(train)), rt), cfg.batch_size))
-    sched = build_scheduler(
-        opt, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-        schedule=cfg.schedule, step_size=cfg.step_size, gamma=cfg.gamma,
-    )
-    config = {"model": config_dict(mcfg), "train_backbone": config_dict(cfg)}
-    made_with = params_record(settings, "train-backbone", dataset)
-    manifest_sha = file_sha256(paths["manifest"])
+    @classmethod
+    def build(
+        cls, settings: Settings, dataset: str, cfg: TrainBackboneConfig, mcfg: ModelConfig, rt: Runtime, t_start: float
+    ) -> Stage1Trainer:
+        """Read and check the inputs, decode train and val, build the network, its center loss, optimiser and schedule."""
+        settings.dataset(dataset)  # a clear error for an unknown dataset name
+        layout = settings.layout(dataset)
+        data, out = layout.data, layout.metrics
+        files = RunFiles(data.stage1("best"), data.stage1("last"), out.stage(STAGE), out.curves(STAGE))
+        check_output_paths([files.best, files.last, files.metrics], [files.curves])  # not after the training
+        rows = read_manifest(data.manifest)
+        info = read_dataset_info(settings, dataset)
+        root = info.root
+        classes = class_names(rows)
+        by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
+        for s in ("train", "val"):
+            if not by_split[s]:
+                raise ArtifactError(f"{data.manifest}: the {s} split is empty")
 
-    start_epoch, best, history = resume_from(
-        paths["last"], resume, rt, lambda state: _check_resumable(state, config, manifest_sha, paths["last"]),
-        {"model": model, "center": center, "optimizer": opt, "scheduler": sched}, kind="stage1", dataset=dataset,
-    )
-    net = wrap_ddp(model, rt)
+        side = resized_side(cfg.input_size, cfg.augment)
+        cache = open_image_cache(data.images, root, file_sha256(data.manifest), dataset)
+        check_image_files(info, rows, cache, dataset, data.manifest)  # test images too: they are read after training
+        train = load_split(root, by_split["train"], side, "train", cache)
+        val = load_split(root, by_split["val"], side, "val", cache)
 
-    live = None  # dvclive, opened once the first checkpoint is written (a fresh run resets the curves folder)
-    saved = start_epoch  # the last epoch whose checkpoints are on disk (0: none of this run yet)
-    train_seconds, train_images = 0.0, 0
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            seed = epoch_seed(cfg.seed, epoch)
-            torch.manual_seed(seed)  # global RNG (e.g. stochastic depth) replays per epoch
-            gen = torch.Generator().manual_seed(seed)  # data order, augmentation, crop/drop sampling
-            t0 = time.perf_counter()
-            stats = train_one_epoch(net, center, opt, sched, train, cfg, rt, gen, epoch, on_step)
-            train_seconds += time.perf_counter() - t0
-            train_images += stats["images"]
-            val_stats = evaluate(model, val, cfg, rt)
-            record = {"epoch": epoch + 1, "train_loss": stats["loss"], "train_top1": stats["top1"],
-                      "val_top1": val_stats["top1"], "val_top1_raw": val_stats["top1_raw"],
-                      "lr": opt.param_groups[0]["lr"], "images_per_s": stats["images_per_s"]}
-            history.append(record)
-            improved = val_stats["top1"] >= best["val_top1"]  # a tie goes to the later, longer-trained epoch
-            if improved:
-                best = {"epoch": epoch + 1, "val_top1": val_stats["top1"]}
-            if rt.is_main:
-                state = {
-                    "kind": "stage1", "model": model.state_dict(), "center": center.state_dict(),
-                    "optimizer": opt.state_dict(), "scheduler": sched.state_dict(), "epoch": epoch + 1,
-                    "best": best, "history": history, "rng": rng_state(), "config": config,
-                    "class_names": classes, "manifest_sha256": manifest_sha, "dataset": dataset,
-                    "params": made_with,  # what later stages compare with the params then (fgpipe.lineage.check_params)
-                    "finished": False,  # both are marked at the end, with the metrics (training.finish_run)
-                }
-                saved = epoch + 1
-                if improved:
-                    save_checkpoint(paths["best"], state)
-                save_checkpoint(paths["last"], state)
-                console.print(
-                    f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  train {stats['top1']:.3f}  "
-                    f"val {val_stats['top1']:.3f} (raw {val_stats['top1_raw']:.3f})  {stats['images_per_s']:.1f} img/s"
-                    + ("  [green]best" if improved else ""),
-                    highlight=False,
-                )
-                if live is None:
-                    live = open_live(paths["live"], resume and start_epoch > 0)
-                log_epoch(live, record)
-            barrier(rt)
-        if live is not None:
-            close_live(live)
-            live = None
-        if not paths["best"].is_file():
-            raise ArtifactError(f"no best checkpoint at {paths['best']}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})")
-        # Report test accuracy of the val-selected checkpoint (test is never used for selection).
-        best_state = load_checkpoint(paths["best"], map_location=rt.device)
-        model.load_state_dict(best_state["model"])
-        test_stats = evaluate(model, load_split(root, by_split["test"], side, "test", cache), cfg, rt) if by_split["test"] else None
-        last = history[-1]
-        metrics = {
+        seed_everything(cfg.seed)
+        weights = mcfg.weights if mcfg.weights in ("none", "imagenet") else str(settings.resolve(mcfg.weights))
+        model = build_stage1(mcfg, len(classes), weights=weights).to(rt.device)
+        if rt.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            probe = model(torch.zeros(2, 3, cfg.input_size, cfg.input_size, device=rt.device))
+        center = CenterLoss(len(classes), probe.embedding.shape[1]).to(rt.device)
+        opt = optimizer_for(param_groups(model, cfg), cfg)
+        sched = scheduler_for(opt, cfg, len(train), rt)
+        state = {
+            "config": {"model": config_dict(mcfg), "train_backbone": config_dict(cfg)},
+            "class_names": classes,
+            "manifest_sha256": file_sha256(data.manifest),
             "dataset": dataset,
+            "params": params_record(settings, "train-backbone", dataset),  # compared by later stages (fgpipe.lineage.check_params)
+        }
+        return cls(
+            settings=settings, dataset=dataset, cfg=cfg, mcfg=mcfg, rt=rt, t_start=t_start, files=files,
+            parts={"model": model, "center": center, "optimizer": opt, "scheduler": sched}, state=state,
+            train=train, val=val, test_rows=by_split["test"], root=root, cache=cache,
+        )
+
+    @property
+    def command(self) -> str:  # type: ignore[override]
+        return f"fgpipe train-backbone --dataset {self.dataset}"
+
+    @property
+    def train_size(self) -> int:  # type: ignore[override]
+        return len(self.train)
+
+    def check_resumable(self, state: dict[str, Any]) -> None:
+        if state.get("manifest_sha256") != self.state["manifest_sha256"]:
+            raise ArtifactError(f"{self.files.last} was trained on another manifest: delete it or run without --resume")
+        config_mismatch(state, self.state["config"], self.files.last)
+
+    def train_step(self, net: nn.Module, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
+        cfg, rt = self.cfg, self.rt
+        x = rt.to_input(normalize(train_augment(self.train.images[idx], cfg.input_size, cfg.augment, gen)))
+        y = self.train.labels[idx].to(rt.device)
+        loss, logits = train_step(net, self.parts["center"], self.parts["optimizer"], x, y, cfg, rt, gen)
+        return loss, (int((logits.argmax(1) == y).sum()),), len(y)
+
+    def validate(self) -> dict[str, float]:
+        return evaluate(self.parts["model"], self.val, self.cfg, self.rt)
+
+    def figures(self, stats: dict[str, float], val: dict[str, float]) -> dict[str, float]:
+        return {"train_top1": stats["top1"], "val_top1": val["top1"], "val_top1_raw": val["top1_raw"]}
+
+    def describe(self, stats: dict[str, float], val: dict[str, float]) -> str:
+        return f"train {stats['top1']:.3f}  val {val['top1']:.3f} (raw {val['top1_raw']:.3f})"
+
+    def finish(self, result: FitResult) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """Test accuracy of the val-selected checkpoint (test is never used for selection), and the run's figures."""
+        cfg, mcfg, rt, model = self.cfg, self.mcfg, self.rt, self.parts["model"]
+        best_state = load_checkpoint(self.files.best, map_location=rt.device)
+        model.load_state_dict(best_state["model"])
+        side = resized_side(cfg.input_size, cfg.augment)
+        test = evaluate(model, load_split(self.root, self.test_rows, side, "test", self.cache), cfg, rt) if self.test_rows else None
+        best, last = result.best, result.history[-1]
+        metrics = {
+            "dataset": self.dataset,
             "backbone": mcfg.backbone,
             "weights": mcfg.weights,
             "input_size": cfg.input_size,
             "epochs": cfg.epochs,
             "best_epoch": best["epoch"],
             "val": {"top1": best["val_top1"]},
-            "test": test_stats,
+            "test": test,
             "train": {"loss": last["train_loss"], "top1": last["train_top1"]},
-            "images_per_s": round(train_images / train_seconds, 2) if train_seconds else None,
-            "resumed_from_epoch": start_epoch if resume else None,
+            "images_per_s": result.images_per_s,
+            "resumed_from_epoch": result.resumed_from_epoch,
             "world_size": rt.world_size,
             "device": str(rt.device),
-            "seconds": round(time.perf_counter() - t_start, 2),
-            **settings.provenance(),
+            "seconds": round(time.perf_counter() - self.t_start, 2),
+            **self.settings.provenance(),
         }
-        if rt.is_main:
-            finish_run(paths["best"], paths["last"], paths["metrics"], metrics, best_state)  # together, at the end
-        return metrics
-    except KeyboardInterrupt:
-        raise interrupted(f"fgpipe train-backbone --dataset {dataset}", saved, cfg.epochs) from None
-    finally:
-        if live is not None:  # the run stops on another error: that one is reported
-            close_live(live, failing=True)
+        return metrics, best_state
 
 
 def param_groups(model: Stage1Net, cfg: TrainBackboneConfig) -> list[dict[str, Any]]:
@@ -259,56 +213,12 @@ def param_groups(model: Stage1Net, cfg: TrainBackboneConfig) -> list[dict[str, A
     return groups
 
 
-def _check_resumable(state: dict[str, Any], config: dict[str, Any], manifest_sha: str, path: Path) -> None:
-    if state.get("manifest_sha256") != manifest_sha:
-        raise ArtifactError(f"{path} was trained on another manifest: delete it or run without --resume")
-    if state.get("config") != config:
-        diff = [f"{sec}.{k}" for sec in config for k in config[sec] if state["config"].get(sec, {}).get(k) != config[sec][k]]
-        raise ArtifactError(f"{path} was made with other params ({', '.join(diff)}): delete it or run without --resume")
-
-
-def train_one_epoch(
-    net: nn.Module, center: CenterLoss, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler,
-    data: Split, cfg: TrainBackboneConfig, rt: Runtime, gen: torch.Generator, epoch: int, on_step: StepHook | None,
-) -> dict[str, float]:
-    """One epoch of WS-DAN training: loss = (CE_raw + CE_crop + CE_drop) / 3 + lambda * center
-    (+ mu * the CAM head's CE on the same three views, / 3, when the model has one)."""
-    net.train()
-    order = torch.randperm(len(data), generator=gen)
-    chunks = batches(shard_indices(order, rt), cfg.batch_size)
-    total_loss = torch.zeros((), dtype=torch.float64)
-    correct, seen = 0, 0
-    t0 = time.perf_counter()
-    bar = progress(TextColumn("{task.fields[info]}")) if rt.is_main else contextlib.nullcontext()
-    with bar as pbar:
-        task = pbar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(chunks), info="") if pbar else None
-        for step, idx in enumerate(chunks):
-            x = rt.to_input(normalize(train_augment(data.images[idx], cfg.input_size, cfg.augment, gen)))
-            y = data.labels[idx].to(rt.device)
-            loss, logits = train_step(net, center, opt, x, y, cfg, rt, gen, epoch, step)
-            sched.step()
-
-            loss_value = float(loss)
-            total_loss += loss_value * len(y)
-            correct += int((logits.argmax(1) == y).sum())
-            seen += len(y)
-            if pbar is not None:
-                rate = seen * rt.world_size / (time.perf_counter() - t0)
-                pbar.update(task, advance=1, info=f"loss {loss_value:.3f} acc {correct / seen:.3f} {rate:.1f} img/s")
-            if on_step is not None:
-                on_step(epoch, step)
-    stats = torch.tensor([float(total_loss), correct, seen], dtype=torch.float64)
-    all_reduce_sum(stats, rt)
-    elapsed = time.perf_counter() - t0
-    return {"loss": float(stats[0] / stats[2]), "top1": float(stats[1] / stats[2]), "images": int(stats[2]),
-            "images_per_s": float(stats[2] / elapsed)}
-
-
 def train_step(
     net: nn.Module, center: CenterLoss, opt: torch.optim.Optimizer, x: Tensor, y: Tensor,
-    cfg: TrainBackboneConfig, rt: Runtime, gen: torch.Generator, epoch: int = 0, step: int = 0,
+    cfg: TrainBackboneConfig, rt: Runtime, gen: torch.Generator,
 ) -> tuple[Tensor, Tensor]:
-    """One optimisation step on a normalised batch; returns (total loss, raw logits), both detached.
+    """One optimisation step on a normalised batch; returns (total loss, raw logits), both detached. A NaN or
+    infinite loss stops it before its backward (:func:`fgpipe.training.check_loss`).
 
     The plain head (``model.head: plain``) takes a plain cross-entropy step on the batch: no attention
     crop or drop, no center loss.
@@ -322,7 +232,7 @@ def train_step(
         with rt.autocast():
             logits = net(x).logits.float()
             loss = F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
-        _check_finite(loss, epoch, step)
+        check_loss(loss)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -335,7 +245,7 @@ def train_step(
             loss_raw = loss_raw + _cam_loss(out.cam_logits, y, cfg)
         loss_center = center(out.embedding.float(), y)
         loss1 = loss_raw / 3 + cfg.center_loss_weight * loss_center
-        _check_finite(loss1, epoch, step)
+        check_loss(loss1)
         loss1.backward()
     with torch.no_grad():
         crops, drops = attention_crop_drop(
@@ -348,7 +258,7 @@ def train_step(
         y2 = torch.cat([y, y])
         loss2 = (F.cross_entropy(logits2, y2, label_smoothing=cfg.label_smoothing) * 2
                  + _cam_loss(out2.cam_logits, y2, cfg) * 2) / 3
-    _check_finite(loss2, epoch, step)
+    check_loss(loss2)
     loss2.backward()
     opt.step()
     opt.zero_grad(set_to_none=True)
@@ -364,39 +274,6 @@ def _cam_loss(cam_logits: Tensor | None, y: Tensor, cfg: TrainBackboneConfig) ->
     return cfg.cam_loss_weight * F.cross_entropy(cam_logits.float(), y, label_smoothing=cfg.label_smoothing)
 
 
-def _check_finite(loss: Tensor, epoch: int, step: int) -> None:
-    if not torch.isfinite(loss.detach()).all():
-        raise TrainingError(
-            f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; training stopped and the "
-            "last good checkpoint was kept. Lower train_backbone.lr or check the data."
-        )
-
-
-@torch.no_grad()
-def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, rt: Runtime, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Raw and refined logits (B, K) of uint8 images (N, 3, S, S) center-cropped to the input size.
-
-    Refined = mean of the raw logits and those of the test-time attention crop (mean of all maps,
-    threshold ``refine_threshold`` * max, padding ``refine_padding``); equal to raw when test_refine is off
-    or the head is plain (no attention maps).
-    """
-    model.eval()
-    raw_all, ref_all = [], []
-    for chunk in images.split(batch_size or cfg.batch_size * 2):
-        x = rt.to_input(normalize(center_crop(chunk, cfg.input_size)))
-        with rt.autocast():
-            out = model(x)
-            raw = out.logits.float()
-            if cfg.test_refine and out.attention is not None:
-                crop = refine_crop(x.float(), out.attention.float(), threshold=cfg.refine_threshold, padding=cfg.refine_padding)
-                refined = (raw + model(rt.to_input(crop)).logits.float()) / 2
-            else:
-                refined = raw
-        raw_all.append(raw.cpu())
-        ref_all.append(refined.cpu())
-    return torch.cat(raw_all), torch.cat(ref_all)
-
-
 def evaluate(model: nn.Module, data: Split, cfg: TrainBackboneConfig, rt: Runtime) -> dict[str, float]:
     """Top-1 of raw and refined predictions on a split (sharded over ranks, counts summed)."""
     idx = torch.arange(len(data))[rt.rank :: rt.world_size] if rt.distributed else torch.arange(len(data))
@@ -406,28 +283,3 @@ def evaluate(model: nn.Module, data: Split, cfg: TrainBackboneConfig, rt: Runtim
     all_reduce_sum(counts, rt)
     n = max(float(counts[2]), 1.0)
     return {"top1_raw": float(counts[0]) / n, "top1": float(counts[1]) / n, "images": int(counts[2])}
-
-
-def load_stage1(
-    path: str | Path, device: str | torch.device = "cpu", dataset: str | None = None
-) -> tuple[Stage1Net, dict[str, Any]]:
-    """Rebuild the stage-1 network from a checkpoint (its own config; no weight download) in eval mode.
-
-    Returns the model and the checkpoint dict (class_names, manifest_sha256, config, ...). ``dataset`` names the
-    command that rewrites the file in errors (default: the one the checkpoint records).
-    """
-    state = load_checkpoint(path, map_location=device, kind="stage1", dataset=dataset)
-    dataset = dataset or str(state.get("dataset", "NAME"))
-    require_finished(state, path, f"fgpipe train-backbone --dataset {dataset}")
-    with rebuilding(path, "stage1", dataset):
-        mcfg = ModelConfig(**state["config"]["model"])
-        TrainBackboneConfig(**state["config"]["train_backbone"])  # checked here: the callers read it
-    model = build_stage1(mcfg, len(state["class_names"]), weights="none")
-    with rebuilding(path, "stage1", dataset):
-        model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
-
-
-def stage1_input_size(state: dict[str, Any]) -> int:
-    """The input size a stage-1 checkpoint was trained at."""
-    return int(state["config"]["train_backbone"]["input_size"])

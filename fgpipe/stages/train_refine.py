@@ -9,6 +9,8 @@ Writes: data/NAME/refine/{best,last}.pt (recording the SHA-256 of the manifest, 
         metrics/NAME/train_refine.json, metrics/NAME/train_refine/ (per-epoch curves for `dvc plots`, written by
         dvclive).
 
+The stage supplies its data, its step and its figures (:class:`RefineTrainer`) and the box jitter
+(:func:`jittered_crops`); the loop is :func:`fgpipe.training.fit`, the regions :mod:`fgpipe.branch_data`.
 No crop is ever written as an image: every box is decoded once into memory (:func:`fgpipe.loader.load_regions`).
 Train boxes are decoded with a margin of ``box_jitter`` times the box side on each side, so that every epoch
 can move each box edge by up to that fraction (a random shift and scale) before the usual random crop, flip
@@ -26,212 +28,48 @@ metrics file, at the very end (:func:`fgpipe.store.replaced_together`).
 
 from __future__ import annotations
 
-import contextlib
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from rich.progress import TextColumn
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
+from fgpipe.branch_data import BranchData, part_size, read_crops, split_data, subset
+from fgpipe.branch_inference import predict_branches
+from fgpipe.checkpoints import config_dict
 from fgpipe.config import ModelConfig, Settings, TrainRefineConfig
-from fgpipe.console import console, progress
-from fgpipe.errors import ArtifactError, TrainingError
+from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import CropsReader
-from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.lineage import check_crops, check_crops_params, check_params, params_record
-from fgpipe.loader import LoadRequest, center_crop, check_image_files, load_regions, normalize, resized_side, train_augment
-from fgpipe.manifest import ManifestRow, class_names, read_dataset_json, read_manifest
-from fgpipe.models.branches import RefineNet, build_refine_net
-from fgpipe.runtime import configure_threads
+from fgpipe.imagecache import open_image_cache
+from fgpipe.lineage import check_crops, check_crops_params, params_record, read_dataset_info
+from fgpipe.loader import check_image_files, normalize, resized_side, train_augment
+from fgpipe.manifest import class_names, read_manifest
+from fgpipe.models.branches import build_refine_net
+from fgpipe.stage1_network import stage1_state
 from fgpipe.store import FileHashes, check_output_paths
 from fgpipe.training import (
+    FitResult,
+    RunFiles,
     Runtime,
+    StepHook,
+    Trainer,
     all_reduce_sum,
-    barrier,
-    batches,
-    build_optimizer,
-    build_scheduler,
-    close_live,
-    config_dict,
-    epoch_seed,
-    interrupted,
-    load_checkpoint,
-    log_epoch,
-    finish_run,
-    open_live,
-    rebuilding,
-    require_finished,
-    resume_from,
-    rng_state,
-    save_checkpoint,
+    check_loss,
+    config_mismatch,
+    fit,
+    optimizer_for,
+    scheduler_for,
     seed_everything,
-    setup_runtime,
-    shard_indices,
-    teardown_runtime,
+    training_runtime,
     unwrap,
-    wrap_ddp,
 )
 
 STAGE = "train_refine"
-StepHook = Callable[[int, int], None]  # (epoch, step) -> None; tests use it to interrupt a run
-RegionLoader = Callable[..., Tensor]  # (requests, out_wh, desc=...) -> (N, 3, H, W) uint8, like load_regions
 MIN_JITTERED_SIDE = 0.5  # a jittered box narrower than this fraction of the box falls back to the box itself
-
-
-# --------------------------------------------------------------------------- boxes
-@dataclass(frozen=True)
-class ImageBoxes:
-    """One image's boxes from crops.h5, in original pixels, clipped to the image."""
-
-    box: np.ndarray  # (4,) object box
-    parts: np.ndarray  # (P, 4) part boxes, P >= 1 (the object box when MPALM found none)
-    fallback: bool  # the object box is the whole image (empty heatmap)
-    num_parts: int  # parts found by MPALM (0 when ``parts`` holds the object box)
-
-
-def clip_box(box: np.ndarray, wh: tuple[float, float]) -> np.ndarray:
-    """Clip (4,) or (P, 4) boxes to ``(0, 0, W, H)``, keeping at least one pixel of extent."""
-    w, h = float(wh[0]), float(wh[1])
-    out = np.asarray(box, dtype=np.float64).copy()
-    out[..., 0::2] = np.clip(out[..., 0::2], 0.0, w)
-    out[..., 1::2] = np.clip(out[..., 1::2], 0.0, h)
-    out[..., 0] = np.minimum(out[..., 0], w - 1.0)
-    out[..., 1] = np.minimum(out[..., 1], h - 1.0)
-    out[..., 2] = np.maximum(out[..., 2], out[..., 0] + 1.0)
-    out[..., 3] = np.maximum(out[..., 3], out[..., 1] + 1.0)
-    return out
-
-
-def image_boxes(box: np.ndarray, parts: np.ndarray, count: int, fallback: bool, wh: tuple[float, float]) -> ImageBoxes:
-    """An :class:`ImageBoxes` from one crops.h5 row (parts zero-padded past ``count``)."""
-    obj = clip_box(box, wh)
-    valid = clip_box(parts[:count], wh) if count > 0 else obj[None]
-    return ImageBoxes(box=obj, parts=valid, fallback=bool(fallback), num_parts=int(count))
-
-
-def read_crops(path: Path, manifest_sha256: str, rows: list[ManifestRow]) -> list[ImageBoxes]:
-    """The boxes of ``rows`` (in their order) from crops.h5; refuses a file made from another manifest."""
-    with CropsReader(path) as reader:
-        reader.check_source(manifest_sha256=manifest_sha256)
-        rec = reader.read()
-        index = {image_id: i for i, image_id in enumerate(rec.image_ids)}
-        missing = [r.image_id for r in rows if r.image_id not in index]
-        if missing:
-            raise ArtifactError(
-                f"{path}: no boxes for {len(missing)} image(s) of the manifest (e.g. {', '.join(missing[:5])}); "
-                "rerun `fgpipe extract-crops` (or `dvc repro`)"
-            )
-        picked = [index[r.image_id] for r in rows]
-        reader.check_inside(rec, np.array(picked, dtype=np.int64), np.array([[r.width, r.height] for r in rows]).reshape(-1, 2))
-    out = []
-    for r, i in zip(rows, picked):
-        out.append(image_boxes(rec.boxes[i], rec.parts[i], int(rec.part_counts[i]), bool(rec.fallback[i]), (r.width, r.height)))
-    return out
-
-
-def margin_region(box: np.ndarray, margin: float, wh: tuple[float, float]) -> np.ndarray:
-    """``box`` (4,) grown by ``margin`` times its side on every side, clipped to ``(0, 0, W, H)``."""
-    x0, y0, x1, y1 = (float(v) for v in box)
-    dx, dy = margin * (x1 - x0), margin * (y1 - y0)
-    return clip_box(np.array([x0 - dx, y0 - dy, x1 + dx, y1 + dy]), wh)
-
-
-# --------------------------------------------------------------------------- data in memory
-@dataclass
-class BranchData:
-    """Object crops and part patches of a split, decoded once: uint8 regions and where they came from.
-
-    Region i of ``objects`` covers ``object_regions[i]`` (original pixels) and holds ``object_boxes[i]``
-    (equal to the region when no margin was asked for); likewise for patches. The patches of image i are
-    rows ``patch_start[i] : patch_start[i] + patch_count[i]``.
-    """
-
-    objects: Tensor  # (N, 3, So, So) uint8
-    object_regions: Tensor  # (N, 4) float32
-    object_boxes: Tensor  # (N, 4) float32
-    patches: Tensor  # (T, 3, Sp, Sp) uint8
-    patch_regions: Tensor  # (T, 4) float32
-    patch_boxes: Tensor  # (T, 4) float32
-    patch_start: Tensor  # (N,) int64
-    patch_count: Tensor  # (N,) int64, >= 1
-    labels: Tensor  # (N,) int64
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-    def patch_index(self, idx: Tensor) -> tuple[Tensor, Tensor]:
-        """Rows of the patches of images ``idx`` (T,) and each patch's position in ``idx`` (T,)."""
-        counts = self.patch_count[idx]  # (B,)
-        owner = torch.repeat_interleave(torch.arange(len(idx)), counts)  # (T,)
-        starts = torch.repeat_interleave(self.patch_start[idx], counts)  # (T,)
-        offsets = torch.arange(len(owner)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        return starts + offsets, owner
-
-
-def load_branch_data(
-    paths: list[Path], sizes: list[tuple[int, int]], boxes: list[ImageBoxes], labels: list[int],
-    object_side: int, part_side: int, margin: float, name: str, load: RegionLoader = load_regions,
-    cache: ImageCache | None = None,
-) -> BranchData:
-    """Decode every object box (at ``object_side``) and part box (at ``part_side``) of a split.
-
-    With ``margin`` > 0 each region is the box grown by ``margin`` times its side (clipped to the image),
-    decoded at ``side * (1 + 2 * margin)`` so that the box itself keeps about ``side`` pixels. ``load``
-    decodes a list of regions (default: :func:`fgpipe.loader.load_regions`, with a progress bar), cut from
-    ``cache`` when given.
-    """
-    obj_store = int(round(object_side * (1 + 2 * margin)))
-    part_store = int(round(part_side * (1 + 2 * margin)))
-    obj_regions = [margin_region(b.box, margin, wh) for b, wh in zip(boxes, sizes)]
-    part_boxes = [p for b in boxes for p in b.parts]
-    part_regions = [margin_region(p, margin, wh) for b, wh in zip(boxes, sizes) for p in b.parts]
-    part_paths = [path for path, b in zip(paths, boxes) for _ in range(len(b.parts))]
-    objects = load(
-        [LoadRequest(p, tuple(r), cache) for p, r in zip(paths, obj_regions)], (obj_store, obj_store), desc=f"loading {name} objects"
-    )
-    patches = load(
-        [LoadRequest(p, tuple(r), cache) for p, r in zip(part_paths, part_regions)], (part_store, part_store), desc=f"loading {name} parts"
-    )
-    counts = torch.tensor([len(b.parts) for b in boxes], dtype=torch.long)
-
-    def as_tensor(rows: list[np.ndarray]) -> Tensor:
-        return torch.tensor(np.asarray(rows, dtype=np.float64).reshape(-1, 4), dtype=torch.float32)
-
-    return BranchData(
-        objects=objects,
-        object_regions=as_tensor(obj_regions),
-        object_boxes=as_tensor([b.box for b in boxes]),
-        patches=patches,
-        patch_regions=as_tensor(part_regions),
-        patch_boxes=as_tensor(part_boxes),
-        patch_start=torch.cumsum(counts, 0) - counts,
-        patch_count=counts,
-        labels=torch.tensor(labels, dtype=torch.long),
-    )
-
-
-def split_data(
-    root: Path, rows: list[ManifestRow], boxes: list[ImageBoxes], cfg: TrainRefineConfig, margin: float, name: str,
-    cache: ImageCache | None = None,
-) -> BranchData:
-    """:func:`load_branch_data` for manifest rows at the sizes of ``cfg`` (cut from ``cache`` when given)."""
-    return load_branch_data(
-        [root / r.path for r in rows], [(r.width, r.height) for r in rows], boxes, [r.label for r in rows],
-        resized_side(cfg.input_size, cfg.augment), resized_side(part_size(cfg), cfg.augment), margin, name,
-        cache=cache,
-    )
-
-
-def part_size(cfg: TrainRefineConfig) -> int:
-    """Side of the part patches fed to the part branch (``part_size``, 0 -> ``input_size // 2``)."""
-    return cfg.part_size or cfg.input_size // 2
 
 
 def jittered_crops(
@@ -279,161 +117,145 @@ def train_inputs(data: BranchData, idx: Tensor, cfg: TrainRefineConfig, gen: tor
     )
 
 
-def eval_inputs(data: BranchData, idx: Tensor, cfg: TrainRefineConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Centre-cropped object crops and patches of images ``idx`` (uint8) and each patch's owner (T,)."""
-    rows, owner = data.patch_index(idx)
-    return center_crop(data.objects[idx], cfg.input_size), center_crop(data.patches[rows], part_size(cfg)), owner
-
-
 # --------------------------------------------------------------------------- the stage
-def stage_paths(settings: Settings, dataset: str) -> dict[str, Path]:
-    d = settings.data_dir(dataset)
-    return {
-        "manifest": d / "manifest.csv",
-        "dataset": d / "dataset.json",
-        "images": d / "images.h5",
-        "crops": d / "crops.h5",
-        "stage1": d / "stage1" / "best.pt",
-        "best": d / "refine" / "best.pt",
-        "last": d / "refine" / "last.pt",
-        "metrics": settings.metrics_file(dataset, STAGE),
-        "live": settings.metrics_file(dataset, STAGE).with_suffix(""),
-    }
-
-
-def load_stage1_state(
-    path: Path, manifest_sha: str, classes: list[str], dataset: str, settings: Settings | None = None
-) -> dict[str, Any]:
-    """The stage-1 checkpoint the branches start from; refuses one trained on another manifest, or (with
-    ``settings``) with other `model` / `train_backbone` params than those now."""
-    if not path.is_file():
-        raise ArtifactError(f"stage-1 checkpoint not found: {path} (run `fgpipe train-backbone --dataset {dataset}` first)")
-    state = load_checkpoint(path, kind="stage1", dataset=dataset)
-    require_finished(state, path, f"fgpipe train-backbone --dataset {dataset}")
-    with rebuilding(path, "stage1", dataset):
-        ModelConfig(**state["config"]["model"])  # checked here: the branches are built from it
-    if state.get("manifest_sha256") != manifest_sha or list(state.get("class_names", [])) != classes:
-        raise ArtifactError(f"{path} was trained on another manifest: rerun `fgpipe train-backbone` (or `dvc repro`)")
-    if settings is not None:
-        check_params(path, state.get("params"), settings, "train-backbone", dataset)
-    return state
-
-
 def run(settings: Settings, dataset: str, resume: bool = False, on_step: StepHook | None = None) -> dict[str, Any]:
     """Train both branches on train, select on val; return the metrics (also written to metrics/NAME/train_refine.json)."""
-    configure_threads()
     cfg = settings.params.train_refine
-    rt = setup_runtime(cfg.device, cfg.amp, cfg.channels_last)
-    try:
-        return _run(settings, dataset, cfg, rt, resume, on_step)
-    finally:
-        teardown_runtime(rt)
+    with training_runtime(cfg) as rt:
+        t_start = time.perf_counter()
+        return fit(RefineTrainer.build(settings, dataset, cfg, rt, t_start), rt, resume, on_step)
 
 
-def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, resume: bool, on_step: StepHook | None) -> dict[str, Any]:
-    t_start = time.perf_counter()
-    paths = stage_paths(settings, dataset)
-    settings.dataset(dataset)  # a clear error for an unknown dataset name
-    check_output_paths([paths["best"], paths["last"], paths["metrics"]], [paths["live"]])  # not after the training
-    rows = read_manifest(paths["manifest"])
-    info = read_dataset_json(paths["dataset"], dataset)
-    check_params(paths["dataset"], info.params, settings, "prepare", dataset)
-    root = info.root
-    classes = class_names(rows)
-    sha = FileHashes()  # each input hashed once
-    manifest_sha = sha(paths["manifest"])
-    stage1 = load_stage1_state(paths["stage1"], manifest_sha, classes, dataset, settings)
-    by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val")}
-    for s in ("train", "val"):
-        if not by_split[s]:
-            raise ArtifactError(f"{paths['manifest']}: the {s} split is empty")
-    with CropsReader(paths["crops"]) as crops:  # made from this manifest, attention.h5 and stage-1 checkpoint
-        check_crops(crops, paths["crops"].parent, dataset, sha)
-        check_crops_params(crops, paths["crops"].parent, settings, dataset)  # and with the params now
-    boxes = {s: read_crops(paths["crops"], manifest_sha, by_split[s]) for s in ("train", "val")}
-    hashes = {"manifest_sha256": manifest_sha, "crops_sha256": sha(paths["crops"]), "stage1_sha256": sha(paths["stage1"])}
+@dataclass
+class RefineTrainer(Trainer):
+    """The object branch on object crops and the part branch on part patches, trained jointly."""
 
-    cache = open_image_cache(paths["images"], root, manifest_sha, dataset)
-    check_image_files(info, by_split["train"] + by_split["val"], cache, dataset, paths["manifest"])  # before any checkpoint is written
-    train = split_data(root, by_split["train"], boxes["train"], cfg, cfg.box_jitter, "train", cache)
-    val = split_data(root, by_split["val"], boxes["val"], cfg, 0.0, "val", cache)
+    settings: Settings
+    dataset: str
+    cfg: TrainRefineConfig
+    mcfg: ModelConfig
+    rt: Runtime
+    t_start: float
+    files: RunFiles
+    parts: dict[str, Any]
+    state: dict[str, Any]
+    train: BranchData
+    val: BranchData
+    stage1_path: Path
+    loaded: int  # tensors of the stage-1 checkpoint the branches started from
+    kind: str = "refine"
+    lr_key: str = "train_refine.lr"
+    counts: tuple[tuple[str, str], ...] = (("object_top1", "obj"), ("parts_top1", "parts"))
 
-    seed_everything(cfg.seed)
-    mcfg = ModelConfig(**stage1["config"]["model"])  # checked by load_stage1_state
-    # a stage-1 state_dict that does not fit is a ConfigError naming each key (fgpipe.models.weights.apply_state_dict)
-    model, report = build_refine_net(mcfg, len(classes), cfg.shared_backbone, stage1["model"], str(paths["stage1"]))
-    model = model.to(rt.device)
-    if rt.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model.parameters(), cfg.optimizer, cfg.lr, cfg.momentum, cfg.weight_decay)
-    steps_per_epoch = len(batches(shard_indices(torch.arange(len(train)), rt), cfg.batch_size))
-    sched = build_scheduler(
-        opt, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
-        schedule=cfg.schedule, step_size=cfg.step_size, gamma=cfg.gamma,
-    )
-    config = {"model": dict(stage1["config"]["model"]), "train_refine": config_dict(cfg)}
-    made_with = params_record(settings, "train-refine", dataset)
+    @classmethod
+    def build(cls, settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, t_start: float) -> RefineTrainer:
+        """Read and check the inputs, decode the train and val regions, build both branches from stage 1, the optimiser
+        and the schedule."""
+        settings.dataset(dataset)  # a clear error for an unknown dataset name
+        layout = settings.layout(dataset)
+        data, out = layout.data, layout.metrics
+        files = RunFiles(data.refine("best"), data.refine("last"), out.stage(STAGE), out.curves(STAGE))
+        check_output_paths([files.best, files.last, files.metrics], [files.curves])  # not after the training
+        rows = read_manifest(data.manifest)
+        info = read_dataset_info(settings, dataset)
+        root = info.root
+        classes = class_names(rows)
+        sha = FileHashes()  # each input hashed once
+        manifest_sha = sha(data.manifest)
+        stage1_path = data.stage1("best")
+        stage1 = stage1_state(stage1_path, manifest_sha, classes, dataset, settings)
+        by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val")}
+        for s in ("train", "val"):
+            if not by_split[s]:
+                raise ArtifactError(f"{data.manifest}: the {s} split is empty")
+        with CropsReader(data.crops) as crops:  # made from this manifest, attention.h5 and stage-1 checkpoint
+            check_crops(crops, data.path, dataset, sha)
+            check_crops_params(crops, data.path, settings, dataset)  # and with the params now
+        boxes = {s: read_crops(data.crops, manifest_sha, by_split[s]) for s in ("train", "val")}
+        hashes = {"manifest_sha256": manifest_sha, "crops_sha256": sha(data.crops), "stage1_sha256": sha(stage1_path)}
 
-    start_epoch, best, history = resume_from(
-        paths["last"], resume, rt, lambda state: _check_resumable(state, config, hashes, paths["last"]),
-        {"model": model, "optimizer": opt, "scheduler": sched}, kind="refine", dataset=dataset,
-    )
-    net = wrap_ddp(model, rt)
+        cache = open_image_cache(data.images, root, manifest_sha, dataset)
+        check_image_files(info, by_split["train"] + by_split["val"], cache, dataset, data.manifest)  # before any checkpoint is written
+        train = split_data(root, by_split["train"], boxes["train"], cfg, cfg.box_jitter, "train", cache)
+        val = split_data(root, by_split["val"], boxes["val"], cfg, 0.0, "val", cache)
 
-    live = None  # dvclive, opened once the first checkpoint is written (a fresh run resets the curves folder)
-    saved = start_epoch  # the last epoch whose checkpoints are on disk (0: none of this run yet)
-    train_seconds, train_images = 0.0, 0
-    try:
-        for epoch in range(start_epoch, cfg.epochs):
-            seed = epoch_seed(cfg.seed, epoch)
-            torch.manual_seed(seed)  # global RNG replays per epoch
-            gen = torch.Generator().manual_seed(seed)  # data order, box jitter, augmentation
-            t0 = time.perf_counter()
-            stats = train_one_epoch(net, opt, sched, train, cfg, rt, gen, epoch, on_step)
-            train_seconds += time.perf_counter() - t0
-            train_images += stats["images"]
-            val_stats = evaluate_branches(model, val, cfg, rt)
-            record = {
-                "epoch": epoch + 1, "train_loss": stats["loss"], "train_object_top1": stats["object_top1"],
-                "train_parts_top1": stats["parts_top1"], "val_object_top1": val_stats["object"],
-                "val_parts_top1": val_stats["parts"], "val_top1": val_stats["mean"],
-                "lr": opt.param_groups[0]["lr"], "images_per_s": stats["images_per_s"],
-            }
-            history.append(record)
-            improved = val_stats["mean"] >= best["val_top1"]  # a tie goes to the later, longer-trained epoch
-            if improved:
-                best = {"epoch": epoch + 1, "val_top1": val_stats["mean"], "object": val_stats["object"], "parts": val_stats["parts"]}
-            if rt.is_main:
-                state = {
-                    "kind": "refine", "model": model.state_dict(), "optimizer": opt.state_dict(),
-                    "scheduler": sched.state_dict(), "epoch": epoch + 1, "best": best, "history": history,
-                    "rng": rng_state(), "config": config, "class_names": classes, "dataset": dataset, **hashes,
-                    "params": made_with,  # what later stages compare with the params then (fgpipe.lineage.check_params)
-                    "finished": False,  # both are marked at the end, with the metrics (training.finish_run)
-                }
-                saved = epoch + 1
-                if improved:
-                    save_checkpoint(paths["best"], state)
-                save_checkpoint(paths["last"], state)
-                console.print(
-                    f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  train obj {stats['object_top1']:.3f} "
-                    f"parts {stats['parts_top1']:.3f}  val obj {val_stats['object']:.3f} parts {val_stats['parts']:.3f}  "
-                    f"{stats['images_per_s']:.1f} img/s" + ("  [green]best" if improved else ""),
-                    highlight=False,
-                )
-                if live is None:
-                    live = open_live(paths["live"], resume and start_epoch > 0)
-                log_epoch(live, record)
-            barrier(rt)
-        if live is not None:
-            close_live(live)
-            live = None
-        if not paths["best"].is_file():
-            raise ArtifactError(f"no best checkpoint at {paths['best']}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})")
-        last = history[-1]
-        metrics = {
+        seed_everything(cfg.seed)
+        mcfg = ModelConfig(**stage1["config"]["model"])  # checked by stage1_state
+        # a stage-1 state_dict that does not fit is a ConfigError naming each key (fgpipe.models.weights.apply_state_dict)
+        model, report = build_refine_net(mcfg, len(classes), cfg.shared_backbone, stage1["model"], str(stage1_path))
+        model = model.to(rt.device)
+        if rt.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        opt = optimizer_for(model.parameters(), cfg)
+        sched = scheduler_for(opt, cfg, len(train), rt)
+        state = {
+            "config": {"model": dict(stage1["config"]["model"]), "train_refine": config_dict(cfg)},
+            "class_names": classes,
             "dataset": dataset,
-            "backbone": mcfg.backbone,
+            **hashes,
+            "params": params_record(settings, "train-refine", dataset),  # compared by later stages (fgpipe.lineage.check_params)
+        }
+        return cls(
+            settings=settings, dataset=dataset, cfg=cfg, mcfg=mcfg, rt=rt, t_start=t_start, files=files,
+            parts={"model": model, "optimizer": opt, "scheduler": sched}, state=state, train=train, val=val,
+            stage1_path=stage1_path, loaded=report.loaded if report else 0,
+        )
+
+    @property
+    def command(self) -> str:  # type: ignore[override]
+        return f"fgpipe train-refine --dataset {self.dataset}"
+
+    @property
+    def train_size(self) -> int:  # type: ignore[override]
+        return len(self.train)
+
+    def check_resumable(self, state: dict[str, Any]) -> None:
+        for key, what in (("manifest_sha256", "manifest"), ("crops_sha256", "crops.h5"), ("stage1_sha256", "stage-1 checkpoint")):
+            if state.get(key) != self.state[key]:
+                raise ArtifactError(f"{self.files.last} was trained from another {what}: delete it or run without --resume")
+        config_mismatch(state, self.state["config"], self.files.last)
+
+    def train_step(self, net: nn.Module, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
+        """loss = CE(object logits) + CE(mean patch logits), on jittered, augmented crops and patches."""
+        cfg, rt, opt = self.cfg, self.rt, self.parts["optimizer"]
+        objects, patches, owner = train_inputs(self.train, idx, cfg, gen)
+        y = self.train.labels[idx].to(rt.device)
+        with rt.autocast():
+            out = net(rt.to_input(normalize(objects)), rt.to_input(normalize(patches)), owner.to(rt.device))
+            loss_obj = F.cross_entropy(out.object_logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss_parts = F.cross_entropy(out.part_logits.float(), y, label_smoothing=cfg.label_smoothing)
+            loss = loss_obj + loss_parts
+        check_loss(loss)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        correct = (int((out.object_logits.detach().argmax(1) == y).sum()), int((out.part_logits.detach().argmax(1) == y).sum()))
+        return loss.detach(), correct, len(y)
+
+    def validate(self) -> dict[str, float]:
+        return evaluate_branches(self.parts["model"], self.val, self.cfg, self.rt)
+
+    def figures(self, stats: dict[str, float], val: dict[str, float]) -> dict[str, float]:
+        return {
+            "train_object_top1": stats["object_top1"], "train_parts_top1": stats["parts_top1"],
+            "val_object_top1": val["object"], "val_parts_top1": val["parts"], "val_top1": val["mean"],
+        }
+
+    def best_figures(self, val: dict[str, float]) -> dict[str, float]:
+        return {"object": val["object"], "parts": val["parts"]}
+
+    def describe(self, stats: dict[str, float], val: dict[str, float]) -> str:
+        return (
+            f"train obj {stats['object_top1']:.3f} parts {stats['parts_top1']:.3f}  "
+            f"val obj {val['object']:.3f} parts {val['parts']:.3f}"
+        )
+
+    def finish(self, result: FitResult) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        cfg, rt = self.cfg, self.rt
+        best, last = result.best, result.history[-1]
+        metrics = {
+            "dataset": self.dataset,
+            "backbone": self.mcfg.backbone,
             "shared_backbone": cfg.shared_backbone,
             "input_size": cfg.input_size,
             "part_size": part_size(cfg),
@@ -441,96 +263,16 @@ def _run(settings: Settings, dataset: str, cfg: TrainRefineConfig, rt: Runtime, 
             "best_epoch": best["epoch"],
             "val": {"object": best["object"], "parts": best["parts"], "mean": best["val_top1"]},
             "train": {"loss": last["train_loss"], "object_top1": last["train_object_top1"], "parts_top1": last["train_parts_top1"]},
-            "patches_per_image": round(float(train.patch_count.float().mean()), 3),
-            "initialised_from": {"checkpoint": str(paths["stage1"]), "tensors": report.loaded if report else 0},
-            "images_per_s": round(train_images / train_seconds, 2) if train_seconds else None,
-            "resumed_from_epoch": start_epoch if resume else None,
+            "patches_per_image": round(float(self.train.patch_count.float().mean()), 3),
+            "initialised_from": {"checkpoint": str(self.stage1_path), "tensors": self.loaded},
+            "images_per_s": result.images_per_s,
+            "resumed_from_epoch": result.resumed_from_epoch,
             "world_size": rt.world_size,
             "device": str(rt.device),
-            "seconds": round(time.perf_counter() - t_start, 2),
-            **settings.provenance(),
+            "seconds": round(time.perf_counter() - self.t_start, 2),
+            **self.settings.provenance(),
         }
-        if rt.is_main:
-            finish_run(paths["best"], paths["last"], paths["metrics"], metrics)  # together, at the end
-        return metrics
-    except KeyboardInterrupt:
-        raise interrupted(f"fgpipe train-refine --dataset {dataset}", saved, cfg.epochs) from None
-    finally:
-        if live is not None:  # the run stops on another error: that one is reported
-            close_live(live, failing=True)
-
-
-def _check_resumable(state: dict[str, Any], config: dict[str, Any], hashes: dict[str, str], path: Path) -> None:
-    for key, what in (("manifest_sha256", "manifest"), ("crops_sha256", "crops.h5"), ("stage1_sha256", "stage-1 checkpoint")):
-        if state.get(key) != hashes[key]:
-            raise ArtifactError(f"{path} was trained from another {what}: delete it or run without --resume")
-    if state.get("config") != config:
-        diff = [f"{sec}.{k}" for sec in config for k in config[sec] if state["config"].get(sec, {}).get(k) != config[sec][k]]
-        raise ArtifactError(f"{path} was made with other params ({', '.join(diff)}): delete it or run without --resume")
-
-
-def train_one_epoch(
-    net: nn.Module, opt: torch.optim.Optimizer, sched: torch.optim.lr_scheduler.LRScheduler, data: BranchData,
-    cfg: TrainRefineConfig, rt: Runtime, gen: torch.Generator, epoch: int, on_step: StepHook | None,
-) -> dict[str, float]:
-    """One epoch of joint branch training: loss = CE(object logits) + CE(mean patch logits)."""
-    net.train()
-    order = torch.randperm(len(data), generator=gen)
-    chunks = batches(shard_indices(order, rt), cfg.batch_size)
-    total_loss = 0.0
-    correct_obj, correct_parts, seen = 0, 0, 0
-    t0 = time.perf_counter()
-    bar = progress(TextColumn("{task.fields[info]}")) if rt.is_main else contextlib.nullcontext()
-    with bar as pbar:
-        task = pbar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(chunks), info="") if pbar else None
-        for step, idx in enumerate(chunks):
-            objects, patches, owner = train_inputs(data, idx, cfg, gen)
-            y = data.labels[idx].to(rt.device)
-            with rt.autocast():
-                out = net(rt.to_input(normalize(objects)), rt.to_input(normalize(patches)), owner.to(rt.device))
-                loss_obj = F.cross_entropy(out.object_logits.float(), y, label_smoothing=cfg.label_smoothing)
-                loss_parts = F.cross_entropy(out.part_logits.float(), y, label_smoothing=cfg.label_smoothing)
-                loss = loss_obj + loss_parts
-            if not torch.isfinite(loss.detach()):
-                raise TrainingError(
-                    f"the loss became {float(loss.detach())} at epoch {epoch + 1}, step {step + 1}; training stopped and "
-                    "the last good checkpoint was kept. Lower train_refine.lr or check the data."
-                )
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            sched.step()
-
-            loss_value = float(loss.detach())
-            total_loss += loss_value * len(y)
-            correct_obj += int((out.object_logits.detach().argmax(1) == y).sum())
-            correct_parts += int((out.part_logits.detach().argmax(1) == y).sum())
-            seen += len(y)
-            if pbar is not None:
-                rate = seen * rt.world_size / (time.perf_counter() - t0)
-                pbar.update(task, advance=1, info=f"loss {loss_value:.3f} obj {correct_obj / seen:.3f} parts {correct_parts / seen:.3f} {rate:.1f} img/s")
-            if on_step is not None:
-                on_step(epoch, step)
-    stats = torch.tensor([total_loss, correct_obj, correct_parts, seen], dtype=torch.float64)
-    all_reduce_sum(stats, rt)
-    elapsed = time.perf_counter() - t0
-    n = float(stats[3])
-    return {"loss": float(stats[0]) / n, "object_top1": float(stats[1]) / n, "parts_top1": float(stats[2]) / n,
-            "images": int(n), "images_per_s": n / elapsed}
-
-
-@torch.no_grad()
-def predict_branches(model: RefineNet, data: BranchData, cfg: TrainRefineConfig, rt: Runtime, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Object-branch logits and pooled part-branch logits (N, K) each, float32 on the CPU."""
-    model.eval()
-    obj_all, parts_all = [], []
-    for idx in torch.arange(len(data)).split(batch_size or cfg.batch_size * 2):
-        objects, patches, owner = eval_inputs(data, idx, cfg)
-        with rt.autocast():
-            out = model(rt.to_input(normalize(objects)), rt.to_input(normalize(patches)), owner.to(rt.device))
-        obj_all.append(out.object_logits.float().cpu())
-        parts_all.append(out.part_logits.float().cpu())
-    return torch.cat(obj_all), torch.cat(parts_all)
+        return metrics, None
 
 
 def evaluate_branches(model: nn.Module, data: BranchData, cfg: TrainRefineConfig, rt: Runtime) -> dict[str, float]:
@@ -542,37 +284,3 @@ def evaluate_branches(model: nn.Module, data: BranchData, cfg: TrainRefineConfig
     n = max(float(counts[2]), 1.0)
     top_obj, top_parts = float(counts[0]) / n, float(counts[1]) / n
     return {"object": top_obj, "parts": top_parts, "mean": (top_obj + top_parts) / 2, "images": int(counts[2])}
-
-
-def subset(data: BranchData, idx: Tensor) -> BranchData:
-    """The images ``idx`` of ``data`` with their patches."""
-    rows, _ = data.patch_index(idx)
-    counts = data.patch_count[idx]
-    return BranchData(
-        objects=data.objects[idx], object_regions=data.object_regions[idx], object_boxes=data.object_boxes[idx],
-        patches=data.patches[rows], patch_regions=data.patch_regions[rows], patch_boxes=data.patch_boxes[rows],
-        patch_start=torch.cumsum(counts, 0) - counts, patch_count=counts, labels=data.labels[idx],
-    )
-
-
-def load_refine(
-    path: str | Path, device: str | torch.device = "cpu", dataset: str | None = None
-) -> tuple[RefineNet, dict[str, Any]]:
-    """Rebuild the branches from a refine checkpoint (its own config) in eval mode; returns (model, checkpoint dict).
-
-    ``dataset`` names the command that rewrites the file in errors (default: the one the checkpoint records)."""
-    state = load_checkpoint(path, map_location=device, kind="refine", dataset=dataset)
-    dataset = dataset or str(state.get("dataset", "NAME"))
-    require_finished(state, path, f"fgpipe train-refine --dataset {dataset}")
-    with rebuilding(path, "refine", dataset):
-        mcfg = ModelConfig(**state["config"]["model"])
-        shared = refine_config(state).shared_backbone  # also checks the section: the callers read it
-    model, _ = build_refine_net(mcfg, len(state["class_names"]), shared)
-    with rebuilding(path, "refine", dataset):
-        model.load_state_dict(state["model"])
-    return model.to(device).eval(), state
-
-
-def refine_config(state: dict[str, Any]) -> TrainRefineConfig:
-    """The train_refine settings a refine checkpoint was trained with (input and part sizes, augmentation)."""
-    return TrainRefineConfig(**state["config"]["train_refine"])

@@ -32,15 +32,15 @@ def run(settings: Settings, dataset: str, thresholds: Sequence[float] | None = N
     grid = tuple(float(t) for t in thresholds) if thresholds else cfg.thresholds
     if any(not 0 < t <= 1 for t in grid) or any(a >= b for a, b in zip(grid, grid[1:])):
         raise ConfigError(f"--thresholds must be increasing values in (0, 1], got {', '.join(f'{t:g}' for t in grid)}")
-    d = settings.data_dir(dataset)
-    manifest, path = d / "manifest.csv", d / "attention.h5"
+    data = settings.layout(dataset).data
+    manifest, path = data.manifest, data.attention
     if not manifest.is_file():
         raise ArtifactError(f"{manifest} not found (run `fgpipe prepare --dataset {dataset}` first)")
     if not path.is_file():
         raise ArtifactError(f"{path} not found (run `fgpipe extract-attention --dataset {dataset}` first)")
     rows = read_manifest(manifest)
     with AttentionReader(path) as attention:
-        check_attention(attention, d, dataset, FileHashes())  # made from this manifest and stage-1 checkpoint
+        check_attention(attention, data.path, dataset, FileHashes())  # made from this manifest and stage-1 checkpoint
         check_params(path, attention.meta.provenance.get("params"), settings, "extract-attention", dataset)  # and params
         if attention.image_ids() != [r.image_id for r in rows]:
             raise ArtifactError(f"{path} does not hold the images of {manifest} in its order: rerun `fgpipe extract-attention --dataset {dataset}`")

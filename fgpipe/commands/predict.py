@@ -39,7 +39,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from PIL import Image, ImageDraw, ImageFont
 from rich.console import Console
 from rich.markup import escape
@@ -47,30 +46,25 @@ from rich.table import Table
 from torch import Tensor
 
 from fgpipe.attention import HeatmapMethod, create_method
-from fgpipe.config import Settings, TrainBackboneConfig, TrainRefineConfig
+from fgpipe.branch_data import image_boxes, load_branch_data
+from fgpipe.branch_inference import BRANCHES, Branches, joint_probabilities, load_refine, probabilities, refine_config
+from fgpipe.checkpoints import require_finite
+from fgpipe.config import Settings, TrainBackboneConfig
 from fgpipe.console import console
+from fgpipe.crop_parts import parts_of
 from fgpipe.errors import ArtifactError
+from fgpipe.figures import save_png as write_png
 from fgpipe.h5schema import AttentionReader, CropsReader
 from fgpipe.images import DECODE_ERRORS, image_size
-from fgpipe.loader import LoadRequest, decode_region, normalize, resized_side
+from fgpipe.lineage import check_attention, check_crops, check_evaluation, check_params, check_refine, checkpoint_of, rerun
+from fgpipe.loader import LoadRequest, decode_batch, decode_region, normalize
 from fgpipe.localize import object_boxes
 from fgpipe.manifest import class_names, read_manifest
-from fgpipe.models.branches import RefineNet
 from fgpipe.models.wsdan import Stage1Net
 from fgpipe.preview import COLOURS, TILE, colormap, safe_name
-from fgpipe.preview import save_png as write_png
 from fgpipe.runtime import configure_threads
-from fgpipe.stages.evaluate import BRANCHES, inference_runtime, joint_probabilities
-from fgpipe.stages.extract_attention import decode_batch, load_checked_stage1
-from fgpipe.lineage import check_attention, check_crops, check_evaluation, check_params, check_refine, checkpoint_of, rerun
-from fgpipe.stages.extract_crops import parts_of
-from fgpipe.stages.train_backbone import predict_logits, stage1_input_size
-from fgpipe.stages.train_refine import image_boxes, load_branch_data, load_refine, part_size, predict_branches, refine_config
+from fgpipe.stage1_network import inference_runtime, load_checked_stage1, stage1_input_size
 from fgpipe.store import FileHashes, read_json_artifact
-from fgpipe.training import Runtime, require_finite
-
-STAGE = "predict"
-
 
 @dataclass
 class Chain:
@@ -85,15 +79,8 @@ class Chain:
     heat_path: Path  # heat_model's checkpoint
     part_size: int  # the input size MPALM feeds object crops at (heat_model's stage-1 input size, as extract-crops)
     threshold: float  # the object threshold: crops.threshold, or (auto) the one crops.h5 records
-    stage1: Stage1Net  # the raw branch (stage1/best.pt)
-    stage1_path: Path
-    stage1_cfg: TrainBackboneConfig  # as evaluate uses it: no test-time refinement
-    refine: RefineNet
-    refine_path: Path
-    refine_cfg: TrainRefineConfig
+    branches: Branches  # raw, object and parts, as evaluate runs them
     weights: dict[str, float]
-    rt: Runtime
-    dataset: str
 
 
 @dataclass
@@ -112,14 +99,15 @@ class Prediction:
 def load_chain(settings: Settings, dataset: str) -> Chain:
     """Load the checkpoints, the attention method and the joint weights of ``dataset``; check they belong together."""
     settings.dataset(dataset)  # a clear error for an unknown dataset name
-    d = settings.data_dir(dataset)
-    manifest = d / "manifest.csv"
+    data = settings.layout(dataset).data
+    d = data.path
+    manifest = data.manifest
     classes = class_names(read_manifest(manifest))
     sha = FileHashes()  # each input hashed once
     manifest_sha = sha(manifest)
     rt = inference_runtime()
 
-    attention_path = d / "attention.h5"
+    attention_path = data.attention
     if attention_path.is_file():
         with AttentionReader(attention_path) as attention:
             method_name = attention.meta.method
@@ -132,8 +120,8 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
         score = settings.params.attention.score
         flip = settings.params.attention.flip
         heat_size = settings.params.attention.input_size or None
-        heat_path = d / "stage1" / f"{settings.params.attention.checkpoint}.pt"
-    raw_path = d / "stage1" / "best.pt"
+        heat_path = data.stage1(settings.params.attention.checkpoint)
+    raw_path = data.stage1("best")
     stage1, s1_state = load_checked_stage1(raw_path, manifest_sha, dataset, rt.device, settings)
     if heat_path.resolve() == raw_path.resolve():
         heat_model, heat_state = stage1, s1_state
@@ -144,19 +132,19 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
             check_attention(attention, d, dataset, sha, required=True)
             check_params(attention_path, attention.meta.provenance.get("params"), settings, "extract-attention", dataset)
 
-    refine_path = d / "refine" / "best.pt"
+    refine_path = data.refine("best")
     if not refine_path.is_file():
         raise ArtifactError(f"checkpoint not found: {refine_path} (run `fgpipe train-refine --dataset {dataset}` first)")
     refine, r_state = load_refine(refine_path, rt.device, dataset)
     check_refine(r_state, refine_path, d, dataset, sha)
-    if (d / "crops.h5").is_file():  # the crops the branches were trained on: cut with the `crops` params predict uses
-        with CropsReader(d / "crops.h5") as crops:
+    if data.crops.is_file():  # the crops the branches were trained on: cut with the `crops` params predict uses
+        with CropsReader(data.crops) as crops:
             check_params(crops.path, crops.meta.provenance.get("params"), settings, "extract-crops", dataset)
     check_params(refine_path, r_state.get("params"), settings, "train-refine", dataset)
     if list(r_state["class_names"]) != classes or list(s1_state["class_names"]) != classes:
         raise ArtifactError(f"{refine_path} was trained on another class list than {manifest}: rerun `fgpipe train-refine --dataset {dataset}`")
 
-    metrics_path = settings.metrics_file(dataset, "evaluate")
+    metrics_path = settings.layout(dataset).metrics.stage("evaluate")
     if not os.path.lexists(metrics_path):
         raise ArtifactError(f"{metrics_path} not found: the joint weights come from it (run `fgpipe evaluate --dataset {dataset}` first)")
     evaluation = read_json_artifact(metrics_path, rerun(dataset, "evaluate"))
@@ -165,10 +153,14 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
     sources = evaluation.get("sources")
     check_params(metrics_path, sources.get("params") if isinstance(sources, dict) else None, settings, "evaluate", dataset)
     s1_cfg = TrainBackboneConfig(**s1_state["config"]["train_backbone"])
+    branches = Branches(
+        stage1=stage1, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False), stage1_path=raw_path, refine=refine,
+        refine_cfg=refine_config(r_state), refine_path=refine_path, rt=rt, dataset=dataset,
+    )
     return Chain(
-        classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model, score=score), flip=flip,
-        heat_size=heat_size or stage1_input_size(heat_state), heat_path=heat_path, part_size=stage1_input_size(heat_state), threshold=object_threshold(settings, dataset, sha), stage1=stage1, stage1_path=raw_path, stage1_cfg=dataclasses.replace(s1_cfg, test_refine=False),
-        refine=refine, refine_path=refine_path, refine_cfg=refine_config(r_state), weights=weights, rt=rt, dataset=dataset,
+        classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model, score=score),
+        flip=flip, heat_size=heat_size or stage1_input_size(heat_state), heat_path=heat_path, part_size=stage1_input_size(heat_state),
+        threshold=object_threshold(settings, dataset, sha), branches=branches, weights=weights,
     )
 
 
@@ -196,7 +188,7 @@ def object_threshold(settings: Settings, dataset: str, hashes: FileHashes | None
     param = settings.params.crops.threshold
     if param != "auto":
         return float(param)
-    path = settings.data_dir(dataset) / "crops.h5"
+    path = settings.layout(dataset).data.crops
     if not path.is_file():
         raise ArtifactError(
             f"crops.threshold is auto and {path} (which records the threshold chosen) is not there: "
@@ -214,35 +206,27 @@ def _quiet_load(requests: list[LoadRequest], out_wh: tuple[int, int], desc: str 
 def predict_batch(chain: Chain, paths: list[Path], sizes: list[tuple[int, int]], settings: Settings) -> list[Prediction]:
     """Run the whole chain on a batch of readable images."""
     cfg = settings.params.crops
-    rt = chain.rt
+    branches = chain.branches
+    rt, dataset = branches.rt, branches.dataset
     whole = [LoadRequest(p, (0.0, 0.0, float(w), float(h))) for p, (w, h) in zip(paths, sizes)]
     # 1-3: heatmap, object box, MPALM parts (as extract-attention and extract-crops)
     heat_in = decode_batch(whole, (chain.heat_size, chain.heat_size))
     heat = chain.heat_method(normalize(heat_in.to(rt.device)), flip=chain.flip)
     names = [str(p) for p in paths]
-    require_finite(heat.heatmaps, names, f"`{chain.method_name}` heatmaps", chain.heat_path, "stage1", chain.dataset)
+    require_finite(heat.heatmaps, names, f"`{chain.method_name}` heatmaps", chain.heat_path, "stage1", dataset)
     heatmaps = heat.heatmaps.cpu().numpy()  # (B, h, w)
     found = object_boxes(heatmaps, chain.threshold, np.array(sizes, dtype=np.float64))
     crops = decode_batch([LoadRequest(p, tuple(float(v) for v in b)) for p, b in zip(paths, found.boxes)], (chain.part_size, chain.part_size))
     parts = parts_of(
         chain.heat_model, crops, found.boxes, chain.part_size, cfg, rt.device, names=names, checkpoint=chain.heat_path,
-        dataset=chain.dataset,
+        dataset=dataset,
     )
     # 4: the three branches (as evaluate)
-    s1 = chain.stage1_cfg
-    raw_in = decode_batch(whole, (resized_side(s1.input_size, s1.augment),) * 2)
-    raw, _ = predict_logits(chain.stage1, raw_in, s1, rt)
-    require_finite(raw, names, "logits", chain.stage1_path, "stage1", chain.dataset)
+    raw = branches.raw_logits(decode_batch(whole, (branches.whole_side,) * 2), names)
     boxes = [image_boxes(found.boxes[i], parts.boxes[i], int(parts.counts[i]), bool(found.fallback[i]), sizes[i]) for i in range(len(paths))]
-    rcfg = chain.refine_cfg
-    data = load_branch_data(
-        paths, sizes, boxes, [0] * len(paths), resized_side(rcfg.input_size, rcfg.augment),
-        resized_side(part_size(rcfg), rcfg.augment), 0.0, "predict", load=_quiet_load,
-    )
-    obj, part_logits = predict_branches(chain.refine, data, rcfg, rt)
-    for what, logits in (("object logits", obj), ("parts logits", part_logits)):
-        require_finite(logits, names, what, chain.refine_path, "refine", chain.dataset)
-    probs = {b: torch.softmax(x.double(), dim=1).numpy() for b, x in zip(BRANCHES, (raw, obj, part_logits))}
+    data = load_branch_data(paths, sizes, boxes, [0] * len(paths), *branches.region_sides, 0.0, "predict", load=_quiet_load)
+    obj, part_logits = branches.region_logits(data, names)
+    probs: dict[str, np.ndarray] = probabilities(raw, obj, part_logits)
     probs["joint"] = joint_probabilities(probs, chain.weights)
     return [
         Prediction(
