@@ -55,7 +55,8 @@ def main() -> int:
             print(f"| {label} | (no finished run in data/dev20/{folder.format(seed=args.seed)}) | | | | |")
             continue
         w = e["weights"]
-        crops = f"{c['method']}, {fmt(c['localization']['accuracy'])} ({c['threshold']})" if c else "-"
+        threshold = "-" if c and c["method"] == "aolm" else c and c["threshold"]  # AOLM's mask has no threshold
+        crops = f"{c['method']}, {fmt(c['localization']['accuracy'])} ({threshold})" if c else "-"
         print(f"| {label} | {fmt(e['raw'])} | {fmt(e['object'])} | {fmt(e['parts'])} | {fmt(e['joint'])} "
               f"({w['raw']:g} / {w['object']:g} / {w['parts']:g}) | {crops} |")
     return 0
