@@ -48,7 +48,7 @@ from fgpipe.config import PRESET_SECTIONS, STAGE_SECTIONS, Settings
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionReader, CropsReader
 from fgpipe.layout import CHECKPOINTS, DataDir
-from fgpipe.manifest import DatasetInfo, read_dataset_json, read_manifest
+from fgpipe.manifest import DatasetInfo, ManifestRow, class_names, read_dataset_json, read_manifest
 from fgpipe.store import FileHashes, safe_torch_load
 
 
@@ -335,3 +335,35 @@ def read_dataset_info(settings: Settings, dataset: str) -> DatasetInfo:
     info = read_dataset_json(path, dataset)
     check_params(path, info.params, settings, "prepare", dataset)
     return info
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInputs:
+    """What every stage after prepare reads first: the manifest's rows (and by split), its class names and
+    dataset.json (the root the rows' paths are relative to)."""
+
+    manifest: Path
+    rows: list[ManifestRow]
+    by_split: dict[str, list[ManifestRow]]  # train, val, test
+    classes: list[str]
+    info: DatasetInfo
+
+    @property
+    def root(self) -> Path:
+        return self.info.root
+
+    def require(self, *splits: str) -> None:
+        """Refuse a manifest whose ``splits`` hold no image."""
+        for s in splits:
+            if not self.by_split[s]:
+                raise ArtifactError(f"{self.manifest}: the {s} split is empty")
+
+
+def read_dataset_inputs(settings: Settings, dataset: str) -> DatasetInputs:
+    """data/NAME/manifest.csv and dataset.json (:func:`read_dataset_info`) of ``dataset``, a name params.yaml knows."""
+    settings.dataset(dataset)  # a clear error for an unknown dataset name
+    manifest = settings.layout(dataset).data.manifest
+    rows = read_manifest(manifest)
+    info = read_dataset_info(settings, dataset)
+    by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
+    return DatasetInputs(manifest, rows, by_split, class_names(rows), info)

@@ -62,10 +62,7 @@ def read(root: Path, cfg: DatasetConfig) -> SourceListing:
             raise DatasetError(f"{origin}: class {row['class_name']!r} is not in {root / 'classes.csv'}")
         if row["split"] not in SPLIT_NAMES:
             raise DatasetError(f"{origin}: split must be one of {', '.join(SPLIT_NAMES)}, got {row['split']!r}")
-        try:
-            box = tuple(float(row[c]) for c in ("x0", "y0", "x1", "y1"))
-        except ValueError:
-            raise DatasetError(f"{origin}: box values must be numbers") from None
+        box = _box(row, origin)
         if not (box[0] < box[2] and box[1] < box[3]):
             raise DatasetError(f"{origin}: box must have x0 < x1 and y0 < y1, got {box}")
         records.append(
@@ -81,15 +78,20 @@ def read(root: Path, cfg: DatasetConfig) -> SourceListing:
     return SourceListing(records=records, classes=classes, class_origins=[origin for _, origin in class_rows])
 
 
+def _box(row: dict[str, str], origin: str) -> Box:
+    """A row's x0, y0, x1, y1 as numbers."""
+    try:
+        return tuple(float(row[c]) for c in ("x0", "y0", "x1", "y1"))  # type: ignore[return-value]
+    except ValueError:
+        raise DatasetError(f"{origin}: box values must be numbers") from None
+
+
 def read_parts(root: Path) -> dict[str, dict[str, Box]]:
     """image_id -> part -> ground-truth part box, from parts.csv."""
     out: dict[str, dict[str, Box]] = {}
     for row, origin in _rows(root / "parts.csv", PART_COLUMNS):
         if row["part"] not in PARTS:
             raise DatasetError(f"{origin}: part must be one of {', '.join(PARTS)}, got {row['part']!r}")
-        try:
-            box = tuple(float(row[c]) for c in ("x0", "y0", "x1", "y1"))
-        except ValueError:
-            raise DatasetError(f"{origin}: box values must be numbers") from None
+        box = _box(row, origin)
         out.setdefault(row["image_id"], {})[row["part"]] = box  # type: ignore[assignment]
     return out

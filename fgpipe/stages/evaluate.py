@@ -63,12 +63,12 @@ from fgpipe.lineage import (
     check_recorded,
     check_refine,
     params_record,
-    read_dataset_info,
+    read_dataset_inputs,
     rerun,
 )
 from fgpipe.branch_inference import BRANCHES, Branches, joint_probabilities, load_refine, probabilities, refine_config
 from fgpipe.loader import check_image_files, load_split
-from fgpipe.manifest import ManifestRow, class_names, read_manifest
+from fgpipe.manifest import ManifestRow
 from fgpipe.runtime import configure_threads
 from fgpipe.stage1_network import inference_runtime, load_checked_stage1
 from fgpipe.store import FileHashes, atomic_path, check_output_paths, read_json_artifact, replaced_together, write_json, write_text
@@ -103,12 +103,9 @@ class SplitProbabilities:
 
 def open_inputs(settings: Settings, dataset: str) -> Inputs:
     """Load and cross-check the manifest, both checkpoints and crops.h5 (no image is read here)."""
-    settings.dataset(dataset)  # a clear error for an unknown dataset name
+    inputs = read_dataset_inputs(settings, dataset)
     data = settings.layout(dataset).data
-    rows = read_manifest(data.manifest)
-    info = read_dataset_info(settings, dataset)
-    root = info.root
-    classes = class_names(rows)
+    info, root, classes, by_split = inputs.info, inputs.root, inputs.classes, inputs.by_split
     sha = FileHashes()  # each input hashed once
     manifest_sha = sha(data.manifest)
     rt = inference_runtime()
@@ -135,7 +132,6 @@ def open_inputs(settings: Settings, dataset: str) -> Inputs:
         refine = refine.to(memory_format=torch.channels_last)
     s1_cfg = dataclasses.replace(TrainBackboneConfig(**s1_state["config"]["train_backbone"]), test_refine=False)
     cache = open_image_cache(data.images, root, manifest_sha, dataset)
-    by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
     # before any report is written; train images are never decoded here, so only val's and test's are checked
     check_image_files(info, by_split["val"] + by_split["test"], cache, dataset, data.manifest)
     branches = Branches(

@@ -30,9 +30,9 @@ from fgpipe.checkpoints import config_dict, load_checkpoint
 from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig
 from fgpipe.errors import ArtifactError
 from fgpipe.imagecache import ImageCache, open_image_cache
-from fgpipe.lineage import params_record, read_dataset_info
+from fgpipe.lineage import params_record, read_dataset_inputs
 from fgpipe.loader import Split, check_image_files, load_split, normalize, resized_side, train_augment
-from fgpipe.manifest import ManifestRow, class_names, read_manifest
+from fgpipe.manifest import ManifestRow
 from fgpipe.models import build_stage1
 from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop
 from fgpipe.stage1_network import predict_logits
@@ -97,14 +97,9 @@ class Stage1Trainer(Trainer):
         data, out = layout.data, layout.metrics
         files = RunFiles(data.stage1("best"), data.stage1("last"), out.stage(STAGE), out.curves(STAGE))
         check_output_paths([files.best, files.last, files.metrics], [files.curves])  # not after the training
-        rows = read_manifest(data.manifest)
-        info = read_dataset_info(settings, dataset)
-        root = info.root
-        classes = class_names(rows)
-        by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val", "test")}
-        for s in ("train", "val"):
-            if not by_split[s]:
-                raise ArtifactError(f"{data.manifest}: the {s} split is empty")
+        inputs = read_dataset_inputs(settings, dataset)
+        rows, info, root, classes, by_split = inputs.rows, inputs.info, inputs.root, inputs.classes, inputs.by_split
+        inputs.require("train", "val")
 
         side = resized_side(cfg.input_size, cfg.augment)
         cache = open_image_cache(data.images, root, file_sha256(data.manifest), dataset)

@@ -45,9 +45,8 @@ from fgpipe.config import ModelConfig, Settings, TrainRefineConfig
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import open_image_cache
-from fgpipe.lineage import check_crops, check_crops_params, params_record, read_dataset_info
+from fgpipe.lineage import check_crops, check_crops_params, params_record, read_dataset_inputs
 from fgpipe.loader import check_image_files, normalize, resized_side, train_augment
-from fgpipe.manifest import class_names, read_manifest
 from fgpipe.models.branches import build_refine_net
 from fgpipe.stage1_network import stage1_state
 from fgpipe.store import FileHashes, check_output_paths
@@ -156,18 +155,13 @@ class RefineTrainer(Trainer):
         data, out = layout.data, layout.metrics
         files = RunFiles(data.refine("best"), data.refine("last"), out.stage(STAGE), out.curves(STAGE))
         check_output_paths([files.best, files.last, files.metrics], [files.curves])  # not after the training
-        rows = read_manifest(data.manifest)
-        info = read_dataset_info(settings, dataset)
-        root = info.root
-        classes = class_names(rows)
+        inputs = read_dataset_inputs(settings, dataset)
+        info, root, classes, by_split = inputs.info, inputs.root, inputs.classes, inputs.by_split
         sha = FileHashes()  # each input hashed once
         manifest_sha = sha(data.manifest)
         stage1_path = data.stage1("best")
         stage1 = stage1_state(stage1_path, manifest_sha, classes, dataset, settings)
-        by_split = {s: [r for r in rows if r.split == s] for s in ("train", "val")}
-        for s in ("train", "val"):
-            if not by_split[s]:
-                raise ArtifactError(f"{data.manifest}: the {s} split is empty")
+        inputs.require("train", "val")
         with CropsReader(data.crops) as crops:  # made from this manifest, attention.h5 and stage-1 checkpoint
             check_crops(crops, data.path, dataset, sha)
             check_crops_params(crops, data.path, settings, dataset)  # and with the params now
