@@ -2,8 +2,8 @@
 
 This module imports nothing heavy before it handles Ctrl-C and SIGTERM: a user who interrupts fgpipe while it is
 still importing typer, numpy, pydantic or torch (about a second) gets one line and exit code 130 (143 for SIGTERM),
-never a traceback. On glibc Linux it first re-executes itself once with the allocator settings of
-:mod:`fgpipe.runtime`, before those imports, so they happen once.
+never a traceback. (The allocator settings of :mod:`fgpipe.runtime` are applied by the command line itself, so a
+caller of :data:`fgpipe.cli.app`, CliRunner included, runs with them too.)
 """
 
 from __future__ import annotations
@@ -14,19 +14,9 @@ import sys
 def main() -> None:
     """Run the fgpipe command line (``sys.argv``); exit with its code."""
     try:
-        import os
-
         from fgpipe import runtime
-        from fgpipe.errors import FgpipeError
 
         runtime.raise_on_sigterm()  # from here on SIGTERM raises like Ctrl-C
-        try:
-            wanted = runtime.malloc_tuning_wanted(os.environ)
-        except FgpipeError as exc:  # a malformed FGPIPE_MALLOC_TUNING, before any command runs
-            sys.stderr.write(f"error: {exc}\n")
-            raise SystemExit(1) from None
-        if wanted:
-            runtime.reexec_with_malloc_tuning(sys.argv[1:])
         from fgpipe.cli import app
     except KeyboardInterrupt as exc:  # Ctrl-C or SIGTERM during the imports: no command has run
         _interrupted(exc, starting=True)

@@ -24,7 +24,7 @@ from rich.markup import escape
 from fgpipe.config import Settings, load_params
 from fgpipe.console import console
 from fgpipe.errors import FgpipeError
-from fgpipe.runtime import interruption, sigterm_raises
+from fgpipe.runtime import interruption, sigterm_raises, tune_malloc
 
 app = typer.Typer(
     help="Weakly supervised fine-grained classification as a cached DVC pipeline.\n\n"
@@ -111,6 +111,11 @@ def _root(
     ] = None,
 ) -> None:
     """Weakly supervised fine-grained classification as a cached DVC pipeline."""
+    try:
+        tune_malloc()  # glibc's allocator set for training (fgpipe.runtime), before any command
+    except FgpipeError as exc:  # a malformed FGPIPE_MALLOC_TUNING
+        _print_error(exc)
+        raise typer.Exit(1) from None
     _PRESET.clear()
     if preset is not None:
         _PRESET["preset"] = preset

@@ -5,6 +5,7 @@
 
     data/NAME/manifest.csv, dataset.json, images.h5        prepare
     data/NAME/stage1/{best,last}.pt                         train-backbone
+    data/NAME/stage1/unfinished/{best,last}.pt, curves/     a training run until it finishes (--resume reads it)
     data/NAME/attention.h5                                  extract-attention
     data/NAME/crops.h5, crops_preview.png                   extract-crops
     data/NAME/refine/{best,last}.pt                         train-refine
@@ -23,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 CHECKPOINTS = ("best", "last")  # the two checkpoints each training stage writes
+UNFINISHED = "unfinished"  # the folder, beside a training stage's checkpoints, of its run in progress
 
 
 @dataclass(frozen=True)
@@ -47,6 +49,11 @@ class DataDir:
     def stage1(self, which: str = "best") -> Path:
         """A stage-1 checkpoint: ``best`` or ``last``."""
         return self.path / "stage1" / f"{which}.pt"
+
+    def unfinished(self, folder: str) -> Path:
+        """Where a training run writes its checkpoints and curves until it finishes (``folder``: stage1 | refine):
+        the finished run's files beside it stay as they were until the new run's end replaces them together."""
+        return self.path / folder / UNFINISHED
 
     @property
     def attention(self) -> Path:

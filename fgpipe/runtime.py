@@ -9,15 +9,22 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from types import FrameType
 
 from fgpipe.errors import ConfigError, Interrupted, Terminated
 
 # Keep freed memory in the process instead of handing it back to the kernel and faulting fresh
 # zeroed pages in again on the next batch: every allocation from the heap (no mmap), and no trimming.
-# glibc reads these only at process start, so the CLI re-executes itself once with them set.
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
+# The CLI sets both with glibc's mallopt(3) when a command starts; the environment variable of each knob
+# (read by glibc at process start) names it, and a user who sets one keeps their value.
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (malloc.h)
+MALLOC_KNOBS = {  # environment variable -> (mallopt parameter, value): -1 turns trimming off
+    "MALLOC_MMAP_MAX_": (M_MMAP_MAX, 0),
+    "MALLOC_TRIM_THRESHOLD_": (M_TRIM_THRESHOLD, -1),
+}
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}  # the same settings, for a child process
+_MALLOC_SET: dict[str, int] = {}  # what tune_malloc set in this process (variable -> value)
 
 C_INT_MAX = 2**31 - 1  # the largest count a C int holds: what torch, OpenMP and NCCL take counts as
 THREADS_PER_CORE = 4  # FGPIPE_THREADS may ask for at most this many threads per available core
@@ -90,8 +97,9 @@ def configure_threads() -> int:
     return n
 
 
-def malloc_tuning_wanted(environ: dict[str, str] | os._Environ[str]) -> bool:
-    """True when the allocator settings should be applied: glibc Linux, not disabled, not yet set.
+def malloc_tuning_wanted(environ: Mapping[str, str]) -> bool:
+    """True when the allocator settings should be applied: glibc Linux, not disabled, not every knob set by the
+    environment already.
 
     ``FGPIPE_MALLOC_TUNING`` is 1 (the default) or 0 (off); any other value is a ConfigError naming it."""
     tuning = environ.get("FGPIPE_MALLOC_TUNING", "1").strip() or "1"
@@ -107,10 +115,32 @@ def malloc_tuning_wanted(environ: dict[str, str] | os._Environ[str]) -> bool:
     return any(k not in environ for k in MALLOC_ENV)
 
 
-def reexec_with_malloc_tuning(argv: Sequence[str]) -> None:
-    """Replace this process by ``python -m fgpipe ARGV`` with :data:`MALLOC_ENV` set (same pid)."""
-    env = {**os.environ, **{k: v for k, v in MALLOC_ENV.items() if k not in os.environ}}
-    os.execve(sys.executable, [sys.executable, "-m", "fgpipe", *argv], env)
+def tune_malloc(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
+    """Apply :data:`MALLOC_KNOBS` to this process with glibc's ``mallopt`` (each knob whose environment variable is
+    unset: a user's own setting, which glibc read at start, wins); return what is set now (variable -> value).
+
+    Nothing on other platforms or with ``FGPIPE_MALLOC_TUNING=0`` (see :func:`malloc_tuning_wanted`). Calling it
+    again changes nothing. A ``mallopt`` that refuses (returns 0) is an OSError: it never does on glibc."""
+    if not malloc_tuning_wanted(environ):
+        return dict(_MALLOC_SET)
+    import ctypes
+
+    libc = ctypes.CDLL(None)  # the running process's own C library
+    for name, (param, value) in MALLOC_KNOBS.items():
+        if name in environ or name in _MALLOC_SET:
+            continue
+        if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
+            raise OSError(f"mallopt({param}, {value}) failed")
+        _MALLOC_SET[name] = value
+    return dict(_MALLOC_SET)
+
+
+def malloc_settings() -> dict[str, str]:
+    """The allocator settings in force, for a benchmark's record: each knob set by :func:`tune_malloc` (``mallopt``)
+    or by its environment variable."""
+    settings = {k: f"env {os.environ[k]}" for k in MALLOC_KNOBS if k in os.environ}
+    settings.update({k: f"mallopt {v}" for k, v in _MALLOC_SET.items()})
+    return settings
 
 
 # --------------------------------------------------------------------------- SIGTERM and Ctrl-C

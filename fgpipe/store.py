@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import pickle
+import shutil
 import stat
 import tempfile
 import warnings
@@ -119,6 +120,7 @@ class OutputSet:
 
     def __init__(self) -> None:
         self._staged: dict[Path, Path] = {}  # target -> its complete temporary file, in the order written
+        self._moved: list[tuple[Path, Path]] = []  # (target, source): a finished file or folder renamed into place
         self._removed: list[Path] = []
 
     @staticmethod
@@ -141,6 +143,11 @@ class OutputSet:
         """Delete ``target`` at the commit (an output this run no longer writes)."""
         self._removed.append(Path(target))
 
+    def move(self, target: str | os.PathLike[str], source: str | os.PathLike[str]) -> None:
+        """Rename ``source`` (a complete file or folder) onto ``target`` at the commit, after the staged files; a
+        folder already at ``target`` is replaced whole. Discarded, ``source`` stays where it is."""
+        self._moved.append((Path(target), Path(source)))
+
     def commit(self) -> None:
         """Rename every staged file onto its target, in the order written, then delete the files to remove."""
         for key, tmp in list(self._staged.items()):
@@ -149,6 +156,9 @@ class OutputSet:
             except OSError as exc:
                 raise output_error(key, exc) from None
             del self._staged[key]
+        for target, source in self._moved:
+            _rename_into_place(target, source)
+        self._moved.clear()
         for path in self._removed:
             try:
                 path.unlink(missing_ok=True)
@@ -161,7 +171,26 @@ class OutputSet:
         for tmp in self._staged.values():
             tmp.unlink(missing_ok=True)
         self._staged.clear()
+        self._moved.clear()
         self._removed.clear()
+
+
+def _rename_into_place(target: Path, source: Path) -> None:
+    """``source`` renamed onto ``target``; a folder at ``target`` is first renamed aside, then deleted."""
+    aside = None
+    try:
+        if source.is_dir() and target.is_dir():
+            aside = target.with_name(f".{target.name}.{os.getpid()}.old")
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(target, aside)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(source, target)
+    except OSError as exc:
+        if aside is not None and aside.exists() and not target.exists():
+            os.replace(aside, target)  # put the previous folder back
+        raise output_error(target, exc, atomic=False) from None
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 _OUTPUTS: ContextVar[OutputSet | None] = ContextVar("fgpipe_outputs", default=None)
@@ -209,6 +238,26 @@ def remove_output(target: str | os.PathLike[str]) -> None:
         Path(target).unlink(missing_ok=True)
     except OSError as exc:
         raise output_error(target, exc, atomic=False) from None
+
+
+def move_output(target: str | os.PathLike[str], source: str | os.PathLike[str]) -> None:
+    """Rename ``source``, a complete file or folder, onto the output ``target`` (a folder there is replaced whole):
+    at the commit inside :func:`replaced_together`, after its staged files; else now."""
+    outputs = _OUTPUTS.get()
+    if outputs is not None:
+        outputs.move(target, source)
+        return
+    _rename_into_place(Path(target), Path(source))
+
+
+def remove_folder(folder: str | os.PathLike[str]) -> None:
+    """Delete ``folder`` and everything in it, if it exists (a training run's ``unfinished`` folder)."""
+    try:
+        shutil.rmtree(folder)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise output_error(folder, exc, atomic=False) from None
 
 
 def remove_stale_temps(target: str | os.PathLike[str]) -> list[Path]:

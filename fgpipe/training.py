@@ -31,7 +31,7 @@ from fgpipe.config import TrainingConfig
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, ConfigError, Interrupted, TrainingError
 from fgpipe.runtime import configure_threads, env_int
-from fgpipe.store import output_error, replaced_together, write_json
+from fgpipe.store import move_output, output_error, remove_folder, replaced_together, write_json
 
 
 # --------------------------------------------------------------------------- device and distributed
@@ -137,13 +137,13 @@ def close_live(live: Any, failing: bool = False) -> None:
             raise output_error(live.dir, exc, atomic=False) from None
 
 
-def interrupted(command: str, saved: int, epochs: int) -> Interrupted:
+def interrupted(command: str, saved: int, epochs: int, folder: Path | None = None) -> Interrupted:
     """What a Ctrl-C during training left and how to go on; ``command`` (``fgpipe train-backbone --dataset NAME``)
-    wrote the checkpoints of epoch ``saved`` (0: none yet, the previous outputs are untouched)."""
+    wrote the checkpoints of epoch ``saved`` into ``folder`` (0: none yet); the previous outputs are untouched."""
     if saved > 0:
         return Interrupted(
-            f"interrupted (Ctrl-C) after epoch {saved} of {epochs}: its checkpoints are kept, marked unfinished; "
-            f"continue with `{command} --resume`"
+            f"interrupted (Ctrl-C) after epoch {saved} of {epochs}: its checkpoints and curves are kept in {folder}, "
+            f"the previous outputs are unchanged; continue with `{command} --resume`"
         )
     return Interrupted(
         f"interrupted (Ctrl-C) before the first checkpoint: nothing was replaced, the previous outputs are unchanged; "
@@ -179,7 +179,7 @@ def resume_from(
         return fresh
     if not path.is_file():
         if rt.is_main:
-            console.print(f"[yellow]--resume: no checkpoint at {path}, starting from scratch")
+            console.print(f"[yellow]--resume: no unfinished run to continue ({path} does not exist), starting from scratch")
         return fresh
     keys = {**RESUME_KEYS, **{key: dict for key in parts}} if kind is not None else None
     state = load_checkpoint(path, map_location=rt.device, kind=kind, dataset=dataset, keys=keys)
@@ -295,12 +295,27 @@ def check_loss(loss: Tensor) -> None:
 
 @dataclass(frozen=True)
 class RunFiles:
-    """Where a training stage writes: its two checkpoints, its metrics file and its dvclive curves folder."""
+    """Where a training stage writes: its two checkpoints, its metrics file and its dvclive curves folder, once the
+    run has finished; until then, the run's checkpoints and curves are in the ``unfinished`` folder (which
+    ``--resume`` continues from), and the previous finished run's files stay as they were."""
 
     best: Path
     last: Path
     metrics: Path
     curves: Path
+    unfinished: Path
+
+    @property
+    def running_best(self) -> Path:
+        return self.unfinished / self.best.name
+
+    @property
+    def running_last(self) -> Path:
+        return self.unfinished / self.last.name
+
+    @property
+    def running_curves(self) -> Path:
+        return self.unfinished / "curves"
 
 
 @dataclass
@@ -382,14 +397,17 @@ def fit(trainer: Trainer, rt: Runtime, resume: bool, on_step: StepHook | None = 
     Each epoch is seeded from (seed, epoch) (:func:`epoch_seed`: torch's global RNG and the generator of data order
     and augmentation), so ``resume`` (continue from last.pt, :func:`resume_from`) ends with the weights an
     uninterrupted run has. Under torchrun the model is wrapped in DDP and each rank trains its share of every epoch;
-    rank 0 alone writes. Per epoch: a progress bar, a console line, the dvclive curves (opened with the first
-    checkpoint: a fresh run resets the curves folder). A NaN or infinite loss stops the run naming the epoch, the
-    step and the learning rate to lower, and Ctrl-C says what was kept: the last good checkpoints stay, marked
-    unfinished, for ``--resume`` only.
+    rank 0 alone writes. Per epoch: a progress bar, a console line, the dvclive curves. Until the end, checkpoints
+    and curves go to the run's ``unfinished`` folder (:class:`RunFiles`; a fresh run empties it first), so the
+    previous finished run's checkpoints, metrics and curves stay as they were whatever happens to this one. A NaN or
+    infinite loss stops the run naming the epoch, the step and the learning rate to lower, and Ctrl-C says what was
+    kept: the last good checkpoints, marked unfinished, in that folder for ``--resume``.
     """
     cfg, files, model = trainer.cfg, trainer.files, trainer.parts["model"]
+    if rt.is_main and not (resume and files.running_last.is_file()):
+        remove_folder(files.unfinished)  # a fresh run: an earlier run's unfinished files go
     start_epoch, best, history = resume_from(
-        files.last, resume, rt, trainer.check_resumable, trainer.parts, kind=trainer.kind, dataset=trainer.dataset
+        files.running_last, resume, rt, trainer.check_resumable, trainer.parts, kind=trainer.kind, dataset=trainer.dataset
     )
     net = wrap_ddp(model, rt)
     live = None  # dvclive, opened once the first checkpoint is written
@@ -421,28 +439,30 @@ def fit(trainer: Trainer, rt: Runtime, resume: bool, on_step: StepHook | None = 
                 }
                 saved = epoch + 1
                 if improved:
-                    save_checkpoint(files.best, state)
-                save_checkpoint(files.last, state)
+                    save_checkpoint(files.running_best, state)
+                save_checkpoint(files.running_last, state)
                 console.print(
                     f"epoch {epoch + 1}/{cfg.epochs}  loss {stats['loss']:.4f}  {trainer.describe(stats, val)}  "
                     f"{stats['images_per_s']:.1f} img/s" + ("  [green]best" if improved else ""),
                     highlight=False,
                 )
                 if live is None:
-                    live = open_live(files.curves, resume and start_epoch > 0)
+                    live = open_live(files.running_curves, resume and start_epoch > 0)
                 log_epoch(live, record)
             barrier(rt)
         if live is not None:
             close_live(live)
             live = None
-        if not files.best.is_file():
-            raise ArtifactError(f"no best checkpoint at {files.best}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})")
+        if not files.running_best.is_file():
+            raise ArtifactError(
+                f"no best checkpoint at {files.running_best}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})"
+            )
         metrics, best_state = trainer.finish(FitResult(start_epoch, resume, best, history, train_seconds, train_images))
         if rt.is_main:
-            finish_run(files.best, files.last, files.metrics, metrics, best_state)  # together, at the end
+            finish_run(files, metrics, best_state)  # together, at the end
         return metrics
     except KeyboardInterrupt:
-        raise interrupted(trainer.command, saved, cfg.epochs) from None
+        raise interrupted(trainer.command, saved, cfg.epochs, files.unfinished) from None
     finally:
         if live is not None:  # the run stops on another error: that one is reported
             close_live(live, failing=True)
@@ -468,9 +488,13 @@ def _train_epoch(
             try:
                 loss, correct, n = trainer.train_step(net, idx, gen)
             except NonFiniteLoss as exc:
+                kept = (
+                    f"the last good checkpoint is kept in {trainer.files.unfinished} for --resume" if epoch > 0
+                    else "no checkpoint was written"
+                )
                 raise TrainingError(
-                    f"the loss became {exc.value} at epoch {epoch + 1}, step {step + 1}; training stopped and the last "
-                    f"good checkpoint was kept. Lower {trainer.lr_key} or check the data."
+                    f"the loss became {exc.value} at epoch {epoch + 1}, step {step + 1}; training stopped, {kept} and "
+                    f"the previous outputs are unchanged. Lower {trainer.lr_key} or check the data."
                 ) from None
             scheduler.step()
 
@@ -494,13 +518,19 @@ def _train_epoch(
     }
 
 
-def finish_run(best: Path, last: Path, metrics_path: Path, metrics: dict[str, Any], best_state: dict[str, Any] | None = None) -> None:
-    """The end of a training run: best.pt and last.pt marked finished and the metrics file written, all three
-    replaced together (:func:`fgpipe.store.replaced_together`). ``best_state``: best.pt's state if already loaded."""
+def finish_run(files: RunFiles, metrics: dict[str, Any], best_state: dict[str, Any] | None = None) -> None:
+    """The end of a training run: its best.pt and last.pt marked finished, then they, its curves and the metrics file
+    replace the previous run's together (:func:`fgpipe.store.replaced_together`), and the emptied ``unfinished``
+    folder goes. ``best_state``: best.pt's state if already loaded."""
+    mark_finished(files.running_best, best_state if best_state is not None else load_checkpoint(files.running_best))
+    mark_finished(files.running_last, load_checkpoint(files.running_last))
     with replaced_together():
-        mark_finished(best, best_state if best_state is not None else load_checkpoint(best))
-        mark_finished(last, load_checkpoint(last))
-        write_json(metrics_path, metrics)
+        write_json(files.metrics, metrics)
+        move_output(files.best, files.running_best)
+        move_output(files.last, files.running_last)
+        if files.running_curves.is_dir():
+            move_output(files.curves, files.running_curves)
+    remove_folder(files.unfinished)
 
 
 def config_mismatch(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:

@@ -516,8 +516,11 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(
     before = snapshot(project)
 
     assert_refused(invoke(stage, "-d", NAME, "-p", project / "params.yaml"), "the loss became nan at epoch 2, step 2", key)
-    last = load_checkpoint(project / "data" / NAME / folder / "last.pt")
+    last = load_checkpoint(project / "data" / NAME / folder / "unfinished" / "last.pt")
     assert last["epoch"] == 1 and last["finished"] is False  # the last good checkpoint, kept for --resume
+    for name in ("best.pt", "last.pt"):  # the previous finished run's checkpoints are untouched
+        rel = f"data/{NAME}/{folder}/{name}"
+        assert sha(project / rel) == before[rel], rel
     assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
     assert sha(metrics) == before[metrics.relative_to(project).as_posix()]  # the good run's metrics stay
     assert not temp_files(project)
@@ -673,8 +676,8 @@ class KillCase:
       the earlier epochs on disk.
 
     ``finished_before``: outputs the run completed before the kill (each must then be a complete new
-    version); ``unfinished``: the checkpoints are those of the interrupted run, which the next stage must
-    refuse and ``--resume`` completes. Every other output must be byte-identical to the chain's.
+    version); ``unfinished``: the folder holding the interrupted run's checkpoints (complete, marked unfinished),
+    which ``--resume`` completes. Every output must be byte-identical to the chain's, except those finished before.
     ``never_half``: a folder that must not exist after the kill (it appears whole or not at all), and
     whose hidden work folders the rerun must have removed.
     """
@@ -685,8 +688,8 @@ class KillCase:
     options: tuple[str, ...] = ()
     edits: dict[str, Any] = field(default_factory=dict)
     finished_before: tuple[str, ...] = ()
-    unfinished: tuple[str, ...] = ()
-    next_stage: str = ""  # refuses the unfinished checkpoints
+    unfinished: str = ""
+    next_stage: str = ""  # refuses an unfinished checkpoint copied into place by hand
     changed: str = ""  # an output the rerun must have rewritten
     never_half: str = ""
 
@@ -703,7 +706,7 @@ KILL_CASES = [
     KillCase("train-backbone:first-checkpoint", "train-backbone", ("rename", "best.pt", 1),
              edits={"train_backbone__seed": 1}, changed=f"{D}/stage1/best.pt"),
     KillCase("train-backbone:mid-epoch-2", "train-backbone", ("step", 1, 0), edits={"train_backbone__seed": 1},
-             unfinished=(f"{D}/stage1/best.pt", f"{D}/stage1/last.pt"), next_stage="extract-attention", changed=f"{D}/stage1/best.pt"),
+             unfinished=f"{D}/stage1/unfinished", next_stage="extract-attention", changed=f"{D}/stage1/best.pt"),
     KillCase("extract-attention:mid-file", "extract-attention", ("append", 1), ("--method", "bap"), changed=f"{D}/attention.h5"),
     KillCase("extract-crops:mid-file", "extract-crops", ("append", 1), ("--threshold", "0.3"), changed=f"{D}/crops.h5"),
     KillCase("extract-crops:before-preview", "extract-crops", ("rename", "crops_preview.png", 1), ("--threshold", "0.3"),
@@ -711,7 +714,7 @@ KILL_CASES = [
     KillCase("train-refine:first-checkpoint", "train-refine", ("rename", "best.pt", 1),
              edits={"train_refine__seed": 1}, changed=f"{D}/refine/best.pt"),
     KillCase("train-refine:mid-epoch-2", "train-refine", ("step", 1, 0), edits={"train_refine__seed": 1},
-             unfinished=(f"{D}/refine/best.pt", f"{D}/refine/last.pt"), next_stage="evaluate", changed=f"{D}/refine/best.pt"),
+             unfinished=f"{D}/refine/unfinished", next_stage="evaluate", changed=f"{D}/refine/best.pt"),
     KillCase("evaluate:before-evaluate-json", "evaluate", ("rename", "evaluate.json", 1), ("--combine", "fixed"),
              finished_before=(f"metrics/{NAME}/predictions.csv", f"metrics/{NAME}/per_class.csv",
                               f"metrics/{NAME}/confusion.csv", f"{D}/confusion.png"),
@@ -738,7 +741,7 @@ def test_killed_stage_leaves_nothing_partial_and_the_rerun_completes(
         path = project / rel
         if rel not in before and path.is_dir():  # a plots folder (dvclive curves, cache: false)
             continue
-        if rel in case.finished_before or rel in case.unfinished:
+        if rel in case.finished_before:
             assert is_complete(path), rel
         else:
             assert (sha(path) if path.exists() else None) == before.get(rel), f"{rel} changed though the kill came before it was written"
@@ -748,14 +751,22 @@ def test_killed_stage_leaves_nothing_partial_and_the_rerun_completes(
         assert Path(tmp).name.startswith(".") and Path(tmp).name.endswith(".tmp")
     if case.never_half:
         assert not (project / case.never_half).exists() and list(project.glob(f".{case.never_half}.tmp-*"))
-    # 3. Checkpoints of the interrupted run are refused by the next stage, naming them and --resume.
+    # 3. The interrupted run's checkpoints are complete, marked unfinished, in their own folder (none of DVC's outputs).
     if case.unfinished:
+        assert not any(out.startswith(case.unfinished) for out in outputs)
+        for name in ("best.pt", "last.pt"):
+            state = load_checkpoint(project / case.unfinished / name)
+            assert state["epoch"] == 1 and state["finished"] is False, name
+        target = project / Path(case.unfinished).parent / "best.pt"
+        kept = target.read_bytes()
+        shutil.copyfile(project / case.unfinished / "best.pt", target)  # what a user might do by hand
         downstream_before = snapshot(project)
         assert_refused(
             invoke(case.next_stage, "-d", NAME, "-p", params),
-            str(project / case.unfinished[0]), "did not finish", f"fgpipe {case.stage} --dataset {NAME} --resume",
+            str(target), "did not finish", f"fgpipe {case.stage} --dataset {NAME} --resume",
         )
         assert snapshot(project) == downstream_before
+        target.write_bytes(kept)
 
     # 4. The rerun (--resume for an interrupted training) completes, rewrites the outputs and sweeps the temp files.
     rerun = invoke(*argv, *(["--resume"] if case.unfinished else []))
@@ -769,4 +780,6 @@ def test_killed_stage_leaves_nothing_partial_and_the_rerun_completes(
         assert (project / case.never_half / "synthetic.json").is_file() and not list(project.glob(f".{case.never_half}.tmp-*"))
     if case.unfinished:
         assert read_json(project / "metrics" / NAME / f"{case.stage.replace('-', '_')}.json")["resumed_from_epoch"] == 1
-        assert all(load_checkpoint(project / rel)["finished"] for rel in case.unfinished)
+        folder = Path(case.unfinished).parent
+        assert all(load_checkpoint(project / folder / name)["finished"] for name in ("best.pt", "last.pt"))
+        assert not (project / case.unfinished).exists()

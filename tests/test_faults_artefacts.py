@@ -608,6 +608,7 @@ def test_disk_full_while_the_training_curves_are_logged(project: Path, monkeypat
     monkeypatch.setattr(Live, "log_metric", failing(errno.ENOSPC))
     result = invoke("train-backbone", "-d", NAME, "-p", edit_params(project, train_backbone__seed=1))
     monkeypatch.undo()
-    out = assert_refused(result, f"cannot write {project / 'metrics' / NAME / 'train_backbone'}: No space left on device (ENOSPC)")
+    out = assert_refused(result, f"cannot write {project / D / 'stage1' / 'unfinished' / 'curves'}: No space left on device (ENOSPC)")
     assert "Nothing was written in its place" not in out  # not claimed for a write that is not atomic
-    assert load_checkpoint(project / D / "stage1/last.pt")["finished"] is False and not temp_files(project)
+    assert load_checkpoint(project / D / "stage1/unfinished/last.pt")["finished"] is False and not temp_files(project)
+    assert load_checkpoint(project / D / "stage1/last.pt")["finished"] is True  # the previous run's, untouched

@@ -220,8 +220,9 @@ def test_a_stage_failing_at_its_last_output_leaves_every_previous_output(
 def test_a_training_run_failing_at_its_metrics_leaves_checkpoints_only_resume_takes(
     project: Path, monkeypatch: pytest.MonkeyPatch, stage: str, folder: str
 ) -> None:
-    """Checkpoints are written every epoch by design (for --resume); best.pt is marked finished only together with
-    the metrics file, so a run failing there leaves best.pt unfinished and the previous metrics."""
+    """Checkpoints are written every epoch by design (for --resume), into the run's ``unfinished`` folder; they,
+    the curves and the metrics file replace the previous run's together at the end, so a run failing there leaves
+    every previous output as it was and its own checkpoints for --resume."""
     key = stage.replace("-", "_")
     params = edit_params(project, **{f"{key}__seed": 1})
     before = snapshot(project)
@@ -230,13 +231,14 @@ def test_a_training_run_failing_at_its_metrics_leaves_checkpoints_only_resume_ta
     monkeypatch.undo()
     assert_refused(result, f"cannot write {project / M / key}.json: No space left on device (ENOSPC)")
     after = snapshot(project)
-    replaced = {rel for rel in before if rel.startswith((f"{D}/{folder}/", f"{M}/{key}/"))}  # checkpoints, curves
-    assert {rel: after.get(rel) for rel in before if rel not in replaced} == {rel: sha for rel, sha in before.items() if rel not in replaced}
-    assert load_checkpoint(project / D / folder / "best.pt")["finished"] is False and not temp_files(project)
+    assert {rel: after.get(rel) for rel in before} == before  # checkpoints, curves, metrics: all the previous run's
+    assert {rel for rel in after if rel not in before} <= {rel for rel in after if rel.startswith(f"{D}/{folder}/unfinished/")}
+    assert load_checkpoint(project / D / folder / "unfinished" / "best.pt")["finished"] is False and not temp_files(project)
     resumed = invoke(stage, "-d", NAME, "-p", params, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert load_checkpoint(project / D / folder / "best.pt")["finished"] is True
     assert snapshot(project)[f"{M}/{key}.json"] != before[f"{M}/{key}.json"]
+    assert not (project / D / folder / "unfinished").exists()
 
 
 # =========================================================================== 3. Ctrl-C
@@ -270,9 +272,13 @@ def test_ctrl_c_during_training_says_how_to_resume(project: Path, monkeypatch: p
     monkeypatch.setattr(module, "run", functools.partial(module.run, on_step=hook))
     result = invoke(stage, "-d", NAME, "-p", params)
     monkeypatch.undo()
-    assert_interrupted(result, "interrupted (Ctrl-C) after epoch 1 of 2", f"continue with `fgpipe {stage} --dataset {NAME} --resume`")
-    assert load_checkpoint(project / D / folder / "last.pt")["epoch"] == 1
-    assert snapshot(project)[f"{M}/{key}.json"] == before[f"{M}/{key}.json"] and not temp_files(project)
+    assert_interrupted(
+        result, "interrupted (Ctrl-C) after epoch 1 of 2", f"kept in {project / D / folder / 'unfinished'}",
+        "the previous outputs are unchanged", f"continue with `fgpipe {stage} --dataset {NAME} --resume`",
+    )
+    assert load_checkpoint(project / D / folder / "unfinished" / "last.pt")["epoch"] == 1
+    after = snapshot(project)
+    assert {rel: after.get(rel) for rel in before} == before and not temp_files(project)  # curves and checkpoints too
     resumed = invoke(stage, "-d", NAME, "-p", params, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert load_checkpoint(project / D / folder / "best.pt")["finished"] is True
@@ -453,9 +459,10 @@ def test_a_failing_dvclive_summary_is_a_clean_error(project: Path, monkeypatch: 
     monkeypatch.setattr(Live, "end", failing)
     result = invoke("train-backbone", "-d", NAME, "-p", params)
     monkeypatch.undo()
-    assert_refused(result, f"cannot write {project / M / 'train_backbone'}: No space left on device (ENOSPC)")
-    assert snapshot(project)[f"{M}/train_backbone.json"] == before[f"{M}/train_backbone.json"]
-    assert load_checkpoint(project / D / "stage1/best.pt")["finished"] is False and not temp_files(project)
+    assert_refused(result, f"cannot write {project / D / 'stage1' / 'unfinished' / 'curves'}: No space left on device (ENOSPC)")
+    after = snapshot(project)
+    assert {rel: after.get(rel) for rel in before} == before  # the previous metrics, curves and checkpoints
+    assert load_checkpoint(project / D / "stage1/unfinished/best.pt")["finished"] is False and not temp_files(project)
 
 
 def test_a_failing_dvclive_summary_does_not_hide_the_error_that_stopped_training(

@@ -226,14 +226,17 @@ def test_sigterm_during_training_says_how_to_resume(project: Path, fork_server: 
     params = edit_params(project, train_backbone__seed=1)
     before = snapshot(project)
     out = terminated(fork_server, project, ["train-backbone", "-d", NAME, "-p", str(params)], ("step", 1, 0))
-    assert (f"interrupted (SIGTERM) after epoch 1 of 2: its checkpoints are kept, marked unfinished; "
-            f"continue with `fgpipe train-backbone --dataset {NAME} --resume`") in out
-    last = load_checkpoint(project / D / "stage1" / "last.pt")
+    assert flat(f"interrupted (SIGTERM) after epoch 1 of 2: its checkpoints and curves are kept in "
+                f"{project / D / 'stage1' / 'unfinished'}, the previous outputs are unchanged; "
+                f"continue with `fgpipe train-backbone --dataset {NAME} --resume`") in out
+    last = load_checkpoint(project / D / "stage1" / "unfinished" / "last.pt")
     assert last["epoch"] == 1 and last["finished"] is False
-    assert snapshot(project)[f"{M}/train_backbone.json"] == before[f"{M}/train_backbone.json"] and not temp_files(project)
+    after = snapshot(project)
+    assert {rel: after.get(rel) for rel in before} == before and not temp_files(project)  # checkpoints and curves too
     resumed = invoke("train-backbone", "-d", NAME, "-p", params, "--resume")
     assert resumed.exit_code == 0, resumed.output
     assert load_checkpoint(project / D / "stage1" / "best.pt")["finished"] is True
+    assert not (project / D / "stage1" / "unfinished").exists()
 
 
 def test_a_command_sets_the_sigterm_handler_only_while_it_runs(project: Path) -> None:

@@ -264,15 +264,16 @@ def test_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path: P
     params = make_refine_project(cut, refine=shared)
     with pytest.raises(KeyboardInterrupt):
         train_refine.run(load_params(params), "toy", on_step=crash)
-    assert torch.load(cut / "data/toy/refine/last.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(cut / "data/toy/refine/unfinished/last.pt", weights_only=True)["epoch"] == 1
+    with pytest.raises(ArtifactError, match="train_refine.lr"):
+        train_refine.run(load_params(params, {"train_refine.lr": 0.01}), "toy", resume=True)
     metrics = train_refine.run(load_params(params), "toy", resume=True)
     assert metrics["resumed_from_epoch"] == 1
     a, b = weights(full / "data/toy/refine/last.pt"), weights(cut / "data/toy/refine/last.pt")
     assert a.keys() == b.keys() and not any(k.startswith("part_backbone.") for k in a)
     for k in a:
         assert torch.equal(a[k], b[k]), k
-    with pytest.raises(ArtifactError, match="train_refine.lr"):
-        train_refine.run(load_params(params, {"train_refine.lr": 0.01}), "toy", resume=True)
+    assert not (cut / "data/toy/refine/unfinished").exists()
 
 
 def test_refuses_crops_made_from_another_manifest(tmp_path: Path) -> None:

@@ -136,8 +136,10 @@ def test_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path: P
     params = make_project(cut)
     with pytest.raises(KeyboardInterrupt):
         train_backbone.run(load_params(params), "toy", on_step=crash)
-    assert torch.load(cut / "data/toy/stage1/last.pt", weights_only=True)["epoch"] == 1
+    assert torch.load(cut / "data/toy/stage1/unfinished/last.pt", weights_only=True)["epoch"] == 1
+    assert not (cut / "data/toy/stage1/last.pt").exists()  # nothing finished yet
     metrics = train_backbone.run(load_params(params), "toy", resume=True)
+    assert not (cut / "data/toy/stage1/unfinished").exists()
     assert metrics["resumed_from_epoch"] == 1
     assert_same_weights(weights(full / "data/toy/stage1/last.pt"), weights(cut / "data/toy/stage1/last.pt"))
     full_ckpt = torch.load(full / "data/toy/stage1/last.pt", weights_only=True)
@@ -145,11 +147,37 @@ def test_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path: P
     assert torch.equal(full_ckpt["center"]["centers"], cut_ckpt["center"]["centers"])
 
 
+def stop_in_epoch_2(epoch: int, step: int) -> None:
+    if epoch == 1:
+        raise KeyboardInterrupt
+
+
 def test_resume_refuses_a_checkpoint_made_with_other_params(tmp_path: Path) -> None:
-    params = make_project(tmp_path, epochs=1)
-    train_backbone.run(load_params(params), "toy")
-    with pytest.raises(ArtifactError, match="train_backbone.lr"):
+    params = make_project(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        train_backbone.run(load_params(params), "toy", on_step=stop_in_epoch_2)
+    with pytest.raises(ArtifactError, match="unfinished/last.pt was made with other params .*train_backbone.lr"):
         train_backbone.run(load_params(params, {"train_backbone.lr": 0.01}), "toy", resume=True)
+
+
+def test_an_unfinished_run_leaves_the_finished_one_and_a_fresh_run_discards_it(tmp_path: Path) -> None:
+    """The rule of a failed run: the previous finished checkpoints, metrics and curves stay byte-identical while a
+    new run is interrupted; a later run without --resume empties the unfinished folder and starts from scratch."""
+    params = make_project(tmp_path, epochs=2)
+    train_backbone.run(load_params(params), "toy")
+    files = [p for top in ("data/toy/stage1", "metrics/toy") for p in sorted((tmp_path / top).rglob("*")) if p.is_file()]
+    before = {p: p.read_bytes() for p in files}
+    assert any("train_backbone" in p.parent.as_posix() for p in files)  # the dvclive curves are among them
+    with pytest.raises(KeyboardInterrupt):
+        train_backbone.run(load_params(params, {"train_backbone.seed": 1}), "toy", on_step=stop_in_epoch_2)
+    assert {p: p.read_bytes() for p in files} == before
+    unfinished = tmp_path / "data/toy/stage1/unfinished"
+    assert sorted(p.name for p in unfinished.iterdir()) == ["best.pt", "curves", "last.pt"]
+    metrics = train_backbone.run(load_params(params, {"train_backbone.seed": 2}), "toy")  # no --resume: from scratch
+    assert metrics["resumed_from_epoch"] is None and not unfinished.exists()
+    assert torch.load(tmp_path / "data/toy/stage1/last.pt", weights_only=True)["config"]["train_backbone"]["seed"] == 2
+    steps = (tmp_path / "metrics/toy/train_backbone/plots/metrics/train/loss.tsv").read_text().strip().splitlines()
+    assert len(steps) == 1 + 2  # the header and this run's two epochs, the interrupted run's epoch gone
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path: Path) -> None:
@@ -172,7 +200,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
             train_backbone.run(load_params(params), "toy", on_step=poison)
     finally:
         train_backbone.build_stage1 = real_build  # type: ignore[assignment]
-    last = torch.load(tmp_path / "data/toy/stage1/last.pt", weights_only=True)
+    last = torch.load(tmp_path / "data/toy/stage1/unfinished/last.pt", weights_only=True)
     assert last["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in last["model"].values() if t.is_floating_point())
 

@@ -95,8 +95,8 @@ class Stage1Trainer(Trainer):
         settings.dataset(dataset)  # a clear error for an unknown dataset name
         layout = settings.layout(dataset)
         data, out = layout.data, layout.metrics
-        files = RunFiles(data.stage1("best"), data.stage1("last"), out.stage(STAGE), out.curves(STAGE))
-        check_output_paths([files.best, files.last, files.metrics], [files.curves])  # not after the training
+        files = RunFiles(data.stage1("best"), data.stage1("last"), out.stage(STAGE), out.curves(STAGE), data.unfinished("stage1"))
+        check_output_paths([files.best, files.last, files.metrics], [files.curves, files.unfinished])  # not after the training
         inputs = read_dataset_inputs(settings, dataset)
         rows, info, root, classes, by_split = inputs.rows, inputs.info, inputs.root, inputs.classes, inputs.by_split
         inputs.require("train", "val")
@@ -140,8 +140,8 @@ class Stage1Trainer(Trainer):
 
     def check_resumable(self, state: dict[str, Any]) -> None:
         if state.get("manifest_sha256") != self.state["manifest_sha256"]:
-            raise ArtifactError(f"{self.files.last} was trained on another manifest: delete it or run without --resume")
-        config_mismatch(state, self.state["config"], self.files.last)
+            raise ArtifactError(f"{self.files.running_last} was trained on another manifest: delete it or run without --resume")
+        config_mismatch(state, self.state["config"], self.files.running_last)
 
     def train_step(self, net: nn.Module, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
         cfg, rt = self.cfg, self.rt
@@ -162,7 +162,7 @@ class Stage1Trainer(Trainer):
     def finish(self, result: FitResult) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """Test accuracy of the val-selected checkpoint (test is never used for selection), and the run's figures."""
         cfg, mcfg, rt, model = self.cfg, self.mcfg, self.rt, self.parts["model"]
-        best_state = load_checkpoint(self.files.best, map_location=rt.device)
+        best_state = load_checkpoint(self.files.running_best, map_location=rt.device)
         model.load_state_dict(best_state["model"])
         side = resized_side(cfg.input_size, cfg.augment)
         test = evaluate(model, load_split(self.root, self.test_rows, side, "test", self.cache), cfg, rt) if self.test_rows else None

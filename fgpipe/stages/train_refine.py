@@ -153,8 +153,8 @@ class RefineTrainer(Trainer):
         settings.dataset(dataset)  # a clear error for an unknown dataset name
         layout = settings.layout(dataset)
         data, out = layout.data, layout.metrics
-        files = RunFiles(data.refine("best"), data.refine("last"), out.stage(STAGE), out.curves(STAGE))
-        check_output_paths([files.best, files.last, files.metrics], [files.curves])  # not after the training
+        files = RunFiles(data.refine("best"), data.refine("last"), out.stage(STAGE), out.curves(STAGE), data.unfinished("refine"))
+        check_output_paths([files.best, files.last, files.metrics], [files.curves, files.unfinished])  # not after the training
         inputs = read_dataset_inputs(settings, dataset)
         info, root, classes, by_split = inputs.info, inputs.root, inputs.classes, inputs.by_split
         sha = FileHashes()  # each input hashed once
@@ -206,8 +206,8 @@ class RefineTrainer(Trainer):
     def check_resumable(self, state: dict[str, Any]) -> None:
         for key, what in (("manifest_sha256", "manifest"), ("crops_sha256", "crops.h5"), ("stage1_sha256", "stage-1 checkpoint")):
             if state.get(key) != self.state[key]:
-                raise ArtifactError(f"{self.files.last} was trained from another {what}: delete it or run without --resume")
-        config_mismatch(state, self.state["config"], self.files.last)
+                raise ArtifactError(f"{self.files.running_last} was trained from another {what}: delete it or run without --resume")
+        config_mismatch(state, self.state["config"], self.files.running_last)
 
     def train_step(self, net: nn.Module, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
         """loss = CE(object logits) + CE(mean patch logits), on jittered, augmented crops and patches."""
