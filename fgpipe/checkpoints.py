@@ -129,15 +129,9 @@ def rebuilding(path: str | os.PathLike[str], kind: str, dataset: str | None) -> 
         ) from None
 
 
-def mark_finished(path: str | os.PathLike[str], state: dict[str, Any]) -> None:
-    """Rewrite the checkpoint ``state`` loaded from ``path`` as the result of a finished run, if it is not yet.
-
-    Checkpoints written during training say ``finished: False`` until this is called at the end (on best.pt and
-    last.pt, together with the metrics file), so a run killed or failing before leaves checkpoints only ``--resume``
-    accepts.
-    """
-    if state.get("finished") is False:
-        save_checkpoint(path, {**{k: v for k, v in state.items() if k != "format"}, "finished": True})
+def finished(state: dict[str, Any]) -> dict[str, Any]:
+    """``state`` (a loaded checkpoint) as the result of a finished run, to save at its final place."""
+    return {**{k: v for k, v in state.items() if k != "format"}, "finished": True}
 
 
 def require_finished(state: dict[str, Any], path: str | os.PathLike[str], command: str) -> None:

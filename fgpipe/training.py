@@ -26,7 +26,7 @@ import torch.distributed as dist
 from rich.progress import TextColumn
 from torch import Tensor, nn
 
-from fgpipe.checkpoints import RESUME_KEYS, load_checkpoint, mark_finished, rebuilding, save_checkpoint
+from fgpipe.checkpoints import RESUME_KEYS, finished, load_checkpoint, rebuilding, save_checkpoint
 from fgpipe.config import TrainingConfig
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, ConfigError, Interrupted, TrainingError
@@ -519,15 +519,13 @@ def _train_epoch(
 
 
 def finish_run(files: RunFiles, metrics: dict[str, Any], best_state: dict[str, Any] | None = None) -> None:
-    """The end of a training run: its best.pt and last.pt marked finished, then they, its curves and the metrics file
-    replace the previous run's together (:func:`fgpipe.store.replaced_together`), and the emptied ``unfinished``
-    folder goes. ``best_state``: best.pt's state if already loaded."""
-    mark_finished(files.running_best, best_state if best_state is not None else load_checkpoint(files.running_best))
-    mark_finished(files.running_last, load_checkpoint(files.running_last))
+    """The end of a training run: its best.pt and last.pt, marked finished, its curves and the metrics file replace
+    the previous run's together (:func:`fgpipe.store.replaced_together`), then its ``unfinished`` folder goes (a
+    failure before leaves it, unfinished, for ``--resume``). ``best_state``: best.pt's state if already loaded."""
     with replaced_together():
+        save_checkpoint(files.best, finished(best_state if best_state is not None else load_checkpoint(files.running_best)))
+        save_checkpoint(files.last, finished(load_checkpoint(files.running_last)))
         write_json(files.metrics, metrics)
-        move_output(files.best, files.running_best)
-        move_output(files.last, files.running_last)
         if files.running_curves.is_dir():
             move_output(files.curves, files.running_curves)
     remove_folder(files.unfinished)

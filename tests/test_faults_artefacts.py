@@ -20,6 +20,7 @@ import dataclasses
 import errno
 import os
 import re
+import shutil
 import subprocess
 import sys
 import types
@@ -141,9 +142,16 @@ LOADS = [
     ("stage1:predict", f"{D}/stage1/best.pt", "predict", [IMAGE]),
     ("refine:evaluate", f"{D}/refine/best.pt", "evaluate", []),
     ("refine:predict", f"{D}/refine/best.pt", "predict", [IMAGE]),
-    ("resume:train-backbone", f"{D}/stage1/last.pt", "train-backbone", ["--resume"]),
-    ("resume:train-refine", f"{D}/refine/last.pt", "train-refine", ["--resume"]),
+    ("resume:train-backbone", f"{D}/stage1/unfinished/last.pt", "train-backbone", ["--resume"]),  # an interrupted run's
+    ("resume:train-refine", f"{D}/refine/unfinished/last.pt", "train-refine", ["--resume"]),
 ]
+
+
+def interrupted_run(path: Path) -> None:
+    """For ``unfinished/last.pt``: the folder an interrupted run leaves (a copy of the finished run's last.pt)."""
+    if path.parent.name == "unfinished" and not path.exists():
+        path.parent.mkdir()
+        shutil.copyfile(path.parent.parent / path.name, path)
 
 
 def run_on(project: Path, command: str, options: list[str]) -> Any:
@@ -187,6 +195,7 @@ def test_a_file_that_is_not_an_fgpipe_checkpoint_is_refused_everywhere_one_is_lo
     damage: Callable[[Path], None], says: str,
 ) -> None:
     path = project / rel
+    interrupted_run(path)
     damage(path)
     before = snapshot(project)
     out = assert_refused(run_on(project, command, options), str(path), says, f"rerun `{WRITERS[checkpoint_of(rel)]}`")
@@ -220,13 +229,15 @@ def test_a_checkpoint_whose_network_cannot_be_rebuilt_is_refused(
 
 
 @pytest.mark.parametrize(
-    "rel, command", [(f"{D}/stage1/last.pt", "train-backbone"), (f"{D}/refine/last.pt", "train-refine")], ids=["train-backbone", "train-refine"]
+    "rel, command", [(f"{D}/stage1/unfinished/last.pt", "train-backbone"), (f"{D}/refine/unfinished/last.pt", "train-refine")],
+    ids=["train-backbone", "train-refine"],
 )
 @pytest.mark.parametrize("edit", [_drop_a_tensor, lambda state: state.update(rng={})], ids=["missing-tensor", "broken-rng-state"])
 def test_resume_from_a_checkpoint_that_cannot_be_restored_is_refused(
     project: Path, rel: str, command: str, edit: Callable[[dict[str, Any]], None]
 ) -> None:
     path = project / rel
+    interrupted_run(path)
     _edited(edit)(path)
     before = snapshot(project)
     assert_refused(
@@ -487,13 +498,16 @@ def test_a_malformed_environment_variable_is_refused(
     assert snapshot(project) == before
 
 
-def test_a_malformed_malloc_tuning_variable_stops_the_console_script() -> None:
-    """FGPIPE_MALLOC_TUNING is read before any command (by the console script that re-executes itself)."""
+def test_a_malformed_malloc_tuning_variable_stops_the_console_script(tmp_path: Path) -> None:
+    """FGPIPE_MALLOC_TUNING is read before any command runs (by the CLI's root callback, which tunes the allocator):
+    the variable is refused, not the missing params file the command would have read next."""
     env = {**os.environ, "FGPIPE_MALLOC_TUNING": "yes"}
-    done = subprocess.run([sys.executable, "-m", "fgpipe", "--version"], env=env, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "fgpipe", "prepare", "--params", "missing.yaml"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
     out = flat(done.stdout + done.stderr)
     assert done.returncode == 1 and "Traceback" not in out, out
     assert "error: environment variable FGPIPE_MALLOC_TUNING='yes' is invalid" in out and "1 (tune" in out and "0 (leave" in out
+    assert "missing.yaml" not in out and len((done.stdout + done.stderr).strip().splitlines()) == 1, out
 
 
 # =========================================================================== 5. a full disk, a read-only folder
@@ -557,7 +571,7 @@ def test_disk_full_while_a_checkpoint_is_written(project: Path, monkeypatch: pyt
     monkeypatch.setattr(torch, "save", save)
     result = invoke("train-backbone", "-d", NAME, "-p", edit_params(project, train_backbone__seed=1))
     monkeypatch.undo()
-    assert_refused(result, f"cannot write {project / D / 'stage1/best.pt'}: No space left on device (ENOSPC)", "free some disk space")
+    assert_refused(result, f"cannot write {project / D / 'stage1/unfinished/best.pt'}: No space left on device (ENOSPC)", "free some disk space")
     assert snapshot(project) == before and not temp_files(project)
 
 
