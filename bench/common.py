@@ -12,6 +12,8 @@ from typing import Any
 
 import torch
 
+from fgpipe.runtime import malloc_settings
+
 
 def machine_info() -> dict[str, Any]:
     """What the numbers were measured on."""
@@ -27,7 +29,7 @@ def machine_info() -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "malloc_env": {k: os.environ[k] for k in ("MALLOC_MMAP_MAX_", "MALLOC_TRIM_THRESHOLD_") if k in os.environ},
+        "malloc": malloc_settings(),  # glibc knob -> "mallopt VALUE" (set by tune_malloc) or "env VALUE"; {}: defaults
     }
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)

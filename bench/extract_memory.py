@@ -64,7 +64,7 @@ WRAPPER = """
 import json, os, subprocess, sys
 with open(sys.argv[1], "w") as log:
     proc = subprocess.Popen([sys.executable, "-m", "fgpipe", *sys.argv[2:]], stdout=log, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)  # the CLI re-executes itself in place (same pid) for its allocator settings
+    _, status, usage = os.wait4(proc.pid, 0)  # the stage's own process (it sets its allocator in place: mallopt)
     proc.returncode = os.waitstatus_to_exitcode(status)
 print(json.dumps({"returncode": proc.returncode, "maxrss_kib": usage.ru_maxrss}))
 """

@@ -50,7 +50,8 @@ import extract_memory  # noqa: E402
 import train_step  # noqa: E402
 from common import machine_info  # noqa: E402
 
-from fgpipe.runtime import MALLOC_ENV, configure_threads, malloc_tuning_wanted  # noqa: E402
+from fgpipe.errors import ConfigError  # noqa: E402
+from fgpipe.runtime import configure_threads, tune_malloc  # noqa: E402
 
 Entry = dict[str, Any]
 NO_CUDA = "skipped: no CUDA device"
@@ -287,8 +288,10 @@ def main() -> None:
     p.add_argument("--out", type=Path, help="the JSON file (default bench/results/suite-<host>[-quick].json)")
     p.add_argument("--only", nargs="+", choices=list(BENCHMARKS), help="run only these benchmarks")
     args = p.parse_args()
-    if malloc_tuning_wanted(os.environ):  # the allocator settings the fgpipe CLI runs with (bench/RESULTS.md, malloc)
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **MALLOC_ENV})
+    try:
+        tune_malloc()  # the allocator settings the fgpipe CLI runs with (bench/RESULTS.md, malloc); FGPIPE_MALLOC_TUNING=0: none
+    except ConfigError as exc:
+        p.error(str(exc))
     configure_threads()
     mode = "quick" if args.quick else "full"
     out = args.out or HERE / "results" / f"suite-{platform.node() or 'host'}{'-quick' if args.quick else ''}.json"

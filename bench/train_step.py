@@ -6,7 +6,8 @@ Both on the same batch, same model, in one run, so the ratio says what the WS-DA
     uv run python bench/train_step.py --backbone resnet50 --input-size 448 --batch-size 8
     uv run python bench/train_step.py --backbone resnet50 --input-size 448 --batch-size 16 --device cuda --precision both --compile
 
-``run()`` returns the same figures for the suite (bench/suite.py).
+``run()`` returns the same figures for the suite (bench/suite.py). Run as a script, it sets glibc's allocator as the
+fgpipe CLI does (``FGPIPE_MALLOC_TUNING=0``: glibc's defaults; bench/malloc_ab.py compares the two).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from common import emit, machine_info, timed  # noqa: E402
 from fgpipe.config import ModelConfig, TrainBackboneConfig  # noqa: E402
 from fgpipe.models import build_stage1  # noqa: E402
 from fgpipe.models.wsdan import CenterLoss  # noqa: E402
-from fgpipe.runtime import configure_threads  # noqa: E402
+from fgpipe.errors import ConfigError  # noqa: E402
+from fgpipe.runtime import configure_threads, tune_malloc  # noqa: E402
 from fgpipe.stages.train_backbone import train_step  # noqa: E402
 from fgpipe.training import Runtime, build_optimizer  # noqa: E402
 
@@ -115,6 +117,10 @@ def main() -> None:
     p.add_argument("--compile-backend", default="inductor")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     args = p.parse_args()
+    try:
+        tune_malloc()  # as the fgpipe CLI does (bench/RESULTS.md, malloc); FGPIPE_MALLOC_TUNING=0: glibc's defaults
+    except ConfigError as exc:
+        p.error(str(exc))
     configure_threads()
     variants = [v for v, on in (("fp32", args.precision in ("fp32", "both")),
                                 ("bf16_channels_last", args.precision in ("bf16", "both")),

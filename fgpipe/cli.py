@@ -6,6 +6,7 @@ Each command parses its options, loads params.yaml (with CLI overrides recorded)
 (SIGTERM likewise) becomes one line saying what was kept and how to go on, and exit code 130 (143 for SIGTERM).
 A value an option cannot be parsed as is Typer's usage error: its usage line and message, exit code 2.
 The console script's entry point is :func:`fgpipe.__main__.main`, which handles Ctrl-C during these imports.
+Before any command runs, the root callback sets glibc's allocator for training (:func:`fgpipe.runtime.tune_malloc`).
 """
 
 from __future__ import annotations

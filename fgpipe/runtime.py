@@ -16,14 +16,15 @@ from fgpipe.errors import ConfigError, Interrupted, Terminated
 
 # Keep freed memory in the process instead of handing it back to the kernel and faulting fresh
 # zeroed pages in again on the next batch: every allocation from the heap (no mmap), and no trimming.
-# The CLI sets both with glibc's mallopt(3) when a command starts; the environment variable of each knob
-# (read by glibc at process start) names it, and a user who sets one keeps their value.
+# The CLI sets both with glibc's mallopt(3) when a command starts (tune_malloc); each knob is named by the
+# environment variable glibc reads for it at process start, and a user who sets that variable keeps their value.
 M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt's parameter numbers (malloc.h)
-MALLOC_KNOBS = {  # environment variable -> (mallopt parameter, value): -1 turns trimming off
+MALLOC_KNOBS = {  # environment variable -> (mallopt parameter, value); a trim threshold of -1 turns trimming off
     "MALLOC_MMAP_MAX_": (M_MMAP_MAX, 0),
     "MALLOC_TRIM_THRESHOLD_": (M_TRIM_THRESHOLD, -1),
 }
-MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}  # the same settings, for a child process
+# The same settings as environment variables, for a child process started with them (bench/malloc_ab.py's "env" arm)
+MALLOC_ENV = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(1 << 40)}
 _MALLOC_SET: dict[str, int] = {}  # what tune_malloc set in this process (variable -> value)
 
 C_INT_MAX = 2**31 - 1  # the largest count a C int holds: what torch, OpenMP and NCCL take counts as
@@ -112,15 +113,16 @@ def malloc_tuning_wanted(environ: Mapping[str, str]) -> bool:
         return False
     if sys.platform != "linux" or platform.libc_ver()[0] != "glibc":
         return False
-    return any(k not in environ for k in MALLOC_ENV)
+    return any(k not in environ for k in MALLOC_KNOBS)
 
 
 def tune_malloc(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
     """Apply :data:`MALLOC_KNOBS` to this process with glibc's ``mallopt`` (each knob whose environment variable is
     unset: a user's own setting, which glibc read at start, wins); return what is set now (variable -> value).
 
-    Nothing on other platforms or with ``FGPIPE_MALLOC_TUNING=0`` (see :func:`malloc_tuning_wanted`). Calling it
-    again changes nothing. A ``mallopt`` that refuses (returns 0) is an OSError: it never does on glibc."""
+    Nothing on other platforms or with ``FGPIPE_MALLOC_TUNING=0`` (see :func:`malloc_tuning_wanted`); calling it
+    again changes nothing. A knob ``mallopt`` refuses (returns 0; glibc never does for these two) stays as it was
+    and is left out of the result: the settings only speed training up, so no command stops for them."""
     if not malloc_tuning_wanted(environ):
         return dict(_MALLOC_SET)
     import ctypes
@@ -129,9 +131,8 @@ def tune_malloc(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
     for name, (param, value) in MALLOC_KNOBS.items():
         if name in environ or name in _MALLOC_SET:
             continue
-        if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) != 1:
-            raise OSError(f"mallopt({param}, {value}) failed")
-        _MALLOC_SET[name] = value
+        if libc.mallopt(ctypes.c_int(param), ctypes.c_int(value)) == 1:
+            _MALLOC_SET[name] = value
     return dict(_MALLOC_SET)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -14,7 +15,10 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
+import common  # noqa: E402
 import suite  # noqa: E402
+
+from fgpipe import runtime  # noqa: E402
 
 # what may be skipped, and why: anything else must have run
 MAY_SKIP = {
@@ -55,6 +59,17 @@ def test_entry_computes_each_ratio_from_the_stored_figures() -> None:
         suite.entry({"a": 0.0, "b": 1.0}, {"zero": ("a", "b")})
 
 
+def test_the_machine_record_says_which_allocator_settings_are_in_force(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``machine.malloc``: each knob tune_malloc set (mallopt) or the environment set; nothing for glibc's defaults."""
+    monkeypatch.setattr(runtime, "_MALLOC_SET", {})
+    for name in runtime.MALLOC_KNOBS:
+        monkeypatch.delenv(name, raising=False)
+    assert common.machine_info()["malloc"] == {}
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "1099511627776")
+    monkeypatch.setitem(runtime._MALLOC_SET, "MALLOC_MMAP_MAX_", 0)
+    assert common.machine_info()["malloc"] == {"MALLOC_TRIM_THRESHOLD_": "env 1099511627776", "MALLOC_MMAP_MAX_": "mallopt 0"}
+
+
 @pytest.mark.slow
 def test_quick_suite_writes_every_benchmark_with_figures_and_ratios(tmp_path: Path) -> None:
     out = tmp_path / "suite.json"
@@ -65,7 +80,9 @@ def test_quick_suite_writes_every_benchmark_with_figures_and_ratios(tmp_path: Pa
 
     assert result["mode"] == "quick" and result["complete"] is True
     assert "bench/suite.py --quick" in result["command"]
-    assert {"cpu", "cores", "torch", "python", "malloc_env"} <= result["machine"].keys()
+    assert {"cpu", "cores", "torch", "python", "malloc"} <= result["machine"].keys()
+    if runtime.malloc_tuning_wanted(os.environ) and not any(k in os.environ for k in runtime.MALLOC_KNOBS):
+        assert result["machine"]["malloc"] == {"MALLOC_MMAP_MAX_": "mallopt 0", "MALLOC_TRIM_THRESHOLD_": "mallopt -1"}
     assert set(result["benchmarks"]) == set(suite.BENCHMARKS)
     for name, record in result["benchmarks"].items():
         if "skipped" in record:

@@ -97,7 +97,7 @@ class _Hook:
         return None
 sys.meta_path.insert(0, _Hook())
 """
-# `python -m fgpipe` (what the console script re-executes as), or the console script's entry point
+# `python -m fgpipe`, or the console script's entry point
 AS_MODULE = "import runpy; runpy.run_module('fgpipe', run_name='__main__', alter_sys=True)"
 
 
@@ -109,10 +109,8 @@ def console_script() -> str:
 
 
 def run_fgpipe(code: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python -c CODE ARGS`` with the allocator variables already set (as in the re-executed process: no
-    re-exec, so the hook stays in force)."""
-    env = {**os.environ, **runtime.MALLOC_ENV, "COLUMNS": "200"}
-    env.pop("FGPIPE_MALLOC_TUNING", None)
+    """``python -c CODE ARGS``, one process: the hook in CODE stays in force for the whole run."""
+    env = {**os.environ, "COLUMNS": "200"}
     return subprocess.run([PYTHON, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -153,7 +151,7 @@ def test_an_interrupt_while_fgpipe_imports_its_libraries_says_one_line(tmp_path:
 
 def test_usage_errors_name_the_program_as_the_user_types_it(tmp_path: Path) -> None:
     """A value an option cannot be parsed as is Typer's usage error (exit code 2, its usage line and message);
-    the program is `fgpipe` even in the re-executed `python -m fgpipe` process."""
+    the program is `fgpipe` even when started as `python -m fgpipe`."""
     done = run_fgpipe(AS_MODULE, ["extract-crops", "--threshold", "abc"], tmp_path)
     out = flat(done.stdout + done.stderr)
     assert done.returncode == 2 and "Traceback" not in out, out

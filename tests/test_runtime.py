@@ -1,9 +1,10 @@
-"""Process set-up: the allocator re-exec of the CLI and the thread count."""
+"""Process set-up: glibc's allocator settings (tune_malloc, applied by the CLI in its own process) and the thread count."""
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import subprocess
 import sys
 from pathlib import Path
@@ -11,72 +12,205 @@ from pathlib import Path
 import pytest
 
 from fgpipe import runtime
+from fgpipe.errors import ConfigError
 
+MIB = 1 << 20
+GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
+needs_glibc = pytest.mark.skipif(not GLIBC, reason="the allocator settings apply to glibc Linux only")
 
-def test_malloc_tuning_is_wanted_once_and_can_be_disabled(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(runtime.sys, "platform", "linux")
-    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
-    assert runtime.malloc_tuning_wanted({})
-    assert not runtime.malloc_tuning_wanted(dict(runtime.MALLOC_ENV))  # already applied: no loop
-    assert not runtime.malloc_tuning_wanted({"FGPIPE_MALLOC_TUNING": "0"})
-    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))
-    assert not runtime.malloc_tuning_wanted({})  # musl / other libc: the variables mean nothing
+# Run in a fresh interpreter: what glibc's allocator does with a 64 MiB block, and with 6 MiB of small heap blocks,
+# before and after tune_malloc(), as glibc's own statistics (mallinfo2) say. Prints one JSON object.
+_PROBE = """
+import ctypes, json, os
+from fgpipe import runtime
 
+class Mallinfo2(ctypes.Structure):  # struct mallinfo2 (malloc.h, glibc >= 2.33): ten size_t fields
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
 
-def test_reexec_keeps_the_arguments_and_adds_only_missing_variables(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    monkeypatch.setattr(runtime.os, "execve", lambda exe, argv, env: calls.append((exe, argv, env)))
-    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
-    runtime.reexec_with_malloc_tuning(["train-backbone", "--dataset", "cub"])
-    exe, argv, env = calls[0]
-    assert exe == sys.executable
-    assert argv == [sys.executable, "-m", "fgpipe", "train-backbone", "--dataset", "cub"]
-    assert env["MALLOC_MMAP_MAX_"] == "0"
-    assert env["MALLOC_TRIM_THRESHOLD_"] == "12345"  # a user's own setting wins
+libc = ctypes.CDLL(None)
+if not hasattr(libc, "mallinfo2"):
+    print(json.dumps({"skip": "glibc without mallinfo2 (before 2.33)"}))
+    raise SystemExit
+libc.mallinfo2.restype = Mallinfo2
+libc.malloc.restype, libc.malloc.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+libc.free.argtypes = [ctypes.c_void_p]
+MIB = 1 << 20
 
+def big_block():
+    # one 64 MiB malloc: mmapped blocks (hblks, hblkhd) and the heap (arena) while it lives, the heap after its free
+    before = libc.mallinfo2()
+    p = libc.malloc(64 * MIB)
+    during = libc.mallinfo2()
+    libc.free(p)
+    after = libc.mallinfo2()
+    return {"hblks": during.hblks - before.hblks, "hblkhd": during.hblkhd - before.hblkhd,
+            "heap_grew": during.arena - before.arena, "heap_kept": after.arena - before.arena}
 
-# run at every interpreter start (as sitecustomize): records its pid, its arguments and the allocator variables
-_RECORD_START = """
-import json, os, sys
-with open(os.environ["FGPIPE_TEST_STARTS"], "a") as fh:
-    fh.write(json.dumps([os.getpid(), sys.argv, {k: os.environ.get(k) for k in %r}]) + "\\n")
+def small_blocks():
+    # 64 blocks of 96 KiB, under glibc's default mmap threshold (128 KiB): heap grown, then given back on free?
+    before = libc.mallinfo2()
+    ps = [libc.malloc(96 << 10) for _ in range(64)]
+    during = libc.mallinfo2()
+    for p in reversed(ps):
+        libc.free(p)
+    after = libc.mallinfo2()
+    return {"heap_grew": during.arena - before.arena, "heap_given_back": during.arena - after.arena}
+
+out = {"before": {"small": small_blocks(), "big": big_block()}}
+out["set"] = runtime.tune_malloc()
+out["after"] = {"big": big_block(), "small": small_blocks()}
+print(json.dumps(out))
 """
 
 
-def test_the_console_script_reexecutes_and_still_works(tmp_path: Path) -> None:
-    """End to end: without the variables, `python -m fgpipe` starts once without them, replaces itself (same pid,
-    same arguments) by a start with every variable set, and answers."""
-    if not runtime.malloc_tuning_wanted({}):
-        pytest.skip("the allocator settings apply to glibc Linux only")
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_RECORD_START % (sorted(runtime.MALLOC_ENV),))
-    starts = tmp_path / "starts.jsonl"
-    env = {k: v for k, v in os.environ.items() if k not in runtime.MALLOC_ENV and k != "FGPIPE_MALLOC_TUNING"}
-    env["PYTHONPATH"] = os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
-    env["FGPIPE_TEST_STARTS"] = str(starts)
-    version = subprocess.run([sys.executable, "-m", "fgpipe", "--version"], env=env, capture_output=True, text=True)
-    assert version.returncode == 0 and version.stdout.startswith("fgpipe "), version.stderr
-    (pid1, argv1, env1), (pid2, argv2, env2) = [json.loads(line) for line in starts.read_text().splitlines()]
-    assert pid1 == pid2  # execve: the same process, not a child
-    assert argv1[1:] == argv2[1:] == ["--version"]
-    assert all(v is None for v in env1.values())
-    assert env2 == runtime.MALLOC_ENV  # every variable, with fgpipe's values
+def _probe(extra_env: dict[str, str]) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in runtime.MALLOC_KNOBS and k != "FGPIPE_MALLOC_TUNING"}
+    done = subprocess.run([sys.executable, "-c", _PROBE], env={**env, **extra_env}, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    if "skip" in out:
+        pytest.skip(out["skip"])
+    return out
 
 
-def test_no_reexecution_once_the_variables_are_set(tmp_path: Path) -> None:
-    """With the variables already there (as after the re-exec), fgpipe starts once: no loop."""
-    if not runtime.malloc_tuning_wanted({}):
-        pytest.skip("the allocator settings apply to glibc Linux only")
+@needs_glibc
+def test_tune_malloc_keeps_big_blocks_on_the_heap_and_the_heap_in_the_process() -> None:
+    """glibc's defaults: a 64 MiB malloc is mmapped, and a heap emptied by free is trimmed. After tune_malloc():
+    the 64 MiB block comes from the heap (nothing mmapped), and freeing it keeps the heap (no trim)."""
+    out = _probe({})
+    before, after = out["before"], out["after"]
+    assert before["big"]["hblks"] == 1 and before["big"]["hblkhd"] >= 64 * MIB, out  # mmapped
+    assert before["small"]["heap_grew"] >= 4 * MIB and before["small"]["heap_given_back"] >= 4 * MIB, out  # trimmed
+    assert out["set"] == {"MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": -1}
+    assert after["big"]["hblks"] == 0 and after["big"]["hblkhd"] == 0, out  # M_MMAP_MAX 0: from the heap
+    assert after["big"]["heap_grew"] >= 64 * MIB - 8 * MIB, out  # (free space at the heap's top may serve a few MiB)
+    assert after["big"]["heap_kept"] == after["big"]["heap_grew"], out  # trimming off: the freed block stays
+    assert after["small"]["heap_given_back"] == 0, out
+
+
+@needs_glibc
+def test_a_users_own_allocator_variable_wins() -> None:
+    """MALLOC_TRIM_THRESHOLD_ set by the user (glibc read it at start): tune_malloc leaves trimming alone and sets
+    only the other knob, so the 64 MiB block comes from the heap and goes back to the kernel when freed."""
+    out = _probe({"MALLOC_TRIM_THRESHOLD_": str(1 * MIB)})
+    assert out["set"] == {"MALLOC_MMAP_MAX_": 0}
+    big = out["after"]["big"]
+    assert big["hblks"] == 0 and big["heap_grew"] >= 56 * MIB, out
+    assert big["heap_kept"] <= 2 * MIB, out  # trimmed down to the user's threshold
+
+
+class _FakeLibc:
+    """Records mallopt calls; answers ``answer`` (1: accepted, 0: refused)."""
+
+    def __init__(self, answer: int = 1) -> None:
+        self.calls: list[tuple[int, int]] = []
+        self.answer = answer
+
+    def mallopt(self, param: object, value: object) -> int:
+        self.calls.append((param.value, value.value))  # type: ignore[attr-defined]
+        return self.answer
+
+
+@pytest.fixture()
+def fake_libc(monkeypatch: pytest.MonkeyPatch) -> _FakeLibc:
+    """tune_malloc on a pretend glibc Linux whose C library is a :class:`_FakeLibc`, with nothing set yet."""
+    import ctypes
+
+    libc = _FakeLibc()
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: libc)
+    monkeypatch.setattr(runtime.sys, "platform", "linux")
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(runtime, "_MALLOC_SET", {})
+    for name in [*runtime.MALLOC_KNOBS, "FGPIPE_MALLOC_TUNING"]:
+        monkeypatch.delenv(name, raising=False)
+    return libc
+
+
+def test_tune_malloc_sets_each_knob_once(fake_libc: _FakeLibc) -> None:
+    both = [(runtime.M_MMAP_MAX, 0), (runtime.M_TRIM_THRESHOLD, -1)]
+    assert runtime.tune_malloc() == {"MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": -1}
+    assert fake_libc.calls == both
+    assert runtime.tune_malloc() == {"MALLOC_MMAP_MAX_": 0, "MALLOC_TRIM_THRESHOLD_": -1}
+    assert fake_libc.calls == both  # idempotent: no second mallopt
+    assert runtime.malloc_settings() == {"MALLOC_MMAP_MAX_": "mallopt 0", "MALLOC_TRIM_THRESHOLD_": "mallopt -1"}
+
+
+def test_tune_malloc_skips_a_knob_the_user_set(fake_libc: _FakeLibc, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "12345")
+    assert runtime.tune_malloc() == {"MALLOC_MMAP_MAX_": 0}
+    assert fake_libc.calls == [(runtime.M_MMAP_MAX, 0)]
+    assert runtime.malloc_settings() == {"MALLOC_TRIM_THRESHOLD_": "env 12345", "MALLOC_MMAP_MAX_": "mallopt 0"}
+    monkeypatch.setenv("MALLOC_MMAP_MAX_", "65536")
+    assert not runtime.malloc_tuning_wanted(os.environ)  # every knob the user's: nothing left to do
+
+
+def test_tune_malloc_off_or_elsewhere_sets_nothing(fake_libc: _FakeLibc, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FGPIPE_MALLOC_TUNING", "0")
+    assert runtime.tune_malloc() == {} and fake_libc.calls == []
+    assert runtime.malloc_settings() == {}
+    monkeypatch.setenv("FGPIPE_MALLOC_TUNING", "1")
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("", ""))  # musl / another libc: mallopt is not glibc's
+    assert runtime.tune_malloc() == {} and fake_libc.calls == []
+    monkeypatch.setattr(runtime.platform, "libc_ver", lambda: ("glibc", "2.36"))
+    monkeypatch.setattr(runtime.sys, "platform", "darwin")
+    assert runtime.tune_malloc() == {} and fake_libc.calls == []
+
+
+def test_a_refused_mallopt_is_left_out_and_stops_nothing(fake_libc: _FakeLibc) -> None:
+    fake_libc.answer = 0
+    assert runtime.tune_malloc() == {} and len(fake_libc.calls) == 2
+    assert runtime.malloc_settings() == {}
+
+
+@pytest.mark.parametrize("value", ["yes", "2", "-1", "on"])
+def test_a_malformed_tuning_variable_is_a_config_error(fake_libc: _FakeLibc, monkeypatch: pytest.MonkeyPatch, value: str) -> None:
+    monkeypatch.setenv("FGPIPE_MALLOC_TUNING", value)
+    with pytest.raises(ConfigError, match=f"FGPIPE_MALLOC_TUNING='{value}' is invalid"):
+        runtime.tune_malloc()
+    assert fake_libc.calls == []
+
+
+@needs_glibc
+def test_a_command_run_in_process_applies_the_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """End to end through CliRunner (no subprocess, no re-exec): the root callback tunes this very process before
+    the command runs, here one that fails at once on a missing params file."""
+    from typer.testing import CliRunner
+
+    from fgpipe.cli import app
+
+    monkeypatch.setattr(runtime, "_MALLOC_SET", {})  # as in a fresh process
+    for name in [*runtime.MALLOC_KNOBS, "FGPIPE_MALLOC_TUNING"]:
+        monkeypatch.delenv(name, raising=False)
+    result = CliRunner().invoke(app, ["prepare", "--params", str(tmp_path / "missing.yaml")])
+    assert result.exit_code == 1 and "missing.yaml" in result.output, result.output
+    assert runtime.malloc_settings() == {"MALLOC_MMAP_MAX_": "mallopt 0", "MALLOC_TRIM_THRESHOLD_": "mallopt -1"}
+
+
+# run at every interpreter start (as sitecustomize): records its pid and its arguments
+_RECORD_START = """
+import json, os, sys
+with open(os.environ["FGPIPE_TEST_STARTS"], "a") as fh:
+    fh.write(json.dumps([os.getpid(), sys.argv]) + "\\n")
+"""
+
+
+@pytest.mark.parametrize("args", [["--version"], ["prepare", "--params", "missing.yaml"]], ids=["version", "command"])
+def test_the_console_script_starts_python_once(tmp_path: Path, args: list[str]) -> None:
+    """`python -m fgpipe` starts one interpreter and answers from it, for an eager option as for a command (whose
+    root callback tunes the allocator): nothing re-executes."""
     hook = tmp_path / "hook"
     hook.mkdir()
-    (hook / "sitecustomize.py").write_text(_RECORD_START % (sorted(runtime.MALLOC_ENV),))
+    (hook / "sitecustomize.py").write_text(_RECORD_START)
     starts = tmp_path / "starts.jsonl"
-    env = {**{k: v for k, v in os.environ.items() if k != "FGPIPE_MALLOC_TUNING"}, **runtime.MALLOC_ENV}
+    env = {k: v for k, v in os.environ.items() if k not in runtime.MALLOC_KNOBS and k != "FGPIPE_MALLOC_TUNING"}
     env["PYTHONPATH"] = os.pathsep.join([str(hook), *filter(None, [os.environ.get("PYTHONPATH")])])
     env["FGPIPE_TEST_STARTS"] = str(starts)
-    version = subprocess.run([sys.executable, "-m", "fgpipe", "--version"], env=env, capture_output=True, text=True)
-    assert version.returncode == 0 and version.stdout.startswith("fgpipe "), version.stderr
+    done = subprocess.run([sys.executable, "-m", "fgpipe", *args], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    if args == ["--version"]:
+        assert done.returncode == 0 and done.stdout.startswith("fgpipe "), done.stderr
+    else:
+        assert done.returncode == 1 and "missing.yaml" in done.stderr, done.stderr
     assert len(starts.read_text().splitlines()) == 1
 
 
