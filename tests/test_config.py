@@ -40,9 +40,12 @@ def test_real_params_shrunk_to_a_fake_cub(tmp_path: Path) -> None:
         "prepare.metrics_dir": str(tmp_path / "metrics"),
     }
     settings = load_params(REAL_PARAMS, overrides)
-    metrics = prepare.run(settings, "cub")
-    assert metrics["images"]["total"] == 18 and metrics["overrides"] == overrides
-    assert read_json(tmp_path / "metrics/cub/prepare.json")["overrides"] == overrides
+    record = prepare.run(settings, "cub")
+    # the provenance record names paths from the project root (the params file's folder), never absolute
+    relative = {key: os.path.relpath(value, REAL_PARAMS.resolve().parent) for key, value in overrides.items()}
+    assert record.metrics["images"]["total"] == 18 and record.provenance["overrides"] == relative
+    assert read_json(tmp_path / "metrics/cub/prepare.json") == record.metrics
+    assert read_json(tmp_path / "metrics/cub/prepare.provenance.json") == record.provenance
     assert read_json(tmp_path / "data/cub/dataset.json")["overrides"] == overrides
     assert len(read_manifest(tmp_path / "data/cub/manifest.csv")) == 18
 
