@@ -115,6 +115,26 @@ def test_metrics_hold_figures_only_and_provenance_records_no_absolute_path(proje
     assert refine["initialised_from"]["checkpoint"] == "data/synthetic/stage1/best.pt"
 
 
+# the plots dvc.yaml declares that only a run makes (data/ is not committed); README "The pipeline" says so
+PLOTS_AFTER_A_RUN = ("data/synthetic/confusion.png",)
+
+
+def test_the_committed_synthetic_metrics_are_split_and_every_plot_loads_on_a_fresh_clone() -> None:
+    """metrics/synthetic as committed: each declared metrics file holds figures only, each provenance record no
+    absolute path; every plot dvc.yaml declares is committed, but those README names as made by a run."""
+    for stage, paths in declared("metrics").items():
+        assert_split(REPO / paths[0], REPO)
+    plots = [p for paths in declared("plots").values() for p in paths]
+    assert [p for p in plots if p.startswith("data/")] == list(PLOTS_AFTER_A_RUN)
+    for plot in plots:
+        if plot not in PLOTS_AFTER_A_RUN:
+            path = REPO / plot
+            assert path.is_file() or (path.is_dir() and any(path.rglob("*.tsv"))) or any(path.glob("*.csv")), plot
+    pipeline = (REPO / "README.md").read_text().split("## The pipeline", 1)[1].split("\n## ", 1)[0]
+    for plot in PLOTS_AFTER_A_RUN:
+        assert plot.replace("synthetic", "NAME") in pipeline and "dvc plots show" in pipeline
+
+
 def test_threshold_ablation_reruns_only_crops_and_what_follows(project: Path) -> None:
     """`dvc exp run -S crops.threshold=0.3`: the README's ablation line, as a user runs it."""
     stage1 = lock_hash(project, "train-backbone@synthetic", "data/synthetic/stage1/best.pt")
