@@ -9,7 +9,8 @@ It reads params.yaml, changes only what the command line says (the seed: `datase
 the result as a params file of its own in the run's folder (`data/dev20/NAME/params.yaml`, paths made
 absolute), so the run's data and metrics stay apart from the project's. Then it runs `fgpipe STAGE --dataset cub
 --params THAT_FILE` for every stage in order and writes `data/dev20/NAME/summary.json`: the figures of every
-stage's metrics that the README tables show, and each stage's wall time.
+stage's metrics that the README tables show (and the heatmap method, from extract-crops' provenance record), and
+each stage's wall time.
 """
 
 from __future__ import annotations
@@ -60,13 +61,19 @@ def summary(folder: Path, seconds: dict[str, float]) -> dict:
         path = metrics / f"{name}.json"
         return json.loads(path.read_text()) if path.is_file() else {}
 
+    def made(name: str) -> dict:
+        """The stage's provenance record (method, device, ...); a run of an fgpipe before the split kept it in the
+        metrics file."""
+        return read(f"{name}.provenance") or read(name)
+
     stage1, crops, evaluate, loc = read("train_backbone"), read("extract_crops"), read("evaluate"), read("localization")
     out: dict = {"seconds": seconds, "total_seconds": round(sum(seconds.values()), 1)}
     if stage1:
         out["stage1"] = {"test_top1": stage1["test"]["top1"], "test_top1_raw": stage1["test"]["top1_raw"],
                          "val_top1": stage1["val"]["top1"], "best_epoch": stage1["best_epoch"]}
     if crops:
-        out["crops"] = {"method": crops["method"], "threshold": crops["threshold"], "localization": crops["localization"]}
+        method = made("extract_crops")["method"]
+        out["crops"] = {"method": method, "threshold": crops["threshold"], "localization": crops["localization"]}
     if loc:
         chosen = loc.get("threshold")
         out["localization_test"] = {

@@ -26,6 +26,7 @@ from fgpipe.config import Settings, load_params
 from fgpipe.console import console
 from fgpipe.errors import FgpipeError
 from fgpipe.runtime import interruption, sigterm_raises, tune_malloc
+from fgpipe.store import StageRecord
 
 app = typer.Typer(
     help="Weakly supervised fine-grained classification as a cached DVC pipeline.\n\n"
@@ -88,9 +89,15 @@ def _settings(params: Path, overrides: dict[str, Any], dataset: str, options: di
     return load_params(params, {**_PRESET, **overrides}, dataset=dataset, options={**given, **(options or {})})
 
 
-def _report(stage: str, dataset: str, metrics: dict[str, Any]) -> None:
-    shown = {k: v for k, v in metrics.items() if k not in ("params_file", "overrides", "per_dataset", "dataset", "sources")}
-    console.print(f"[green]{stage}[/] {dataset}: " + json.dumps(shown, sort_keys=True), highlight=False, soft_wrap=True)
+# provenance keys left out of the console summary: said by the command line itself, or long (hashes, image ids)
+_UNREPORTED = ("params_file", "overrides", "per_dataset", "dataset", "sources", "annotation_issues")
+
+
+def _report(stage: str, dataset: str, record: StageRecord) -> None:
+    """The stage's figures (its metrics file), then how they were made (its provenance record, the short keys)."""
+    made = {k: v for k, v in record.provenance.items() if k not in _UNREPORTED}
+    console.print(f"[green]{stage}[/] {dataset}: " + json.dumps(record.metrics, sort_keys=True), highlight=False, soft_wrap=True)
+    console.print("  made with: " + json.dumps(made, sort_keys=True), highlight=False, soft_wrap=True)
 
 
 def _version(value: bool) -> None:
@@ -135,10 +142,10 @@ def prepare(
     if download:
         overrides[f"datasets.{dataset}.download"] = True
         options[f"datasets.{dataset}.download"] = "--download"
-    metrics = _guard(
+    record = _guard(
         lambda: _stage("prepare").run(_settings(params, overrides, dataset, options), dataset), f"fgpipe prepare --dataset {dataset}"
     )
-    _report("prepare", dataset, metrics)
+    _report("prepare", dataset, record)
 
 
 @app.command("train-backbone")
@@ -159,11 +166,11 @@ def train_backbone(
         "model.backbone": _flag("--backbone", backbone),
         "model.weights": _flag("--weights", weights),
     }
-    metrics = _guard(
+    record = _guard(
         lambda: _stage("train_backbone").run(_settings(params, overrides, dataset, options), dataset, resume=resume),
         f"fgpipe train-backbone --dataset {dataset}",
     )
-    _report("train-backbone", dataset, metrics)
+    _report("train-backbone", dataset, record)
 
 
 @app.command("extract-attention")
@@ -181,11 +188,11 @@ def extract_attention(
     """Heatmaps of the stage-1 network for every image: data/NAME/attention.h5."""
     overrides = {"attention.method": method, "attention.input_size": input_size}
     options = {"attention.method": _flag("--method", method), "attention.input_size": _flag("--input-size", input_size)}
-    metrics = _guard(
+    record = _guard(
         lambda: _stage("extract_attention").run(_settings(params, overrides, dataset, options), dataset),
         f"fgpipe extract-attention --dataset {dataset}",
     )
-    _report("extract-attention", dataset, metrics)
+    _report("extract-attention", dataset, record)
 
 
 @app.command("extract-crops")
@@ -209,11 +216,11 @@ def extract_crops(
     value = None if threshold is None else _threshold(threshold)
     overrides = {"crops.threshold": value}
     options = {"crops.threshold": _flag("--threshold", threshold)}
-    metrics = _guard(
+    record = _guard(
         lambda: _stage("extract_crops").run(_settings(params, overrides, dataset, options), dataset),
         f"fgpipe extract-crops --dataset {dataset}",
     )
-    _report("extract-crops", dataset, metrics)
+    _report("extract-crops", dataset, record)
 
 
 def _threshold(text: str) -> float | str:
@@ -296,11 +303,11 @@ def train_refine(
     """Train the object branch on object crops and the part branch on MPALM patches; select on val."""
     overrides = {"train_refine.epochs": epochs}
     options = {"train_refine.epochs": _flag("--epochs", epochs)}
-    metrics = _guard(
+    record = _guard(
         lambda: _stage("train_refine").run(_settings(params, overrides, dataset, options), dataset, resume=resume),
         f"fgpipe train-refine --dataset {dataset}",
     )
-    _report("train-refine", dataset, metrics)
+    _report("train-refine", dataset, record)
 
 
 @app.command()
@@ -314,10 +321,10 @@ def evaluate(
     """Top-1/top-k of the raw, object, parts and joint predictions on test; joint weights chosen on val or fixed."""
     overrides = {"evaluate.combine": combine}
     options = {"evaluate.combine": _flag("--combine", combine)}
-    metrics = _guard(
+    record = _guard(
         lambda: _stage("evaluate").run(_settings(params, overrides, dataset, options), dataset), f"fgpipe evaluate --dataset {dataset}"
     )
-    _report("evaluate", dataset, metrics)
+    _report("evaluate", dataset, record)
 
 
 @app.command()

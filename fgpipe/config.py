@@ -29,6 +29,7 @@ from pydantic.dataclasses import dataclass
 from fgpipe.errors import ConfigError
 from fgpipe.images import DEFAULT_MAX_PIXELS, PIXEL_CEILING
 from fgpipe.layout import Layout
+from fgpipe.store import StageRecord, relative_paths
 
 _CFG = ConfigDict(extra="forbid", allow_inf_nan=False)  # every float field: NaN and +-inf are refused, naming the key
 
@@ -500,6 +501,14 @@ class Settings:
             "overrides": dict(self.overrides),
             "per_dataset": self.dataset_overrides(),
         }
+
+    def record(self, dataset: str, metrics: dict[str, Any], provenance: dict[str, Any]) -> StageRecord:
+        """A stage's report on ``dataset``: its figures (``metrics``) and their provenance: the dataset, the stage's
+        own ``provenance``, then the params file, preset, overrides and per_dataset blocks (:meth:`provenance`),
+        every path relative to the project root (the params file's folder), so the record reads the same on
+        every machine."""
+        made = {"dataset": dataset, **provenance, **self.provenance(), "params_file": self.params_file.name}
+        return StageRecord(metrics, relative_paths(made, self.base_dir))
 
 
 MAX_PARAMS_NODES = 1_000_000  # values in a params file once its aliases are expanded (the real file: about 400)

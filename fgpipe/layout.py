@@ -11,7 +11,10 @@
     data/NAME/refine/{best,last}.pt                         train-refine
     data/NAME/confusion.png                                 evaluate
     data/NAME/show_ID.png                                   fgpipe show (default --out)
-    metrics/NAME/STAGE.json, metrics/NAME/STAGE/            every stage; the training stages' dvclive curves
+    metrics/NAME/STAGE.json                                 every stage: the figures a user compares (numbers only)
+    metrics/NAME/STAGE.provenance.json                      every stage: how they were made (dataset, strings, paths
+                                                            relative to the project, hashes, options)
+    metrics/NAME/STAGE/                                     the training stages' dvclive curves
     metrics/NAME/localization.json, localization/METHOD.csv extract-crops
     metrics/NAME/per_class.csv, confusion.csv, predictions.csv  evaluate
 
@@ -86,13 +89,19 @@ STAGE_PNGS = (DataDir(Path()).crops_preview.name, DataDir(Path()).confusion_png.
 
 @dataclass(frozen=True)
 class MetricsDir:
-    """metrics/NAME: each stage's metrics file, the curves `dvc plots` draws, evaluate's reports."""
+    """metrics/NAME: each stage's metrics file and provenance record, the curves `dvc plots` draws, evaluate's reports."""
 
     path: Path
 
     def stage(self, stage: str) -> Path:
-        """metrics/NAME/STAGE.json (STAGE with underscores: ``train_backbone``)."""
+        """metrics/NAME/STAGE.json (STAGE with underscores: ``train_backbone``): the stage's figures, numbers only
+        (what `dvc metrics show` and `dvc exp show` compare)."""
         return self.path / f"{stage}.json"
+
+    def provenance(self, stage: str) -> Path:
+        """metrics/NAME/STAGE.provenance.json: how the figures of :meth:`stage` were made (the dataset, names,
+        devices, options, hashes of the inputs; paths relative to the project)."""
+        return self.path / f"{stage}.provenance.json"
 
     def curves(self, stage: str) -> Path:
         """metrics/NAME/STAGE/: a training stage's per-epoch curves (dvclive)."""

@@ -11,10 +11,12 @@ attention.h5                     ``manifest_sha256``, ``checkpoint_sha256`` (the
                                  provenance ``checkpoint`` names: best or last)
 crops.h5                         ``manifest_sha256``, ``attention_sha256``, ``checkpoint_sha256`` (that
                                  checkpoint again: MPALM's backbone)
-metrics/NAME/extract_crops.json  ``sources.crops_sha256`` (the crops.h5 its figures describe)
+metrics/NAME/extract_crops.json  in extract_crops.provenance.json, ``sources.crops_sha256`` (the crops.h5
+                                 its figures describe)
 refine/{best,last}.pt            ``manifest_sha256``, ``crops_sha256``, ``stage1_sha256`` (stage1/best.pt)
-metrics/NAME/evaluate.json       ``sources``: ``manifest_sha256``, ``stage1_sha256``, ``refine_sha256``,
-                                 ``crops_sha256`` (what its joint weights were chosen for)
+metrics/NAME/evaluate.json       in evaluate.provenance.json, ``sources``: ``manifest_sha256``,
+                                 ``stage1_sha256``, ``refine_sha256``, ``crops_sha256`` (what its joint
+                                 weights were chosen for)
 ===============================  ====================================================================
 
 Every reader compares them with the files on disk now (each hashed once per run, :class:`FileHashes`) and
@@ -27,7 +29,7 @@ is named with the command that writes it, not the one that wrote its reader.
 Every artefact also records the params its stage ran with (:func:`params_record`: the values of the sections
 dvc.yaml lists for that stage, per_dataset and preset merged, and which keys a command-line option set):
 dataset.json (``params``), both checkpoints (``params``), attention.h5 and crops.h5 (provenance ``params``),
-evaluate.json (``sources.params``). A stage reading an artefact compares those values with the params now
+evaluate.json (``sources.params`` in evaluate.provenance.json). A stage reading an artefact compares those values with the params now
 (:func:`check_params`) and refuses a difference, naming the key, both values and the command that remakes the
 artefact: changing ``crops.threshold`` and running train-refine by hand is refused with `fgpipe extract-crops`.
 DVC reruns a stage whenever one of these params changed, before the stages that read its outputs, so
@@ -195,10 +197,10 @@ def check_refine(state: Mapping[str, Any], path: Path, data_dir: Path, dataset: 
     check_sources(path, state, sources, hashes, rerun(dataset, "train-refine"), made="trained")
 
 
-def check_evaluation(path: Path, metrics: Mapping[str, Any], data_dir: Path, dataset: str, hashes: FileHashes) -> None:
-    """Refuse evaluate.json (``metrics``, read from ``path``) computed for other checkpoints than data/NAME's: its joint
-    weights were chosen for those (``sources``)."""
-    recorded = metrics.get("sources")
+def check_evaluation(path: Path, provenance: Mapping[str, Any], data_dir: Path, dataset: str, hashes: FileHashes) -> None:
+    """Refuse evaluate.json (at ``path``) computed for other checkpoints than data/NAME's: its joint weights were chosen
+    for those (``sources`` in ``provenance``, read from evaluate.provenance.json beside it)."""
+    recorded = provenance.get("sources")
     files = DataDir(data_dir)
     sources = {
         "stage1_sha256": (files.stage1("best"), "stage-1 checkpoint"),

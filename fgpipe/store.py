@@ -9,6 +9,9 @@ A stage writes all its outputs inside :func:`replaced_together`: each atomic wri
 temporary file, and they are all renamed into place, one after the other, only when the whole stage
 succeeded; on any failure (an error, Ctrl-C) they are removed and the previous outputs stay as they were.
 
+A stage reports a :class:`StageRecord`: its figures (metrics/NAME/STAGE.json, numbers only) and their provenance
+(metrics/NAME/STAGE.provenance.json), written together by :func:`write_record`.
+
 Every ``torch.load`` goes through :func:`safe_torch_load` (``weights_only=True``: nothing in a file is executed).
 """
 
@@ -27,10 +30,12 @@ import tempfile
 import warnings
 from collections.abc import Iterable, Iterator
 from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from fgpipe.errors import ArtifactError, FgpipeError, OutputError
+from fgpipe.layout import MetricsDir
 
 
 def _current_umask() -> int:
@@ -291,6 +296,66 @@ def write_text(target: str | os.PathLike[str], text: str) -> None:
 def write_json(target: str | os.PathLike[str], obj: Any) -> None:
     """Atomically write ``obj`` as indented, key-sorted JSON."""
     write_text(target, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def non_figures(doc: Any, prefix: str = "") -> list[str]:
+    """The dotted keys of ``doc`` (nested objects) whose value is not a figure: a number, a bool or None (a figure
+    that does not apply); a list, a string or a path is not one."""
+    if isinstance(doc, dict):
+        return [k for key, value in doc.items() for k in non_figures(value, f"{prefix}{key}.")]
+    return [] if doc is None or isinstance(doc, (bool, int, float)) else [prefix.rstrip(".") or "(the document)"]
+
+
+def relative_paths(doc: Any, base: Path) -> Any:
+    """``doc`` (plain JSON data) with every absolute path in it relative to ``base`` (the project root): a Path, or a
+    string naming an absolute path (``~`` expanded), becomes the POSIX path from ``base`` to it (``..`` where it lies
+    outside). A relative string stays as it is: params files and command-line options give paths relative to the
+    params file's folder already."""
+    if isinstance(doc, dict):
+        return {key: relative_paths(value, base) for key, value in doc.items()}
+    if isinstance(doc, (list, tuple)):
+        return [relative_paths(value, base) for value in doc]
+    if isinstance(doc, Path) or (isinstance(doc, str) and os.path.isabs(os.path.expanduser(doc))):
+        return _relative(Path(os.path.expanduser(doc)), base)
+    return doc
+
+
+def _relative(path: Path, base: Path) -> str:
+    """The POSIX path from ``base`` to ``path``: lexical (a data/ folder linked to another disk stays data/...), or,
+    where that leaves ``base`` but the resolved paths do not (the project reached through a link), the resolved one."""
+    lexical = os.path.relpath(os.path.abspath(path), os.path.abspath(base))
+    if lexical.split(os.sep, 1)[0] == os.pardir:
+        resolved = os.path.relpath(os.path.realpath(path), os.path.realpath(base))
+        if resolved.split(os.sep, 1)[0] != os.pardir:
+            return Path(resolved).as_posix()
+    return Path(lexical).as_posix()
+
+
+@dataclass(frozen=True)
+class StageRecord:
+    """What one stage run reports, as two files side by side (README "The pipeline"):
+
+    - ``metrics``: the figures a user compares across runs and experiments (metrics/NAME/STAGE.json, what `dvc
+      metrics show` and `dvc exp show` read): numbers, in nested objects, None where one does not apply;
+    - ``provenance``: how they were made (metrics/NAME/STAGE.provenance.json): the dataset, names, devices,
+      options, the hashes of the inputs; paths relative to the project root (:func:`relative_paths`).
+
+    A non-figure in ``metrics`` is a bug of the stage writing it: a TypeError."""
+
+    metrics: dict[str, Any]
+    provenance: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        bad = non_figures(self.metrics)
+        if bad:
+            raise TypeError(f"metrics hold only figures (numbers, bools, None); not {', '.join(bad)}: put them in the provenance")
+
+
+def write_record(metrics: MetricsDir, stage: str, record: StageRecord) -> None:
+    """metrics/NAME/STAGE.json and STAGE.provenance.json, each atomically (inside :func:`replaced_together`, with
+    the stage's other outputs)."""
+    write_json(metrics.stage(stage), record.metrics)
+    write_json(metrics.provenance(stage), record.provenance)
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:

@@ -31,7 +31,7 @@ from fgpipe.config import TrainingConfig
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, ConfigError, Interrupted, TrainingError
 from fgpipe.runtime import configure_threads, env_int
-from fgpipe.store import move_output, output_error, remove_folder, replaced_together, write_json
+from fgpipe.store import StageRecord, move_output, output_error, remove_folder, replaced_together, write_json
 
 
 # --------------------------------------------------------------------------- device and distributed
@@ -295,13 +295,14 @@ def check_loss(loss: Tensor) -> None:
 
 @dataclass(frozen=True)
 class RunFiles:
-    """Where a training stage writes: its two checkpoints, its metrics file and its dvclive curves folder, once the
-    run has finished; until then, the run's checkpoints and curves are in the ``unfinished`` folder (which
-    ``--resume`` continues from), and the previous finished run's files stay as they were."""
+    """Where a training stage writes: its two checkpoints, its metrics file and provenance record and its dvclive
+    curves folder, once the run has finished; until then, the run's checkpoints and curves are in the ``unfinished``
+    folder (which ``--resume`` continues from), and the previous finished run's files stay as they were."""
 
     best: Path
     last: Path
     metrics: Path
+    provenance: Path
     curves: Path
     unfinished: Path
 
@@ -386,13 +387,13 @@ class Trainer(ABC):
         """The epoch's line on the console, between the loss and the speed."""
 
     @abstractmethod
-    def finish(self, result: FitResult) -> tuple[dict[str, Any], dict[str, Any] | None]:
-        """The run's metrics once the epochs are done, and best.pt's state if it loaded it (else None)."""
+    def finish(self, result: FitResult) -> tuple[StageRecord, dict[str, Any] | None]:
+        """The run's metrics and provenance once the epochs are done, and best.pt's state if it loaded it (else None)."""
 
 
-def fit(trainer: Trainer, rt: Runtime, resume: bool, on_step: StepHook | None = None) -> dict[str, Any]:
+def fit(trainer: Trainer, rt: Runtime, resume: bool, on_step: StepHook | None = None) -> StageRecord:
     """Train ``trainer`` for its epochs, keeping best.pt (by ``val_top1``) and last.pt after every epoch; return its
-    metrics, written with both checkpoints marked finished at the very end (:func:`finish_run`).
+    metrics and provenance, written with both checkpoints marked finished at the very end (:func:`finish_run`).
 
     Each epoch is seeded from (seed, epoch) (:func:`epoch_seed`: torch's global RNG and the generator of data order
     and augmentation), so ``resume`` (continue from last.pt, :func:`resume_from`) ends with the weights an
@@ -457,10 +458,10 @@ def fit(trainer: Trainer, rt: Runtime, resume: bool, on_step: StepHook | None = 
             raise ArtifactError(
                 f"no best checkpoint at {files.running_best}: training ran no epoch (epochs: {cfg.epochs}, resumed at {start_epoch})"
             )
-        metrics, best_state = trainer.finish(FitResult(start_epoch, resume, best, history, train_seconds, train_images))
+        record, best_state = trainer.finish(FitResult(start_epoch, resume, best, history, train_seconds, train_images))
         if rt.is_main:
-            finish_run(files, metrics, best_state)  # together, at the end
-        return metrics
+            finish_run(files, record, best_state)  # together, at the end
+        return record
     except KeyboardInterrupt:
         raise interrupted(trainer.command, saved, cfg.epochs, files.unfinished) from None
     finally:
@@ -518,14 +519,16 @@ def _train_epoch(
     }
 
 
-def finish_run(files: RunFiles, metrics: dict[str, Any], best_state: dict[str, Any] | None = None) -> None:
-    """The end of a training run: its best.pt and last.pt, marked finished, its curves and the metrics file replace
-    the previous run's together (:func:`fgpipe.store.replaced_together`), then its ``unfinished`` folder goes (a
-    failure before leaves it, unfinished, for ``--resume``). ``best_state``: best.pt's state if already loaded."""
+def finish_run(files: RunFiles, record: StageRecord, best_state: dict[str, Any] | None = None) -> None:
+    """The end of a training run: its best.pt and last.pt, marked finished, its curves, the metrics file and the
+    provenance record replace the previous run's together (:func:`fgpipe.store.replaced_together`), then its
+    ``unfinished`` folder goes (a failure before leaves it, unfinished, for ``--resume``). ``best_state``: best.pt's
+    state if already loaded."""
     with replaced_together():
         save_checkpoint(files.best, finished(best_state if best_state is not None else load_checkpoint(files.running_best)))
         save_checkpoint(files.last, finished(load_checkpoint(files.running_last)))
-        write_json(files.metrics, metrics)
+        write_json(files.metrics, record.metrics)
+        write_json(files.provenance, record.provenance)
         if files.running_curves.is_dir():
             move_output(files.curves, files.running_curves)
     remove_folder(files.unfinished)

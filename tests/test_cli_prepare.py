@@ -62,9 +62,9 @@ def test_global_preset_option(tmp_path: Path) -> None:
     assert result.exit_code == 1 and "unknown preset `paper-vgg`" in result.output
     result = _invoke("--preset", "paper-resnet50", "prepare", "-d", "cub", "-p", str(params))
     assert result.exit_code == 0, result.output
-    assert read_json(tmp_path / "metrics/cub/prepare.json")["preset"] == "paper-resnet50"
+    assert read_json(tmp_path / "metrics/cub/prepare.provenance.json")["preset"] == "paper-resnet50"
     result = _invoke("prepare", "-d", "cub", "-p", str(params))  # the option does not stick to later calls
-    assert result.exit_code == 0 and read_json(tmp_path / "metrics/cub/prepare.json")["preset"] == "none"
+    assert result.exit_code == 0 and read_json(tmp_path / "metrics/cub/prepare.provenance.json")["preset"] == "none"
 
 
 def test_prepare_bad_image_names_the_file(tmp_path: Path) -> None:
@@ -84,9 +84,11 @@ def test_prepare_root_override_recorded(tmp_path: Path) -> None:
     result = _invoke("prepare", "-d", "cub", "-p", str(params), "--root", str(root))
     assert result.exit_code == 0, result.output
     assert "prepare" in result.output and '"total": 18' in result.output
-    metrics = read_json(tmp_path / "metrics/cub/prepare.json")
-    assert metrics["overrides"] == {"datasets.cub.root": str(root)}
-    assert metrics["params_file"] == str(params)
+    made = read_json(tmp_path / "metrics/cub/prepare.provenance.json")
+    # paths relative to the project root (the params file's folder): the record reads the same on every machine
+    assert made["overrides"] == {"datasets.cub.root": "elsewhere/CUB_200_2011"}
+    assert made["params_file"] == params.name and made["dataset"] == "cub" and made["kind"] == "cub"
+    assert 'made with: {"kind": "cub", "preset": "none"}' in result.output  # the summary: figures, then how
 
 
 @pytest.mark.skipif(not REAL_CUB.is_dir(), reason=f"real CUB subset not found at {REAL_CUB}")

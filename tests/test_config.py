@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -39,9 +40,12 @@ def test_real_params_shrunk_to_a_fake_cub(tmp_path: Path) -> None:
         "prepare.metrics_dir": str(tmp_path / "metrics"),
     }
     settings = load_params(REAL_PARAMS, overrides)
-    metrics = prepare.run(settings, "cub")
-    assert metrics["images"]["total"] == 18 and metrics["overrides"] == overrides
-    assert read_json(tmp_path / "metrics/cub/prepare.json")["overrides"] == overrides
+    record = prepare.run(settings, "cub")
+    # the provenance record names paths from the project root (the params file's folder), never absolute
+    relative = {key: os.path.relpath(value, REAL_PARAMS.resolve().parent) for key, value in overrides.items()}
+    assert record.metrics["images"]["total"] == 18 and record.provenance["overrides"] == relative
+    assert read_json(tmp_path / "metrics/cub/prepare.json") == record.metrics
+    assert read_json(tmp_path / "metrics/cub/prepare.provenance.json") == record.provenance
     assert read_json(tmp_path / "data/cub/dataset.json")["overrides"] == overrides
     assert len(read_manifest(tmp_path / "data/cub/manifest.csv")) == 18
 
@@ -102,6 +106,26 @@ def test_overrides_validated_and_recorded(tmp_path: Path) -> None:
     assert settings.provenance() == {
         "params_file": str(path), "preset": "none", "overrides": {"datasets.birds.root": "/data/cub"}, "per_dataset": {}
     }
+
+
+def test_a_stage_record_keeps_figures_apart_and_names_paths_from_the_project(tmp_path: Path) -> None:
+    """Settings.record: the figures as given; the provenance after the dataset, with the params file's name and every
+    absolute path (a Path, an override, a string) relative to the project root; relative strings as given."""
+    path = _write(tmp_path, _base())
+    settings = load_params(path, {"datasets.birds.root": str(tmp_path / "elsewhere" / "cub")})
+    figures = {"top1": 0.5, "val": {"top1": None, "images": 3}, "fallback": False}
+    record = settings.record("birds", figures, {
+        "checkpoint": tmp_path / "data/birds/stage1/best.pt", "device": "cpu", "weights": "models/w.pt", "other": "/opt/w.pt",
+    })
+    assert record.metrics == figures
+    assert record.provenance == {
+        "dataset": "birds", "checkpoint": "data/birds/stage1/best.pt", "device": "cpu", "weights": "models/w.pt",
+        "other": os.path.relpath("/opt/w.pt", tmp_path.resolve()), "params_file": "params.yaml", "preset": "none",
+        "overrides": {"datasets.birds.root": "elsewhere/cub"}, "per_dataset": {},
+    }
+    for bad, key in (({"device": "cpu"}, "device"), ({"heatmap_size": [10, 10]}, "heatmap_size"), ({"val": {"path": tmp_path}}, "val.path")):
+        with pytest.raises(TypeError, match=rf"only figures .*not {key}: put them in the provenance"):
+            settings.record("birds", bad, {})
 
 
 def test_missing_file_and_unknown_dataset(tmp_path: Path) -> None:

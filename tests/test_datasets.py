@@ -25,7 +25,7 @@ from fgpipe.store import read_json
 
 
 def _prepare(settings, name: str):
-    metrics = prepare.run(settings, name)
+    metrics = prepare.run(settings, name).metrics
     rows = read_manifest(settings.data_dir(name) / "manifest.csv")
     return metrics, rows, read_json(settings.metrics_file(name, "prepare")), read_json(settings.data_dir(name) / "dataset.json")
 
@@ -131,7 +131,7 @@ def test_aircraft_missing_split_file(tmp_path: Path, make_settings) -> None:
     write_fake_aircraft(root)
     (root / "data/images_family_val.txt").unlink()
     ok = make_settings("air", "aircraft", root, aircraft={"annotation_level": "family"})
-    assert prepare.run(ok, "air")["images"]["total"] == 28  # the val file is only read with official_val
+    assert prepare.run(ok, "air").metrics["images"]["total"] == 28  # the val file is only read with official_val
     settings = make_settings("air", "aircraft", root, aircraft={"annotation_level": "family", "official_val": True})
     with pytest.raises(DatasetError, match=r"missing data/images_family_val\.txt") as exc:
         prepare.run(settings, "air")

@@ -206,7 +206,7 @@ def test_prepare_download_aircraft(tmp_path: Path, server, monkeypatch: pytest.M
     monkeypatch.setattr(aircraft, "SHA256", _digest(archive, "sha256"))
     root = tmp_path / "raw" / "fgvc-aircraft-2013b"
     settings = load_params(write_params(tmp_path, {"air": {"kind": "aircraft", "root": str(root), "download": True}}))
-    metrics = prepare.run(settings, "air")
+    metrics = prepare.run(settings, "air").metrics
     assert metrics["images"]["total"] == len(info["split"])
 
 

@@ -47,6 +47,94 @@ def test_the_whole_chain_runs_and_writes_every_artefact(project: Path) -> None:
     assert "up to date" in dvc(project, "status")
 
 
+# --------------------------------------------------------------------------- metrics files and provenance records
+def declared(key: str, dataset: str = "synthetic") -> dict[str, list[str]]:
+    """stage -> the paths dvc.yaml declares under ``key`` (outs, metrics or plots) for ``dataset``."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    out: dict[str, list[str]] = {}
+    for name, stage in stages.items():
+        entries = stage["do"].get(key, [])
+        out[name] = [(e if isinstance(e, str) else next(iter(e))).replace("${key}", dataset) for e in entries]
+    return out
+
+
+def non_numbers(doc: object, where: str = "") -> list[str]:
+    """The dotted keys of ``doc`` whose value is not a number, a bool or null (nested objects are walked; a list, a
+    string or anything else is not a figure)."""
+    if isinstance(doc, dict):
+        return [k for key, value in doc.items() for k in non_numbers(value, f"{where}{key}.")]
+    return [] if doc is None or isinstance(doc, (bool, int, float)) else [where.rstrip(".")]
+
+
+def absolute_paths(doc: object, where: str = "") -> list[str]:
+    """The dotted keys of ``doc`` holding a string that names an absolute path (``/...``, ``~...``, ``C:\\...``)."""
+    if isinstance(doc, dict):
+        return [k for key, value in doc.items() for k in absolute_paths(value, f"{where}{key}.")]
+    if isinstance(doc, list):
+        return [k for i, value in enumerate(doc) for k in absolute_paths(value, f"{where}{i}.")]
+    if isinstance(doc, str) and (doc.startswith(("/", "~", "\\")) or (len(doc) > 2 and doc[1:3] in (":/", ":\\"))):
+        return [where.rstrip(".")]
+    return []
+
+
+def test_every_stage_declares_its_metrics_file_and_its_provenance_record() -> None:
+    """metrics/NAME/STAGE.json under `metrics:` (what `dvc metrics show` reads) and STAGE.provenance.json beside it as
+    an out with cache: false (committed like the metrics), both named as fgpipe.layout names them."""
+    from fgpipe.layout import MetricsDir
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    names = MetricsDir(Path("metrics/${key}"))
+    for name, stage in stages.items():
+        spec, key = stage["do"], name.replace("-", "_")
+        assert [next(iter(e)) for e in spec["metrics"]] == [names.stage(key).as_posix()], name
+        assert all(e[next(iter(e))] == {"cache": False} for e in spec["metrics"]), name
+        made = [e for e in spec["outs"] if isinstance(e, dict) and next(iter(e)) == names.provenance(key).as_posix()]
+        assert made == [{names.provenance(key).as_posix(): {"cache": False}}], name
+    # evaluate reads extract-crops' figures and the record of which crops.h5 they describe
+    assert {"metrics/${key}/extract_crops.json", "metrics/${key}/extract_crops.provenance.json"} <= set(stages["evaluate"]["do"]["deps"])
+
+
+def assert_split(metrics: Path, project: Path) -> None:
+    """``metrics`` (a declared metrics file) holds numbers only; the provenance record beside it no absolute path."""
+    figures = json.loads(metrics.read_text())
+    assert figures and not non_numbers(figures), f"{metrics}: not figures: {non_numbers(figures)}"
+    made = metrics.with_name(metrics.stem + ".provenance.json")
+    record = json.loads(made.read_text())
+    assert record["dataset"] == metrics.parent.name and record["params_file"] == "params.yaml", made
+    assert not absolute_paths(record), f"{made}: absolute paths at {absolute_paths(record)}"
+    assert str(project) not in made.read_text() and str(project.resolve()) not in made.read_text(), made
+
+
+def test_metrics_hold_figures_only_and_provenance_records_no_absolute_path(project: Path) -> None:
+    """Every declared metrics file the tiny synthetic chain wrote: numbers (in nested objects) only; its provenance
+    record: no absolute path, the project's own folder nowhere."""
+    for stage, paths in declared("metrics").items():
+        assert len(paths) == 1, stage
+        assert_split(project / paths[0], project)
+    refine = json.loads((project / "metrics/synthetic/train_refine.provenance.json").read_text())
+    assert refine["initialised_from"]["checkpoint"] == "data/synthetic/stage1/best.pt"
+
+
+# the plots dvc.yaml declares that only a run makes (data/ is not committed); README "The pipeline" says so
+PLOTS_AFTER_A_RUN = ("data/synthetic/confusion.png",)
+
+
+def test_the_committed_synthetic_metrics_are_split_and_every_plot_loads_on_a_fresh_clone() -> None:
+    """metrics/synthetic as committed: each declared metrics file holds figures only, each provenance record no
+    absolute path; every plot dvc.yaml declares is committed, but those README names as made by a run."""
+    for stage, paths in declared("metrics").items():
+        assert_split(REPO / paths[0], REPO)
+    plots = [p for paths in declared("plots").values() for p in paths]
+    assert [p for p in plots if p.startswith("data/")] == list(PLOTS_AFTER_A_RUN)
+    for plot in plots:
+        if plot not in PLOTS_AFTER_A_RUN:
+            path = REPO / plot
+            assert path.is_file() or (path.is_dir() and any(path.rglob("*.tsv"))) or any(path.glob("*.csv")), plot
+    pipeline = (REPO / "README.md").read_text().split("## The pipeline", 1)[1].split("\n## ", 1)[0]
+    for plot in PLOTS_AFTER_A_RUN:
+        assert plot.replace("synthetic", "NAME") in pipeline and "dvc plots show" in pipeline
+
+
 def test_threshold_ablation_reruns_only_crops_and_what_follows(project: Path) -> None:
     """`dvc exp run -S crops.threshold=0.3`: the README's ablation line, as a user runs it."""
     stage1 = lock_hash(project, "train-backbone@synthetic", "data/synthetic/stage1/best.pt")

@@ -44,9 +44,12 @@ def test_figures_equal_a_recomputation_from_predictions_csv(trained: Path, tmp_p
     result = CliRunner().invoke(app, ["evaluate", "--dataset", "toy", "--params", str(params)])
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "metrics/toy/evaluate.json").read_text())
+    made = json.loads((tmp_path / "metrics/toy/evaluate.provenance.json").read_text())
 
-    # exactly the documented shape (3 classes: top-k is top-3)
-    assert set(metrics) == {"images", "raw", "object", "parts", "joint", "weights", "sources", "localization"}
+    # exactly the documented shape (3 classes: top-k is top-3), the hashes and params in the record beside it
+    assert set(metrics) == {"images", "raw", "object", "parts", "joint", "weights", "localization"}
+    assert set(made["sources"]) == {"manifest_sha256", "stage1_sha256", "refine_sha256", "crops_sha256", "params"}
+    assert made["sources"]["crops_sha256"] == file_sha256(tmp_path / "data/toy/crops.h5") and made["dataset"] == "toy"
     for branch in ("raw", "object", "parts", "joint"):
         assert set(metrics[branch]) == {"top1", "top3"}
     assert set(metrics["weights"]) == {"raw", "object", "parts"}
@@ -104,7 +107,7 @@ def test_fixed_weights_are_honoured_and_val_is_not_read(trained: Path, tmp_path:
     read: list[str] = []
     real_split = evaluate.split_probabilities
     monkeypatch.setattr(evaluate, "split_probabilities", lambda inputs, name: read.append(name) or real_split(inputs, name))
-    metrics = evaluate.run(load_params(params, overrides), "toy")
+    metrics = evaluate.run(load_params(params, overrides), "toy").metrics
     assert read == ["test"]
     assert metrics["weights"] == {"raw": 0.0, "object": 0.75, "parts": 0.25}
     with pytest.raises(ConfigError, match="evaluate.weights"):
@@ -188,11 +191,11 @@ def test_branches_left_out_of_the_joint_get_weight_zero() -> None:
 
 def test_the_branches_option_in_params(trained: Path, tmp_path: Path) -> None:
     params = project(trained, tmp_path)
-    metrics = evaluate.run(load_params(params, {"evaluate.branches": ["raw", "object"]}), "toy")
+    metrics = evaluate.run(load_params(params, {"evaluate.branches": ["raw", "object"]}), "toy").metrics
     assert metrics["weights"]["parts"] == 0.0 and sum(metrics["weights"].values()) == pytest.approx(1.0)
     assert set(metrics) >= {"raw", "object", "parts", "joint"}  # parts is still reported alone
     fixed = {"evaluate.combine": "fixed", "evaluate.weights": {"raw": 1.0, "object": 1.0, "parts": 2.0}, "evaluate.branches": ["object", "parts"]}
-    assert evaluate.run(load_params(params, fixed), "toy")["weights"] == {"raw": 0.0, "object": pytest.approx(1 / 3), "parts": pytest.approx(2 / 3)}
+    assert evaluate.run(load_params(params, fixed), "toy").metrics["weights"] == {"raw": 0.0, "object": pytest.approx(1 / 3), "parts": pytest.approx(2 / 3)}
     for bad in ([], ["raw", "raw"], ["joint"]):
         with pytest.raises(ConfigError, match="evaluate.branches|branches"):
             load_params(params, {"evaluate.branches": bad})
@@ -214,9 +217,10 @@ def test_log_loss_tells_apart_weightings_top1_ties_on() -> None:
 def test_localization_is_left_out_when_null(trained: Path, tmp_path: Path) -> None:
     params = project(trained, tmp_path)
     crops = {"crops_sha256": file_sha256(tmp_path / "data/toy/crops.h5")}
-    (tmp_path / "metrics/toy/extract_crops.json").write_text(json.dumps({"localization": None, "sources": crops}))
-    metrics = evaluate.run(load_params(params, {"evaluate.combine": "fixed"}), "toy")
-    assert set(metrics) == {"images", "raw", "object", "parts", "joint", "weights", "sources"}
+    (tmp_path / "metrics/toy/extract_crops.json").write_text(json.dumps({"localization": None}))
+    (tmp_path / "metrics/toy/extract_crops.provenance.json").write_text(json.dumps({"sources": crops}))
+    record = evaluate.run(load_params(params, {"evaluate.combine": "fixed"}), "toy")
+    assert set(record.metrics) == {"images", "raw", "object", "parts", "joint", "weights"} and "sources" in record.provenance
 
 
 def test_help() -> None:

@@ -117,7 +117,8 @@ def _edit_manifest(project: Path) -> None:
 # --------------------------------------------------------------------------- extract-attention
 def test_attention_has_one_row_per_image_and_the_right_attrs(project: Path) -> None:
     params = project / "params.yaml"
-    metrics = extract_attention.run(load_params(params), "toy")
+    record = extract_attention.run(load_params(params), "toy")
+    metrics = record.metrics
     rows = _rows(project)
     with AttentionReader(project / "data/toy/attention.h5") as att:
         assert len(att) == len(rows) == 24
@@ -132,10 +133,12 @@ def test_attention_has_one_row_per_image_and_the_right_attrs(project: Path) -> N
         assert meta.checkpoint_sha256 == file_sha256(project / "data/toy/stage1/best.pt")
         assert meta.manifest_sha256 == file_sha256(project / "data/toy/manifest.csv")
         assert meta.provenance["overrides"] == {} and meta.provenance["checkpoint"] == "best"
-    saved = read_json(project / "metrics/toy/extract_attention.json")
-    assert saved == metrics
-    assert {"images", "images_per_s", "seconds", "method", "layer", "stage1_test_top1"} <= metrics.keys()
-    assert metrics["images"] == 24 and metrics["images_per_s"] > 0 and metrics["layer"] == "layer3"
+    assert read_json(project / "metrics/toy/extract_attention.json") == metrics
+    assert read_json(project / "metrics/toy/extract_attention.provenance.json") == record.provenance
+    assert {"images", "images_per_s", "seconds", "stage1_test_top1"} <= metrics.keys()
+    assert {"method", "layer", "device", "heatmap_size"} <= record.provenance.keys()
+    assert metrics["images"] == 24 and metrics["images_per_s"] > 0 and record.provenance["layer"] == "layer3"
+    assert record.provenance["heatmap_size"] == [INPUT // 16, INPUT // 16] and record.provenance["checkpoint"] == "best"
     assert 0.0 <= metrics["stage1_test_top1"] <= 1.0
     test = [i for i, r in enumerate(rows) if r.split == "test"]
     expected = float(np.mean([rec.predictions[i] == rows[i].label for i in test]))
@@ -181,8 +184,8 @@ def test_cli_method_override_is_recorded(project: Path) -> None:
     with AttentionReader(project / "data/toy/attention.h5") as att:
         assert att.meta.method == "bap"
         assert att.meta.provenance["overrides"] == {"attention.method": "bap"}
-    metrics = read_json(project / "metrics/toy/extract_attention.json")
-    assert metrics["method"] == "bap" and metrics["overrides"] == {"attention.method": "bap"}
+    made = read_json(project / "metrics/toy/extract_attention.provenance.json")
+    assert made["method"] == "bap" and made["overrides"] == {"attention.method": "bap"}
     extract_attention.run(load_params(params, {"attention.method": "aolm"}), "toy")
     with AttentionReader(project / "data/toy/attention.h5") as att:
         assert (att.meta.method, att.meta.layer) == ("aolm", "layer3")
@@ -225,8 +228,10 @@ def test_crops_boxes_parts_metrics_and_threshold_override(project: Path) -> None
     assert (rec.fallback == (rec.scores == 0)).all()
 
     metrics = read_json(project / "metrics/toy/extract_crops.json")
-    assert {"method", "threshold", "localization", "images", "parts_per_image", "images_per_s", "seconds"} <= metrics.keys()
-    assert metrics["threshold"] == 0.35 and metrics["overrides"] == {"crops.threshold": 0.35}
+    made = read_json(project / "metrics/toy/extract_crops.provenance.json")
+    assert {"threshold", "localization", "images", "parts_per_image", "images_per_s", "seconds"} <= metrics.keys()
+    assert metrics["threshold"] == 0.35 and made["overrides"] == {"crops.threshold": 0.35} and made["method"] == "oaam"
+    assert made["threshold_source"] == "params" and made["sources"]["crops_sha256"] == file_sha256(project / "data/toy/crops.h5")
     assert metrics["images"] == 24 and 1 <= metrics["parts_per_image"] <= 6 and metrics["images_per_s"] > 0
     loc = metrics["localization"]
     assert set(loc) >= {"accuracy", "mean_iou", "fallback_rate"}
@@ -251,7 +256,7 @@ def test_crops_threshold_changes_boxes_and_records_params(project: Path) -> None
         boxes_high = crops.read().boxes
     area = lambda b: (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])  # noqa: E731
     assert (area(boxes_high) <= area(boxes_low) + 1e-3).all()  # a higher threshold never grows the box
-    assert low["threshold"] == 0.05 and high["threshold"] == 0.95
+    assert low.metrics["threshold"] == 0.05 and high.metrics["threshold"] == 0.95
 
 
 def test_crops_refuse_attention_from_another_manifest(project: Path) -> None:
@@ -382,8 +387,8 @@ def test_attention_stores_every_supported_method_and_the_explained_logits(projec
     # the stored prediction is the class OAAM explained: the CAM head's, not the WS-DAN head's
     np.testing.assert_allclose(rec.logits, head.cam_logits.numpy(), rtol=1e-4, atol=1e-4)
     np.testing.assert_array_equal(rec.predictions, head.cam_logits.argmax(1).numpy())
-    metrics = read_json(project / "metrics/toy/extract_attention.json")
-    assert metrics["methods"] == ["oaam", "gradcam", "aolm", "bap"] and metrics["score"] == "cam"
+    made = read_json(project / "metrics/toy/extract_attention.provenance.json")
+    assert made["methods"] == ["oaam", "gradcam", "aolm", "bap"] and made["score"] == "cam"
 
 
 def _localization_by_hand(rows: list[ManifestRow], maps: np.ndarray, t: float, splits: set[str]) -> tuple[float, float]:
@@ -399,7 +404,8 @@ def _localization_by_hand(rows: list[ManifestRow], maps: np.ndarray, t: float, s
 def test_crops_auto_threshold_localization_json_and_curves(project: Path) -> None:
     settings = load_params(project / "params.yaml", {"crops.thresholds": [0.1, 0.2, 0.3, 0.5, 0.7]})
     extract_attention.run(settings, "toy")
-    metrics = extract_crops.run(settings, "toy")
+    record = extract_crops.run(settings, "toy")
+    metrics = record.metrics
     rows = _rows(project)
     with AttentionReader(project / "data/toy/attention.h5") as att:
         maps = {m: att.method_heatmaps(m) for m in att.methods}
@@ -407,7 +413,7 @@ def test_crops_auto_threshold_localization_json_and_curves(project: Path) -> Non
     # auto: the best train+val localisation of the selected method (ties: mean IoU, then the lower threshold)
     pooled = [_localization_by_hand(rows, maps["oaam"], t, {"train", "val"}) for t in grid]
     best = grid[max(range(len(grid)), key=lambda i: (pooled[i], -i))]
-    assert metrics["threshold"] == best and metrics["threshold_source"] == "auto"
+    assert metrics["threshold"] == best and record.provenance["threshold_source"] == "auto"
     with CropsReader(project / "data/toy/crops.h5") as crops:
         assert crops.meta.threshold == best and crops.meta.provenance["threshold_param"] == "auto"
     report = read_json(project / "metrics/toy/localization.json")
@@ -430,7 +436,7 @@ def test_crops_auto_threshold_localization_json_and_curves(project: Path) -> Non
     assert (curves / "oaam.csv").read_text().splitlines()[0] == "threshold,train,val,test"
     # a fixed threshold is used as given, and recorded as such
     fixed = extract_crops.run(load_params(project / "params.yaml", {"crops.threshold": 0.3}), "toy")
-    assert fixed["threshold"] == 0.3 and fixed["threshold_source"] == "params"
+    assert fixed.metrics["threshold"] == 0.3 and fixed.provenance["threshold_source"] == "params"
     assert read_json(project / "metrics/toy/localization.json")["threshold_source"] == "params"
 
 
@@ -441,7 +447,7 @@ def test_predict_uses_the_threshold_extract_crops_chose(project: Path) -> None:
     with pytest.raises(ArtifactError, match="crops.threshold is auto.*fgpipe extract-crops --dataset toy"):
         predict.object_threshold(settings, "toy")
     extract_attention.run(settings, "toy")
-    chosen = extract_crops.run(settings, "toy")["threshold"]
+    chosen = extract_crops.run(settings, "toy").metrics["threshold"]
     assert predict.object_threshold(settings, "toy") == chosen
     assert predict.object_threshold(load_params(project / "params.yaml", {"crops.threshold": 0.45}), "toy") == 0.45
 

@@ -779,7 +779,7 @@ def test_killed_stage_leaves_nothing_partial_and_the_rerun_completes(
     if case.never_half:
         assert (project / case.never_half / "synthetic.json").is_file() and not list(project.glob(f".{case.never_half}.tmp-*"))
     if case.unfinished:
-        assert read_json(project / "metrics" / NAME / f"{case.stage.replace('-', '_')}.json")["resumed_from_epoch"] == 1
+        assert read_json(project / "metrics" / NAME / f"{case.stage.replace('-', '_')}.provenance.json")["resumed_from_epoch"] == 1
         folder = Path(case.unfinished).parent
         assert all(load_checkpoint(project / folder / name)["finished"] for name in ("best.pt", "last.pt"))
         assert not (project / case.unfinished).exists()

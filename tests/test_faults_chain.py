@@ -107,11 +107,11 @@ def retrain_refine(project: Path) -> None:
 
 
 def drop_evaluate_sources(project: Path) -> None:
-    """evaluate.json as an older fgpipe wrote it: no hashes of the checkpoints its weights were chosen for."""
-    path = project / M / "evaluate.json"
-    metrics = json.loads(path.read_text())
-    metrics.pop("sources")
-    path.write_text(json.dumps(metrics))
+    """evaluate.json's record without the hashes of the checkpoints its weights were chosen for."""
+    path = project / M / "evaluate.provenance.json"
+    made = json.loads(path.read_text())
+    made.pop("sources")
+    path.write_text(json.dumps(made))
 
 
 def crops_schema_version_1(project: Path) -> None:
@@ -168,11 +168,11 @@ def test_the_current_chain_is_accepted_by_every_reader(project: Path) -> None:
     for command, options in (("predict", [IMAGE]), ("show", ["--image", "test/class0/000"]), ("localize", [])):
         result = run_on(project, command, options)
         assert result.exit_code == 0, result.output
-    evaluation = json.loads((project / M / "evaluate.json").read_text())
+    evaluation = json.loads((project / M / "evaluate.provenance.json").read_text())
     digest = {rel: hashlib.sha256((project / D / rel).read_bytes()).hexdigest() for rel in ("stage1/best.pt", "refine/best.pt", "crops.h5")}
     assert evaluation["sources"]["stage1_sha256"] == digest["stage1/best.pt"]
     assert evaluation["sources"]["refine_sha256"] == digest["refine/best.pt"]
-    assert json.loads((project / M / "extract_crops.json").read_text())["sources"]["crops_sha256"] == digest["crops.h5"]
+    assert json.loads((project / M / "extract_crops.provenance.json").read_text())["sources"]["crops_sha256"] == digest["crops.h5"]
     with h5schema.CropsReader(project / D / "crops.h5") as crops:
         assert crops.meta.checkpoint_sha256 == digest["stage1/best.pt"]
 
@@ -205,11 +205,11 @@ def test_a_stage_failing_at_its_last_output_leaves_every_previous_output(
 ) -> None:
     params = edit_params(project, **edits)
     before = snapshot(project)
-    metrics = f"{stage.replace('-', '_')}.json"
-    disk_full_at(monkeypatch, metrics)
+    metrics, made = f"{stage.replace('-', '_')}.json", f"{stage.replace('-', '_')}.provenance.json"
+    disk_full_at(monkeypatch, made)  # the last output: the metrics file beside it is written already
     result = invoke(stage, "-d", NAME, "-p", params, *options)
     monkeypatch.undo()
-    assert_refused(result, f"cannot write {project / M / metrics}: No space left on device (ENOSPC)")
+    assert_refused(result, f"cannot write {project / M / made}: No space left on device (ENOSPC)")
     assert snapshot(project) == before and not temp_files(project)
     rerun = invoke(stage, "-d", NAME, "-p", params, *options)  # the same run, with room on the disk, completes
     assert rerun.exit_code == 0, rerun.output
@@ -221,15 +221,16 @@ def test_a_training_run_failing_at_its_metrics_leaves_checkpoints_only_resume_ta
     project: Path, monkeypatch: pytest.MonkeyPatch, stage: str, folder: str
 ) -> None:
     """Checkpoints are written every epoch by design (for --resume), into the run's ``unfinished`` folder; they,
-    the curves and the metrics file replace the previous run's together at the end, so a run failing there leaves
-    every previous output as it was and its own checkpoints for --resume."""
+    the curves, the metrics file and its provenance record replace the previous run's together at the end, so a run
+    failing there (at the record, the last file written) leaves every previous output as it was and its own
+    checkpoints for --resume."""
     key = stage.replace("-", "_")
     params = edit_params(project, **{f"{key}__seed": 1})
     before = snapshot(project)
-    disk_full_at(monkeypatch, f"{key}.json")
+    disk_full_at(monkeypatch, f"{key}.provenance.json")
     result = invoke(stage, "-d", NAME, "-p", params)
     monkeypatch.undo()
-    assert_refused(result, f"cannot write {project / M / key}.json: No space left on device (ENOSPC)")
+    assert_refused(result, f"cannot write {project / M / key}.provenance.json: No space left on device (ENOSPC)")
     after = snapshot(project)
     assert {rel: after.get(rel) for rel in before} == before  # checkpoints, curves, metrics: all the previous run's
     assert {rel for rel in after if rel not in before} <= {rel for rel in after if rel.startswith(f"{D}/{folder}/unfinished/")}

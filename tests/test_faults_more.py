@@ -86,7 +86,7 @@ def alarm() -> Iterator[None]:
 
 # =========================================================================== 1. JSON artefacts
 def evaluation_weights(**weights: Any) -> Callable[[Path], None]:
-    """evaluate.json with its `weights` replaced (its sources kept: the hashes still match)."""
+    """evaluate.json with its `weights` replaced (its provenance record kept: the hashes still match)."""
 
     def damage(project: Path) -> None:
         path = project / M / "evaluate.json"
@@ -127,8 +127,17 @@ def provenance_list(project: Path) -> None:
         h5.attrs["provenance"] = "[1, 2]"
 
 
+def removed(rel: str) -> Callable[[Path], None]:
+    def damage(project: Path) -> None:
+        (project / rel).unlink()
+
+    return damage
+
+
 EVALUATE_JSON = f"{M}/evaluate.json"
 EXTRACT_CROPS_JSON = f"{M}/extract_crops.json"
+EVALUATE_PROVENANCE = f"{M}/evaluate.provenance.json"
+EXTRACT_CROPS_PROVENANCE = f"{M}/extract_crops.provenance.json"
 RERUN_EVALUATE = "rerun `fgpipe evaluate --dataset toy`"
 RERUN_CROPS = "rerun `fgpipe extract-crops --dataset toy`"
 # (id, damage, the command that reads the file, its options, what the message must name)
@@ -155,6 +164,14 @@ JSON_CASES = [
      [EXTRACT_CROPS_JSON, "expected a JSON object, got list", RERUN_CROPS]),
     ("extract_crops.json-infinity", text_of(EXTRACT_CROPS_JSON, '{"localization": Infinity}'), "evaluate", [],
      [EXTRACT_CROPS_JSON, "Infinity is not a JSON number", RERUN_CROPS]),
+    ("evaluate.provenance.json-truncated", text_of(EVALUATE_PROVENANCE, "{\n"), "predict", [IMAGE],
+     [f"{EVALUATE_PROVENANCE}:2: not valid JSON", RERUN_EVALUATE]),
+    ("evaluate.provenance.json-missing", removed(EVALUATE_PROVENANCE), "predict", [IMAGE],
+     [f"{EVALUATE_PROVENANCE} not found: it names the checkpoints the joint weights were chosen for", "`fgpipe evaluate --dataset toy`"]),
+    ("extract_crops.provenance.json-a-list", text_of(EXTRACT_CROPS_PROVENANCE, "[]"), "evaluate", [],
+     [EXTRACT_CROPS_PROVENANCE, "expected a JSON object, got list", RERUN_CROPS]),
+    ("extract_crops.provenance.json-missing", removed(EXTRACT_CROPS_PROVENANCE), "evaluate", [],
+     [f"{EXTRACT_CROPS_PROVENANCE} not found", "`fgpipe extract-crops --dataset toy`"]),
     ("dataset.json-nan", text_of(f"{D}/dataset.json", '{"root": NaN}'), "extract-crops", [],
      [f"{D}/dataset.json", "NaN is not a JSON number", "fgpipe prepare --dataset toy"]),
     ("attention.h5-provenance-a-list", provenance_list, "extract-crops", [],
@@ -469,8 +486,8 @@ def test_the_stages_rerun_in_order_after_a_params_change_pass(project: Path) -> 
         assert result.exit_code == 0, f"{command}: {result.output}"
     result = run_on(project, "predict", [IMAGE])
     assert result.exit_code == 0, result.output
-    evaluation = read_json(project / M / "evaluate.json")
-    assert evaluation["sources"]["params"]["values"]["evaluate.weight_step"] == 0.5
+    made = read_json(project / M / "evaluate.provenance.json")
+    assert made["sources"]["params"]["values"]["evaluate.weight_step"] == 0.5
 
 
 # =========================================================================== 6. predict on what is not a file

@@ -214,7 +214,7 @@ def test_cache_is_written_atomically(tmp_path: Path, make_settings, monkeypatch:
 
 def test_cache_side_zero_writes_an_empty_cache_and_the_loaders_decode_the_files(tmp_path: Path, make_settings) -> None:
     settings, root, rows, path = _prepared(tmp_path, make_settings, 0)
-    metrics = prepare.run(settings, "f")
+    metrics = prepare.run(settings, "f").metrics
     assert metrics["image_cache"] == {"side": 0, "images": 0, "megabytes": 0.0}
     with ImagesReader(path) as reader:  # DVC's outs are static: the file is there, empty
         assert reader.meta.cache_side == 0 and len(reader) == 0 and reader.pixels().size == 0

@@ -91,7 +91,7 @@ def test_bad_images_listed(tmp_path: Path, make_settings) -> None:
 def test_bad_images_skipped_and_counted(tmp_path: Path, make_settings) -> None:
     root, info, settings = _cub(tmp_path, make_settings, skip_bad=True)
     rels = _break_images(root, info)
-    metrics = prepare.run(settings, "cub")
+    metrics = prepare.run(settings, "cub").metrics
     assert metrics["skipped"] == 3 and metrics["images"]["total"] == 15
     assert not {r.path for r in _rows(settings)} & set(rels)
 
@@ -117,7 +117,7 @@ def test_image_modes_accepted(tmp_path: Path, make_settings) -> None:
         write_image(root / "train/a" / name, size=(5, 7), mode=mode)
     Image.fromarray(np.full((7, 5), 40000, dtype=np.uint16)).save(root / "train/a/deep.png")
     assert Image.open(root / "train/a/deep.png").mode == "I;16"
-    metrics = prepare.run(make_settings("f", "imagefolder", root), "f")
+    metrics = prepare.run(make_settings("f", "imagefolder", root), "f").metrics
     assert metrics["skipped"] == 0 and metrics["images"]["total"] == 10
     sizes = {r.path.split("/")[-1]: (r.width, r.height) for r in _rows(make_settings("f", "imagefolder", root), "f")}
     assert all(sizes[n] == (5, 7) for n in [*modes, "deep.png"])
@@ -160,7 +160,7 @@ def test_box_outside_image_clipped_or_dropped(tmp_path: Path, make_settings) -> 
     lines[0] = "1 -2 1 100 3"  # x y w h: sticks out left and right of the 8x6 image
     lines[1] = "2 50 50 5 5"  # entirely outside
     (root / "bounding_boxes.txt").write_text("\n".join(lines) + "\n")
-    metrics = prepare.run(settings, "cub")
+    metrics = prepare.run(settings, "cub").metrics
     boxes = {r.image_id: r.box for r in _rows(settings)}
     assert boxes["1"] == (0.0, 1.0, 8.0, 4.0)
     assert boxes["2"] is None and boxes["3"] == (1.0, 0.5, 6.0, 4.5)

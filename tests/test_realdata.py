@@ -71,7 +71,7 @@ def test_the_chain_on_real_birds(tmp_path: Path) -> None:
         for split in ("train", "val", "test"):
             assert loc["methods"][method][split], (method, split)
     crops = json.loads((project / "metrics/cub/extract_crops.json").read_text())
-    assert crops["threshold_source"].startswith("auto")
+    assert json.loads((project / "metrics/cub/extract_crops.provenance.json").read_text())["threshold_source"].startswith("auto")
     assert crops["localization"]["accuracy"] > 0.3  # real birds found from a classifier's heatmaps
 
     result = json.loads((project / "metrics/cub/evaluate.json").read_text())

@@ -2,7 +2,7 @@
 
 ``make_refine_project`` (imported by the evaluate and predict tests) writes a prepared toy dataset whose
 classes are coloured squares, a stage-1 checkpoint of the tiny backbone, crops.h5 with the squares as object
-boxes and two part boxes inside (none for some images), and metrics/toy/extract_crops.json.
+boxes and two part boxes inside (none for some images), and metrics/toy/extract_crops.json with its provenance record.
 """
 
 from __future__ import annotations
@@ -124,8 +124,8 @@ def make_refine_project(tmp_path: Path, refine: dict[str, Any] | None = None, ev
     write_stage1(data / "stage1/best.pt", classes, file_sha256(manifest))
     write_crops(data / "crops.h5", manifest, where)
     write_json(tmp_path / "metrics/toy/extract_crops.json",
-               {"localization": {"accuracy": 0.75, "mean_iou": 0.61, "fallback_rate": 0.0}, "images": len(where),
-                "sources": {"crops_sha256": file_sha256(data / "crops.h5")}})
+               {"localization": {"accuracy": 0.75, "mean_iou": 0.61, "fallback_rate": 0.0}, "images": len(where)})
+    write_json(tmp_path / "metrics/toy/extract_crops.provenance.json", {"sources": {"crops_sha256": file_sha256(data / "crops.h5")}})
     return path
 
 
@@ -243,7 +243,12 @@ def test_training_lowers_the_loss_and_writes_everything(tmp_path_factory: pytest
     saved = metrics
     assert set(saved["val"]) == {"object", "parts", "mean"}
     assert saved["val"]["mean"] == pytest.approx((saved["val"]["object"] + saved["val"]["parts"]) / 2)
-    assert saved["seconds"] > 0 and saved["images_per_s"] > 0 and saved["overrides"] == {}
+    assert saved["seconds"] > 0 and saved["images_per_s"] > 0
+    made = json.loads((tmp_path / "metrics/toy/train_refine.provenance.json").read_text())
+    assert made["overrides"] == {} and made["dataset"] == "toy" and made["backbone"] == "tiny"
+    # the stage-1 checkpoint named from the project root (the params file's folder), not as this machine's path
+    assert made["initialised_from"] == {"checkpoint": "data/toy/stage1/best.pt", "tensors": made["initialised_from"]["tensors"]}
+    assert made["initialised_from"]["tensors"] > 0
     curves = tmp_path / "metrics/toy/train_refine/plots/metrics"
     assert len((curves / "train/loss.tsv").read_text().strip().splitlines()) == 1 + 3
     assert (curves / "val/object_top1.tsv").is_file() and (curves / "val/parts_top1.tsv").is_file()
@@ -267,8 +272,8 @@ def test_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path: P
     assert torch.load(cut / "data/toy/refine/unfinished/last.pt", weights_only=True)["epoch"] == 1
     with pytest.raises(ArtifactError, match="train_refine.lr"):
         train_refine.run(load_params(params, {"train_refine.lr": 0.01}), "toy", resume=True)
-    metrics = train_refine.run(load_params(params), "toy", resume=True)
-    assert metrics["resumed_from_epoch"] == 1
+    record = train_refine.run(load_params(params), "toy", resume=True)
+    assert record.provenance["resumed_from_epoch"] == 1
     a, b = weights(full / "data/toy/refine/last.pt"), weights(cut / "data/toy/refine/last.pt")
     assert a.keys() == b.keys() and not any(k.startswith("part_backbone.") for k in a)
     for k in a:
@@ -315,6 +320,7 @@ def test_two_process_gloo_ddp_run_trains(tmp_path: Path) -> None:
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     metrics = json.loads((tmp_path / "metrics/toy/train_refine.json").read_text())
-    assert metrics["world_size"] == 2 and metrics["best_epoch"] >= 1
+    made = json.loads((tmp_path / "metrics/toy/train_refine.provenance.json").read_text())
+    assert made["world_size"] == 2 and metrics["best_epoch"] >= 1
     ckpt = torch.load(tmp_path / "data/toy/refine/last.pt", weights_only=True)
     assert ckpt["epoch"] == 2 and all(torch.isfinite(t).all() for t in ckpt["model"].values() if t.is_floating_point())

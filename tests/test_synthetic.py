@@ -354,7 +354,7 @@ def test_prepare_writes_a_manifest_with_boxes(tmp_path: Path) -> None:
     path = write_params(tmp_path, {"syn": {"kind": "synthetic", "root": str(tmp_path / "raw"), "val_fraction": 0.25,
                                            "synthetic": options}})
     settings = load_params(path)
-    metrics = prepare.run(settings, "syn")
+    metrics = prepare.run(settings, "syn").metrics
     rows = read_manifest(tmp_path / "data" / "syn" / "manifest.csv")
     assert len(rows) == metrics["images"]["total"] == 3 * (4 + 2)
     assert metrics["with_box"] == len(rows) and metrics["boxes_clipped"] == 0

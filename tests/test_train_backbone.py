@@ -91,7 +91,8 @@ def val_top1_of(checkpoint: Path, data: Path) -> float:
 
 def test_training_lowers_loss_and_writes_checkpoints(tmp_path: Path) -> None:
     params = make_project(tmp_path, epochs=4)
-    metrics = train_backbone.run(load_params(params), "toy")
+    record = train_backbone.run(load_params(params), "toy")
+    metrics = record.metrics
     ckpt = torch.load(tmp_path / "data/toy/stage1/last.pt", weights_only=True)
     history = ckpt["history"]
     assert len(history) == 4
@@ -110,7 +111,9 @@ def test_training_lowers_loss_and_writes_checkpoints(tmp_path: Path) -> None:
     best = torch.load(tmp_path / "data/toy/stage1/best.pt", weights_only=True)
     assert best["epoch"] == metrics["best_epoch"]
     saved = yaml.safe_load((tmp_path / "metrics/toy/train_backbone.json").read_text())
-    assert saved["best_epoch"] == metrics["best_epoch"] and saved["test"]["images"] == 9
+    assert saved == metrics and saved["test"]["images"] == 9
+    made = yaml.safe_load((tmp_path / "metrics/toy/train_backbone.provenance.json").read_text())
+    assert made == record.provenance and made["backbone"] == "tiny" and made["world_size"] == 1 and made["resumed_from_epoch"] is None
     curves = tmp_path / "metrics/toy/train_backbone/plots/metrics"
     assert (curves / "train/loss.tsv").is_file() and (curves / "val/top1.tsv").is_file()
     assert len((curves / "train/loss.tsv").read_text().strip().splitlines()) == 1 + 4
@@ -138,9 +141,9 @@ def test_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path: P
         train_backbone.run(load_params(params), "toy", on_step=crash)
     assert torch.load(cut / "data/toy/stage1/unfinished/last.pt", weights_only=True)["epoch"] == 1
     assert not (cut / "data/toy/stage1/last.pt").exists()  # nothing finished yet
-    metrics = train_backbone.run(load_params(params), "toy", resume=True)
+    record = train_backbone.run(load_params(params), "toy", resume=True)
     assert not (cut / "data/toy/stage1/unfinished").exists()
-    assert metrics["resumed_from_epoch"] == 1
+    assert record.provenance["resumed_from_epoch"] == 1
     assert_same_weights(weights(full / "data/toy/stage1/last.pt"), weights(cut / "data/toy/stage1/last.pt"))
     full_ckpt = torch.load(full / "data/toy/stage1/last.pt", weights_only=True)
     cut_ckpt = torch.load(cut / "data/toy/stage1/last.pt", weights_only=True)
@@ -173,8 +176,8 @@ def test_an_unfinished_run_leaves_the_finished_one_and_a_fresh_run_discards_it(t
     assert {p: p.read_bytes() for p in files} == before
     unfinished = tmp_path / "data/toy/stage1/unfinished"
     assert sorted(p.name for p in unfinished.iterdir()) == ["best.pt", "curves", "last.pt"]
-    metrics = train_backbone.run(load_params(params, {"train_backbone.seed": 2}), "toy")  # no --resume: from scratch
-    assert metrics["resumed_from_epoch"] is None and not unfinished.exists()
+    record = train_backbone.run(load_params(params, {"train_backbone.seed": 2}), "toy")  # no --resume: from scratch
+    assert record.provenance["resumed_from_epoch"] is None and not unfinished.exists()
     assert torch.load(tmp_path / "data/toy/stage1/last.pt", weights_only=True)["config"]["train_backbone"]["seed"] == 2
     steps = (tmp_path / "metrics/toy/train_backbone/plots/metrics/train/loss.tsv").read_text().strip().splitlines()
     assert len(steps) == 1 + 2  # the header and this run's two epochs, the interrupted run's epoch gone
@@ -226,8 +229,8 @@ def test_two_process_gloo_ddp_run_trains(tmp_path: Path) -> None:
            "-m", "fgpipe", "train-backbone", "--dataset", "toy", "--params", str(params)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    metrics = yaml.safe_load((tmp_path / "metrics/toy/train_backbone.json").read_text())
-    assert metrics["world_size"] == 2
+    made = yaml.safe_load((tmp_path / "metrics/toy/train_backbone.provenance.json").read_text())
+    assert made["world_size"] == 2
     ckpt = torch.load(tmp_path / "data/toy/stage1/last.pt", weights_only=True)
     assert ckpt["history"][-1]["train_loss"] < ckpt["history"][0]["train_loss"]
 
@@ -260,7 +263,7 @@ def test_plain_head_trains_with_cross_entropy_only(tmp_path: Path, monkeypatch: 
         raise AssertionError("the plain head must not use attention crop and drop")
 
     monkeypatch.setattr(train_backbone, "attention_crop_drop", no_crop_drop)
-    metrics = train_backbone.run(load_params(params), "toy")
+    metrics = train_backbone.run(load_params(params), "toy").metrics
     ckpt = torch.load(tmp_path / "data/toy/stage1/last.pt", weights_only=True)
     assert ckpt["config"]["model"]["head"] == "plain"
     assert "cam_fc.weight" in ckpt["model"] and "fc.weight" not in ckpt["model"]

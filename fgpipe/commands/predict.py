@@ -10,7 +10,8 @@ Per image, as the pipeline does for the dataset's own images:
 3. MPALM parts of the object crop with the ``crops`` settings (as extract-crops, same functions);
 4. the raw stage-1 prediction (stage1/best.pt, as evaluate), the object branch on the object box and the part
    branch on the part patches (refine/best.pt, as evaluate);
-5. joint: the weighted mean of the three probabilities with the weights in metrics/NAME/evaluate.json.
+5. joint: the weighted mean of the three probabilities with the weights in metrics/NAME/evaluate.json (used only
+   for the checkpoints and params its record, metrics/NAME/evaluate.provenance.json, names).
 
 Every artefact read is checked, by SHA-256, against what it was made from (:mod:`fgpipe.lineage`): attention.h5
 against the manifest and its stage-1 checkpoint, crops.h5 (``auto``) against attention.h5 and that checkpoint,
@@ -144,13 +145,16 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
     if list(r_state["class_names"]) != classes or list(s1_state["class_names"]) != classes:
         raise ArtifactError(f"{refine_path} was trained on another class list than {manifest}: rerun `fgpipe train-refine --dataset {dataset}`")
 
-    metrics_path = settings.layout(dataset).metrics.stage("evaluate")
-    if not os.path.lexists(metrics_path):
-        raise ArtifactError(f"{metrics_path} not found: the joint weights come from it (run `fgpipe evaluate --dataset {dataset}` first)")
+    metrics = settings.layout(dataset).metrics
+    metrics_path, made_path = metrics.stage("evaluate"), metrics.provenance("evaluate")
+    for path, why in ((metrics_path, "the joint weights come from it"), (made_path, "it names the checkpoints the joint weights were chosen for")):
+        if not os.path.lexists(path):
+            raise ArtifactError(f"{path} not found: {why} (run `fgpipe evaluate --dataset {dataset}` first)")
     evaluation = read_json_artifact(metrics_path, rerun(dataset, "evaluate"))
-    check_evaluation(metrics_path, evaluation, d, dataset, sha)  # the weights were chosen for these checkpoints
+    made = read_json_artifact(made_path, rerun(dataset, "evaluate"))
+    check_evaluation(metrics_path, made, d, dataset, sha)  # the weights were chosen for these checkpoints
     weights = joint_weights(metrics_path, evaluation, dataset)
-    sources = evaluation.get("sources")
+    sources = made.get("sources")
     check_params(metrics_path, sources.get("params") if isinstance(sources, dict) else None, settings, "evaluate", dataset)
     s1_cfg = TrainBackboneConfig(**s1_state["config"]["train_backbone"])
     branches = Branches(

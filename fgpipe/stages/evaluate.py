@@ -2,10 +2,11 @@
 
 Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NAME/images.h5 when prepare
         built it), data/NAME/stage1/best.pt, data/NAME/refine/best.pt, data/NAME/crops.h5,
-        metrics/NAME/extract_crops.json; params `evaluate`. Each is checked by SHA-256 against what it was
-        made from (:mod:`fgpipe.lineage`; crops.h5 against attention.h5 and its stage-1 checkpoint too).
-Writes: metrics/NAME/evaluate.json, metrics/NAME/per_class.csv, metrics/NAME/confusion.csv,
-        metrics/NAME/predictions.csv, data/NAME/confusion.png.
+        metrics/NAME/extract_crops.json and extract_crops.provenance.json; params `evaluate`. Each is checked by
+        SHA-256 against what it was made from (:mod:`fgpipe.lineage`; crops.h5 against attention.h5 and its
+        stage-1 checkpoint too).
+Writes: metrics/NAME/evaluate.json, metrics/NAME/evaluate.provenance.json, metrics/NAME/per_class.csv,
+        metrics/NAME/confusion.csv, metrics/NAME/predictions.csv, data/NAME/confusion.png.
 
 Branches, each a softmax over the classes:
 - raw: the stage-1 network on the whole image, exactly as stage-1 evaluates (resize to input_size *
@@ -24,14 +25,14 @@ prediction combines (all three by default; ``[raw, object]`` is the ablation wit
 weight 0 in both modes, and are still reported alone. The test split is loaded only once the weights
 are fixed (see :func:`run`): nothing is ever selected on test.
 
-evaluate.json is exactly ``{"images", "raw", "object", "parts", "joint", "weights", "sources"[, "localization"]}``,
+evaluate.json is exactly ``{"images", "raw", "object", "parts", "joint", "weights"[, "localization"]}``,
 each branch ``{"top1", "top{k}"}`` with k = min(evaluate.top_k, number of classes), accuracies on test in
-[0, 1]; ``sources``: the SHA-256 of the manifest, stage1/best.pt, refine/best.pt and crops.h5 the figures and
-weights were computed from, and ``params``, the `evaluate` params they were chosen with
-(:func:`fgpipe.lineage.params_record`: ``fgpipe predict`` takes the weights only for those checkpoints and while
-those params are unchanged); ``localization``
-(accuracy, mean_iou, fallback_rate) is carried from extract_crops.json (checked to describe this crops.h5) and
-left out when that is null (a dataset without boxes). predictions.csv names classes by their class names.
+[0, 1]; ``localization`` (accuracy, mean_iou, fallback_rate) is carried from extract_crops.json (checked to
+describe this crops.h5) and left out when that is null (a dataset without boxes). evaluate.provenance.json's
+``sources``: the SHA-256 of the manifest, stage1/best.pt, refine/best.pt and crops.h5 the figures and weights were
+computed from, and ``params``, the `evaluate` params they were chosen with (:func:`fgpipe.lineage.params_record`:
+``fgpipe predict`` takes the weights only for those checkpoints and while those params are unchanged).
+predictions.csv names classes by their class names.
 Every output is renamed into place together at the end (:func:`fgpipe.store.replaced_together`).
 """
 
@@ -71,7 +72,16 @@ from fgpipe.loader import check_image_files, load_split
 from fgpipe.manifest import ManifestRow
 from fgpipe.runtime import configure_threads
 from fgpipe.stage1_network import inference_runtime, load_checked_stage1
-from fgpipe.store import FileHashes, atomic_path, check_output_paths, read_json_artifact, replaced_together, write_json, write_text
+from fgpipe.store import (
+    FileHashes,
+    StageRecord,
+    atomic_path,
+    check_output_paths,
+    read_json_artifact,
+    replaced_together,
+    write_record,
+    write_text,
+)
 
 STAGE = "evaluate"
 LOCALIZATION_KEYS = ("accuracy", "mean_iou", "fallback_rate")
@@ -230,27 +240,30 @@ def _csv(rows: list[list[Any]]) -> str:
     return buf.getvalue()
 
 
-def run(settings: Settings, dataset: str) -> dict[str, Any]:
-    """Evaluate on test with weights fixed beforehand (on val or from params); return evaluate.json's content."""
+def run(settings: Settings, dataset: str) -> StageRecord:
+    """Evaluate on test with weights fixed beforehand (on val or from params); return the content of evaluate.json and
+    evaluate.provenance.json."""
     with replaced_together():  # the reports and evaluate.json change together, or not at all
         return _run(settings, dataset)
 
 
-def _run(settings: Settings, dataset: str) -> dict[str, Any]:
+def _run(settings: Settings, dataset: str) -> StageRecord:
     configure_threads()
     cfg = settings.params.evaluate
     layout = settings.layout(dataset)
     data, out = layout.data, layout.metrics
     if cfg.combine == "val":
         weight_grid(cfg.weight_step)  # a bad step fails before any work
-    check_output_paths([out.stage(STAGE), out.per_class, out.confusion, out.predictions, data.confusion_png])
+    check_output_paths([out.stage(STAGE), out.provenance(STAGE), out.per_class, out.confusion, out.predictions, data.confusion_png])
     inputs = open_inputs(settings, dataset)
-    crops_json = out.stage("extract_crops")
-    if not os.path.lexists(crops_json):
-        raise ArtifactError(f"{crops_json} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
+    crops_json, crops_made = out.stage("extract_crops"), out.provenance("extract_crops")
+    for path in (crops_json, crops_made):
+        if not os.path.lexists(path):
+            raise ArtifactError(f"{path} not found (run `fgpipe extract-crops --dataset {dataset}` first)")
     crops_figures = read_json_artifact(crops_json, rerun(dataset, "extract-crops"))
-    recorded = crops_figures.get("sources") if isinstance(crops_figures.get("sources"), dict) else {}
-    check_recorded(  # its localisation figures describe this crops.h5
+    made = read_json_artifact(crops_made, rerun(dataset, "extract-crops"))
+    recorded = made.get("sources") if isinstance(made.get("sources"), dict) else {}
+    check_recorded(  # its localisation figures describe this crops.h5 (the record beside them says which)
         crops_json, recorded.get("crops_sha256"), data.crops, inputs.sources["crops_sha256"], "crops.h5",
         rerun(dataset, "extract-crops"), "crops_sha256", made="computed",
     )
@@ -282,14 +295,14 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     for name in (*BRANCHES, "joint"):
         metrics[name] = accuracy(probs[name], test.labels, k)
     metrics["weights"] = weights
-    # the params too: predict takes the weights only while the `evaluate` params are still these
-    metrics["sources"] = {**inputs.sources, "params": params_record(settings, "evaluate", dataset)}
     if located is not None:
         metrics["localization"] = located
+    # the params too: predict takes the weights only while the `evaluate` params are still these
+    record = settings.record(dataset, metrics, {"sources": {**inputs.sources, "params": params_record(settings, "evaluate", dataset)}})
 
     write_reports(layout, dataset, inputs.classes, test, probs)
-    write_json(out.stage(STAGE), metrics)
-    return metrics
+    write_record(out, STAGE, record)
+    return record
 
 
 def localization_figures(path: Path, doc: dict[str, Any], dataset: str) -> dict[str, float] | None:

@@ -3,7 +3,7 @@
 Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NAME/images.h5 when prepare
         built it), data/NAME/stage1/{best,last}.pt (``attention.checkpoint``); params `attention`.
 Writes: data/NAME/attention.h5 (one row per manifest image, in manifest order; see fgpipe/h5schema.py),
-        metrics/NAME/extract_attention.json; both renamed into place together at the end
+        metrics/NAME/extract_attention.json and extract_attention.provenance.json; all renamed into place together at the end
         (:func:`fgpipe.store.replaced_together`). A checkpoint whose network gives NaN or infinite heatmaps or
         logits (diverged) is refused, naming the images.
 
@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import torch
@@ -44,26 +43,27 @@ from fgpipe.loader import LoadRequest, batched, check_image_files, normalize, pr
 from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.runtime import configure_threads
 from fgpipe.stage1_network import extraction_device, load_checked_stage1, stage1_input_size
-from fgpipe.store import check_output_paths, file_sha256, replaced_together, write_json
+from fgpipe.store import StageRecord, check_output_paths, file_sha256, replaced_together, write_record
 
 STAGE = "extract_attention"
 
 
 # --------------------------------------------------------------------------- the stage
-def run(settings: Settings, dataset: str) -> dict[str, Any]:
-    """Heatmaps for every image of every split; return the metrics (also written to metrics/NAME/extract_attention.json)."""
+def run(settings: Settings, dataset: str) -> StageRecord:
+    """Heatmaps for every image of every split; return the metrics and provenance (also written to
+    metrics/NAME/extract_attention.json and extract_attention.provenance.json)."""
     with replaced_together():  # attention.h5 and the metrics file change together, or not at all
         return _run(settings, dataset)
 
 
-def _run(settings: Settings, dataset: str) -> dict[str, Any]:
+def _run(settings: Settings, dataset: str) -> StageRecord:
     configure_threads()
     t_start = time.perf_counter()
     cfg = settings.params.attention
     settings.dataset(dataset)  # a clear error for an unknown dataset name
     layout = settings.layout(dataset)
-    data, metrics_path, checkpoint = layout.data, layout.metrics.stage(STAGE), layout.data.stage1(cfg.checkpoint)
-    check_output_paths([data.attention, metrics_path])
+    data, checkpoint = layout.data, layout.data.stage1(cfg.checkpoint)
+    check_output_paths([data.attention, layout.metrics.stage(STAGE), layout.metrics.provenance(STAGE)])
     rows = read_manifest(data.manifest)
     if not rows:
         raise ArtifactError(f"{data.manifest}: lists no images (rerun `fgpipe prepare --dataset {dataset}`)")
@@ -127,7 +127,14 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     labels = np.array([r.label for r in rows])
     test = np.array([r.split == "test" for r in rows])
     metrics = {
-        "dataset": dataset,
+        "input_size": size,
+        "images": len(rows),
+        "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
+        "seconds": round(time.perf_counter() - t_start, 3),
+        # predictions of the explained classifier stored with the heatmaps (no test-time refinement): a sanity figure
+        "stage1_test_top1": float((predictions[test] == labels[test]).mean()) if test.any() else None,
+    }
+    record = settings.record(dataset, metrics, {
         "method": cfg.method,
         "methods": names,  # every method stored in attention.h5
         "layer": method.layer,
@@ -135,19 +142,12 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         "flip": cfg.flip,
         "score": method.score,  # the classifier explained, whose logits and predictions are stored
         "checkpoint": cfg.checkpoint,
-        "input_size": size,
         "heatmap_size": list(grid),
-        "images": len(rows),
-        "images_per_s": round(len(rows) / seconds, 2) if seconds > 0 else None,
-        "seconds": round(time.perf_counter() - t_start, 3),
-        # predictions of the explained classifier stored with the heatmaps (no test-time refinement): a sanity figure
-        "stage1_test_top1": float((predictions[test] == labels[test]).mean()) if test.any() else None,
         "device": str(device),
-        **settings.provenance(),
-    }
-    write_json(metrics_path, metrics)
+    })
+    write_record(layout.metrics, STAGE, record)
     console.print(f"wrote {data.attention} ({len(rows)} images)", highlight=False)
-    return metrics
+    return record
 
 
 def heatmaps_of(

@@ -4,11 +4,12 @@ Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NA
         built it), data/NAME/attention.h5 and the stage-1 checkpoint it was made from (named in its
         provenance, checked by SHA-256); params `crops`.
 Writes: data/NAME/crops.h5 (one row per manifest image, in manifest order; see fgpipe/h5schema.py),
-        data/NAME/crops_preview.png, metrics/NAME/extract_crops.json, metrics/NAME/localization.json and
-        metrics/NAME/localization/METHOD.csv (one per stored method, for ``dvc plots``); all renamed into place
-        together at the end (:func:`fgpipe.store.replaced_together`). crops.h5 records the SHA-256 of the
-        manifest, attention.h5 and the stage-1 checkpoint; extract_crops.json that of crops.h5
-        (``sources.crops_sha256``: evaluate takes its localisation figures only for that file).
+        data/NAME/crops_preview.png, metrics/NAME/extract_crops.json and extract_crops.provenance.json,
+        metrics/NAME/localization.json and metrics/NAME/localization/METHOD.csv (one per stored method, for
+        ``dvc plots``); all renamed into place together at the end (:func:`fgpipe.store.replaced_together`).
+        crops.h5 records the SHA-256 of the manifest, attention.h5 and the stage-1 checkpoint;
+        extract_crops.provenance.json that of crops.h5 (``sources.crops_sha256``: evaluate takes the
+        localisation figures of extract_crops.json only for that file).
 
 The stage reads no `attention` params: the method, the checkpoint and the input size all come from
 attention.h5, so changing ``crops.threshold`` reruns only this stage and what follows it.
@@ -30,7 +31,6 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -51,7 +51,7 @@ from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.preview import load_samples, preview_indices, render
 from fgpipe.runtime import configure_threads
 from fgpipe.stage1_network import extraction_device, load_checked_stage1, stage1_input_size
-from fgpipe.store import FileHashes, check_output_paths, file_sha256, pending, replaced_together, write_json
+from fgpipe.store import FileHashes, StageRecord, check_output_paths, file_sha256, pending, replaced_together, write_json, write_record
 
 STAGE = "extract_crops"
 
@@ -84,20 +84,23 @@ def batches_with_boxes(
         yield (sl, records, boxes), requests
 
 
-def run(settings: Settings, dataset: str) -> dict[str, Any]:
-    """Object and part boxes for every image; return the metrics (also written to metrics/NAME/extract_crops.json)."""
+def run(settings: Settings, dataset: str) -> StageRecord:
+    """Object and part boxes for every image; return the metrics and provenance (also written to
+    metrics/NAME/extract_crops.json and extract_crops.provenance.json)."""
     with replaced_together():  # crops.h5, the preview, the localisation files and the metrics change together
         return _run(settings, dataset)
 
 
-def _run(settings: Settings, dataset: str) -> dict[str, Any]:
+def _run(settings: Settings, dataset: str) -> StageRecord:
     configure_threads()
     t_start = time.perf_counter()
     cfg = settings.params.crops
     settings.dataset(dataset)  # a clear error for an unknown dataset name
     layout = settings.layout(dataset)
     data, out = layout.data, layout.metrics
-    check_output_paths([data.crops, data.crops_preview, out.stage(STAGE), out.localization], [out.localization_curves])
+    check_output_paths(
+        [data.crops, data.crops_preview, out.stage(STAGE), out.provenance(STAGE), out.localization], [out.localization_curves]
+    )
     rows = read_manifest(data.manifest)
     info = read_dataset_info(settings, dataset)
     root = info.root
@@ -170,10 +173,7 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
     fallback_rate = float(fallback.mean()) if n else 0.0
     located = localization(rows, boxes)
     metrics = {
-        "dataset": dataset,
-        "method": method,
         "threshold": threshold,
-        "threshold_source": source,  # params | auto (best train+val localisation on crops.thresholds) | auto-fallback
         # test images against their ground-truth boxes; null when the dataset has no boxes
         "localization": None if located is None else {**located, "fallback_rate": fallback_rate},
         "fallback_rate": fallback_rate,  # over every image, also when there is no localisation to report
@@ -181,17 +181,21 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         "parts_per_image": round(part_total / n, 4) if n else 0.0,
         "images_per_s": round(n / seconds, 2) if seconds > 0 else None,
         "input_size": size,
+    }
+    provenance = {
+        "method": method,
+        "threshold_source": source,  # params | auto (best train+val localisation on crops.thresholds) | auto-fallback
         "device": str(device),
         "sources": {"crops_sha256": file_sha256(pending(data.crops))},  # the crops.h5 these figures describe
-        **settings.provenance(),
     }
     write_curves(out.localization_curves, sweeps)
     write_preview(data, rows, root, dataset, cfg, method, threshold)
     write_json(out.localization, {"dataset": dataset, **report})
     metrics["seconds"] = round(time.perf_counter() - t_start, 3)
-    write_json(out.stage(STAGE), metrics)
+    record = settings.record(dataset, metrics, provenance)
+    write_record(out, STAGE, record)
     console.print(f"wrote {data.crops}, {data.crops_preview} and {out.localization}", highlight=False)
-    return metrics
+    return record
 
 
 def localization(rows: Sequence[ManifestRow], boxes: np.ndarray) -> dict[str, float | int] | None:

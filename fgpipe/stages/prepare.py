@@ -4,13 +4,13 @@ Reads:  datasets.NAME, prepare.cache_side and prepare.max_pixels (params), the d
         synthetic one).
 Writes: data/NAME/manifest.csv, data/NAME/dataset.json, data/NAME/images.h5 (the decoded image cache the
         later stages cut their inputs from, see fgpipe/imagecache.py; empty with cache_side 0),
-        metrics/NAME/prepare.json; all four renamed into place together at the end
+        metrics/NAME/prepare.json and prepare.provenance.json; all renamed into place together at the end
         (:func:`fgpipe.store.replaced_together`), so a failed run leaves the previous ones.
 
 Annotation problems that would leak or bias results without stopping anything (the same file under two
 ids, byte-identical images in two splits or under two classes, images without a box among boxed ones,
-annotation lines for ids no image list holds) are reported on the console and counted, with their image
-ids, under ``annotation_issues`` in the metrics (:data:`ISSUES`).
+annotation lines for ids no image list holds) are reported on the console and counted under
+``annotation_issues`` in the metrics (:data:`ISSUES`), their image ids under the same key in the provenance.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from rich.markup import escape
@@ -36,7 +35,7 @@ from fgpipe.imagecache import build_image_cache
 from fgpipe.images import DECODE_ERRORS, DEFAULT_MAX_PIXELS, image_size
 from fgpipe.lineage import params_record
 from fgpipe.manifest import SPLITS, Box, ManifestRow, write_manifest
-from fgpipe.store import check_output_paths, file_sha256, pending, replaced_together, write_json
+from fgpipe.store import StageRecord, check_output_paths, file_sha256, pending, replaced_together, write_json, write_record
 
 STAGE = "prepare"
 # annotation_issues in the metrics: kind -> what the console says of the image ids it lists
@@ -47,23 +46,24 @@ ISSUES = {
     "images_without_box": "image(s) have no box while others have one (localisation is measured on the others only)",
     "annotation_lines_without_image": "id(s) have annotation lines but are in no image list (left out of the dataset)",
 }
-ISSUE_IDS_KEPT = 50  # image ids listed per kind in the metrics (the count covers all)
+ISSUE_IDS_KEPT = 50  # image ids listed per kind in the provenance (the count in the metrics covers all)
 
 
-def run(settings: Settings, dataset: str) -> dict[str, Any]:
-    """Prepare one dataset; return its metrics (also written to metrics/NAME/prepare.json)."""
+def run(settings: Settings, dataset: str) -> StageRecord:
+    """Prepare one dataset; return its metrics and provenance (also written to metrics/NAME/prepare.json and
+    prepare.provenance.json)."""
     with replaced_together():  # the manifest, dataset.json, images.h5 and the metrics change together, or not at all
         return _run(settings, dataset)
 
 
-def _run(settings: Settings, dataset: str) -> dict[str, Any]:
+def _run(settings: Settings, dataset: str) -> StageRecord:
     t0 = time.perf_counter()
     cfg = settings.dataset(dataset)
     root = settings.dataset_root(dataset)
     mod = reader(cfg.kind)
     layout = settings.layout(dataset)
-    data, metrics_path = layout.data, layout.metrics.stage(STAGE)
-    check_output_paths([data.manifest, data.dataset_json, data.images, metrics_path])
+    data = layout.data
+    check_output_paths([data.manifest, data.dataset_json, data.images, layout.metrics.stage(STAGE), layout.metrics.provenance(STAGE)])
     if cfg.download and not hasattr(mod, "download"):  # an option silently ignored would hide a wrong setup
         cli = bool(settings.overrides.get(f"datasets.{dataset}.download"))
         said = "--download" if cli else f"datasets.{dataset}.download: true"
@@ -110,9 +110,8 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         {"dataset": dataset, "root": str(root), "resample": "bilinear (antialiased)", "fgpipe_version": __version__, **settings.provenance()},
     )
     per_split = Counter(r.split for r in rows)
+    issue_counts, issue_ids = issue_metrics(issues)
     metrics = {
-        "dataset": dataset,
-        "kind": cfg.kind,
         "images": {**{s: per_split.get(s, 0) for s in SPLITS}, "total": len(rows)},
         "classes": len(classes),
         "with_box": sum(r.box is not None for r in rows),
@@ -121,14 +120,14 @@ def _run(settings: Settings, dataset: str) -> dict[str, Any]:
         "boxes_dropped": counts["boxes_dropped"],
         "classes_without_images": counts["classes_without_images"],
         "classes_without_train_images": counts["classes_without_train_images"],
-        "annotation_issues": issue_metrics(issues),
+        "annotation_issues": issue_counts,
         "image_cache": cache,
         **{f"reader_{k}": v for k, v in listing.notes.items()},
         "seconds": round(time.perf_counter() - t0, 3),
-        **settings.provenance(),
     }
-    write_json(metrics_path, metrics)
-    return metrics
+    record = settings.record(dataset, metrics, {"kind": cfg.kind, "annotation_issues": issue_ids})
+    write_record(layout.metrics, STAGE, record)
+    return record
 
 
 def root_relative(settings: Settings, dataset: str, root: Path, out_dir: Path) -> dict[str, str]:
@@ -211,13 +210,14 @@ def build_rows(
     return rows, counts, issues
 
 
-def issue_metrics(issues: dict[str, list[tuple[str, ...]]]) -> dict[str, dict[str, Any]]:
-    """``annotation_issues`` in the metrics: per kind, how many image ids and the first ``ISSUE_IDS_KEPT`` of them."""
-    out = {}
+def issue_metrics(issues: dict[str, list[tuple[str, ...]]]) -> tuple[dict[str, int], dict[str, list[str]]]:
+    """``annotation_issues`` in the metrics (per kind, how many image ids) and in the provenance (per kind, the first
+    ``ISSUE_IDS_KEPT`` of them)."""
+    counts, kept = {}, {}
     for kind, groups in issues.items():
         ids = [i for group in groups for i in group]
-        out[kind] = {"count": len(ids), "ids": ids[:ISSUE_IDS_KEPT]}
-    return out
+        counts[kind], kept[kind] = len(ids), ids[:ISSUE_IDS_KEPT]
+    return counts, kept
 
 
 def annotation_issues(

@@ -2,7 +2,7 @@
 
 Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NAME/images.h5 when prepare
         built it); params `model`, `train_backbone`.
-Writes: data/NAME/stage1/{best,last}.pt, metrics/NAME/train_backbone.json,
+Writes: data/NAME/stage1/{best,last}.pt, metrics/NAME/train_backbone.json and train_backbone.provenance.json,
         metrics/NAME/train_backbone/ (per-epoch curves for `dvc plots`, written by dvclive).
 
 The stage supplies its data, its step (:func:`train_step`) and its figures (:class:`Stage1Trainer`); the loop is
@@ -11,7 +11,7 @@ at the end, for the report. ``--resume`` continues from last.pt; each epoch is s
 resumed run ends with the same weights as an uninterrupted one.
 Until the run ends its checkpoints say ``finished: False``, and the later stages refuse them: a killed or
 failed run leaves them for ``--resume`` only (Ctrl-C says so); both are marked finished together with the
-metrics file, at the very end (:func:`fgpipe.store.replaced_together`).
+metrics files, at the very end (:func:`fgpipe.store.replaced_together`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from fgpipe.manifest import ManifestRow
 from fgpipe.models import build_stage1
 from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop
 from fgpipe.stage1_network import predict_logits
-from fgpipe.store import check_output_paths, file_sha256
+from fgpipe.store import StageRecord, check_output_paths, file_sha256
 from fgpipe.training import (
     FitResult,
     RunFiles,
@@ -57,8 +57,9 @@ from fgpipe.training import (
 STAGE = "train_backbone"
 
 
-def run(settings: Settings, dataset: str, resume: bool = False, on_step: StepHook | None = None) -> dict[str, Any]:
-    """Train stage-1 on train, select on val; return the metrics (also written to metrics/NAME/train_backbone.json)."""
+def run(settings: Settings, dataset: str, resume: bool = False, on_step: StepHook | None = None) -> StageRecord:
+    """Train stage-1 on train, select on val; return the metrics and provenance (also written to
+    metrics/NAME/train_backbone.json and train_backbone.provenance.json)."""
     cfg = settings.params.train_backbone
     with training_runtime(cfg) as rt:
         t_start = time.perf_counter()
@@ -95,8 +96,11 @@ class Stage1Trainer(Trainer):
         settings.dataset(dataset)  # a clear error for an unknown dataset name
         layout = settings.layout(dataset)
         data, out = layout.data, layout.metrics
-        files = RunFiles(data.stage1("best"), data.stage1("last"), out.stage(STAGE), out.curves(STAGE), data.unfinished("stage1"))
-        check_output_paths([files.best, files.last, files.metrics], [files.curves, files.unfinished])  # not after the training
+        files = RunFiles(
+            data.stage1("best"), data.stage1("last"), out.stage(STAGE), out.provenance(STAGE), out.curves(STAGE),
+            data.unfinished("stage1"),
+        )
+        check_output_paths([files.best, files.last, files.metrics, files.provenance], [files.curves, files.unfinished])  # not after the training
         inputs = read_dataset_inputs(settings, dataset)
         rows, info, root, classes, by_split = inputs.rows, inputs.info, inputs.root, inputs.classes, inputs.by_split
         inputs.require("train", "val")
@@ -159,7 +163,7 @@ class Stage1Trainer(Trainer):
     def describe(self, stats: dict[str, float], val: dict[str, float]) -> str:
         return f"train {stats['top1']:.3f}  val {val['top1']:.3f} (raw {val['top1_raw']:.3f})"
 
-    def finish(self, result: FitResult) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def finish(self, result: FitResult) -> tuple[StageRecord, dict[str, Any] | None]:
         """Test accuracy of the val-selected checkpoint (test is never used for selection), and the run's figures."""
         cfg, mcfg, rt, model = self.cfg, self.mcfg, self.rt, self.parts["model"]
         best_state = load_checkpoint(self.files.running_best, map_location=rt.device)
@@ -168,9 +172,6 @@ class Stage1Trainer(Trainer):
         test = evaluate(model, load_split(self.root, self.test_rows, side, "test", self.cache), cfg, rt) if self.test_rows else None
         best, last = result.best, result.history[-1]
         metrics = {
-            "dataset": self.dataset,
-            "backbone": mcfg.backbone,
-            "weights": mcfg.weights,
             "input_size": cfg.input_size,
             "epochs": cfg.epochs,
             "best_epoch": best["epoch"],
@@ -178,13 +179,16 @@ class Stage1Trainer(Trainer):
             "test": test,
             "train": {"loss": last["train_loss"], "top1": last["train_top1"]},
             "images_per_s": result.images_per_s,
+            "seconds": round(time.perf_counter() - self.t_start, 2),
+        }
+        provenance = {
+            "backbone": mcfg.backbone,
+            "weights": mcfg.weights,  # none, imagenet or a file (relative to the project in the record)
             "resumed_from_epoch": result.resumed_from_epoch,
             "world_size": rt.world_size,
             "device": str(rt.device),
-            "seconds": round(time.perf_counter() - self.t_start, 2),
-            **self.settings.provenance(),
         }
-        return metrics, best_state
+        return self.settings.record(self.dataset, metrics, provenance), best_state
 
 
 def param_groups(model: Stage1Net, cfg: TrainBackboneConfig) -> list[dict[str, Any]]:

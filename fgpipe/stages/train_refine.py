@@ -6,7 +6,7 @@ Reads:  data/NAME/manifest.csv, data/NAME/dataset.json, the images (from data/NA
         crops.h5 is checked against the manifest, data/NAME/attention.h5 and the stage-1 checkpoint it was made
         from (best or last), by SHA-256 (:mod:`fgpipe.lineage`).
 Writes: data/NAME/refine/{best,last}.pt (recording the SHA-256 of the manifest, crops.h5 and stage1/best.pt),
-        metrics/NAME/train_refine.json, metrics/NAME/train_refine/ (per-epoch curves for `dvc plots`, written by
+        metrics/NAME/train_refine.json and train_refine.provenance.json, metrics/NAME/train_refine/ (per-epoch curves for `dvc plots`, written by
         dvclive).
 
 The stage supplies its data, its step and its figures (:class:`RefineTrainer`) and the box jitter
@@ -23,7 +23,7 @@ two branches' val top-1 (test is never read here). ``--resume`` continues from l
 from (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one.
 Until the run ends its checkpoints say ``finished: False``, and the later stages refuse them: a killed or
 failed run leaves them for ``--resume`` only (Ctrl-C says so); both are marked finished together with the
-metrics file, at the very end (:func:`fgpipe.store.replaced_together`).
+metrics files, at the very end (:func:`fgpipe.store.replaced_together`).
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ from fgpipe.lineage import check_crops, check_crops_params, params_record, read_
 from fgpipe.loader import check_image_files, normalize, resized_side, train_augment
 from fgpipe.models.branches import build_refine_net
 from fgpipe.stage1_network import stage1_state
-from fgpipe.store import FileHashes, check_output_paths
+from fgpipe.store import FileHashes, StageRecord, check_output_paths
 from fgpipe.training import (
     FitResult,
     RunFiles,
@@ -117,8 +117,9 @@ def train_inputs(data: BranchData, idx: Tensor, cfg: TrainRefineConfig, gen: tor
 
 
 # --------------------------------------------------------------------------- the stage
-def run(settings: Settings, dataset: str, resume: bool = False, on_step: StepHook | None = None) -> dict[str, Any]:
-    """Train both branches on train, select on val; return the metrics (also written to metrics/NAME/train_refine.json)."""
+def run(settings: Settings, dataset: str, resume: bool = False, on_step: StepHook | None = None) -> StageRecord:
+    """Train both branches on train, select on val; return the metrics and provenance (also written to
+    metrics/NAME/train_refine.json and train_refine.provenance.json)."""
     cfg = settings.params.train_refine
     with training_runtime(cfg) as rt:
         t_start = time.perf_counter()
@@ -153,8 +154,11 @@ class RefineTrainer(Trainer):
         settings.dataset(dataset)  # a clear error for an unknown dataset name
         layout = settings.layout(dataset)
         data, out = layout.data, layout.metrics
-        files = RunFiles(data.refine("best"), data.refine("last"), out.stage(STAGE), out.curves(STAGE), data.unfinished("refine"))
-        check_output_paths([files.best, files.last, files.metrics], [files.curves, files.unfinished])  # not after the training
+        files = RunFiles(
+            data.refine("best"), data.refine("last"), out.stage(STAGE), out.provenance(STAGE), out.curves(STAGE),
+            data.unfinished("refine"),
+        )
+        check_output_paths([files.best, files.last, files.metrics, files.provenance], [files.curves, files.unfinished])  # not after the training
         inputs = read_dataset_inputs(settings, dataset)
         info, root, classes, by_split = inputs.info, inputs.root, inputs.classes, inputs.by_split
         sha = FileHashes()  # each input hashed once
@@ -244,13 +248,10 @@ class RefineTrainer(Trainer):
             f"val obj {val['object']:.3f} parts {val['parts']:.3f}"
         )
 
-    def finish(self, result: FitResult) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    def finish(self, result: FitResult) -> tuple[StageRecord, dict[str, Any] | None]:
         cfg, rt = self.cfg, self.rt
         best, last = result.best, result.history[-1]
         metrics = {
-            "dataset": self.dataset,
-            "backbone": self.mcfg.backbone,
-            "shared_backbone": cfg.shared_backbone,
             "input_size": cfg.input_size,
             "part_size": part_size(cfg),
             "epochs": cfg.epochs,
@@ -258,15 +259,18 @@ class RefineTrainer(Trainer):
             "val": {"object": best["object"], "parts": best["parts"], "mean": best["val_top1"]},
             "train": {"loss": last["train_loss"], "object_top1": last["train_object_top1"], "parts_top1": last["train_parts_top1"]},
             "patches_per_image": round(float(self.train.patch_count.float().mean()), 3),
-            "initialised_from": {"checkpoint": str(self.stage1_path), "tensors": self.loaded},
             "images_per_s": result.images_per_s,
+            "seconds": round(time.perf_counter() - self.t_start, 2),
+        }
+        provenance = {
+            "backbone": self.mcfg.backbone,
+            "shared_backbone": cfg.shared_backbone,
+            "initialised_from": {"checkpoint": self.stage1_path, "tensors": self.loaded},  # the path relative to the project
             "resumed_from_epoch": result.resumed_from_epoch,
             "world_size": rt.world_size,
             "device": str(rt.device),
-            "seconds": round(time.perf_counter() - self.t_start, 2),
-            **self.settings.provenance(),
         }
-        return metrics, None
+        return self.settings.record(self.dataset, metrics, provenance), None
 
 
 def evaluate_branches(model: nn.Module, data: BranchData, cfg: TrainRefineConfig, rt: Runtime) -> dict[str, float]:
