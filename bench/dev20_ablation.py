@@ -12,6 +12,8 @@ finished is printed as such. The runs (all on seed 0's split and seeds unless --
     without parts       bench/dev20.py --seed 0 --name wsdan-s0-noparts --from evaluate --set 'evaluate.branches=[raw, object]'
     crops from METHOD   bench/dev20.py --seed 0 --name wsdan-s0-hm-METHOD --from extract-attention --set attention.method=METHOD
                         (METHOD: aolm, gradcam, bap; stage 1 copied from the reference run: the same network)
+    crops at 288 px     bench/dev20.py --seed 0 --name wsdan-s0-r288 --from train-refine --set train_refine.input_size=288
+                        (stage 1, heatmaps and crops copied from wsdan-s0-lcam-none; seeds 0-2)
 
 Columns: stage-1 raw, object, parts and joint top-1 on test (joint weights chosen on val), and the test
 localisation of the crops the object branch trained on (IoU >= 0.5 with the box) at the threshold extract-crops
@@ -33,6 +35,7 @@ ARMS = (
     "crops from AOLM=wsdan-s{seed}-hm-aolm",
     "crops from Grad-CAM=wsdan-s{seed}-hm-gradcam",
     "crops from BAP=wsdan-s{seed}-hm-bap",
+    "object crops at 288 px (on LCAM none)=wsdan-s{seed}-r288",
 )
 
 
