@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -40,9 +41,20 @@ def inference_runtime() -> Runtime:
     return Runtime(device=device, amp_dtype=torch.bfloat16 if cuda else None, channels_last=cuda)
 
 
-@torch.no_grad()
 def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, rt: Runtime, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Raw and refined logits (B, K) of uint8 images (N, 3, S, S) center-cropped to the input size.
+    """Raw and refined logits (B, K) of uint8 images (N, 3, S, S) center-cropped to the input size, in batches of
+    ``batch_size`` (default twice the training batch): :func:`predict_batches`."""
+    return predict_batches(model, images.split(batch_size or eval_batch_size(cfg)), cfg, rt)
+
+
+def eval_batch_size(cfg: TrainBackboneConfig) -> int:
+    """Images per batch when stage 1 is evaluated: twice the training batch (no gradients are kept)."""
+    return cfg.batch_size * 2
+
+
+@torch.no_grad()
+def predict_batches(model: Stage1Net, batches: Iterable[Tensor], cfg: TrainBackboneConfig, rt: Runtime) -> tuple[Tensor, Tensor]:
+    """Raw and refined logits (N, K) of batches of uint8 images (B, 3, S, S), center-cropped to the input size.
 
     Refined = mean of the raw logits and those of the test-time attention crop (mean of all maps,
     threshold ``refine_threshold`` * max, padding ``refine_padding``); equal to raw when test_refine is off
@@ -50,7 +62,7 @@ def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, r
     """
     model.eval()
     raw_all, ref_all = [], []
-    for chunk in images.split(batch_size or cfg.batch_size * 2):
+    for chunk in batches:
         x = rt.to_input(normalize(center_crop(chunk, cfg.input_size)))
         with rt.autocast():
             out = model(x)

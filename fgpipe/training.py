@@ -32,6 +32,9 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, ConfigError, Interrupted, TrainingError
 from fgpipe.runtime import configure_threads, env_int
 from fgpipe.store import StageRecord, move_output, output_error, remove_folder, replaced_together, write_json
+from fgpipe.streaming import Feed, FeedOptions, Pixels
+
+INPUT_KEYS = ("num_workers", "in_memory")  # training keys that say how the pixels are read: --resume may change them
 
 
 # --------------------------------------------------------------------------- device and distributed
@@ -359,15 +362,17 @@ class Trainer(ABC):
     state: dict[str, Any]
     counts: tuple[tuple[str, str], ...]
     train_size: int  # images in the train split
+    train_feed: Feed  # their pixels, batch by batch in the order fit draws
 
     @abstractmethod
     def check_resumable(self, state: dict[str, Any]) -> None:
         """Refuse a last.pt that ``--resume`` must not continue (other inputs or params)."""
 
     @abstractmethod
-    def train_step(self, net: nn.Module, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
-        """One optimisation step on the training images ``idx``, drawing randomness from ``gen`` only; returns the
-        loss (detached; :func:`check_loss` before each backward), the right answers per count and the batch size."""
+    def train_step(self, net: nn.Module, idx: Tensor, pixels: Pixels, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
+        """One optimisation step on the training images ``idx`` (their uint8 ``pixels`` from :attr:`train_feed`),
+        drawing randomness from ``gen`` only; returns the loss (detached; :func:`check_loss` before each backward), the
+        right answers per count and the batch size."""
 
     @abstractmethod
     def validate(self) -> dict[str, float]:
@@ -473,7 +478,8 @@ def _train_epoch(
     trainer: Trainer, net: nn.Module, rt: Runtime, gen: torch.Generator, epoch: int, on_step: StepHook | None
 ) -> dict[str, float]:
     """One epoch of ``trainer``'s steps in a random order drawn from ``gen``, with a progress bar; the mean loss, each
-    count's share of right answers, the images seen and their rate, summed over ranks."""
+    count's share of right answers, the images seen and their rate, summed over ranks. The order is drawn here, in the
+    main process, before any step's draws; each rank's feed reads the pixels of its own share only."""
     cfg, scheduler = trainer.cfg, trainer.parts["scheduler"]
     net.train()
     order = torch.randperm(trainer.train_size, generator=gen)
@@ -485,9 +491,9 @@ def _train_epoch(
     bar = progress(TextColumn("{task.fields[info]}")) if rt.is_main else contextlib.nullcontext()
     with bar as pbar:
         task = pbar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(chunks), info="") if pbar else None
-        for step, idx in enumerate(chunks):
+        for step, (idx, pixels) in enumerate(trainer.train_feed.batches(chunks)):
             try:
-                loss, correct, n = trainer.train_step(net, idx, gen)
+                loss, correct, n = trainer.train_step(net, idx, pixels, gen)
             except NonFiniteLoss as exc:
                 kept = (
                     f"the last good checkpoint is kept in {trainer.files.unfinished} for --resume" if epoch > 0
@@ -537,8 +543,16 @@ def finish_run(files: RunFiles, record: StageRecord, best_state: dict[str, Any] 
 def config_mismatch(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
     """Refuse to resume from ``path`` when its ``config`` (the params sections it was trained with) is not ``config``,
     naming the keys that differ."""
-    if state.get("config") != config:
-        diff = [f"{sec}.{k}" for sec in config for k in config[sec] if state["config"].get(sec, {}).get(k) != config[sec][k]]
+    def results(cfg: Any) -> Any:  # without the keys that say how the pixels are read (they change no result)
+        if not isinstance(cfg, dict):
+            return cfg
+        return {sec: {k: v for k, v in val.items() if k not in INPUT_KEYS} if isinstance(val, dict) else val for sec, val in cfg.items()}
+
+    if results(state.get("config")) != results(config):
+        diff = [
+            f"{sec}.{k}" for sec in config for k in config[sec]
+            if k not in INPUT_KEYS and state["config"].get(sec, {}).get(k) != config[sec][k]
+        ]
         raise ArtifactError(f"{path} was made with other params ({', '.join(diff)}): delete it or run without --resume")
 
 
@@ -565,3 +579,8 @@ def scheduler_for(opt: torch.optim.Optimizer, cfg: TrainingConfig, train_size: i
         opt, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
         schedule=cfg.schedule, step_size=cfg.step_size, gamma=cfg.gamma,
     )
+
+
+def feed_options(cfg: TrainingConfig | Any, rt: Runtime) -> FeedOptions:
+    """How a stage with ``cfg``'s ``num_workers`` and ``in_memory`` reads its pixels on ``rt`` (pinned on CUDA)."""
+    return FeedOptions(num_workers=cfg.num_workers, in_memory=cfg.in_memory, pin_memory=rt.device.type == "cuda")

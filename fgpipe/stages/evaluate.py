@@ -68,10 +68,11 @@ from fgpipe.lineage import (
     rerun,
 )
 from fgpipe.branch_inference import BRANCHES, Branches, joint_probabilities, load_refine, probabilities, refine_config
-from fgpipe.loader import check_image_files, load_split
+from fgpipe.loader import check_image_files, whole_image_requests
 from fgpipe.manifest import ManifestRow
 from fgpipe.runtime import configure_threads
 from fgpipe.stage1_network import inference_runtime, load_checked_stage1
+from fgpipe.streaming import FeedOptions, whole_image_feed
 from fgpipe.store import (
     FileHashes,
     StageRecord,
@@ -100,6 +101,7 @@ class Inputs:
     sources: dict[str, str]  # SHA-256 of the manifest, both checkpoints and crops.h5: evaluate.json's ``sources``
     branches: Branches
     batch_size: int
+    options: FeedOptions  # how the images are read: streamed by workers, or each split held in memory
 
 
 @dataclass
@@ -151,18 +153,22 @@ def open_inputs(settings: Settings, dataset: str) -> Inputs:
     return Inputs(
         root=root, cache=cache, rows=by_split, classes=classes, crops=data.crops, manifest_sha256=manifest_sha,
         sources=sources, branches=branches, batch_size=settings.params.evaluate.batch_size,
+        options=FeedOptions(
+            settings.params.evaluate.num_workers, settings.params.evaluate.in_memory, pin_memory=rt.device.type == "cuda"
+        ),
     )
 
 
 def split_probabilities(inputs: Inputs, split: str) -> SplitProbabilities:
-    """Decode the images and boxes of ``split`` and return the three branches' probabilities."""
+    """Read the images and boxes of ``split`` (streamed, or each held in memory in turn) and return the three branches'
+    probabilities."""
     rows = inputs.rows[split]
     boxes = read_crops(inputs.crops, inputs.manifest_sha256, rows)
     branches, ids = inputs.branches, [r.image_id for r in rows]
-    whole = load_split(inputs.root, rows, branches.whole_side, split, inputs.cache)
-    raw = branches.raw_logits(whole.images, ids, inputs.batch_size)
+    whole = whole_image_feed(whole_image_requests(inputs.root, rows, inputs.cache), branches.whole_side, inputs.options, split)
+    raw = branches.raw_logits(whole, ids, inputs.batch_size)
     del whole
-    data = split_data(inputs.root, rows, boxes, branches.refine_cfg, 0.0, split, inputs.cache)
+    data = split_data(inputs.root, rows, boxes, branches.refine_cfg, 0.0, split, inputs.options, inputs.cache)
     obj, parts = branches.region_logits(data, ids, inputs.batch_size)
     return SplitProbabilities(ids, np.array([r.label for r in rows], dtype=np.int64), probabilities(raw, obj, parts))
 
@@ -298,7 +304,8 @@ def _run(settings: Settings, dataset: str) -> StageRecord:
     if located is not None:
         metrics["localization"] = located
     # the params too: predict takes the weights only while the `evaluate` params are still these
-    record = settings.record(dataset, metrics, {"sources": {**inputs.sources, "params": params_record(settings, "evaluate", dataset)}})
+    provenance = {"sources": {**inputs.sources, "params": params_record(settings, "evaluate", dataset)}, **inputs.options.describe()}
+    record = settings.record(dataset, metrics, provenance)
 
     write_reports(layout, dataset, inputs.classes, test, probs)
     write_record(out, STAGE, record)
