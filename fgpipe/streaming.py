@@ -100,24 +100,27 @@ def concat(items: Sequence[Pixels]) -> Pixels:
 
 
 class _Chunks(Sampler[list[int]]):
-    """The batches of one pass, as the caller chose them."""
+    """The batches of the current pass, as the caller chose them (set before each pass)."""
 
-    def __init__(self, chunks: Sequence[Tensor]) -> None:
-        self._chunks = [c.tolist() for c in chunks]
+    def __init__(self) -> None:
+        self.chunks: list[list[int]] = []
 
     def __iter__(self) -> Iterator[list[int]]:
-        return iter(self._chunks)
+        return iter(list(self.chunks))
 
     def __len__(self) -> int:
-        return len(self._chunks)
+        return len(self.chunks)
 
 
 class StreamFeed(Feed):
-    """A split read batch by batch through a DataLoader over :class:`Regions` (one pass per :meth:`batches` call:
-    its workers start with the pass and end with it)."""
+    """A split read batch by batch through a DataLoader over :class:`Regions`. Its workers start with the first pass
+    and serve every later one (``persistent_workers``: no start-up per epoch); each pass's batches are handed to them
+    in the caller's order."""
 
     def __init__(self, dataset: Regions, options: FeedOptions) -> None:
         self.dataset, self.options = dataset, options
+        self._sampler = _Chunks()
+        self._loader: DataLoader[Pixels] | None = None
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -128,17 +131,16 @@ class StreamFeed(Feed):
             for idx in chunks:
                 yield idx, self.dataset.empty()
             return
-        workers = self.options.num_workers
-        loader = DataLoader(
-            self.dataset, batch_sampler=_Chunks(full), num_workers=workers, collate_fn=concat,
-            pin_memory=self.options.pin_memory, prefetch_factor=2 if workers else None,
-        )
-        it = iter(loader)
-        try:
-            for idx in chunks:
-                yield idx, (next(it) if len(idx) else self.dataset.empty())
-        finally:
-            del it  # its workers stop here, also when the caller stops early
+        if self._loader is None:
+            workers = self.options.num_workers
+            self._loader = DataLoader(
+                self.dataset, batch_sampler=self._sampler, num_workers=workers, collate_fn=concat,
+                pin_memory=self.options.pin_memory, prefetch_factor=2 if workers else None, persistent_workers=workers > 0,
+            )
+        self._sampler.chunks = [c.tolist() for c in full]
+        it = iter(self._loader)  # a pass left unfinished (an error in the caller) is dropped by the next one's reset
+        for idx in chunks:
+            yield idx, (next(it) if len(idx) else self.dataset.empty())
 
 
 def whole_image_feed(requests: Sequence[LoadRequest], side: int, options: FeedOptions, name: str) -> Feed:
