@@ -13,7 +13,9 @@ project; then, side by side in one run:
   back to back: its training loop's images/s (metrics ``images_per_s``: the epochs, validation left out) and the
   stage's wall seconds (decode, epochs, validation and test included).
 
-The loader keeps up when its images/s exceeds the step's; the stage figures say what that costs end to end.
+The loader keeps up when its images/s exceeds the step's; the stage figures say what that costs end to end. With
+``--device cuda`` the step is bf16 + channels_last on the GPU (the stage's ``amp: auto``) and the stage runs there: the
+loop's images/s over the bare step's is issue 16's "data never stalls the GPU" figure (bench/gpu.sh).
 
     uv run python bench/stream.py --backbone efficientnet_lite0 --input-size 224
     uv run python bench/stream.py --backbone tiny --input-size 384
@@ -97,14 +99,14 @@ def loader_rates(project: Path, batch_size: int, rounds: int) -> dict[str, float
     return {k: statistics.median(v) for k, v in timings.items()}
 
 
-def stage_runs(project: Path) -> dict[str, dict[str, float]]:
+def stage_runs(project: Path, device: str = "cpu") -> dict[str, dict[str, float]]:
     """train-backbone streamed with 0 and 2 workers and in memory, in turn: loop images/s and stage seconds."""
     out = {}
     params = project / "params.yaml"
     base = yaml.safe_load(params.read_text())
     for name, values in PATHS.items():
         doc = yaml.safe_load(params.read_text())
-        doc["train_backbone"] = {**base["train_backbone"], **values}
+        doc["train_backbone"] = {**base["train_backbone"], "device": device, **values}
         params.write_text(yaml.safe_dump(doc))
         seconds = fgpipe(project, "train-backbone", "--dataset", "synthetic")
         metrics = json.loads((project / "metrics/synthetic/train_backbone.json").read_text())
@@ -114,25 +116,30 @@ def stage_runs(project: Path) -> dict[str, dict[str, float]]:
 
 
 def run(images: int = 160, image_size: int = 384, input_size: int = 224, backbone: str = "efficientnet_lite0",
-        batch_size: int = 16, epochs: int = 2, rounds: int = 3, workdir: Path | None = None) -> dict[str, Any]:
+        batch_size: int = 16, epochs: int = 2, rounds: int = 3, device: str = "cpu", workdir: Path | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="fgpipe-bench-stream-", dir=workdir) as tmp:
         project = make_project(Path(tmp) / "p", project_params(images, image_size, input_size, backbone, batch_size, epochs),
                                dvc_init=False, copy_code=True)
         fgpipe(project, "prepare", "--dataset", "synthetic")
         train_images = len(read_dataset_inputs(load_params(project / "params.yaml"), "synthetic").by_split["train"])
         loader = loader_rates(project, batch_size, rounds)
-        step = train_step.measure(backbone=backbone, input_size=input_size, batch_size=batch_size, classes=4, steps=4, warmup=1)
-        stage = stage_runs(project)
+        # the step as the stage runs it on this device: fp32 on the CPU, bf16 autocast + channels_last on CUDA (amp: auto)
+        variant = "bf16_channels_last" if device == "cuda" else "fp32"
+        step = train_step.measure(backbone=backbone, input_size=input_size, batch_size=batch_size, classes=4, steps=8 if device == "cuda" else 4,
+                                  warmup=2 if device == "cuda" else 1, device=device, variant=variant)
+        stage = stage_runs(project, device)
     step_rate = step["full_stage1_step_images_per_s"]
     return {
         "config": {"images": images, "train_images": train_images, "image_size": image_size, "input_size": input_size,
-                   "backbone": backbone, "batch_size": batch_size, "epochs": epochs, "rounds": rounds},
+                   "backbone": backbone, "batch_size": batch_size, "epochs": epochs, "rounds": rounds, "device": device},
         "loader": loader,
         "step": {"full_stage1_step_images_per_s": step_rate},
         "stage": stage,
         "loader_over_step": {k.removesuffix("_images_per_s"): v / step_rate for k, v in loader.items() if k.startswith("stream")},
         "stage_seconds_over_memory": {k: v["stage_seconds"] / stage["memory"]["stage_seconds"] for k, v in stage.items()},
         "loop_rate_over_memory": {k: v["loop_images_per_s"] / stage["memory"]["loop_images_per_s"] for k, v in stage.items()},
+        # the training loop (pixels from the pipeline, augmentation, step, progress) over the step alone
+        "loop_over_step": {k: v["loop_images_per_s"] / step_rate for k, v in stage.items()},
     }
 
 
@@ -145,10 +152,11 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="where the step and the stage run")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     a = p.parse_args()
     result = {"benchmark": "stream", "args": {k: str(v) for k, v in vars(a).items()}, "machine": machine_info()}
-    result |= run(a.images, a.image_size, a.input_size, a.backbone, a.batch_size, a.epochs, a.rounds)
+    result |= run(a.images, a.image_size, a.input_size, a.backbone, a.batch_size, a.epochs, a.rounds, a.device)
     emit(result, a.out)
 
 
