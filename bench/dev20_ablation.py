@@ -6,11 +6,12 @@
 Each arm is a run folder under data/dev20 with the summary.json bench/dev20.py writes; an arm whose run has not
 finished is printed as such. The runs (all on seed 0's split and seeds unless --seed says otherwise):
 
-    default             bench/dev20.py --seed 0                                       (wsdan-s0-a448)
-    LCAM none / block   bench/dev20.py --seed 0 --name wsdan-s0-lcam-none --set model.lcam=none     (whole chain)
+    reference           bench/dev20.py --seed 0 --set model.lcam=stage                (wsdan-s0-a448)
+    LCAM none / block   bench/dev20.py --seed 0 --name wsdan-s0-lcam-none --set model.lcam=none     (whole chain;
+                        none is cub's default in params.yaml now, so plain `bench/dev20.py --seed 0` makes it)
     without parts       bench/dev20.py --seed 0 --name wsdan-s0-noparts --from evaluate --set 'evaluate.branches=[raw, object]'
     crops from METHOD   bench/dev20.py --seed 0 --name wsdan-s0-hm-METHOD --from extract-attention --set attention.method=METHOD
-                        (METHOD: aolm, gradcam, bap; stage 1 copied from the default run: the same network)
+                        (METHOD: aolm, gradcam, bap; stage 1 copied from the reference run: the same network)
 
 Columns: stage-1 raw, object, parts and joint top-1 on test (joint weights chosen on val), and the test
 localisation of the crops the object branch trained on (IoU >= 0.5 with the box) at the threshold extract-crops
@@ -25,8 +26,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 ARMS = (
-    "default (LCAM stage, OAAM crops, all branches)=wsdan-s{seed}-a448",
-    "LCAM none=wsdan-s{seed}-lcam-none",
+    "reference: LCAM stage, OAAM crops, all branches=wsdan-s{seed}-a448",
+    "LCAM none (cub's default since this table)=wsdan-s{seed}-lcam-none",
     "LCAM block=wsdan-s{seed}-lcam-block",
     "without parts (joint of raw and object)=wsdan-s{seed}-noparts",
     "crops from AOLM=wsdan-s{seed}-hm-aolm",

@@ -532,13 +532,15 @@ WRITE_CASES = [
 
 
 def refused_write(result: Any, project: Path, stage: str, code: int) -> None:
-    """The stage stopped with `cannot write PATH: <errno meaning> (<ERRNO>)`, PATH one of its dvc.yaml outputs."""
+    """The stage stopped with `cannot write PATH: <errno meaning> (<ERRNO>)`, PATH one of its dvc.yaml outputs (or,
+    for a training stage, in the unfinished/ folder its run writes until its end)."""
     hint = {errno.ENOSPC: "free some disk space", errno.EROFS: "make it writable, or point prepare.data_dir / "
             "prepare.metrics_dir at a writable folder", errno.EACCES: "give this user write permission on that folder"}
     out = assert_refused(result, "cannot write", f"{os.strerror(code)} ({errno.errorcode[code]})", hint[code], "unchanged")
     written = re.search(r"cannot write (\S+):", out)
     assert written is not None, out
     outputs = [str(project / rel) for rel in stage_outputs(stage)]
+    outputs += [str(project / D / folder / "unfinished") for folder, trainer in (("stage1", "train-backbone"), ("refine", "train-refine")) if stage == trainer]
     assert any(written[1] == o or written[1].startswith(o.rstrip("/") + "/") for o in outputs), (written[1], outputs)
 
 

@@ -109,9 +109,14 @@ def console_script() -> str:
 
 
 def run_fgpipe(code: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess[str]:
-    """``python -c CODE ARGS``, one process: the hook in CODE stays in force for the whole run."""
+    """``python -c CODE ARGS``, one process: the hook in CODE stays in force for the whole run. SIGINT is given its
+    default action in the child, as in a terminal: a suite started in the background (``pytest &``, some CI
+    runners) inherits it ignored, and Python then never raises KeyboardInterrupt."""
     env = {**os.environ, "COLUMNS": "200"}
-    return subprocess.run([PYTHON, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [PYTHON, "-c", code, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 STARTING = "while fgpipe was starting: nothing was read or written"
