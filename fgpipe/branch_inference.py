@@ -26,6 +26,7 @@ from fgpipe.config import ModelConfig, TrainBackboneConfig, TrainRefineConfig
 from fgpipe.loader import normalize, resized_side
 from fgpipe.models.branches import RefineNet, build_refine_net
 from fgpipe.models.wsdan import Stage1Net
+from fgpipe.sharding import gather_chunks, share
 from fgpipe.stage1_network import eval_batch_size, predict_batches, predict_logits
 from fgpipe.streaming import Feed, sequential_chunks
 from fgpipe.training import Runtime
@@ -73,6 +74,8 @@ def predict_branches(
             out = model(rt.to_input(normalize(objects)), rt.to_input(normalize(patches)), owner.to(rt.device))
         obj_all.append(out.object_logits.float().cpu())
         parts_all.append(out.part_logits.float().cpu())
+    if not obj_all:  # no batch (a rank with no share of a split smaller than the ranks' batches)
+        return torch.zeros(0, model.num_classes), torch.zeros(0, model.num_classes)
     return torch.cat(obj_all), torch.cat(parts_all)
 
 
@@ -104,9 +107,11 @@ class Branches:
         """The raw branch's logits (N, K) of uint8 images (N, 3, S, S), S = :attr:`whole_side`, or of every image a
         feed of them gives (:func:`fgpipe.streaming.whole_image_feed`); ``names`` (N,) name the images when the logits
         are not finite."""
-        if isinstance(images, Feed):
+        if isinstance(images, Feed):  # under torchrun each rank runs its share of the batches (fgpipe.sharding)
             chunks = sequential_chunks(torch.arange(len(images)), batch_size or eval_batch_size(self.stage1_cfg))
-            raw, _ = predict_batches(self.stage1, (px for _, (px,) in images.batches(chunks)), self.stage1_cfg, self.rt)
+            mine = share(chunks, self.rt)
+            raw, _ = predict_batches(self.stage1, (px for _, (px,) in images.batches(mine)), self.stage1_cfg, self.rt)
+            (raw,) = gather_chunks([raw], [len(c) for c in chunks], self.rt)
         else:
             raw, _ = predict_logits(self.stage1, images, self.stage1_cfg, self.rt, batch_size=batch_size)
         require_finite(raw, names, "logits", self.stage1_path, "stage1", self.dataset)
@@ -114,8 +119,13 @@ class Branches:
 
     def region_logits(self, data: BranchData, names: Sequence[str], batch_size: int | None = None) -> tuple[Tensor, Tensor]:
         """The object and part branches' logits (N, K) each, of the regions ``data`` holds (decoded at
-        :attr:`region_sides`)."""
-        obj, parts = predict_branches(self.refine, data, self.refine_cfg, self.rt, batch_size=batch_size)
+        :attr:`region_sides`); under torchrun each rank runs its share of the batches (:mod:`fgpipe.sharding`)."""
+        size = batch_size or self.refine_cfg.batch_size * 2
+        chunks = sequential_chunks(torch.arange(len(data)), size)
+        mine = share(chunks, self.rt)
+        idx = torch.cat(mine) if mine else torch.zeros(0, dtype=torch.long)  # predict_branches cuts the same batches
+        obj, parts = predict_branches(self.refine, data, self.refine_cfg, self.rt, batch_size=size, idx=idx)
+        obj, parts = gather_chunks([obj, parts], [len(c) for c in chunks], self.rt)
         for name, logits in (("object", obj), ("parts", parts)):
             require_finite(logits, names, f"{name} logits", self.refine_path, "refine", self.dataset)
         return obj, parts

@@ -78,8 +78,9 @@ def env_int(
 
 
 def configure_threads() -> int:
-    """Give torch one intra-op thread per available core (``FGPIPE_THREADS`` overrides, up to
-    :data:`THREADS_PER_CORE` per core: more only slows torch down, and a huge count exhausts memory); return it."""
+    """Give torch one intra-op thread per available core, shared out among torchrun's processes on this machine
+    (``LOCAL_WORLD_SIZE``); ``FGPIPE_THREADS`` overrides, up to :data:`THREADS_PER_CORE` per core (more only slows
+    torch down, and a huge count exhausts memory); return it."""
     cores = available_cores()
     n = env_int(
         "FGPIPE_THREADS",
@@ -89,7 +90,12 @@ def configure_threads() -> int:
         maximum=THREADS_PER_CORE * cores,
         why_maximum=f" ({THREADS_PER_CORE} x the {cores} core(s) this process may use)",
     )
-    n = n or cores
+    # under torchrun the processes on this machine share its cores (torchrun itself would give each one thread)
+    local = env_int(
+        "LOCAL_WORLD_SIZE", 1, 1,
+        "an integer >= 1, the processes torchrun started on this machine (set by torchrun; leave it unset for a single process)",
+    )
+    n = n or max(1, cores // local)
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency

@@ -26,7 +26,7 @@ from fgpipe.lineage import check_params
 from fgpipe.loader import center_crop, normalize
 from fgpipe.models import build_stage1
 from fgpipe.models.wsdan import Stage1Net, refine_crop
-from fgpipe.training import Runtime
+from fgpipe.training import Runtime, start_ranks
 
 
 def extraction_device() -> torch.device:
@@ -34,11 +34,16 @@ def extraction_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def inference_runtime() -> Runtime:
-    """Where evaluation runs: CUDA (bf16 autocast, channels_last) when torch sees a GPU, else the CPU in float32."""
-    device = extraction_device()
-    cuda = device.type == "cuda"
-    return Runtime(device=device, amp_dtype=torch.bfloat16 if cuda else None, channels_last=cuda)
+def inference_runtime(distributed: bool = False, mixed: bool = True) -> Runtime:
+    """Where evaluation runs: CUDA (bf16 autocast and channels_last when ``mixed``) when torch sees a GPU, else the CPU
+    in float32. ``distributed``: under torchrun, LOCAL_RANK's GPU and this process's rank, the process group started
+    (:func:`fgpipe.training.start_ranks`; :func:`fgpipe.sharding.ranks` closes it)."""
+    cuda = extraction_device().type == "cuda"
+    device, rank, world_size = start_ranks(cuda) if distributed else (extraction_device(), 0, 1)
+    mixed = mixed and cuda
+    return Runtime(
+        device=device, amp_dtype=torch.bfloat16 if mixed else None, channels_last=mixed, rank=rank, world_size=world_size
+    )
 
 
 def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, rt: Runtime, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
@@ -74,6 +79,8 @@ def predict_batches(model: Stage1Net, batches: Iterable[Tensor], cfg: TrainBackb
                 refined = raw
         raw_all.append(raw.cpu())
         ref_all.append(refined.cpu())
+    if not raw_all:  # no batch (a rank with no share of a split smaller than the ranks' batches)
+        return torch.zeros(0, model.num_classes), torch.zeros(0, model.num_classes)
     return torch.cat(raw_all), torch.cat(ref_all)
 
 

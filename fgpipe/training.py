@@ -66,30 +66,46 @@ class Runtime:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def setup_runtime(device: str, amp: str, channels_last: str) -> Runtime:
-    """Pick the device (starting torch.distributed when launched by torchrun) and the precision."""
-    launched = "(set by torchrun; leave it unset for a single process)"
-    world_size = env_int("WORLD_SIZE", 1, 1, f"an integer >= 1, the number of processes {launched}")
-    rank = env_int("RANK", 0, 0, f"an integer from 0 to WORLD_SIZE - 1 = {world_size - 1} {launched}")
-    local_rank = env_int("LOCAL_RANK", 0, 0, f"an integer >= 0, this process's GPU on its machine {launched}")
+LAUNCHED = "(set by torchrun; leave it unset for a single process)"
+
+
+def launch_ranks() -> tuple[int, int, int]:
+    """``(world_size, rank, local_rank)`` of this process as torchrun sets them (1, 0, 0 when it did not), checked."""
+    world_size = env_int("WORLD_SIZE", 1, 1, f"an integer >= 1, the number of processes {LAUNCHED}")
+    rank = env_int("RANK", 0, 0, f"an integer from 0 to WORLD_SIZE - 1 = {world_size - 1} {LAUNCHED}")
+    local_rank = env_int("LOCAL_RANK", 0, 0, f"an integer >= 0, this process's GPU on its machine {LAUNCHED}")
     if rank >= world_size:
         raise ConfigError(
             f"environment variable RANK={rank} is invalid: it must be an integer from 0 to WORLD_SIZE - 1 = "
-            f"{world_size - 1} {launched}"
+            f"{world_size - 1} {LAUNCHED}"
         )
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for, but torch sees no CUDA device (use device: auto or cpu)")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return world_size, rank, local_rank
+
+
+def start_ranks(use_cuda: bool) -> tuple[torch.device, int, int]:
+    """This process's device (LOCAL_RANK's GPU, or the CPU) and ``(rank, world_size)``; under torchrun the process
+    group is started (NCCL on GPUs, gloo on the CPU)."""
+    world_size, rank, local_rank = launch_ranks()
     if use_cuda and local_rank >= torch.cuda.device_count():
         raise ConfigError(
             f"environment variable LOCAL_RANK={local_rank} is invalid: torch sees {torch.cuda.device_count()} CUDA "
-            f"device(s), so it must be from 0 to {torch.cuda.device_count() - 1} {launched}"
+            f"device(s), so it must be from 0 to {torch.cuda.device_count() - 1} {LAUNCHED}"
         )
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dev, rank, world_size
+
+
+def setup_runtime(device: str, amp: str, channels_last: str) -> Runtime:
+    """Pick the device (starting torch.distributed when launched by torchrun) and the precision."""
+    launch_ranks()  # a malformed torchrun variable is named before the device is looked at
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for, but torch sees no CUDA device (use device: auto or cpu)")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev, rank, world_size = start_ranks(use_cuda)
     amp_dtype = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and use_cuda)) else None
     cl = channels_last != "off"  # faster on CUDA and on CPU alike (measured: bench/RESULTS.md)
     return Runtime(device=dev, amp_dtype=amp_dtype, channels_last=cl, rank=rank, world_size=world_size)
