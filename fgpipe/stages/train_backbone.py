@@ -7,11 +7,10 @@ Writes: data/NAME/stage1/{best,last}.pt, metrics/NAME/train_backbone.json and tr
 
 The stage supplies its data, its step (:func:`train_step`) and its figures (:class:`Stage1Trainer`); the loop is
 :func:`fgpipe.training.fit`. The best epoch is selected on val (carved from train); test is only evaluated once,
-at the end, for the report. ``--resume`` continues from last.pt; each epoch is seeded from (seed, epoch), so a
-resumed run ends with the same weights as an uninterrupted one.
-Until the run ends its checkpoints say ``finished: False``, and the later stages refuse them: a killed or
-failed run leaves them for ``--resume`` only (Ctrl-C says so); both are marked finished together with the
-metrics files, at the very end (:func:`fgpipe.store.replaced_together`).
+at the end, for the report. ``--resume`` continues from the unfinished run's last.pt; each epoch is
+seeded from (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one.
+Until the run ends, its checkpoints and curves stay in data/NAME/stage1/unfinished/ (:class:`fgpipe.training.RunFiles`);
+the previous run's outputs stay untouched, and are replaced together at the end (:func:`fgpipe.training.finish_run`).
 """
 
 from __future__ import annotations

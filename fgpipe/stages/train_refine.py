@@ -20,11 +20,10 @@ as stage-1 evaluates. Part patches are resized to ``part_size`` (0: ``input_size
 part uses its object box as its single patch.
 
 Both branches train jointly (loss = CE_object + CE_parts); the epoch kept as best maximises the mean of the
-two branches' val top-1 (test is never read here). ``--resume`` continues from last.pt; each epoch is seeded
-from (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one.
-Until the run ends its checkpoints say ``finished: False``, and the later stages refuse them: a killed or
-failed run leaves them for ``--resume`` only (Ctrl-C says so); both are marked finished together with the
-metrics files, at the very end (:func:`fgpipe.store.replaced_together`).
+two branches' val top-1 (test is never read here). ``--resume`` continues from the unfinished run's last.pt;
+each epoch is seeded from (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one.
+Until the run ends, its checkpoints and curves stay in data/NAME/refine/unfinished/ (:class:`fgpipe.training.RunFiles`);
+the previous run's outputs stay untouched, and are replaced together at the end (:func:`fgpipe.training.finish_run`).
 """
 
 from __future__ import annotations
