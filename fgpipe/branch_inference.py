@@ -60,14 +60,17 @@ def refine_config(state: dict[str, Any]) -> TrainRefineConfig:
 @torch.no_grad()
 def predict_branches(
     model: RefineNet, data: BranchData, cfg: TrainRefineConfig, rt: Runtime, batch_size: int | None = None,
-    idx: Tensor | None = None,
+    idx: Tensor | None = None, chunks: Sequence[Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Object-branch logits and pooled part-branch logits (N, K) each, float32 on the CPU, of the images ``idx`` of
-    ``data`` (default: all), in batches of ``batch_size`` (default twice the training batch)."""
+    ``data`` (default: all) in batches of ``batch_size`` (default twice the training batch), or of the batches
+    ``chunks``."""
     model.eval()
-    idx = torch.arange(len(data)) if idx is None else idx
+    if chunks is None:
+        idx = torch.arange(len(data)) if idx is None else idx
+        chunks = sequential_chunks(idx, batch_size or eval_batch_size(cfg))
     obj_all, parts_all = [], []
-    for chunk, (objects, patches) in data.feed.batches(sequential_chunks(idx, batch_size or cfg.batch_size * 2)):
+    for chunk, (objects, patches) in data.feed.batches(chunks):
         objects, patches = eval_inputs(objects, patches, cfg)
         _, owner = data.patch_index(chunk)
         with rt.autocast():
@@ -109,9 +112,13 @@ class Branches:
         are not finite."""
         if isinstance(images, Feed):  # under torchrun each rank runs its share of the batches (fgpipe.sharding)
             chunks = sequential_chunks(torch.arange(len(images)), batch_size or eval_batch_size(self.stage1_cfg))
-            mine = share(chunks, self.rt)
-            raw, _ = predict_batches(self.stage1, (px for _, (px,) in images.batches(mine)), self.stage1_cfg, self.rt)
-            (raw,) = gather_chunks([raw], [len(c) for c in chunks], self.rt)
+            feed = images
+
+            def mine() -> list[Tensor]:
+                own = list(share(chunks, self.rt))
+                return [predict_batches(self.stage1, (px for _, (px,) in feed.batches(own)), self.stage1_cfg, self.rt)[0]]
+
+            (raw,) = gather_chunks(mine, [len(c) for c in chunks], self.rt)
         else:
             raw, _ = predict_logits(self.stage1, images, self.stage1_cfg, self.rt, batch_size=batch_size)
         require_finite(raw, names, "logits", self.stage1_path, "stage1", self.dataset)
@@ -120,12 +127,12 @@ class Branches:
     def region_logits(self, data: BranchData, names: Sequence[str], batch_size: int | None = None) -> tuple[Tensor, Tensor]:
         """The object and part branches' logits (N, K) each, of the regions ``data`` holds (decoded at
         :attr:`region_sides`); under torchrun each rank runs its share of the batches (:mod:`fgpipe.sharding`)."""
-        size = batch_size or self.refine_cfg.batch_size * 2
-        chunks = sequential_chunks(torch.arange(len(data)), size)
-        mine = share(chunks, self.rt)
-        idx = torch.cat(mine) if mine else torch.zeros(0, dtype=torch.long)  # predict_branches cuts the same batches
-        obj, parts = predict_branches(self.refine, data, self.refine_cfg, self.rt, batch_size=size, idx=idx)
-        obj, parts = gather_chunks([obj, parts], [len(c) for c in chunks], self.rt)
+        chunks = sequential_chunks(torch.arange(len(data)), batch_size or eval_batch_size(self.refine_cfg))
+
+        def mine() -> tuple[Tensor, Tensor]:
+            return predict_branches(self.refine, data, self.refine_cfg, self.rt, chunks=list(share(chunks, self.rt)))
+
+        obj, parts = gather_chunks(mine, [len(c) for c in chunks], self.rt)
         for name, logits in (("object", obj), ("parts", parts)):
             require_finite(logits, names, f"{name} logits", self.refine_path, "refine", self.dataset)
         return obj, parts

@@ -28,7 +28,7 @@ from fgpipe.errors import DatasetError
 from fgpipe.imagecache import ImageCache
 from fgpipe.images import DECODE_ERRORS, open_image, to_rgb
 from fgpipe.manifest import Box, DatasetInfo, ManifestRow
-from fgpipe.runtime import available_cores
+from fgpipe.runtime import process_cores
 
 T = TypeVar("T")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -92,7 +92,7 @@ def load_regions(requests: list[LoadRequest], out_wh: tuple[int, int], desc: str
     def one(i: int) -> None:
         out[i] = decode_request(requests[i], out_wh)
 
-    with progress() as bar, ThreadPoolExecutor(max_workers=available_cores()) as pool:
+    with progress() as bar, ThreadPoolExecutor(max_workers=process_cores()) as pool:
         task = bar.add_task(desc, total=len(requests))
         for _ in pool.map(one, range(len(requests))):
             bar.advance(task)
@@ -134,7 +134,7 @@ def check_image_files(
         return None
 
     if len(todo) > 1:
-        with ThreadPoolExecutor(max_workers=available_cores()) as pool:
+        with ThreadPoolExecutor(max_workers=process_cores()) as pool:
             found = list(pool.map(problem, todo))
     else:
         found = [problem(r) for r in todo]
@@ -227,7 +227,7 @@ def prefetched(
     """
     decode = decode or decode_batch
     it = iter(jobs)
-    with ThreadPoolExecutor(max_workers=available_cores()) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
+    with ThreadPoolExecutor(max_workers=process_cores()) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
 
         def submit() -> tuple[T, Future[Tensor]] | None:
             job = next(it, None)

@@ -77,6 +77,16 @@ def env_int(
     return value
 
 
+def process_cores() -> int:
+    """The cores this process may count on: the available ones shared out among the processes torchrun started on
+    this machine (``LOCAL_WORLD_SIZE``; torchrun itself would give each one thread), at least one."""
+    local = env_int(
+        "LOCAL_WORLD_SIZE", 1, 1,
+        "an integer >= 1, the processes torchrun started on this machine (set by torchrun; leave it unset for a single process)",
+    )
+    return max(1, available_cores() // local)
+
+
 def configure_threads() -> int:
     """Give torch one intra-op thread per available core, shared out among torchrun's processes on this machine
     (``LOCAL_WORLD_SIZE``); ``FGPIPE_THREADS`` overrides, up to :data:`THREADS_PER_CORE` per core (more only slows
@@ -86,16 +96,11 @@ def configure_threads() -> int:
         "FGPIPE_THREADS",
         0,
         0,
-        "an integer >= 0 (the number of CPU threads; 0 or unset: one per available core)",
+        "an integer >= 0 (the number of CPU threads; 0 or unset: one per available core, shared out among torchrun's processes)",
         maximum=THREADS_PER_CORE * cores,
         why_maximum=f" ({THREADS_PER_CORE} x the {cores} core(s) this process may use)",
     )
-    # under torchrun the processes on this machine share its cores (torchrun itself would give each one thread)
-    local = env_int(
-        "LOCAL_WORLD_SIZE", 1, 1,
-        "an integer >= 1, the processes torchrun started on this machine (set by torchrun; leave it unset for a single process)",
-    )
-    n = n or max(1, cores // local)
+    n = n or process_cores()
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency

@@ -13,7 +13,8 @@ every process stops with the same message; anything else stops its rank, and tor
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator, Sequence
+import itertools
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import torch
@@ -21,8 +22,9 @@ import torch.distributed as dist
 from torch import Tensor
 
 from fgpipe.console import progress
-from fgpipe.errors import FgpipeError
+from fgpipe.errors import FgpipeError, portable
 from fgpipe.stage1_network import inference_runtime
+from fgpipe.streaming import feeds_closed
 from fgpipe.training import Runtime, teardown_runtime
 
 T = TypeVar("T")
@@ -35,14 +37,15 @@ def ranks() -> Iterator[Runtime]:
     torchrun, its process group started for the block and closed after it."""
     rt = inference_runtime(distributed=True)
     try:
-        yield rt
+        with feeds_closed():  # evaluate's input pipeline workers stop at the end
+            yield rt
     finally:
         teardown_runtime(rt)
 
 
-def share(items: Sequence[T], rt: Runtime) -> list[T]:
-    """The items this rank computes: ``items[rank::world_size]`` (all of them in a single process)."""
-    return list(items[rt.rank :: rt.world_size])
+def share(items: Iterable[T], rt: Runtime) -> Iterator[T]:
+    """The items this rank computes, lazily: items rank, rank + world_size, ... (all of them in a single process)."""
+    return itertools.islice(items, rt.rank, None, rt.world_size)
 
 
 def in_order(results: Iterable[R], total: int, rt: Runtime) -> Iterator[R]:
@@ -60,32 +63,40 @@ def in_order(results: Iterable[R], total: int, rt: Runtime) -> Iterator[R]:
             try:
                 payload = (True, next(mine))
             except FgpipeError as exc:
-                payload = (False, exc)
-        gathered: list[Any] = [None] * rt.world_size
-        dist.all_gather_object(gathered, payload)
-        for ok, value in gathered:
-            if not ok:
-                raise value
-        for offset, (_, value) in enumerate(gathered):
+                payload = (False, portable(exc))
+        for offset, value in enumerate(_all_gather(payload, rt)):
             if start + offset < total:
                 yield value
 
 
-def gather_chunks(local: Sequence[Tensor], sizes: Sequence[int], rt: Runtime) -> list[Tensor]:
-    """Tensors (n_i, ...) of this rank's share of chunks of ``sizes`` rows, concatenated over this rank's chunks (one
-    tensor per output), put together on every rank in chunk order: (sum(sizes), ...) each, on the CPU."""
-    if not rt.distributed:
-        return [t.cpu() for t in local]
+def _all_gather(payload: tuple[bool, Any], rt: Runtime) -> list[Any]:
+    """Every rank's ``(ok, value)``: their values in rank order, or the first rank's error raised on every rank."""
     gathered: list[Any] = [None] * rt.world_size
-    dist.all_gather_object(gathered, [t.cpu() for t in local])
+    dist.all_gather_object(gathered, payload)
+    for ok, value in gathered:
+        if not ok:
+            raise value
+    return [value for _, value in gathered]
+
+
+def gather_chunks(compute: Callable[[], Sequence[Tensor]], sizes: Sequence[int], rt: Runtime) -> list[Tensor]:
+    """``compute()`` gives this rank's outputs for its :func:`share` of chunks of ``sizes`` rows: tensors (n, ...), each
+    its chunks' rows concatenated; returned on every rank put together in chunk order, (sum(sizes), ...) each, on the
+    CPU. An :class:`FgpipeError` of ``compute`` on any rank is raised on every rank."""
+    if not rt.distributed:
+        return [t.cpu() for t in compute()]
+    try:
+        payload: tuple[bool, Any] = (True, [t.cpu() for t in compute()])
+    except FgpipeError as exc:
+        payload = (False, portable(exc))
+    gathered = _all_gather(payload, rt)
     out = []
-    for k in range(len(local)):
-        pieces: list[Tensor | None] = [None] * len(sizes)
+    for k in range(len(gathered[0])):
+        pieces: dict[int, Tensor] = {}
         for rank, tensors in enumerate(gathered):
-            mine = list(range(rank, len(sizes), rt.world_size))
-            for i, piece in zip(mine, tensors[k].split([sizes[i] for i in mine]), strict=True):
-                pieces[i] = piece
-        out.append(torch.cat([p for p in pieces if p is not None]))
+            mine = range(rank, len(sizes), rt.world_size)
+            pieces.update(zip(mine, tensors[k].split([sizes[i] for i in mine]), strict=True))
+        out.append(torch.cat([pieces[i] for i in range(len(sizes))]))
     return out
 
 

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from fgpipe.checkpoints import load_checkpoint, rebuilding, require_finished
-from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig
+from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig, TrainRefineConfig
 from fgpipe.errors import ArtifactError
 from fgpipe.lineage import check_params
 from fgpipe.loader import center_crop, normalize
@@ -52,8 +52,9 @@ def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, r
     return predict_batches(model, images.split(batch_size or eval_batch_size(cfg)), cfg, rt)
 
 
-def eval_batch_size(cfg: TrainBackboneConfig) -> int:
-    """Images per batch when stage 1 is evaluated: twice the training batch (no gradients are kept)."""
+def eval_batch_size(cfg: TrainBackboneConfig | TrainRefineConfig) -> int:
+    """Images per batch when a trained network (stage 1, the branches) is evaluated: twice its training batch (no
+    gradients are kept)."""
     return cfg.batch_size * 2
 
 

@@ -6,26 +6,34 @@ sharded the same way) and asks a :class:`Feed` for the pixels of each batch, in 
 
 - :class:`StreamFeed` (the default) reads them through a ``torch.utils.data.DataLoader`` whose worker processes
   cut and resize each region from images.h5 (or decode the file) with :func:`fgpipe.loader.decode_request`, the
-  code :func:`fgpipe.loader.load_regions` runs, into pinned memory on CUDA. Memory stays flat in the split's size
-  and each rank reads only the batches of its own shard.
+  code :func:`fgpipe.loader.load_regions` runs. Memory stays flat in the split's size and each rank reads only the
+  batches of its own shard. The workers start with a feed's first pass, serve its later ones, and stop when the
+  stage's :func:`feeds_closed` block ends (or at :meth:`Feed.close`). An fgpipe error in a worker (an unreadable
+  image) is raised in the stage with its own message.
 - :class:`MemoryFeed` (``in_memory: true``) decodes the whole split once (:func:`fgpipe.loader.load_regions`) and
   indexes it.
 
 Either way a batch holds the same uint8 values, and every random draw (data order, augmentation, box jitter,
-WS-DAN's crops and drops) stays in the main process, in the stage's order: the results do not depend on the path
-or on the number of workers (tests/test_streaming.py trains both ways and compares the weights).
+WS-DAN's crops and drops) stays in the main process, in the stage's order, and the loader draws nothing from
+torch's global generator (its workers' seeds come from a generator of its own): the results do not depend on the
+path or on the number of workers (tests/test_streaming.py trains both ways and compares the weights). The batches
+are augmented on the CPU in the main process and copied to the device from there: pinning the decoded uint8 batch
+would only add a copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from fgpipe.errors import FgpipeError, portable
 from fgpipe.loader import LoadRequest, decode_request, load_regions
 
 Pixels = tuple[Tensor, ...]  # one uint8 tensor (n, 3, H, W) per kind of region (whole images; objects and patches)
@@ -34,11 +42,10 @@ Pixels = tuple[Tensor, ...]  # one uint8 tensor (n, 3, H, W) per kind of region 
 @dataclass(frozen=True)
 class FeedOptions:
     """How a stage reads its pixels: ``num_workers`` worker processes (0: in the main process), or the whole split
-    decoded once into memory (``in_memory``); ``pin_memory`` on CUDA."""
+    decoded once into memory (``in_memory``)."""
 
     num_workers: int = 0
     in_memory: bool = False
-    pin_memory: bool = False
 
     def describe(self) -> dict[str, int | str]:
         """What a provenance record says of the path that ran."""
@@ -57,6 +64,9 @@ class Feed(ABC):
     @abstractmethod
     def batches(self, chunks: Sequence[Tensor]) -> Iterator[tuple[Tensor, Pixels]]:
         """``(idx, pixels)`` for each batch of image indices ``idx`` in ``chunks``, in that order."""
+
+    def close(self) -> None:
+        """Stop the feed's worker processes, if it has any (a later pass starts new ones)."""
 
 
 class MemoryFeed(Feed):
@@ -87,16 +97,29 @@ class Regions(Dataset[Pixels]):
         """A batch of no image."""
         return tuple(torch.empty((0, 3, wh[1], wh[0]), dtype=torch.uint8) for wh in self.sizes)
 
-    def __getitem__(self, i: int) -> Pixels:
-        return tuple(
-            torch.stack([decode_request(req, wh) for req in reqs]) if reqs else torch.empty((0, 3, wh[1], wh[0]), dtype=torch.uint8)
-            for reqs, wh in zip(self.items[i], self.sizes, strict=True)
-        )
+    def __getitem__(self, i: int) -> Pixels | Failed:
+        try:
+            return tuple(
+                torch.stack([decode_request(req, wh) for req in reqs]) if reqs else self.empty()[k]
+                for k, (reqs, wh) in enumerate(zip(self.items[i], self.sizes, strict=True))
+            )
+        except FgpipeError as exc:  # handed back as a value: torch would wrap a raised one in its own traceback
+            return Failed(portable(exc))
 
 
-def concat(items: Sequence[Pixels]) -> Pixels:
-    """A batch of :class:`Regions` items: each kind's regions concatenated in item order."""
-    return tuple(torch.cat(kind) for kind in zip(*items, strict=True))
+@dataclass(frozen=True)
+class Failed:
+    """An item that could not be read, with the error to raise in the stage."""
+
+    error: FgpipeError
+
+
+def concat(items: Sequence[Pixels | Failed]) -> Pixels | Failed:
+    """A batch of :class:`Regions` items: each kind's regions concatenated in item order (or the first failure)."""
+    for item in items:
+        if isinstance(item, Failed):
+            return item
+    return tuple(torch.cat(kind) for kind in zip(*items, strict=True))  # type: ignore[arg-type]
 
 
 class _Chunks(Sampler[list[int]]):
@@ -112,15 +135,36 @@ class _Chunks(Sampler[list[int]]):
         return len(self.chunks)
 
 
+_OPEN: list[StreamFeed] = []  # the feeds whose workers may be running (closed by feeds_closed)
+
+
+@contextlib.contextmanager
+def feeds_closed() -> Iterator[None]:
+    """Close every :class:`StreamFeed` made in the block when it ends (a stage's run: training_runtime, ranks)."""
+    before = len(_OPEN)
+    try:
+        yield
+    finally:
+        while len(_OPEN) > before:
+            _OPEN.pop().close()
+
+
 class StreamFeed(Feed):
     """A split read batch by batch through a DataLoader over :class:`Regions`. Its workers start with the first pass
-    and serve every later one (``persistent_workers``: no start-up per epoch); each pass's batches are handed to them
-    in the caller's order."""
+    and serve every later one (``persistent_workers``: no start-up per epoch) until :meth:`close`; each pass's batches
+    are handed to them in the caller's order."""
 
     def __init__(self, dataset: Regions, options: FeedOptions) -> None:
         self.dataset, self.options = dataset, options
         self._sampler = _Chunks()
-        self._loader: DataLoader[Pixels] | None = None
+        self._loader: DataLoader[Any] | None = None
+        _OPEN.append(self)
+
+    def close(self) -> None:
+        loader, self._loader = self._loader, None
+        workers = getattr(loader, "_iterator", None)  # a persistent-workers loader keeps its iterator (torch's own attribute)
+        if workers is not None and hasattr(workers, "_shutdown_workers"):
+            workers._shutdown_workers()
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -135,12 +179,16 @@ class StreamFeed(Feed):
             workers = self.options.num_workers
             self._loader = DataLoader(
                 self.dataset, batch_sampler=self._sampler, num_workers=workers, collate_fn=concat,
-                pin_memory=self.options.pin_memory, prefetch_factor=2 if workers else None, persistent_workers=workers > 0,
+                prefetch_factor=2 if workers else None, persistent_workers=workers > 0,
+                generator=torch.Generator(),  # the workers' base seed: never from torch's global generator
             )
         self._sampler.chunks = [c.tolist() for c in full]
         it = iter(self._loader)  # a pass left unfinished (an error in the caller) is dropped by the next one's reset
         for idx in chunks:
-            yield idx, (next(it) if len(idx) else self.dataset.empty())
+            batch = next(it) if len(idx) else self.dataset.empty()
+            if isinstance(batch, Failed):
+                raise batch.error
+            yield idx, batch
 
 
 def whole_image_feed(requests: Sequence[LoadRequest], side: int, options: FeedOptions, name: str) -> Feed:
@@ -153,5 +201,6 @@ def whole_image_feed(requests: Sequence[LoadRequest], side: int, options: FeedOp
 
 
 def sequential_chunks(idx: Tensor, batch_size: int) -> list[Tensor]:
-    """``idx`` in consecutive batches of ``batch_size`` (an evaluation pass: every image, in order)."""
-    return list(idx.split(batch_size))
+    """``idx`` in consecutive batches of ``batch_size`` (an evaluation pass: every image, in order); none when ``idx``
+    is empty."""
+    return list(idx.split(batch_size)) if len(idx) else []

@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, ConfigError, Interrupted, TrainingError
 from fgpipe.runtime import configure_threads, env_int
 from fgpipe.store import StageRecord, move_output, output_error, remove_folder, replaced_together, write_json
-from fgpipe.streaming import Feed, FeedOptions, Pixels
+from fgpipe.streaming import Feed, FeedOptions, Pixels, feeds_closed
 
 INPUT_KEYS = ("num_workers", "in_memory")  # training keys that say how the pixels are read: --resume may change them
 
@@ -574,11 +574,13 @@ def config_mismatch(state: dict[str, Any], config: dict[str, Any], path: Path) -
 
 @contextlib.contextmanager
 def training_runtime(cfg: TrainingConfig) -> Iterator[Runtime]:
-    """The CPU threads set, then the device and torch.distributed of ``cfg`` (:func:`setup_runtime`) for the block."""
+    """The CPU threads set, then the device and torch.distributed of ``cfg`` (:func:`setup_runtime`) for the block;
+    the input pipeline's workers stop at its end (:func:`fgpipe.streaming.feeds_closed`)."""
     configure_threads()
     rt = setup_runtime(cfg.device, cfg.amp, cfg.channels_last)
     try:
-        yield rt
+        with feeds_closed():
+            yield rt
     finally:
         teardown_runtime(rt)
 
@@ -597,6 +599,13 @@ def scheduler_for(opt: torch.optim.Optimizer, cfg: TrainingConfig, train_size: i
     )
 
 
-def feed_options(cfg: TrainingConfig | Any, rt: Runtime) -> FeedOptions:
-    """How a stage with ``cfg``'s ``num_workers`` and ``in_memory`` reads its pixels on ``rt`` (pinned on CUDA)."""
-    return FeedOptions(num_workers=cfg.num_workers, in_memory=cfg.in_memory, pin_memory=rt.device.type == "cuda")
+class ReadsPixels(Protocol):
+    """A params section saying how its stage reads pixels (train_backbone, train_refine, evaluate)."""
+
+    num_workers: int
+    in_memory: bool
+
+
+def feed_options(cfg: ReadsPixels) -> FeedOptions:
+    """How a stage with ``cfg``'s ``num_workers`` and ``in_memory`` reads its pixels."""
+    return FeedOptions(num_workers=cfg.num_workers, in_memory=cfg.in_memory)

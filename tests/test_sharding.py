@@ -23,7 +23,7 @@ from test_extract import write_colour_cub
 from typer.testing import CliRunner
 
 from fgpipe.cli import app
-from fgpipe.errors import ArtifactError
+from fgpipe.errors import ArtifactError, BadImagesError, DatasetError
 from fgpipe.sharding import gather_chunks, in_order, share
 from fgpipe.training import Runtime
 
@@ -148,11 +148,27 @@ def _helpers(rank: int, world: int, port: int, out: str) -> None:
     except ArtifactError as exc:
         error = str(exc)
     sizes = [3, 3, 2, 0]  # chunks of rows 0-2, 3-5, 6-7 and an empty one: rank 0 has chunks 0 and 2, rank 1 chunks 1 and 3
-    mine = [torch.arange(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))][rank::world]
-    local = torch.cat(mine)
-    rows, doubled = gather_chunks([local, local.double() * 2], sizes, rt)
+    chunks = [torch.arange(sum(sizes[:i]), sum(sizes[: i + 1])) for i in range(len(sizes))]
+
+    def local() -> list[torch.Tensor]:
+        mine = torch.cat(list(share(chunks, rt)))
+        return [mine, mine.double() * 2]
+
+    rows, doubled = gather_chunks(local, sizes, rt)
+
+    def failing() -> list[torch.Tensor]:
+        if rank == 1:
+            raise BadImagesError("raw", [("images/a.jpg", "truncated")])  # its own __init__: sent as a DatasetError
+        return local()
+
+    try:
+        gather_chunks(failing, sizes, rt)
+        chunk_error = None
+    except DatasetError as exc:
+        chunk_error = str(exc)
     Path(out, f"{rank}.json").write_text(json.dumps({
         "whole": whole, "got": got, "error": error, "rows": rows.tolist(), "doubled": doubled.tolist(),
+        "chunk_error": chunk_error,
     }))
     dist.destroy_process_group()
 
@@ -165,11 +181,12 @@ def test_helpers_give_every_rank_all_results_in_order_and_the_same_error(tmp_pat
         assert doc["got"] == [0, 1, 2, 3]  # the rounds before the failing one (items 4 and 5)
         assert doc["error"] == "item 5 is broken"  # raised on rank 1, reported on both
         assert doc["rows"] == list(range(8)) and doc["doubled"] == [2.0 * i for i in range(8)]
+        assert doc["chunk_error"] is not None and "images/a.jpg: truncated" in doc["chunk_error"]
 
 
 def test_one_process_computes_everything() -> None:
     rt = Runtime(device=torch.device("cpu"), amp_dtype=None, channels_last=False)
-    assert share([1, 2, 3], rt) == [1, 2, 3]
+    assert list(share([1, 2, 3], rt)) == [1, 2, 3]
     assert list(in_order(iter("abc"), 3, rt)) == ["a", "b", "c"]
-    (t,) = gather_chunks([torch.arange(5)], [2, 3], rt)
+    (t,) = gather_chunks(lambda: [torch.arange(5)], [2, 3], rt)
     assert t.tolist() == [0, 1, 2, 3, 4]

@@ -5,20 +5,23 @@ and held in memory, and evaluate the same figures; the provenance records say wh
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 import torch
 import yaml
 
 from fgpipe.config import load_params
+from fgpipe.errors import DatasetError
 from fgpipe.imagecache import ImageCache
 from fgpipe.loader import load_regions, whole_image_requests
 from fgpipe.manifest import read_dataset_json, read_manifest
 from fgpipe.stages import evaluate, train_backbone, train_refine
-from fgpipe.streaming import FeedOptions, whole_image_feed
+from fgpipe.streaming import FeedOptions, feeds_closed, whole_image_feed
 from test_refine import make_refine_project
 from test_train_backbone import make_project
 
@@ -125,3 +128,49 @@ def test_train_refine_and_evaluate_do_not_depend_on_the_input_path(tmp_path: Pat
     assert (runs["stream2"][0] / "metrics/toy/predictions.csv").read_text() == (memory / "metrics/toy/predictions.csv").read_text()
     made = json.loads((runs["stream2"][0] / "metrics/toy/evaluate.provenance.json").read_text())
     assert (made["loader"], made["num_workers"]) == ("stream", 2)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_pass_draws_nothing_from_torch_global_generator(tmp_path: Path, workers: int) -> None:
+    """The stages reseed torch's global generator every epoch (stochastic depth replays from it): a feed that drew
+    from it (a DataLoader's worker seed) would change the weights, and a resumed run's."""
+    make_project(tmp_path)
+    data = tmp_path / "data/toy"
+    rows = read_manifest(data / "manifest.csv")
+    requests = whole_image_requests(read_dataset_json(data / "dataset.json", "toy").root, rows, None)
+    feed = whole_image_feed(requests, 36, FeedOptions(num_workers=workers), "train")
+    torch.manual_seed(5)
+    before = torch.get_rng_state()
+    for _ in range(2):  # the first pass starts the workers, the second reuses them
+        assert len(list(feed.batches(list(torch.arange(len(rows)).split(4))))) > 0
+        assert torch.equal(torch.get_rng_state(), before)
+    feed.close()
+
+
+def test_a_worker_that_cannot_read_an_image_raises_its_own_message_in_the_stage(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    data = tmp_path / "data/toy"
+    rows = read_manifest(data / "manifest.csv")
+    root = read_dataset_json(data / "dataset.json", "toy").root
+    requests = whole_image_requests(root, rows, None)
+    (root / rows[5].path).write_bytes(b"not an image")
+    feed = whole_image_feed(requests, 36, FeedOptions(num_workers=2), "train")
+    with pytest.raises(DatasetError, match=f"cannot read image {re.escape(str(root / rows[5].path))}") as info:
+        list(feed.batches(list(torch.arange(len(rows)).split(4))))
+    assert "DataLoader worker" not in str(info.value)
+    feed.close()
+
+
+def test_feeds_closed_stops_the_workers_of_every_feed_made_in_it(tmp_path: Path) -> None:
+    make_project(tmp_path)
+    data = tmp_path / "data/toy"
+    rows = read_manifest(data / "manifest.csv")
+    requests = whole_image_requests(read_dataset_json(data / "dataset.json", "toy").root, rows, None)
+    me = psutil.Process()
+    with feeds_closed():
+        for _ in range(2):
+            feed = whole_image_feed(requests, 36, FeedOptions(num_workers=2), "train")
+            list(feed.batches(list(torch.arange(len(rows)).split(4))))
+        assert len(me.children()) >= 4  # two persistent workers each
+    psutil.wait_procs(me.children(), timeout=10)
+    assert me.children() == []

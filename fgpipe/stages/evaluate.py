@@ -84,7 +84,7 @@ from fgpipe.store import (
     write_record,
     write_text,
 )
-from fgpipe.training import Runtime
+from fgpipe.training import Runtime, feed_options
 
 STAGE = "evaluate"
 LOCALIZATION_KEYS = ("accuracy", "mean_iou", "fallback_rate")
@@ -155,9 +155,7 @@ def open_inputs(settings: Settings, dataset: str, rt: Runtime) -> Inputs:
     return Inputs(
         root=root, cache=cache, rows=by_split, classes=classes, crops=data.crops, manifest_sha256=manifest_sha,
         sources=sources, branches=branches, batch_size=settings.params.evaluate.batch_size,
-        options=FeedOptions(
-            settings.params.evaluate.num_workers, settings.params.evaluate.in_memory, pin_memory=rt.device.type == "cuda"
-        ),
+        options=feed_options(settings.params.evaluate),
     )
 
 
@@ -169,9 +167,10 @@ def split_probabilities(inputs: Inputs, split: str) -> SplitProbabilities:
     branches, ids = inputs.branches, [r.image_id for r in rows]
     whole = whole_image_feed(whole_image_requests(inputs.root, rows, inputs.cache), branches.whole_side, inputs.options, split)
     raw = branches.raw_logits(whole, ids, inputs.batch_size)
-    del whole
+    whole.close()  # one pass each: its workers stop here
     data = split_data(inputs.root, rows, boxes, branches.refine_cfg, 0.0, split, inputs.options, inputs.cache)
     obj, parts = branches.region_logits(data, ids, inputs.batch_size)
+    data.feed.close()
     return SplitProbabilities(ids, np.array([r.label for r in rows], dtype=np.int64), probabilities(raw, obj, parts))
 
 

@@ -51,7 +51,7 @@ from fgpipe.localize.sweep import IOU_HIT, localization_report, localization_swe
 from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.preview import load_samples, preview_indices, render
 from fgpipe.runtime import configure_threads
-from fgpipe.sharding import in_order, main_progress, ranks
+from fgpipe.sharding import in_order, main_progress, ranks, share
 from fgpipe.stage1_network import load_checked_stage1, stage1_input_size
 from fgpipe.store import FileHashes, StageRecord, check_output_paths, file_sha256, pending, replaced_together, write_json, write_record
 from fgpipe.training import Runtime
@@ -162,18 +162,17 @@ def _run(settings: Settings, dataset: str, rt: Runtime) -> StageRecord:
             },
         )
         t0 = time.perf_counter()
-        jobs = batches_with_boxes(attention, rows, root, cfg, cache, threshold)
         total = -(-n // cfg.batch_size)  # batches
 
-        def computed() -> Iterator[tuple[tuple[slice, AttentionRecords, ObjectBoxes], PartBoxes]]:  # this rank's share
-            mine = (job for i, job in enumerate(jobs) if i % rt.world_size == rt.rank)
-            for (sl, records, obj), crops in prefetched(mine, (size, size)):
-                parts = parts_of(model, crops, obj.boxes, size, cfg, device, names=records.image_ids, checkpoint=checkpoint, dataset=dataset)
-                yield (sl, records, obj), parts
+        def computed() -> Iterator[PartBoxes]:  # this rank's share of the batches (every rank has every object box)
+            mine = share(batches_with_boxes(attention, rows, root, cfg, cache, threshold), rt)
+            for (_, records, obj), crops in prefetched(mine, (size, size)):
+                yield parts_of(model, crops, obj.boxes, size, cfg, device, names=records.image_ids, checkpoint=checkpoint, dataset=dataset)
 
         with contextlib.ExitStack() as stack, main_progress(rt, "object boxes + MPALM parts", n) as bar:
             writer = stack.enter_context(CropsWriter(data.crops, meta, cfg.max_parts)) if rt.is_main else None
-            for (sl, records, obj), parts in in_order(computed(), total, rt):
+            jobs = batches_with_boxes(attention, rows, root, cfg, cache, threshold)  # the boxes again, without images
+            for ((sl, records, obj), _), parts in zip(jobs, in_order(computed(), total, rt), strict=True):
                 if writer is not None:
                     writer.append(records.image_ids, obj.boxes, obj.scores, obj.fallback, parts.boxes, parts.scores, parts.counts)
                 boxes[sl], fallback[sl] = obj.boxes, obj.fallback
@@ -200,9 +199,8 @@ def _run(settings: Settings, dataset: str, rt: Runtime) -> StageRecord:
         "device": str(device),
         "world_size": rt.world_size,  # processes (torchrun ranks) that computed the parts
     }
-    metrics["seconds"] = round(time.perf_counter() - t_start, 3)
     if not rt.is_main:  # rank 0 writes
-        return settings.record(dataset, metrics, provenance)
+        return settings.record(dataset, {**metrics, "seconds": round(time.perf_counter() - t_start, 3)}, provenance)
     provenance["sources"] = {"crops_sha256": file_sha256(pending(data.crops))}  # the crops.h5 these figures describe
     write_curves(out.localization_curves, sweeps)
     write_preview(data, rows, root, dataset, cfg, method, threshold)

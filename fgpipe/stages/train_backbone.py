@@ -113,7 +113,7 @@ class Stage1Trainer(Trainer):
         side = resized_side(cfg.input_size, cfg.augment)
         cache = open_image_cache(data.images, root, file_sha256(data.manifest), dataset)
         check_image_files(info, rows, cache, dataset, data.manifest)  # test images too: they are read after training
-        options = feed_options(cfg, rt)
+        options = feed_options(cfg)
         train = whole_image_feed(whole_image_requests(root, by_split["train"], cache), side, options, "train")
         val = whole_image_feed(whole_image_requests(root, by_split["val"], cache), side, options, "val")
 
@@ -181,6 +181,7 @@ class Stage1Trainer(Trainer):
         if self.test_rows:
             feed = whole_image_feed(whole_image_requests(self.root, self.test_rows, self.cache), side, self.options, "test")
             test = evaluate(model, feed, labels_of(self.test_rows), cfg, rt)
+            feed.close()  # one pass: its workers stop here
         best, last = result.best, result.history[-1]
         metrics = {
             "input_size": cfg.input_size,

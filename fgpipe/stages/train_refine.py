@@ -181,7 +181,7 @@ class RefineTrainer(Trainer):
 
         cache = open_image_cache(data.images, root, manifest_sha, dataset)
         check_image_files(info, by_split["train"] + by_split["val"], cache, dataset, data.manifest)  # before any checkpoint is written
-        options = feed_options(cfg, rt)
+        options = feed_options(cfg)
         train = split_data(root, by_split["train"], boxes["train"], cfg, cfg.box_jitter, "train", options, cache)
         val = split_data(root, by_split["val"], boxes["val"], cfg, 0.0, "val", options, cache)
 
