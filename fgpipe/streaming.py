@@ -135,18 +135,21 @@ class _Chunks(Sampler[list[int]]):
         return len(self.chunks)
 
 
-_OPEN: list[StreamFeed] = []  # the feeds whose workers may be running (closed by feeds_closed)
+_BLOCKS: list[list[StreamFeed]] = []  # the feeds made in each open feeds_closed block, innermost last
 
 
 @contextlib.contextmanager
 def feeds_closed() -> Iterator[None]:
-    """Close every :class:`StreamFeed` made in the block when it ends (a stage's run: training_runtime, ranks)."""
-    before = len(_OPEN)
+    """Close every :class:`StreamFeed` made in the block when it ends (a stage's run: training_runtime, ranks). A feed
+    made outside any block stops its workers when it is garbage-collected (torch's loader does), or at ``close()``."""
+    made: list[StreamFeed] = []
+    _BLOCKS.append(made)
     try:
         yield
     finally:
-        while len(_OPEN) > before:
-            _OPEN.pop().close()
+        _BLOCKS.remove(made)
+        for feed in made:
+            feed.close()
 
 
 class StreamFeed(Feed):
@@ -158,7 +161,8 @@ class StreamFeed(Feed):
         self.dataset, self.options = dataset, options
         self._sampler = _Chunks()
         self._loader: DataLoader[Any] | None = None
-        _OPEN.append(self)
+        if _BLOCKS:
+            _BLOCKS[-1].append(self)
 
     def close(self) -> None:
         loader, self._loader = self._loader, None

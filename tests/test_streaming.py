@@ -79,6 +79,7 @@ def test_streamed_batches_are_the_pixels_load_regions_decodes(tmp_path: Path, ca
         for idx, (images,) in got:
             assert images.dtype == torch.uint8 and images.shape == (len(idx), 3, 36, 36)
             assert torch.equal(images, whole[idx])
+        feed.close()
 
 
 def test_train_backbone_weights_and_figures_do_not_depend_on_the_input_path(tmp_path: Path) -> None:
@@ -167,10 +168,13 @@ def test_feeds_closed_stops_the_workers_of_every_feed_made_in_it(tmp_path: Path)
     rows = read_manifest(data / "manifest.csv")
     requests = whole_image_requests(read_dataset_json(data / "dataset.json", "toy").root, rows, None)
     me = psutil.Process()
+    before = {c.pid for c in me.children()}  # other tests' processes, if any
+    feeds = []
     with feeds_closed():
         for _ in range(2):
-            feed = whole_image_feed(requests, 36, FeedOptions(num_workers=2), "train")
-            list(feed.batches(list(torch.arange(len(rows)).split(4))))
-        assert len(me.children()) >= 4  # two persistent workers each
-    psutil.wait_procs(me.children(), timeout=10)
-    assert me.children() == []
+            feeds.append(whole_image_feed(requests, 36, FeedOptions(num_workers=2), "train"))
+            list(feeds[-1].batches(list(torch.arange(len(rows)).split(4))))
+        workers = [c for c in me.children() if c.pid not in before]
+        assert len(workers) == 4  # two persistent workers each, alive while the feeds are referenced
+    gone, alive = psutil.wait_procs(workers, timeout=10)
+    assert alive == [] and len(gone) == 4
