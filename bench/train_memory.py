@@ -47,14 +47,15 @@ CHAIN = ("prepare", "train-backbone", "extract-attention", "extract-crops", "tra
 
 
 def dataset_params(images: int, classes: int, image_size: int, input_size: int, batch_size: int,
-                   extra: dict[str, Any]) -> dict[str, Any]:
-    """Tiny-project params for ``images`` synthetic images (4/5 train + val, 1/5 test) seen at ``input_size``."""
+                   extra: dict[str, Any], epochs: int = 1) -> dict[str, Any]:
+    """Tiny-project params for ``images`` synthetic images (4/5 train + val, 1/5 test) seen at ``input_size``, both
+    trainers for ``epochs`` epochs."""
     per_class, rest = divmod(images, classes)
     if rest or per_class % 5:
         raise ValueError(f"images ({images}) must be a multiple of 5 x classes ({classes})")
     synthetic = {"num_classes": classes, "train_per_class": per_class * 4 // 5, "test_per_class": per_class // 5,
                  "image_size": image_size, "distractors": 2}
-    train = {"input_size": input_size, "epochs": 1, "batch_size": batch_size, **extra}
+    train = {"input_size": input_size, "epochs": epochs, "batch_size": batch_size, **extra}
     return tiny_params(
         datasets={"synthetic": {"kind": "synthetic", "root": "data/synthetic/raw", "val_fraction": 0.2, "synthetic": synthetic}},
         train_backbone=train,
@@ -125,12 +126,16 @@ def one_size(root: Path, images: int, params: dict[str, Any], code: Path | None)
 
 def run(images: int = 100, factor: int = 4, image_size: int = 384, input_size: int = 384, classes: int = 4,
         batch_size: int = 16, code: Path | None = None, extra: dict[str, Any] | None = None,
-        workdir: Path | None = None) -> dict[str, Any]:
-    """Peak RSS of each trainer at ``images`` and ``factor`` x ``images`` images, and the ratios big / small."""
+        workdir: Path | None = None, equal_steps: bool = False) -> dict[str, Any]:
+    """Peak RSS of each trainer at ``images`` and ``factor`` x ``images`` images, and the ratios big / small.
+    ``equal_steps``: the small dataset trains ``factor`` epochs, the big one 1, so both runs take the same steps (and
+    see the same number of val images): what grows then is what the stage holds per image, not what a longer run
+    costs (the allocator's heap, which grows with the steps: with glibc's mallopt settings it is never returned)."""
     extra = extra or {}
+    epochs = {"small": factor if equal_steps else 1, "big": 1}
     with tempfile.TemporaryDirectory(prefix="fgpipe-bench-train-memory-", dir=workdir) as tmp:
         sizes = {
-            name: one_size(Path(tmp) / name, n, dataset_params(n, classes, image_size, input_size, batch_size, extra), code)
+            name: one_size(Path(tmp) / name, n, dataset_params(n, classes, image_size, input_size, batch_size, extra, epochs[name]), code)
             for name, n in (("small", images), ("big", images * factor))
         }
     ratios = {
@@ -139,7 +144,7 @@ def run(images: int = 100, factor: int = 4, image_size: int = 384, input_size: i
     }
     return {
         "config": {"images": images, "factor": factor, "image_size": image_size, "input_size": input_size,
-                   "classes": classes, "batch_size": batch_size, "backbone": "tiny", "epochs": 1,
+                   "classes": classes, "batch_size": batch_size, "backbone": "tiny", "epochs": epochs,
                    "code": str(code) if code else "this checkout", "set": extra},
         **sizes,
         "big_over_small": ratios,
@@ -157,11 +162,14 @@ def main() -> None:
     p.add_argument("--code", type=Path, help="a checkout whose fgpipe/ runs the stages (default: this one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a key of both trainers' params, e.g. num_workers=0 or in_memory=true")
+    p.add_argument("--equal-steps", action="store_true",
+                   help="the small dataset trains FACTOR epochs, so both sizes take the same steps (see run)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
     a = p.parse_args()
     extra = {k: yaml.safe_load(v) for k, v in (s.split("=", 1) for s in a.set)}
     result = {"benchmark": "train_memory", "args": {k: str(v) for k, v in vars(a).items()}, "machine": machine_info()}
-    result |= run(a.images, a.factor, a.image_size, a.input_size, a.classes, a.batch_size, a.code, extra)
+    result |= run(a.images, a.factor, a.image_size, a.input_size, a.classes, a.batch_size, a.code, extra,
+                  equal_steps=a.equal_steps)
     emit(result, a.out)
 
 

@@ -24,6 +24,7 @@ would only add a copy.
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -185,6 +186,7 @@ class StreamFeed(Feed):
                 self.dataset, batch_sampler=self._sampler, num_workers=workers, collate_fn=concat,
                 prefetch_factor=2 if workers else None, persistent_workers=workers > 0,
                 generator=torch.Generator(),  # the workers' base seed: never from torch's global generator
+                multiprocessing_context=worker_context() if workers else None,
             )
         self._sampler.chunks = [c.tolist() for c in full]
         it = iter(self._loader)  # a pass left unfinished (an error in the caller) is dropped by the next one's reset
@@ -193,6 +195,18 @@ class StreamFeed(Feed):
             if isinstance(batch, Failed):
                 raise batch.error
             yield idx, batch
+
+
+def worker_context() -> Any:
+    """How the workers start: from a fork server where the platform has one (a clean process started once per stage,
+    which imports this module and torch; each worker is forked from it and shares none of the stage's memory: a worker
+    forked from the stage itself keeps a private copy of every page of the stage's heap that the stage rewrites
+    later, more the longer the run: bench/train_memory.py), else the platform's default."""
+    if "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["fgpipe.streaming"])  # torch and the decoders imported once, shared by the workers
+    return context
 
 
 def whole_image_feed(requests: Sequence[LoadRequest], side: int, options: FeedOptions, name: str) -> Feed:

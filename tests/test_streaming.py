@@ -21,7 +21,7 @@ from fgpipe.imagecache import ImageCache
 from fgpipe.loader import load_regions, whole_image_requests
 from fgpipe.manifest import read_dataset_json, read_manifest
 from fgpipe.stages import evaluate, train_backbone, train_refine
-from fgpipe.streaming import FeedOptions, feeds_closed, whole_image_feed
+from fgpipe.streaming import FeedOptions, feeds_closed, whole_image_feed, worker_context
 from test_refine import make_refine_project
 from test_train_backbone import make_project
 
@@ -168,13 +168,17 @@ def test_feeds_closed_stops_the_workers_of_every_feed_made_in_it(tmp_path: Path)
     rows = read_manifest(data / "manifest.csv")
     requests = whole_image_requests(read_dataset_json(data / "dataset.json", "toy").root, rows, None)
     me = psutil.Process()
-    before = {c.pid for c in me.children()}  # other tests' processes, if any
+    before = {c.pid for c in me.children(recursive=True)}  # other tests' processes, if any
+
+    def workers_now() -> list[psutil.Process]:  # the feeds' workers (children of the fork server, where there is one)
+        return [c for c in me.children(recursive=True) if c.pid not in before and (c.ppid() != me.pid or worker_context() is None)]
+
     feeds = []
     with feeds_closed():
         for _ in range(2):
             feeds.append(whole_image_feed(requests, 36, FeedOptions(num_workers=2), "train"))
             list(feeds[-1].batches(list(torch.arange(len(rows)).split(4))))
-        workers = [c for c in me.children() if c.pid not in before]
+        workers = workers_now()
         assert len(workers) == 4  # two persistent workers each, alive while the feeds are referenced
     gone, alive = psutil.wait_procs(workers, timeout=10)
     assert alive == [] and len(gone) == 4
