@@ -3,9 +3,9 @@
 Two loads, each as a stage does it, through :func:`fgpipe.loader.load_regions` (threads, one per core):
 
 - whole:  every train image's manifest area at the stage-1 size (``train_backbone.input_size`` x
-          ``augment.resize_ratio``), as train-backbone's ``load_split``;
+          ``augment.resize_ratio``), as train-backbone's in-memory path (``in_memory: true``);
 - object: every train image's object box grown by ``train_refine.box_jitter`` on each side, at the refinement
-          size (``input_size`` x ``resize_ratio`` x (1 + 2 ``box_jitter``)), as train-refine's ``load_branch_data``
+          size (``input_size`` x ``resize_ratio`` x (1 + 2 ``box_jitter``)), as train-refine's in-memory path
           (the ground-truth boxes stand in for the heatmap boxes of crops.h5);
 - parts:  likewise every ground-truth part box (4 per image) at the part size (``part_size`` x ``resize_ratio``
           x (1 + 2 ``box_jitter``)), standing in for the MPALM parts; ``refine`` is objects and parts together,

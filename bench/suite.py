@@ -7,6 +7,9 @@ on a shared machine. The benchmarks (the scripts they call also run on their own
 - ``oaam_vs_grad_cam``     fgpipe's batched OAAM vs the grad-cam package's GradCAMPlusPlus (bench/extract.py), CPU;
 - ``loader_cache``         loading images with vs without the decoded image cache (bench/loader.py);
 - ``extract_peak_memory``  peak RSS of extract-attention and extract-crops at N and 4N images (bench/extract_memory.py);
+- ``train_peak_memory``    peak RSS of train-backbone and train-refine at N and 4N images (bench/train_memory.py);
+- ``loader_stream``        the input pipeline's images/s with 0, 1, 2 workers against the training step's, and
+                           train-backbone streamed vs in memory (bench/stream.py);
 - ``dvc``                  no-op `dvc repro` and a threshold ablation vs the full run (bench/dvc_timing.py);
 - ``gpu_stage1_precision`` ResNet-50 at 448 px, stage-1 step in fp32 vs bf16 + channels_last vs that + torch.compile;
 - ``gpu_extraction``       OAAM heatmaps and the attention stage loop on the GPU (bench/extract.py).
@@ -47,6 +50,8 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import dvc_timing  # noqa: E402
 import extract_memory  # noqa: E402
+import stream  # noqa: E402
+import train_memory  # noqa: E402
 import train_step  # noqa: E402
 from common import machine_info  # noqa: E402
 
@@ -62,6 +67,9 @@ CONFIG: dict[str, dict[str, dict[str, Any]]] = {
         "stage1_step": dict(backbone="resnet50", input_size=448, batch_size=8, classes=200, steps=4, warmup=1),
         "oaam_vs_grad_cam": dict(backbone="resnet50", input_size=448, batch_size=8, classes=200, images=32, steps=2, warmup=1),
         "extract_peak_memory": dict(images=100, factor=4, input_size=448, classes=4, batch_size=16),
+        "train_peak_memory": dict(images=100, factor=4, image_size=384, input_size=384, classes=4, batch_size=16),
+        "loader_stream": dict(images=160, image_size=384, input_size=224, backbone="efficientnet_lite0", batch_size=16,
+                              epochs=2, rounds=3),
         "dvc": dict(tiny=False),
         "gpu_stage1_precision": dict(backbone="resnet50", input_size=448, batch_size=32, classes=200, steps=10, warmup=3,
                                      compile_backend="inductor"),
@@ -71,6 +79,8 @@ CONFIG: dict[str, dict[str, dict[str, Any]]] = {
         "stage1_step": dict(backbone="tiny", input_size=64, batch_size=4, classes=10, steps=2, warmup=1),
         "oaam_vs_grad_cam": dict(backbone="tiny", input_size=64, batch_size=4, classes=10, images=8, steps=2, warmup=1),
         "extract_peak_memory": dict(images=24, factor=4, input_size=128, classes=3, batch_size=16),
+        "train_peak_memory": dict(images=20, factor=2, image_size=96, input_size=64, classes=2, batch_size=8),
+        "loader_stream": dict(images=40, image_size=96, input_size=64, backbone="tiny", batch_size=8, epochs=1, rounds=1),
         "dvc": dict(tiny=True),
         "gpu_stage1_precision": dict(backbone="resnet50", input_size=224, batch_size=8, classes=200, steps=3, warmup=2,
                                      compile_backend="inductor"),
@@ -184,6 +194,34 @@ def extract_peak_memory(cfg: dict[str, Any], quick: bool) -> Entry:
     return entry(figures, ratios, config=r["config"])
 
 
+def train_peak_memory(cfg: dict[str, Any], quick: bool) -> Entry:
+    r = train_memory.run(**cfg)
+    figures: dict[str, float] = {"images_small": r["small"]["images"], "images_big": r["big"]["images"]}
+    ratios: dict[str, tuple[str, str]] = {}
+    for stage in train_memory.TRAINERS:
+        key = stage.replace("-", "_")
+        for what in ("peak_rss_mib", "peak_tree_pss_mib"):
+            for size in ("small", "big"):
+                figures[f"{key}_{what}_{size}"] = r[size]["stages"][stage][what]
+            ratios[f"{key}_big_over_small_{what.removesuffix('_mib')}"] = (f"{key}_{what}_big", f"{key}_{what}_small")
+    return entry(figures, ratios, config=r["config"])
+
+
+def loader_stream(cfg: dict[str, Any], quick: bool) -> Entry:
+    r = stream.run(**cfg)
+    figures = {**r["loader"], **r["step"]}
+    ratios: dict[str, tuple[str, str]] = {
+        f"{k.removesuffix('_images_per_s')}_over_step": (k, "full_stage1_step_images_per_s")
+        for k in r["loader"] if k.startswith("stream")
+    }
+    for name, res in r["stage"].items():
+        figures[f"stage_{name}_loop_images_per_s"] = res["loop_images_per_s"]
+        figures[f"stage_{name}_seconds"] = res["stage_seconds"]
+        if name != "memory":
+            ratios[f"stage_{name}_seconds_over_memory"] = (f"stage_{name}_seconds", "stage_memory_seconds")
+    return entry(figures, ratios, config=r["config"])
+
+
 def dvc(cfg: dict[str, Any], quick: bool) -> Entry:
     r = dvc_timing.run(**cfg)
     s = r["seconds"]
@@ -241,6 +279,8 @@ BENCHMARKS: dict[str, Callable[[dict[str, Any], bool], Entry]] = {
     "oaam_vs_grad_cam": oaam_vs_grad_cam,
     "loader_cache": loader_cache,
     "extract_peak_memory": extract_peak_memory,
+    "train_peak_memory": train_peak_memory,
+    "loader_stream": loader_stream,
     "dvc": dvc,
     "gpu_stage1_precision": gpu_stage1_precision,
     "gpu_extraction": gpu_extraction,

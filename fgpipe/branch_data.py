@@ -1,9 +1,9 @@
-"""The refinement branches' inputs: crops.h5's boxes, decoded once into object crops and part patches.
+"""The refinement branches' inputs: crops.h5's boxes, and the object crops and part patches cut from them.
 
 train-refine trains on them (adding its box jitter, :mod:`fgpipe.stages.train_refine`), evaluate and
 ``fgpipe predict`` run the branches on them exactly as train-refine validates (:mod:`fgpipe.branch_inference`). Boxes are in
-original pixels, clipped to the image; no crop is ever written as an image: every box is decoded once into memory
-(:func:`fgpipe.loader.load_regions`). Part patches are resized to ``part_size`` (0: ``input_size // 2``); an image
+original pixels, clipped to the image; no crop is ever written as an image: every box is cut batch by batch by the
+input pipeline's workers, or decoded once into memory (:mod:`fgpipe.streaming`). Part patches are resized to ``part_size`` (0: ``input_size // 2``); an image
 with no part uses its object box as its single patch.
 """
 
@@ -22,6 +22,7 @@ from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import CropsReader
 from fgpipe.imagecache import ImageCache
 from fgpipe.loader import LoadRequest, center_crop, load_regions, resized_side
+from fgpipe.streaming import Feed, FeedOptions, MemoryFeed, Regions, StreamFeed
 from fgpipe.manifest import ManifestRow
 
 RegionLoader = Callable[..., Tensor]  # (requests, out_wh, desc=...) -> (N, 3, H, W) uint8, like load_regions
@@ -85,49 +86,56 @@ def margin_region(box: np.ndarray, margin: float, wh: tuple[float, float]) -> np
     return clip_boxes(np.array([x0 - dx, y0 - dy, x1 + dx, y1 + dy]), wh)
 
 
-# --------------------------------------------------------------------------- data in memory
+# --------------------------------------------------------------------------- the regions of a split
 @dataclass
 class BranchData:
-    """Object crops and part patches of a split, decoded once: uint8 regions and where they came from.
+    """Object crops and part patches of a split: where each region comes from, and its pixels (:attr:`feed`).
 
-    Region i of ``objects`` covers ``object_regions[i]`` (original pixels) and holds ``object_boxes[i]``
+    Region i of the objects covers ``object_regions[i]`` (original pixels) and holds ``object_boxes[i]``
     (equal to the region when no margin was asked for); likewise for patches. The patches of image i are
-    rows ``patch_start[i] : patch_start[i] + patch_count[i]``.
+    rows ``patch_start[i] : patch_start[i] + patch_count[i]``. ``feed`` gives, for a batch of images ``idx``, their
+    object crops (B, 3, So, So) and their patches (T, 3, Sp, Sp), uint8, in :meth:`patch_index` order.
     """
 
-    objects: Tensor  # (N, 3, So, So) uint8
     object_regions: Tensor  # (N, 4) float32
     object_boxes: Tensor  # (N, 4) float32
-    patches: Tensor  # (T, 3, Sp, Sp) uint8
     patch_regions: Tensor  # (T, 4) float32
     patch_boxes: Tensor  # (T, 4) float32
     patch_start: Tensor  # (N,) int64
     patch_count: Tensor  # (N,) int64, >= 1
     labels: Tensor  # (N,) int64
+    feed: Feed
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def patch_index(self, idx: Tensor) -> tuple[Tensor, Tensor]:
         """Rows of the patches of images ``idx`` (T,) and each patch's position in ``idx`` (T,)."""
-        counts = self.patch_count[idx]  # (B,)
-        owner = torch.repeat_interleave(torch.arange(len(idx)), counts)  # (T,)
-        starts = torch.repeat_interleave(self.patch_start[idx], counts)  # (T,)
-        offsets = torch.arange(len(owner)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
-        return starts + offsets, owner
+        return patch_rows(self.patch_start, self.patch_count, idx)
+
+
+def patch_rows(start: Tensor, count: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
+    """Rows of the patches of images ``idx`` (T,) and each patch's position in ``idx`` (T,), the patches of image i
+    being rows ``start[i] : start[i] + count[i]``."""
+    counts = count[idx]  # (B,)
+    owner = torch.repeat_interleave(torch.arange(len(idx)), counts)  # (T,)
+    starts = torch.repeat_interleave(start[idx], counts)  # (T,)
+    offsets = torch.arange(len(owner)) - torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts)
+    return starts + offsets, owner
 
 
 def load_branch_data(
     paths: list[Path], sizes: list[tuple[int, int]], boxes: list[ImageBoxes], labels: list[int],
-    object_side: int, part_side: int, margin: float, name: str, load: RegionLoader = load_regions,
+    object_side: int, part_side: int, margin: float, name: str, options: FeedOptions, load: RegionLoader = load_regions,
     cache: ImageCache | None = None,
 ) -> BranchData:
-    """Decode every object box (at ``object_side``) and part box (at ``part_side``) of a split.
+    """Every object box (at ``object_side``) and part box (at ``part_side``) of a split, streamed or decoded into
+    memory as ``options`` say.
 
     With ``margin`` > 0 each region is the box grown by ``margin`` times its side (clipped to the image),
-    decoded at ``side * (1 + 2 * margin)`` so that the box itself keeps about ``side`` pixels. ``load``
-    decodes a list of regions (default: :func:`fgpipe.loader.load_regions`, with a progress bar), cut from
-    ``cache`` when given.
+    decoded at ``side * (1 + 2 * margin)`` so that the box itself keeps about ``side`` pixels. In memory, ``load``
+    decodes a list of regions (default: :func:`fgpipe.loader.load_regions`, with a progress bar); either way each is
+    cut from ``cache`` when given.
     """
     obj_store = int(round(object_side * (1 + 2 * margin)))
     part_store = int(round(part_side * (1 + 2 * margin)))
@@ -135,38 +143,44 @@ def load_branch_data(
     part_boxes = [p for b in boxes for p in b.parts]
     part_regions = [margin_region(p, margin, wh) for b, wh in zip(boxes, sizes) for p in b.parts]
     part_paths = [path for path, b in zip(paths, boxes) for _ in range(len(b.parts))]
-    objects = load(
-        [LoadRequest(p, tuple(r), cache) for p, r in zip(paths, obj_regions)], (obj_store, obj_store), desc=f"loading {name} objects"
-    )
-    patches = load(
-        [LoadRequest(p, tuple(r), cache) for p, r in zip(part_paths, part_regions)], (part_store, part_store), desc=f"loading {name} parts"
-    )
+    obj_requests = [LoadRequest(p, tuple(r), cache) for p, r in zip(paths, obj_regions)]
+    part_requests = [LoadRequest(p, tuple(r), cache) for p, r in zip(part_paths, part_regions)]
     counts = torch.tensor([len(b.parts) for b in boxes], dtype=torch.long)
+    starts = torch.cumsum(counts, 0) - counts
+    feed: Feed
+    if options.in_memory:
+        objects = load(obj_requests, (obj_store, obj_store), desc=f"loading {name} objects")  # (N, 3, So, So)
+        patches = load(part_requests, (part_store, part_store), desc=f"loading {name} parts")  # (T, 3, Sp, Sp)
+        feed = MemoryFeed(len(boxes), lambda idx: (objects[idx], patches[patch_rows(starts, counts, idx)[0]]))
+    else:
+        items = [
+            [[obj_requests[i]], part_requests[int(starts[i]) : int(starts[i] + counts[i])]] for i in range(len(boxes))
+        ]
+        feed = StreamFeed(Regions(items, [(obj_store, obj_store), (part_store, part_store)]), options)
 
     def as_tensor(rows: list[np.ndarray]) -> Tensor:
         return torch.tensor(np.asarray(rows, dtype=np.float64).reshape(-1, 4), dtype=torch.float32)
 
     return BranchData(
-        objects=objects,
         object_regions=as_tensor(obj_regions),
         object_boxes=as_tensor([b.box for b in boxes]),
-        patches=patches,
         patch_regions=as_tensor(part_regions),
         patch_boxes=as_tensor(part_boxes),
-        patch_start=torch.cumsum(counts, 0) - counts,
+        patch_start=starts,
         patch_count=counts,
         labels=torch.tensor(labels, dtype=torch.long),
+        feed=feed,
     )
 
 
 def split_data(
     root: Path, rows: list[ManifestRow], boxes: list[ImageBoxes], cfg: TrainRefineConfig, margin: float, name: str,
-    cache: ImageCache | None = None,
+    options: FeedOptions, cache: ImageCache | None = None,
 ) -> BranchData:
     """:func:`load_branch_data` for manifest rows at the sizes of ``cfg`` (cut from ``cache`` when given)."""
     return load_branch_data(
         [root / r.path for r in rows], [(r.width, r.height) for r in rows], boxes, [r.label for r in rows],
-        resized_side(cfg.input_size, cfg.augment), resized_side(part_size(cfg), cfg.augment), margin, name,
+        resized_side(cfg.input_size, cfg.augment), resized_side(part_size(cfg), cfg.augment), margin, name, options,
         cache=cache,
     )
 
@@ -176,18 +190,7 @@ def part_size(cfg: TrainRefineConfig) -> int:
     return cfg.part_size or cfg.input_size // 2
 
 
-def eval_inputs(data: BranchData, idx: Tensor, cfg: TrainRefineConfig) -> tuple[Tensor, Tensor, Tensor]:
-    """Centre-cropped object crops and patches of images ``idx`` (uint8) and each patch's owner (T,)."""
-    rows, owner = data.patch_index(idx)
-    return center_crop(data.objects[idx], cfg.input_size), center_crop(data.patches[rows], part_size(cfg)), owner
-
-
-def subset(data: BranchData, idx: Tensor) -> BranchData:
-    """The images ``idx`` of ``data`` with their patches."""
-    rows, _ = data.patch_index(idx)
-    counts = data.patch_count[idx]
-    return BranchData(
-        objects=data.objects[idx], object_regions=data.object_regions[idx], object_boxes=data.object_boxes[idx],
-        patches=data.patches[rows], patch_regions=data.patch_regions[rows], patch_boxes=data.patch_boxes[rows],
-        patch_start=torch.cumsum(counts, 0) - counts, patch_count=counts, labels=data.labels[idx],
-    )
+def eval_inputs(objects: Tensor, patches: Tensor, cfg: TrainRefineConfig) -> tuple[Tensor, Tensor]:
+    """A batch's object crops and patches (uint8, as :attr:`BranchData.feed` gives them), centre-cropped to the input
+    and part sizes."""
+    return center_crop(objects, cfg.input_size), center_crop(patches, part_size(cfg))

@@ -26,7 +26,9 @@ from fgpipe.config import ModelConfig, TrainBackboneConfig, TrainRefineConfig
 from fgpipe.loader import normalize, resized_side
 from fgpipe.models.branches import RefineNet, build_refine_net
 from fgpipe.models.wsdan import Stage1Net
-from fgpipe.stage1_network import predict_logits
+from fgpipe.sharding import gather_chunks, share
+from fgpipe.stage1_network import eval_batch_size, predict_batches, predict_logits
+from fgpipe.streaming import Feed, sequential_chunks
 from fgpipe.training import Runtime
 
 BRANCHES = ("raw", "object", "parts")
@@ -56,16 +58,27 @@ def refine_config(state: dict[str, Any]) -> TrainRefineConfig:
 
 
 @torch.no_grad()
-def predict_branches(model: RefineNet, data: BranchData, cfg: TrainRefineConfig, rt: Runtime, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Object-branch logits and pooled part-branch logits (N, K) each, float32 on the CPU."""
+def predict_branches(
+    model: RefineNet, data: BranchData, cfg: TrainRefineConfig, rt: Runtime, batch_size: int | None = None,
+    idx: Tensor | None = None, chunks: Sequence[Tensor] | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Object-branch logits and pooled part-branch logits (N, K) each, float32 on the CPU, of the images ``idx`` of
+    ``data`` (default: all) in batches of ``batch_size`` (default twice the training batch), or of the batches
+    ``chunks``."""
     model.eval()
+    if chunks is None:
+        idx = torch.arange(len(data)) if idx is None else idx
+        chunks = sequential_chunks(idx, batch_size or eval_batch_size(cfg))
     obj_all, parts_all = [], []
-    for idx in torch.arange(len(data)).split(batch_size or cfg.batch_size * 2):
-        objects, patches, owner = eval_inputs(data, idx, cfg)
+    for chunk, (objects, patches) in data.feed.batches(chunks):
+        objects, patches = eval_inputs(objects, patches, cfg)
+        _, owner = data.patch_index(chunk)
         with rt.autocast():
             out = model(rt.to_input(normalize(objects)), rt.to_input(normalize(patches)), owner.to(rt.device))
         obj_all.append(out.object_logits.float().cpu())
         parts_all.append(out.part_logits.float().cpu())
+    if not obj_all:  # no batch (a rank with no share of a split smaller than the ranks' batches)
+        return torch.zeros(0, model.num_classes), torch.zeros(0, model.num_classes)
     return torch.cat(obj_all), torch.cat(parts_all)
 
 
@@ -93,17 +106,33 @@ class Branches:
         cfg = self.refine_cfg
         return resized_side(cfg.input_size, cfg.augment), resized_side(part_size(cfg), cfg.augment)
 
-    def raw_logits(self, images: Tensor, names: Sequence[str], batch_size: int | None = None) -> Tensor:
-        """The raw branch's logits (N, K) of uint8 images (N, 3, S, S), S = :attr:`whole_side`; ``names`` (N,) name the
-        images when the logits are not finite."""
-        raw, _ = predict_logits(self.stage1, images, self.stage1_cfg, self.rt, batch_size=batch_size)
+    def raw_logits(self, images: Tensor | Feed, names: Sequence[str], batch_size: int | None = None) -> Tensor:
+        """The raw branch's logits (N, K) of uint8 images (N, 3, S, S), S = :attr:`whole_side`, or of every image a
+        feed of them gives (:func:`fgpipe.streaming.whole_image_feed`); ``names`` (N,) name the images when the logits
+        are not finite."""
+        if isinstance(images, Feed):  # under torchrun each rank runs its share of the batches (fgpipe.sharding)
+            chunks = sequential_chunks(torch.arange(len(images)), batch_size or eval_batch_size(self.stage1_cfg))
+            feed = images
+
+            def mine() -> list[Tensor]:
+                own = list(share(chunks, self.rt))
+                return [predict_batches(self.stage1, (px for _, (px,) in feed.batches(own)), self.stage1_cfg, self.rt)[0]]
+
+            (raw,) = gather_chunks(mine, [len(c) for c in chunks], self.rt)
+        else:
+            raw, _ = predict_logits(self.stage1, images, self.stage1_cfg, self.rt, batch_size=batch_size)
         require_finite(raw, names, "logits", self.stage1_path, "stage1", self.dataset)
         return raw
 
     def region_logits(self, data: BranchData, names: Sequence[str], batch_size: int | None = None) -> tuple[Tensor, Tensor]:
         """The object and part branches' logits (N, K) each, of the regions ``data`` holds (decoded at
-        :attr:`region_sides`)."""
-        obj, parts = predict_branches(self.refine, data, self.refine_cfg, self.rt, batch_size=batch_size)
+        :attr:`region_sides`); under torchrun each rank runs its share of the batches (:mod:`fgpipe.sharding`)."""
+        chunks = sequential_chunks(torch.arange(len(data)), batch_size or eval_batch_size(self.refine_cfg))
+
+        def mine() -> tuple[Tensor, Tensor]:
+            return predict_branches(self.refine, data, self.refine_cfg, self.rt, chunks=list(share(chunks, self.rt)))
+
+        obj, parts = gather_chunks(mine, [len(c) for c in chunks], self.rt)
         for name, logits in (("object", obj), ("parts", parts)):
             require_finite(logits, names, f"{name} logits", self.refine_path, "refine", self.dataset)
         return obj, parts

@@ -211,6 +211,10 @@ class TrainingConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     amp: Literal["auto", "off", "bf16"] = "auto"  # auto: bf16 autocast on CUDA, off on CPU
     channels_last: Literal["auto", "on", "off"] = "auto"  # auto = on: NHWC is faster on CUDA and on CPU
+    # the input pipeline (fgpipe.streaming): processes that cut and resize each batch's images (0: the training
+    # process itself); in_memory: decode each split once and hold it (memory grows with the split) instead
+    num_workers: int = Field(0, ge=0, le=64)
+    in_memory: bool = False
 
 
 @dataclass(frozen=True, config=_CFG)
@@ -325,6 +329,8 @@ class EvaluateConfig:
     select_by: Literal["nll", "top1"] = "nll"  # what the weights searched on val optimise: log-loss or top-1
     top_k: int = Field(5, ge=1, le=100)
     batch_size: int = Field(32, ge=1, le=4096)
+    num_workers: int = Field(0, ge=0, le=64)  # processes that cut and resize the images (0: evaluate itself)
+    in_memory: bool = False  # decode each split once and hold it instead of streaming it
 
     @model_validator(mode="after")
     def _check_branches(self) -> EvaluateConfig:

@@ -41,6 +41,15 @@ class OutputError(FgpipeError):
     """An output cannot be written (disk full, read-only file system, no permission); the previous one is kept."""
 
 
+def portable(exc: FgpipeError) -> FgpipeError:
+    """``exc`` as an error that survives pickling (to another process: a DataLoader worker's, a torchrun rank's) with
+    its message: its own class where that takes the message alone, else the nearest base class that does."""
+    for cls in type(exc).__mro__:
+        if issubclass(cls, FgpipeError) and "__init__" not in vars(cls):
+            return exc if cls is type(exc) else cls(str(exc))
+    return FgpipeError(str(exc))  # pragma: no cover - FgpipeError itself has no __init__
+
+
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C (or SIGTERM), with what the stage kept and how to go on (the CLI prints it and exits 130, or 143)."""
 

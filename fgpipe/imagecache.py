@@ -148,6 +148,14 @@ class ImageCache:
             raise DatasetError(f"{self.path}: truncated (image {i}); rerun `fgpipe prepare`")
         return np.frombuffer(data, dtype=np.uint8).reshape(h, w, 3)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickled for a data-loader worker started by spawn: everything but the descriptor, reopened there."""
+        return {k: v for k, v in self.__dict__.items() if k != "_fd"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self._fd = os.open(self.path, os.O_RDONLY)
+
     def close(self) -> None:
         """Close the file (also done when the object is collected)."""
         if getattr(self, "_fd", None) is not None:

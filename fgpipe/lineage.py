@@ -228,8 +228,11 @@ STAGE_PARAMS: dict[str, tuple[str, ...]] = {
 NOT_COMPARED = frozenset({
     "datasets.{dataset}.root", "datasets.{dataset}.download",
     "train_backbone.device", "train_backbone.amp", "train_backbone.channels_last",
+    "train_backbone.num_workers", "train_backbone.in_memory",
     "train_refine.device", "train_refine.amp", "train_refine.channels_last",
+    "train_refine.num_workers", "train_refine.in_memory",
     "attention.batch_size", "crops.batch_size", "crops.preview_images", "evaluate.batch_size", "evaluate.top_k",
+    "evaluate.num_workers", "evaluate.in_memory",
 })
 
 

@@ -1,11 +1,11 @@
-"""Images into memory, once: decode, crop to the manifest's area (or a box), resize; then batched
-augmentation on uint8 tensors.
+"""Image regions decoded: crop to the manifest's area (or a box), resize; then batched augmentation on uint8 tensors.
 
-On a few CPU cores, decoding JPEGs every epoch dominates training time, so every split is decoded
-and resized once (in threads; JPEGs are decoded at reduced scale with PIL's ``draft`` where that loses
-nothing) into one uint8 tensor. Augmentation then works on whole batches. With the decoded image cache
-that `fgpipe prepare` builds (data/NAME/images.h5, :mod:`fgpipe.imagecache`), regions are cut from its
-memory-mapped copies instead, and no file is decoded at all.
+A region is cut from the decoded image cache that `fgpipe prepare` builds (data/NAME/images.h5,
+:mod:`fgpipe.imagecache`) when it holds the image, so that no file is decoded at all; otherwise the file is decoded
+(JPEGs at reduced scale with PIL's ``draft`` where that loses nothing). :func:`decode_request` is the one place a
+region becomes uint8 pixels: the input pipeline's workers (:mod:`fgpipe.streaming`), :func:`load_regions` (many
+regions in threads into one tensor) and :func:`decode_batch` all call it, so a region is the same pixels whichever
+path read it. Augmentation then works on whole batches, in the training process, drawing from its generator.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from fgpipe.errors import DatasetError
 from fgpipe.imagecache import ImageCache
 from fgpipe.images import DECODE_ERRORS, open_image, to_rgb
 from fgpipe.manifest import Box, DatasetInfo, ManifestRow
-from fgpipe.runtime import available_cores
+from fgpipe.runtime import process_cores
 
 T = TypeVar("T")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -76,19 +76,23 @@ class LoadRequest:
     cache: ImageCache | None = None
 
 
+def decode_request(req: LoadRequest, out_wh: tuple[int, int]) -> Tensor:
+    """One region decoded by :func:`decode_region`: (3, H, W) uint8; an unreadable file is a :class:`DatasetError`."""
+    try:
+        arr = decode_region(req.path, req.region, out_wh, req.cache)  # (H, W, 3)
+    except DECODE_ERRORS as exc:  # PIL's errors for a missing, corrupt or too large file (a bug is not caught)
+        raise DatasetError(f"cannot read image {req.path}: {exc} (rerun `fgpipe prepare` to recheck the dataset)") from None
+    return torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
+
+
 def load_regions(requests: list[LoadRequest], out_wh: tuple[int, int], desc: str = "loading images") -> Tensor:
     """Decode many regions in threads into one (N, 3, H, W) uint8 tensor, with a progress bar."""
     out = torch.empty((len(requests), 3, out_wh[1], out_wh[0]), dtype=torch.uint8)
 
     def one(i: int) -> None:
-        req = requests[i]
-        try:
-            arr = decode_region(req.path, req.region, out_wh, req.cache)
-        except DECODE_ERRORS as exc:  # PIL's errors for a missing, corrupt or too large file (a bug is not caught)
-            raise DatasetError(f"cannot read image {req.path}: {exc} (rerun `fgpipe prepare` to recheck the dataset)") from None
-        out[i] = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
+        out[i] = decode_request(requests[i], out_wh)
 
-    with progress() as bar, ThreadPoolExecutor(max_workers=available_cores()) as pool:
+    with progress() as bar, ThreadPoolExecutor(max_workers=process_cores()) as pool:
         task = bar.add_task(desc, total=len(requests))
         for _ in pool.map(one, range(len(requests))):
             bar.advance(task)
@@ -130,7 +134,7 @@ def check_image_files(
         return None
 
     if len(todo) > 1:
-        with ThreadPoolExecutor(max_workers=available_cores()) as pool:
+        with ThreadPoolExecutor(max_workers=process_cores()) as pool:
             found = list(pool.map(problem, todo))
     else:
         found = [problem(r) for r in todo]
@@ -197,12 +201,7 @@ def decode_batch(requests: Sequence[LoadRequest], out_wh: tuple[int, int], pool:
     out = torch.empty((len(requests), 3, out_wh[1], out_wh[0]), dtype=torch.uint8)
 
     def one(i: int) -> None:
-        req = requests[i]
-        try:
-            arr = decode_region(req.path, req.region, out_wh, req.cache)  # (H, W, 3)
-        except DECODE_ERRORS as exc:  # PIL's errors for a missing, corrupt or too large file (a bug is not caught)
-            raise DatasetError(f"cannot read image {req.path}: {exc} (rerun `fgpipe prepare` to recheck the dataset)") from None
-        out[i] = torch.from_numpy(arr).permute(2, 0, 1)  # (3, H, W)
+        out[i] = decode_request(requests[i], out_wh)
 
     if pool is None:
         for i in range(len(requests)):
@@ -228,7 +227,7 @@ def prefetched(
     """
     decode = decode or decode_batch
     it = iter(jobs)
-    with ThreadPoolExecutor(max_workers=available_cores()) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
+    with ThreadPoolExecutor(max_workers=process_cores()) as pool, ThreadPoolExecutor(max_workers=1) as ahead:
 
         def submit() -> tuple[T, Future[Tensor]] | None:
             job = next(it, None)
@@ -243,21 +242,3 @@ def prefetched(
             images = future.result()
             pending = submit()
             yield payload, images
-
-
-# --------------------------------------------------------------------------- a split in memory
-@dataclass
-class Split:
-    """A split held in memory: uint8 images (N, 3, S, S) and labels (N,)."""
-
-    images: Tensor
-    labels: Tensor
-
-    def __len__(self) -> int:
-        return len(self.labels)
-
-
-def load_split(root: Path, rows: list[ManifestRow], side: int, name: str, cache: ImageCache | None = None) -> Split:
-    """The manifest areas of ``rows`` resized to ``side`` x ``side`` (cut from ``cache`` when given), with their labels."""
-    images = load_regions(whole_image_requests(root, rows, cache), (side, side), desc=f"loading {name} images")
-    return Split(images, torch.tensor([r.label for r in rows], dtype=torch.long))

@@ -77,19 +77,30 @@ def env_int(
     return value
 
 
+def process_cores() -> int:
+    """The cores this process may count on: the available ones shared out among the processes torchrun started on
+    this machine (``LOCAL_WORLD_SIZE``; torchrun itself would give each one thread), at least one."""
+    local = env_int(
+        "LOCAL_WORLD_SIZE", 1, 1,
+        "an integer >= 1, the processes torchrun started on this machine (set by torchrun; leave it unset for a single process)",
+    )
+    return max(1, available_cores() // local)
+
+
 def configure_threads() -> int:
-    """Give torch one intra-op thread per available core (``FGPIPE_THREADS`` overrides, up to
-    :data:`THREADS_PER_CORE` per core: more only slows torch down, and a huge count exhausts memory); return it."""
+    """Give torch one intra-op thread per available core, shared out among torchrun's processes on this machine
+    (``LOCAL_WORLD_SIZE``); ``FGPIPE_THREADS`` overrides, up to :data:`THREADS_PER_CORE` per core (more only slows
+    torch down, and a huge count exhausts memory); return it."""
     cores = available_cores()
     n = env_int(
         "FGPIPE_THREADS",
         0,
         0,
-        "an integer >= 0 (the number of CPU threads; 0 or unset: one per available core)",
+        "an integer >= 0 (the number of CPU threads; 0 or unset: one per available core, shared out among torchrun's processes)",
         maximum=THREADS_PER_CORE * cores,
         why_maximum=f" ({THREADS_PER_CORE} x the {cores} core(s) this process may use)",
     )
-    n = n or cores
+    n = n or process_cores()
     try:
         import torch
     except ImportError:  # pragma: no cover - torch is a hard dependency

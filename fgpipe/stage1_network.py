@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -19,13 +20,13 @@ import torch
 from torch import Tensor
 
 from fgpipe.checkpoints import load_checkpoint, rebuilding, require_finished
-from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig
+from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig, TrainRefineConfig
 from fgpipe.errors import ArtifactError
 from fgpipe.lineage import check_params
 from fgpipe.loader import center_crop, normalize
 from fgpipe.models import build_stage1
 from fgpipe.models.wsdan import Stage1Net, refine_crop
-from fgpipe.training import Runtime
+from fgpipe.training import Runtime, start_ranks
 
 
 def extraction_device() -> torch.device:
@@ -33,16 +34,33 @@ def extraction_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def inference_runtime() -> Runtime:
-    """Where evaluation runs: CUDA (bf16 autocast, channels_last) when torch sees a GPU, else the CPU in float32."""
-    device = extraction_device()
-    cuda = device.type == "cuda"
-    return Runtime(device=device, amp_dtype=torch.bfloat16 if cuda else None, channels_last=cuda)
+def inference_runtime(distributed: bool = False, mixed: bool = True) -> Runtime:
+    """Where evaluation runs: CUDA (bf16 autocast and channels_last when ``mixed``) when torch sees a GPU, else the CPU
+    in float32. ``distributed``: under torchrun, LOCAL_RANK's GPU and this process's rank, the process group started
+    (:func:`fgpipe.training.start_ranks`; :func:`fgpipe.sharding.ranks` closes it)."""
+    cuda = extraction_device().type == "cuda"
+    device, rank, world_size = start_ranks(cuda) if distributed else (extraction_device(), 0, 1)
+    mixed = mixed and cuda
+    return Runtime(
+        device=device, amp_dtype=torch.bfloat16 if mixed else None, channels_last=mixed, rank=rank, world_size=world_size
+    )
+
+
+def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, rt: Runtime, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
+    """Raw and refined logits (B, K) of uint8 images (N, 3, S, S) center-cropped to the input size, in batches of
+    ``batch_size`` (default twice the training batch): :func:`predict_batches`."""
+    return predict_batches(model, images.split(batch_size or eval_batch_size(cfg)), cfg, rt)
+
+
+def eval_batch_size(cfg: TrainBackboneConfig | TrainRefineConfig) -> int:
+    """Images per batch when a trained network (stage 1, the branches) is evaluated: twice its training batch (no
+    gradients are kept)."""
+    return cfg.batch_size * 2
 
 
 @torch.no_grad()
-def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, rt: Runtime, batch_size: int | None = None) -> tuple[Tensor, Tensor]:
-    """Raw and refined logits (B, K) of uint8 images (N, 3, S, S) center-cropped to the input size.
+def predict_batches(model: Stage1Net, batches: Iterable[Tensor], cfg: TrainBackboneConfig, rt: Runtime) -> tuple[Tensor, Tensor]:
+    """Raw and refined logits (N, K) of batches of uint8 images (B, 3, S, S), center-cropped to the input size.
 
     Refined = mean of the raw logits and those of the test-time attention crop (mean of all maps,
     threshold ``refine_threshold`` * max, padding ``refine_padding``); equal to raw when test_refine is off
@@ -50,7 +68,7 @@ def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, r
     """
     model.eval()
     raw_all, ref_all = [], []
-    for chunk in images.split(batch_size or cfg.batch_size * 2):
+    for chunk in batches:
         x = rt.to_input(normalize(center_crop(chunk, cfg.input_size)))
         with rt.autocast():
             out = model(x)
@@ -62,6 +80,8 @@ def predict_logits(model: Stage1Net, images: Tensor, cfg: TrainBackboneConfig, r
                 refined = raw
         raw_all.append(raw.cpu())
         ref_all.append(refined.cpu())
+    if not raw_all:  # no batch (a rank with no share of a split smaller than the ranks' batches)
+        return torch.zeros(0, model.num_classes), torch.zeros(0, model.num_classes)
     return torch.cat(raw_all), torch.cat(ref_all)
 
 

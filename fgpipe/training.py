@@ -18,7 +18,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, ConfigError, Interrupted, TrainingError
 from fgpipe.runtime import configure_threads, env_int
 from fgpipe.store import StageRecord, move_output, output_error, remove_folder, replaced_together, write_json
+from fgpipe.streaming import Feed, FeedOptions, Pixels, feeds_closed
+
+INPUT_KEYS = ("num_workers", "in_memory")  # training keys that say how the pixels are read: --resume may change them
 
 
 # --------------------------------------------------------------------------- device and distributed
@@ -63,30 +66,46 @@ class Runtime:
         return x.contiguous(memory_format=torch.channels_last) if self.channels_last else x
 
 
-def setup_runtime(device: str, amp: str, channels_last: str) -> Runtime:
-    """Pick the device (starting torch.distributed when launched by torchrun) and the precision."""
-    launched = "(set by torchrun; leave it unset for a single process)"
-    world_size = env_int("WORLD_SIZE", 1, 1, f"an integer >= 1, the number of processes {launched}")
-    rank = env_int("RANK", 0, 0, f"an integer from 0 to WORLD_SIZE - 1 = {world_size - 1} {launched}")
-    local_rank = env_int("LOCAL_RANK", 0, 0, f"an integer >= 0, this process's GPU on its machine {launched}")
+LAUNCHED = "(set by torchrun; leave it unset for a single process)"
+
+
+def launch_ranks() -> tuple[int, int, int]:
+    """``(world_size, rank, local_rank)`` of this process as torchrun sets them (1, 0, 0 when it did not), checked."""
+    world_size = env_int("WORLD_SIZE", 1, 1, f"an integer >= 1, the number of processes {LAUNCHED}")
+    rank = env_int("RANK", 0, 0, f"an integer from 0 to WORLD_SIZE - 1 = {world_size - 1} {LAUNCHED}")
+    local_rank = env_int("LOCAL_RANK", 0, 0, f"an integer >= 0, this process's GPU on its machine {LAUNCHED}")
     if rank >= world_size:
         raise ConfigError(
             f"environment variable RANK={rank} is invalid: it must be an integer from 0 to WORLD_SIZE - 1 = "
-            f"{world_size - 1} {launched}"
+            f"{world_size - 1} {LAUNCHED}"
         )
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device: cuda was asked for, but torch sees no CUDA device (use device: auto or cpu)")
-    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    return world_size, rank, local_rank
+
+
+def start_ranks(use_cuda: bool) -> tuple[torch.device, int, int]:
+    """This process's device (LOCAL_RANK's GPU, or the CPU) and ``(rank, world_size)``; under torchrun the process
+    group is started (NCCL on GPUs, gloo on the CPU)."""
+    world_size, rank, local_rank = launch_ranks()
     if use_cuda and local_rank >= torch.cuda.device_count():
         raise ConfigError(
             f"environment variable LOCAL_RANK={local_rank} is invalid: torch sees {torch.cuda.device_count()} CUDA "
-            f"device(s), so it must be from 0 to {torch.cuda.device_count() - 1} {launched}"
+            f"device(s), so it must be from 0 to {torch.cuda.device_count() - 1} {LAUNCHED}"
         )
     dev = torch.device(f"cuda:{local_rank}" if use_cuda else "cpu")
     if use_cuda:
         torch.cuda.set_device(dev)
     if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+    return dev, rank, world_size
+
+
+def setup_runtime(device: str, amp: str, channels_last: str) -> Runtime:
+    """Pick the device (starting torch.distributed when launched by torchrun) and the precision."""
+    launch_ranks()  # a malformed torchrun variable is named before the device is looked at
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device: cuda was asked for, but torch sees no CUDA device (use device: auto or cpu)")
+    use_cuda = device == "cuda" or (device == "auto" and torch.cuda.is_available())
+    dev, rank, world_size = start_ranks(use_cuda)
     amp_dtype = torch.bfloat16 if (amp == "bf16" or (amp == "auto" and use_cuda)) else None
     cl = channels_last != "off"  # faster on CUDA and on CPU alike (measured: bench/RESULTS.md)
     return Runtime(device=dev, amp_dtype=amp_dtype, channels_last=cl, rank=rank, world_size=world_size)
@@ -359,15 +378,17 @@ class Trainer(ABC):
     state: dict[str, Any]
     counts: tuple[tuple[str, str], ...]
     train_size: int  # images in the train split
+    train_feed: Feed  # their pixels, batch by batch in the order fit draws
 
     @abstractmethod
     def check_resumable(self, state: dict[str, Any]) -> None:
         """Refuse a last.pt that ``--resume`` must not continue (other inputs or params)."""
 
     @abstractmethod
-    def train_step(self, net: nn.Module, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
-        """One optimisation step on the training images ``idx``, drawing randomness from ``gen`` only; returns the
-        loss (detached; :func:`check_loss` before each backward), the right answers per count and the batch size."""
+    def train_step(self, net: nn.Module, idx: Tensor, pixels: Pixels, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
+        """One optimisation step on the training images ``idx`` (their uint8 ``pixels`` from :attr:`train_feed`),
+        drawing randomness from ``gen`` only; returns the loss (detached; :func:`check_loss` before each backward), the
+        right answers per count and the batch size."""
 
     @abstractmethod
     def validate(self) -> dict[str, float]:
@@ -473,7 +494,8 @@ def _train_epoch(
     trainer: Trainer, net: nn.Module, rt: Runtime, gen: torch.Generator, epoch: int, on_step: StepHook | None
 ) -> dict[str, float]:
     """One epoch of ``trainer``'s steps in a random order drawn from ``gen``, with a progress bar; the mean loss, each
-    count's share of right answers, the images seen and their rate, summed over ranks."""
+    count's share of right answers, the images seen and their rate, summed over ranks. The order is drawn here, in the
+    main process, before any step's draws; each rank's feed reads the pixels of its own share only."""
     cfg, scheduler = trainer.cfg, trainer.parts["scheduler"]
     net.train()
     order = torch.randperm(trainer.train_size, generator=gen)
@@ -485,9 +507,9 @@ def _train_epoch(
     bar = progress(TextColumn("{task.fields[info]}")) if rt.is_main else contextlib.nullcontext()
     with bar as pbar:
         task = pbar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=len(chunks), info="") if pbar else None
-        for step, idx in enumerate(chunks):
+        for step, (idx, pixels) in enumerate(trainer.train_feed.batches(chunks)):
             try:
-                loss, correct, n = trainer.train_step(net, idx, gen)
+                loss, correct, n = trainer.train_step(net, idx, pixels, gen)
             except NonFiniteLoss as exc:
                 kept = (
                     f"the last good checkpoint is kept in {trainer.files.unfinished} for --resume" if epoch > 0
@@ -537,18 +559,28 @@ def finish_run(files: RunFiles, record: StageRecord, best_state: dict[str, Any] 
 def config_mismatch(state: dict[str, Any], config: dict[str, Any], path: Path) -> None:
     """Refuse to resume from ``path`` when its ``config`` (the params sections it was trained with) is not ``config``,
     naming the keys that differ."""
-    if state.get("config") != config:
-        diff = [f"{sec}.{k}" for sec in config for k in config[sec] if state["config"].get(sec, {}).get(k) != config[sec][k]]
+    def results(cfg: Any) -> Any:  # without the keys that say how the pixels are read (they change no result)
+        if not isinstance(cfg, dict):
+            return cfg
+        return {sec: {k: v for k, v in val.items() if k not in INPUT_KEYS} if isinstance(val, dict) else val for sec, val in cfg.items()}
+
+    if results(state.get("config")) != results(config):
+        diff = [
+            f"{sec}.{k}" for sec in config for k in config[sec]
+            if k not in INPUT_KEYS and state["config"].get(sec, {}).get(k) != config[sec][k]
+        ]
         raise ArtifactError(f"{path} was made with other params ({', '.join(diff)}): delete it or run without --resume")
 
 
 @contextlib.contextmanager
 def training_runtime(cfg: TrainingConfig) -> Iterator[Runtime]:
-    """The CPU threads set, then the device and torch.distributed of ``cfg`` (:func:`setup_runtime`) for the block."""
+    """The CPU threads set, then the device and torch.distributed of ``cfg`` (:func:`setup_runtime`) for the block;
+    the input pipeline's workers stop at its end (:func:`fgpipe.streaming.feeds_closed`)."""
     configure_threads()
     rt = setup_runtime(cfg.device, cfg.amp, cfg.channels_last)
     try:
-        yield rt
+        with feeds_closed():
+            yield rt
     finally:
         teardown_runtime(rt)
 
@@ -565,3 +597,15 @@ def scheduler_for(opt: torch.optim.Optimizer, cfg: TrainingConfig, train_size: i
         opt, steps_per_epoch=steps_per_epoch, epochs=cfg.epochs, warmup_epochs=cfg.warmup_epochs,
         schedule=cfg.schedule, step_size=cfg.step_size, gamma=cfg.gamma,
     )
+
+
+class ReadsPixels(Protocol):
+    """A params section saying how its stage reads pixels (train_backbone, train_refine, evaluate)."""
+
+    num_workers: int
+    in_memory: bool
+
+
+def feed_options(cfg: ReadsPixels) -> FeedOptions:
+    """How a stage with ``cfg``'s ``num_workers`` and ``in_memory`` reads its pixels."""
+    return FeedOptions(num_workers=cfg.num_workers, in_memory=cfg.in_memory)

@@ -227,6 +227,37 @@ def test_configure_threads_honours_the_override(monkeypatch: pytest.MonkeyPatch)
         torch.set_num_threads(before)
 
 
+def test_torchruns_processes_share_the_cores(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    monkeypatch.setattr(runtime, "available_cores", lambda: 8)
+    monkeypatch.delenv("FGPIPE_THREADS", raising=False)
+    before = torch.get_num_threads()
+    try:
+        for local, share in (("1", 8), ("2", 4), ("3", 2), ("16", 1)):
+            monkeypatch.setenv("LOCAL_WORLD_SIZE", local)
+            assert runtime.process_cores() == share and runtime.configure_threads() == share
+        monkeypatch.setenv("FGPIPE_THREADS", "3")
+        assert runtime.configure_threads() == 3  # the override wins
+        monkeypatch.setenv("LOCAL_WORLD_SIZE", "0")
+        with pytest.raises(ConfigError, match="LOCAL_WORLD_SIZE"):
+            runtime.process_cores()
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_an_error_crosses_processes_with_its_message() -> None:
+    import pickle
+
+    from fgpipe.errors import ArtifactError, BadImagesError, DatasetError, portable
+
+    plain = ArtifactError("data/x.h5 is stale")
+    assert portable(plain) is plain
+    bad = BadImagesError("raw", [("a.jpg", "truncated")])
+    sent = pickle.loads(pickle.dumps(portable(bad)))
+    assert type(sent) is DatasetError and str(sent) == str(bad)
+
+
 def test_help_lists_the_stages_in_pipeline_order() -> None:
     from typer.testing import CliRunner
 

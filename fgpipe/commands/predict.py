@@ -66,6 +66,7 @@ from fgpipe.preview import COLOURS, TILE, colormap, safe_name
 from fgpipe.runtime import configure_threads
 from fgpipe.stage1_network import inference_runtime, load_checked_stage1, stage1_input_size
 from fgpipe.store import FileHashes, read_json_artifact
+from fgpipe.streaming import FeedOptions
 
 @dataclass
 class Chain:
@@ -228,7 +229,10 @@ def predict_batch(chain: Chain, paths: list[Path], sizes: list[tuple[int, int]],
     # 4: the three branches (as evaluate)
     raw = branches.raw_logits(decode_batch(whole, (branches.whole_side,) * 2), names)
     boxes = [image_boxes(found.boxes[i], parts.boxes[i], int(parts.counts[i]), bool(found.fallback[i]), sizes[i]) for i in range(len(paths))]
-    data = load_branch_data(paths, sizes, boxes, [0] * len(paths), *branches.region_sides, 0.0, "predict", load=_quiet_load)
+    data = load_branch_data(
+        paths, sizes, boxes, [0] * len(paths), *branches.region_sides, 0.0, "predict", FeedOptions(in_memory=True),
+        load=_quiet_load,
+    )
     obj, part_logits = branches.region_logits(data, names)
     probs: dict[str, np.ndarray] = probabilities(raw, obj, part_logits)
     probs["joint"] = joint_probabilities(probs, chain.weights)

@@ -68,10 +68,12 @@ from fgpipe.lineage import (
     rerun,
 )
 from fgpipe.branch_inference import BRANCHES, Branches, joint_probabilities, load_refine, probabilities, refine_config
-from fgpipe.loader import check_image_files, load_split
+from fgpipe.loader import check_image_files, whole_image_requests
 from fgpipe.manifest import ManifestRow
 from fgpipe.runtime import configure_threads
-from fgpipe.stage1_network import inference_runtime, load_checked_stage1
+from fgpipe.sharding import ranks
+from fgpipe.stage1_network import load_checked_stage1
+from fgpipe.streaming import FeedOptions, whole_image_feed
 from fgpipe.store import (
     FileHashes,
     StageRecord,
@@ -82,6 +84,7 @@ from fgpipe.store import (
     write_record,
     write_text,
 )
+from fgpipe.training import Runtime, feed_options
 
 STAGE = "evaluate"
 LOCALIZATION_KEYS = ("accuracy", "mean_iou", "fallback_rate")
@@ -100,6 +103,7 @@ class Inputs:
     sources: dict[str, str]  # SHA-256 of the manifest, both checkpoints and crops.h5: evaluate.json's ``sources``
     branches: Branches
     batch_size: int
+    options: FeedOptions  # how the images are read: streamed by workers, or each split held in memory
 
 
 @dataclass
@@ -111,14 +115,14 @@ class SplitProbabilities:
     probs: dict[str, np.ndarray]  # branch -> (N, K) float64
 
 
-def open_inputs(settings: Settings, dataset: str) -> Inputs:
-    """Load and cross-check the manifest, both checkpoints and crops.h5 (no image is read here)."""
+def open_inputs(settings: Settings, dataset: str, rt: Runtime) -> Inputs:
+    """Load and cross-check the manifest, both checkpoints and crops.h5 (no image is read here); the networks run on
+    ``rt`` (:func:`fgpipe.sharding.ranks`)."""
     inputs = read_dataset_inputs(settings, dataset)
     data = settings.layout(dataset).data
     info, root, classes, by_split = inputs.info, inputs.root, inputs.classes, inputs.by_split
     sha = FileHashes()  # each input hashed once
     manifest_sha = sha(data.manifest)
-    rt = inference_runtime()
     stage1_path, refine_path = data.stage1("best"), data.refine("best")
     stage1, s1_state = load_checked_stage1(stage1_path, manifest_sha, dataset, rt.device, settings)
     if not refine_path.is_file():
@@ -151,19 +155,22 @@ def open_inputs(settings: Settings, dataset: str) -> Inputs:
     return Inputs(
         root=root, cache=cache, rows=by_split, classes=classes, crops=data.crops, manifest_sha256=manifest_sha,
         sources=sources, branches=branches, batch_size=settings.params.evaluate.batch_size,
+        options=feed_options(settings.params.evaluate),
     )
 
 
 def split_probabilities(inputs: Inputs, split: str) -> SplitProbabilities:
-    """Decode the images and boxes of ``split`` and return the three branches' probabilities."""
+    """Read the images and boxes of ``split`` (streamed, or each held in memory in turn) and return the three branches'
+    probabilities."""
     rows = inputs.rows[split]
     boxes = read_crops(inputs.crops, inputs.manifest_sha256, rows)
     branches, ids = inputs.branches, [r.image_id for r in rows]
-    whole = load_split(inputs.root, rows, branches.whole_side, split, inputs.cache)
-    raw = branches.raw_logits(whole.images, ids, inputs.batch_size)
-    del whole
-    data = split_data(inputs.root, rows, boxes, branches.refine_cfg, 0.0, split, inputs.cache)
+    whole = whole_image_feed(whole_image_requests(inputs.root, rows, inputs.cache), branches.whole_side, inputs.options, split)
+    raw = branches.raw_logits(whole, ids, inputs.batch_size)
+    whole.close()  # one pass each: its workers stop here
+    data = split_data(inputs.root, rows, boxes, branches.refine_cfg, 0.0, split, inputs.options, inputs.cache)
     obj, parts = branches.region_logits(data, ids, inputs.batch_size)
+    data.feed.close()
     return SplitProbabilities(ids, np.array([r.label for r in rows], dtype=np.int64), probabilities(raw, obj, parts))
 
 
@@ -242,20 +249,21 @@ def _csv(rows: list[list[Any]]) -> str:
 
 def run(settings: Settings, dataset: str) -> StageRecord:
     """Evaluate on test with weights fixed beforehand (on val or from params); return the content of evaluate.json and
-    evaluate.provenance.json."""
-    with replaced_together():  # the reports and evaluate.json change together, or not at all
-        return _run(settings, dataset)
-
-
-def _run(settings: Settings, dataset: str) -> StageRecord:
+    evaluate.provenance.json. Under torchrun each rank computes its share of every split's batches, every rank gets
+    all the probabilities (so all choose the same weights) and rank 0 writes (:mod:`fgpipe.sharding`)."""
     configure_threads()
+    with ranks() as rt, replaced_together():  # the reports and evaluate.json change together, or not at all
+        return _run(settings, dataset, rt)
+
+
+def _run(settings: Settings, dataset: str, rt: Runtime) -> StageRecord:
     cfg = settings.params.evaluate
     layout = settings.layout(dataset)
     data, out = layout.data, layout.metrics
     if cfg.combine == "val":
         weight_grid(cfg.weight_step)  # a bad step fails before any work
     check_output_paths([out.stage(STAGE), out.provenance(STAGE), out.per_class, out.confusion, out.predictions, data.confusion_png])
-    inputs = open_inputs(settings, dataset)
+    inputs = open_inputs(settings, dataset, rt)
     crops_json, crops_made = out.stage("extract_crops"), out.provenance("extract_crops")
     for path in (crops_json, crops_made):
         if not os.path.lexists(path):
@@ -279,11 +287,12 @@ def _run(settings: Settings, dataset: str) -> StageRecord:
         weights = select_weights(val, cfg.weight_step, cfg.select_by, cfg.branches)
         val_joint = joint_probabilities(val.probs, weights)
         val_top1 = float((val_joint.argmax(1) == val.labels).mean())
-        console.print(
-            f"weights chosen on val ({cfg.select_by}): " + ", ".join(f"{b} {w:.3f}" for b, w in weights.items())
-            + f" (val joint top-1 {val_top1:.4f}, NLL {joint_nll(val_joint, val.labels):.4f})",
-            highlight=False,
-        )
+        if rt.is_main:
+            console.print(
+                f"weights chosen on val ({cfg.select_by}): " + ", ".join(f"{b} {w:.3f}" for b, w in weights.items())
+                + f" (val joint top-1 {val_top1:.4f}, NLL {joint_nll(val_joint, val.labels):.4f})",
+                highlight=False,
+            )
     else:
         weights = fixed_weights(cfg)
 
@@ -298,10 +307,14 @@ def _run(settings: Settings, dataset: str) -> StageRecord:
     if located is not None:
         metrics["localization"] = located
     # the params too: predict takes the weights only while the `evaluate` params are still these
-    record = settings.record(dataset, metrics, {"sources": {**inputs.sources, "params": params_record(settings, "evaluate", dataset)}})
-
-    write_reports(layout, dataset, inputs.classes, test, probs)
-    write_record(out, STAGE, record)
+    provenance = {
+        "sources": {**inputs.sources, "params": params_record(settings, "evaluate", dataset)}, **inputs.options.describe(),
+        "world_size": rt.world_size,  # processes (torchrun ranks) that computed the probabilities
+    }
+    record = settings.record(dataset, metrics, provenance)
+    if rt.is_main:  # rank 0 writes
+        write_reports(layout, dataset, inputs.classes, test, probs)
+        write_record(out, STAGE, record)
     return record
 
 

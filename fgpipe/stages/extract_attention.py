@@ -22,8 +22,9 @@ for gradient methods, one backward.
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from fgpipe.attention import HeatmapMethod, HeatmapSet, companion_methods, creat
 from fgpipe.attention import heatmaps_of as method_heatmaps
 from fgpipe.checkpoints import require_finite
 from fgpipe.config import Settings
-from fgpipe.console import console, progress
+from fgpipe.console import console
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import AttentionMeta, AttentionWriter
 from fgpipe.imagecache import open_image_cache
@@ -42,8 +43,10 @@ from fgpipe.lineage import params_record, read_dataset_info
 from fgpipe.loader import LoadRequest, batched, check_image_files, normalize, prefetched
 from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.runtime import configure_threads
-from fgpipe.stage1_network import extraction_device, load_checked_stage1, stage1_input_size
+from fgpipe.sharding import in_order, main_progress, ranks, share
+from fgpipe.stage1_network import load_checked_stage1, stage1_input_size
 from fgpipe.store import StageRecord, check_output_paths, file_sha256, replaced_together, write_record
+from fgpipe.training import Runtime
 
 STAGE = "extract_attention"
 
@@ -51,13 +54,14 @@ STAGE = "extract_attention"
 # --------------------------------------------------------------------------- the stage
 def run(settings: Settings, dataset: str) -> StageRecord:
     """Heatmaps for every image of every split; return the metrics and provenance (also written to
-    metrics/NAME/extract_attention.json and extract_attention.provenance.json)."""
-    with replaced_together():  # attention.h5 and the metrics file change together, or not at all
-        return _run(settings, dataset)
-
-
-def _run(settings: Settings, dataset: str) -> StageRecord:
+    metrics/NAME/extract_attention.json and extract_attention.provenance.json). Under torchrun each rank computes
+    its share of the batches and rank 0 writes (:mod:`fgpipe.sharding`)."""
     configure_threads()
+    with ranks() as rt, replaced_together():  # attention.h5 and the metrics file change together, or not at all
+        return _run(settings, dataset, rt)
+
+
+def _run(settings: Settings, dataset: str, rt: Runtime) -> StageRecord:
     t_start = time.perf_counter()
     cfg = settings.params.attention
     settings.dataset(dataset)  # a clear error for an unknown dataset name
@@ -70,7 +74,7 @@ def _run(settings: Settings, dataset: str) -> StageRecord:
     info = read_dataset_info(settings, dataset)
     root = info.root
     manifest_sha = file_sha256(data.manifest)
-    device = extraction_device()
+    device = rt.device
     model, state = load_checked_stage1(checkpoint, manifest_sha, dataset, device, settings)
     size = cfg.input_size or stage1_input_size(state)  # 0: the size stage 1 was trained at
     method = create_method(cfg.method, model, score=cfg.score)
@@ -103,25 +107,31 @@ def _run(settings: Settings, dataset: str) -> StageRecord:
     row_batches = batched(rows, cfg.batch_size)
     cache = open_image_cache(data.images, root, manifest_sha, dataset)
     check_image_files(info, rows, cache, dataset, data.manifest)  # a missing or replaced file: stop before writing
-    jobs = ((b, [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height)), cache) for r in b]) for b in row_batches)
-    predictions = np.empty(len(rows), dtype=np.int64)
-    t0 = time.perf_counter()
-    with AttentionWriter(data.attention, meta, grid, len(state["class_names"])) as writer, progress() as bar:
-        task = bar.add_task(f"{' + '.join(names)} heatmaps", total=len(rows))
-        done = 0
-        for batch_rows, images in prefetched(jobs, (size, size)):
+    jobs = [(b, [LoadRequest(root / r.path, (0.0, 0.0, float(r.width), float(r.height)), cache) for r in b]) for b in row_batches]
+
+    def computed() -> Iterator[HeatmapSet]:  # this rank's share of the batches, each checked, on the CPU
+        for batch_rows, images in prefetched(share(jobs, rt), (size, size)):
             out = heatmaps_of(methods, images, batch_rows, cfg.target, device, cfg.flip)
             ids = [r.image_id for r in batch_rows]
             require_finite(out.logits, ids, "logits", checkpoint, "stage1", dataset)
             for name, maps in out.heatmaps.items():
                 require_finite(maps, ids, f"`{name}` heatmaps", checkpoint, "stage1", dataset)
-            writer.append(
-                [r.image_id for r in batch_rows], [r.label for r in batch_rows],
-                out.heatmaps, out.logits, out.predictions,
-            )
-            predictions[done : done + len(batch_rows)] = out.predictions.cpu().numpy()
+            yield HeatmapSet({k: v.cpu() for k, v in out.heatmaps.items()}, out.logits.cpu(), out.predictions.cpu())
+
+    predictions = np.empty(len(rows), dtype=np.int64)
+    t0 = time.perf_counter()
+    with contextlib.ExitStack() as stack, main_progress(rt, f"{' + '.join(names)} heatmaps", len(rows)) as bar:
+        writer = stack.enter_context(AttentionWriter(data.attention, meta, grid, len(state["class_names"]))) if rt.is_main else None
+        done = 0
+        for (batch_rows, _), out in zip(jobs, in_order(computed(), len(jobs), rt), strict=True):
+            if writer is not None:
+                writer.append(
+                    [r.image_id for r in batch_rows], [r.label for r in batch_rows],
+                    out.heatmaps, out.logits, out.predictions,
+                )
+            predictions[done : done + len(batch_rows)] = out.predictions.numpy()
             done += len(batch_rows)
-            bar.advance(task, len(batch_rows))
+            bar.advance(len(batch_rows))
     seconds = time.perf_counter() - t0
 
     labels = np.array([r.label for r in rows])
@@ -144,9 +154,11 @@ def _run(settings: Settings, dataset: str) -> StageRecord:
         "checkpoint": cfg.checkpoint,
         "heatmap_size": list(grid),
         "device": str(device),
+        "world_size": rt.world_size,  # processes (torchrun ranks) that computed the heatmaps
     })
-    write_record(layout.metrics, STAGE, record)
-    console.print(f"wrote {data.attention} ({len(rows)} images)", highlight=False)
+    if rt.is_main:
+        write_record(layout.metrics, STAGE, record)
+        console.print(f"wrote {data.attention} ({len(rows)} images)", highlight=False)
     return record
 
 

@@ -28,6 +28,7 @@ boxes, stored in original-image pixels. Crops are never stored as images.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -36,7 +37,7 @@ import numpy as np
 
 from fgpipe import __version__
 from fgpipe.config import CropsConfig, Settings
-from fgpipe.console import console, progress
+from fgpipe.console import console
 from fgpipe.crop_parts import parts_of
 from fgpipe.errors import ArtifactError
 from fgpipe.figures import save_png
@@ -45,13 +46,15 @@ from fgpipe.imagecache import ImageCache, open_image_cache
 from fgpipe.layout import DataDir
 from fgpipe.lineage import check_attention, check_params, params_record, read_dataset_info
 from fgpipe.loader import LoadRequest, check_image_files, prefetched
-from fgpipe.localize import ObjectBoxes, object_boxes, paired_iou
+from fgpipe.localize import ObjectBoxes, PartBoxes, object_boxes, paired_iou
 from fgpipe.localize.sweep import IOU_HIT, localization_report, localization_sweep, resolve_threshold, write_curves
 from fgpipe.manifest import ManifestRow, read_manifest
 from fgpipe.preview import load_samples, preview_indices, render
 from fgpipe.runtime import configure_threads
-from fgpipe.stage1_network import extraction_device, load_checked_stage1, stage1_input_size
+from fgpipe.sharding import in_order, main_progress, ranks, share
+from fgpipe.stage1_network import load_checked_stage1, stage1_input_size
 from fgpipe.store import FileHashes, StageRecord, check_output_paths, file_sha256, pending, replaced_together, write_json, write_record
+from fgpipe.training import Runtime
 
 STAGE = "extract_crops"
 
@@ -86,13 +89,14 @@ def batches_with_boxes(
 
 def run(settings: Settings, dataset: str) -> StageRecord:
     """Object and part boxes for every image; return the metrics and provenance (also written to
-    metrics/NAME/extract_crops.json and extract_crops.provenance.json)."""
-    with replaced_together():  # crops.h5, the preview, the localisation files and the metrics change together
-        return _run(settings, dataset)
-
-
-def _run(settings: Settings, dataset: str) -> StageRecord:
+    metrics/NAME/extract_crops.json and extract_crops.provenance.json). Under torchrun each rank computes the parts
+    of its share of the batches and rank 0 writes (:mod:`fgpipe.sharding`)."""
     configure_threads()
+    with ranks() as rt, replaced_together():  # crops.h5, the preview, the localisation files and the metrics together
+        return _run(settings, dataset, rt)
+
+
+def _run(settings: Settings, dataset: str, rt: Runtime) -> StageRecord:
     t_start = time.perf_counter()
     cfg = settings.params.crops
     settings.dataset(dataset)  # a clear error for an unknown dataset name
@@ -111,7 +115,7 @@ def _run(settings: Settings, dataset: str) -> StageRecord:
     sha = FileHashes()  # each input hashed once
     manifest_sha = sha(data.manifest)
     attention_sha = sha(data.attention)
-    device = extraction_device()
+    device = rt.device
 
     n = len(rows)
     boxes = np.zeros((n, 4), dtype=np.float64)
@@ -158,15 +162,22 @@ def _run(settings: Settings, dataset: str) -> StageRecord:
             },
         )
         t0 = time.perf_counter()
-        with CropsWriter(data.crops, meta, cfg.max_parts) as writer, progress() as bar:
-            task = bar.add_task("object boxes + MPALM parts", total=n)
-            jobs = batches_with_boxes(attention, rows, root, cfg, cache, threshold)
-            for (sl, records, obj), crops in prefetched(jobs, (size, size)):
-                parts = parts_of(model, crops, obj.boxes, size, cfg, device, names=records.image_ids, checkpoint=checkpoint, dataset=dataset)
-                writer.append(records.image_ids, obj.boxes, obj.scores, obj.fallback, parts.boxes, parts.scores, parts.counts)
+        total = -(-n // cfg.batch_size)  # batches
+
+        def computed() -> Iterator[PartBoxes]:  # this rank's share of the batches (every rank has every object box)
+            mine = share(batches_with_boxes(attention, rows, root, cfg, cache, threshold), rt)
+            for (_, records, obj), crops in prefetched(mine, (size, size)):
+                yield parts_of(model, crops, obj.boxes, size, cfg, device, names=records.image_ids, checkpoint=checkpoint, dataset=dataset)
+
+        with contextlib.ExitStack() as stack, main_progress(rt, "object boxes + MPALM parts", n) as bar:
+            writer = stack.enter_context(CropsWriter(data.crops, meta, cfg.max_parts)) if rt.is_main else None
+            jobs = batches_with_boxes(attention, rows, root, cfg, cache, threshold)  # the boxes again, without images
+            for ((sl, records, obj), _), parts in zip(jobs, in_order(computed(), total, rt), strict=True):
+                if writer is not None:
+                    writer.append(records.image_ids, obj.boxes, obj.scores, obj.fallback, parts.boxes, parts.scores, parts.counts)
                 boxes[sl], fallback[sl] = obj.boxes, obj.fallback
                 part_total += int(parts.counts.sum())
-                bar.advance(task, sl.stop - sl.start)
+                bar.advance(sl.stop - sl.start)
         seconds = time.perf_counter() - t0
         method = attention.meta.method
 
@@ -186,8 +197,11 @@ def _run(settings: Settings, dataset: str) -> StageRecord:
         "method": method,
         "threshold_source": source,  # params | auto (best train+val localisation on crops.thresholds) | auto-fallback
         "device": str(device),
-        "sources": {"crops_sha256": file_sha256(pending(data.crops))},  # the crops.h5 these figures describe
+        "world_size": rt.world_size,  # processes (torchrun ranks) that computed the parts
     }
+    if not rt.is_main:  # rank 0 writes
+        return settings.record(dataset, {**metrics, "seconds": round(time.perf_counter() - t_start, 3)}, provenance)
+    provenance["sources"] = {"crops_sha256": file_sha256(pending(data.crops))}  # the crops.h5 these figures describe
     write_curves(out.localization_curves, sweeps)
     write_preview(data, rows, root, dataset, cfg, method, threshold)
     write_json(out.localization, {"dataset": dataset, **report})

@@ -7,11 +7,10 @@ Writes: data/NAME/stage1/{best,last}.pt, metrics/NAME/train_backbone.json and tr
 
 The stage supplies its data, its step (:func:`train_step`) and its figures (:class:`Stage1Trainer`); the loop is
 :func:`fgpipe.training.fit`. The best epoch is selected on val (carved from train); test is only evaluated once,
-at the end, for the report. ``--resume`` continues from last.pt; each epoch is seeded from (seed, epoch), so a
-resumed run ends with the same weights as an uninterrupted one.
-Until the run ends its checkpoints say ``finished: False``, and the later stages refuse them: a killed or
-failed run leaves them for ``--resume`` only (Ctrl-C says so); both are marked finished together with the
-metrics files, at the very end (:func:`fgpipe.store.replaced_together`).
+at the end, for the report. ``--resume`` continues from the unfinished run's last.pt; each epoch is
+seeded from (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one.
+Until the run ends, its checkpoints and curves stay in data/NAME/stage1/unfinished/ (:class:`fgpipe.training.RunFiles`);
+the previous run's outputs stay untouched, and are replaced together at the end (:func:`fgpipe.training.finish_run`).
 """
 
 from __future__ import annotations
@@ -31,12 +30,13 @@ from fgpipe.config import ModelConfig, Settings, TrainBackboneConfig
 from fgpipe.errors import ArtifactError
 from fgpipe.imagecache import ImageCache, open_image_cache
 from fgpipe.lineage import params_record, read_dataset_inputs
-from fgpipe.loader import Split, check_image_files, load_split, normalize, resized_side, train_augment
+from fgpipe.loader import check_image_files, normalize, resized_side, train_augment, whole_image_requests
 from fgpipe.manifest import ManifestRow
 from fgpipe.models import build_stage1
 from fgpipe.models.wsdan import CenterLoss, Stage1Net, attention_crop_drop
-from fgpipe.stage1_network import predict_logits
+from fgpipe.stage1_network import eval_batch_size, predict_batches
 from fgpipe.store import StageRecord, check_output_paths, file_sha256
+from fgpipe.streaming import Feed, FeedOptions, Pixels, sequential_chunks, whole_image_feed
 from fgpipe.training import (
     FitResult,
     RunFiles,
@@ -46,6 +46,7 @@ from fgpipe.training import (
     all_reduce_sum,
     check_loss,
     config_mismatch,
+    feed_options,
     fit,
     optimizer_for,
     scheduler_for,
@@ -79,11 +80,14 @@ class Stage1Trainer(Trainer):
     files: RunFiles
     parts: dict[str, Any]
     state: dict[str, Any]
-    train: Split
-    val: Split
+    train_feed: Feed
+    train_labels: Tensor  # (N,)
+    val: Feed
+    val_labels: Tensor  # (N,)
     test_rows: list[ManifestRow]
     root: Path
     cache: ImageCache | None
+    options: FeedOptions
     kind: str = "stage1"
     lr_key: str = "train_backbone.lr"
     counts: tuple[tuple[str, str], ...] = (("top1", "acc"),)
@@ -92,7 +96,8 @@ class Stage1Trainer(Trainer):
     def build(
         cls, settings: Settings, dataset: str, cfg: TrainBackboneConfig, mcfg: ModelConfig, rt: Runtime, t_start: float
     ) -> Stage1Trainer:
-        """Read and check the inputs, decode train and val, build the network, its center loss, optimiser and schedule."""
+        """Read and check the inputs, set up the reading of train and val, build the network, its center loss, optimiser
+        and schedule."""
         settings.dataset(dataset)  # a clear error for an unknown dataset name
         layout = settings.layout(dataset)
         data, out = layout.data, layout.metrics
@@ -108,8 +113,9 @@ class Stage1Trainer(Trainer):
         side = resized_side(cfg.input_size, cfg.augment)
         cache = open_image_cache(data.images, root, file_sha256(data.manifest), dataset)
         check_image_files(info, rows, cache, dataset, data.manifest)  # test images too: they are read after training
-        train = load_split(root, by_split["train"], side, "train", cache)
-        val = load_split(root, by_split["val"], side, "val", cache)
+        options = feed_options(cfg)
+        train = whole_image_feed(whole_image_requests(root, by_split["train"], cache), side, options, "train")
+        val = whole_image_feed(whole_image_requests(root, by_split["val"], cache), side, options, "val")
 
         seed_everything(cfg.seed)
         weights = mcfg.weights if mcfg.weights in ("none", "imagenet") else str(settings.resolve(mcfg.weights))
@@ -131,7 +137,8 @@ class Stage1Trainer(Trainer):
         return cls(
             settings=settings, dataset=dataset, cfg=cfg, mcfg=mcfg, rt=rt, t_start=t_start, files=files,
             parts={"model": model, "center": center, "optimizer": opt, "scheduler": sched}, state=state,
-            train=train, val=val, test_rows=by_split["test"], root=root, cache=cache,
+            train_feed=train, train_labels=labels_of(by_split["train"]), val=val, val_labels=labels_of(by_split["val"]),
+            test_rows=by_split["test"], root=root, cache=cache, options=options,
         )
 
     @property
@@ -140,22 +147,23 @@ class Stage1Trainer(Trainer):
 
     @property
     def train_size(self) -> int:  # type: ignore[override]
-        return len(self.train)
+        return len(self.train_feed)
 
     def check_resumable(self, state: dict[str, Any]) -> None:
         if state.get("manifest_sha256") != self.state["manifest_sha256"]:
             raise ArtifactError(f"{self.files.running_last} was trained on another manifest: delete it or run without --resume")
         config_mismatch(state, self.state["config"], self.files.running_last)
 
-    def train_step(self, net: nn.Module, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
+    def train_step(self, net: nn.Module, idx: Tensor, pixels: Pixels, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
         cfg, rt = self.cfg, self.rt
-        x = rt.to_input(normalize(train_augment(self.train.images[idx], cfg.input_size, cfg.augment, gen)))
-        y = self.train.labels[idx].to(rt.device)
+        (images,) = pixels  # (B, 3, S, S) uint8
+        x = rt.to_input(normalize(train_augment(images, cfg.input_size, cfg.augment, gen)))
+        y = self.train_labels[idx].to(rt.device)
         loss, logits = train_step(net, self.parts["center"], self.parts["optimizer"], x, y, cfg, rt, gen)
         return loss, (int((logits.argmax(1) == y).sum()),), len(y)
 
     def validate(self) -> dict[str, float]:
-        return evaluate(self.parts["model"], self.val, self.cfg, self.rt)
+        return evaluate(self.parts["model"], self.val, self.val_labels, self.cfg, self.rt)
 
     def figures(self, stats: dict[str, float], val: dict[str, float]) -> dict[str, float]:
         return {"train_top1": stats["top1"], "val_top1": val["top1"], "val_top1_raw": val["top1_raw"]}
@@ -169,7 +177,11 @@ class Stage1Trainer(Trainer):
         best_state = load_checkpoint(self.files.running_best, map_location=rt.device)
         model.load_state_dict(best_state["model"])
         side = resized_side(cfg.input_size, cfg.augment)
-        test = evaluate(model, load_split(self.root, self.test_rows, side, "test", self.cache), cfg, rt) if self.test_rows else None
+        test = None
+        if self.test_rows:
+            feed = whole_image_feed(whole_image_requests(self.root, self.test_rows, self.cache), side, self.options, "test")
+            test = evaluate(model, feed, labels_of(self.test_rows), cfg, rt)
+            feed.close()  # one pass: its workers stop here
         best, last = result.best, result.history[-1]
         metrics = {
             "input_size": cfg.input_size,
@@ -187,6 +199,7 @@ class Stage1Trainer(Trainer):
             "resumed_from_epoch": result.resumed_from_epoch,
             "world_size": rt.world_size,
             "device": str(rt.device),
+            **self.options.describe(),  # which input pipeline ran: stream (and its workers) or memory
         }
         return self.settings.record(self.dataset, metrics, provenance), best_state
 
@@ -273,11 +286,18 @@ def _cam_loss(cam_logits: Tensor | None, y: Tensor, cfg: TrainBackboneConfig) ->
     return cfg.cam_loss_weight * F.cross_entropy(cam_logits.float(), y, label_smoothing=cfg.label_smoothing)
 
 
-def evaluate(model: nn.Module, data: Split, cfg: TrainBackboneConfig, rt: Runtime) -> dict[str, float]:
-    """Top-1 of raw and refined predictions on a split (sharded over ranks, counts summed)."""
+def labels_of(rows: list[ManifestRow]) -> Tensor:
+    """The class indices of ``rows`` (N,)."""
+    return torch.tensor([r.label for r in rows], dtype=torch.long)
+
+
+def evaluate(model: nn.Module, data: Feed, labels: Tensor, cfg: TrainBackboneConfig, rt: Runtime) -> dict[str, float]:
+    """Top-1 of raw and refined predictions on a split (sharded over ranks: each reads only its own images; counts
+    summed)."""
     idx = torch.arange(len(data))[rt.rank :: rt.world_size] if rt.distributed else torch.arange(len(data))
-    raw, refined = predict_logits(unwrap(model), data.images[idx], cfg, rt)
-    y = data.labels[idx]
+    batches = (images for _, (images,) in data.batches(sequential_chunks(idx, eval_batch_size(cfg))))
+    raw, refined = predict_batches(unwrap(model), batches, cfg, rt)
+    y = labels[idx]
     counts = torch.tensor([(raw.argmax(1) == y).sum(), (refined.argmax(1) == y).sum(), len(y)], dtype=torch.float64)
     all_reduce_sum(counts, rt)
     n = max(float(counts[2]), 1.0)

@@ -11,7 +11,8 @@ Writes: data/NAME/refine/{best,last}.pt (recording the SHA-256 of the manifest, 
 
 The stage supplies its data, its step and its figures (:class:`RefineTrainer`) and the box jitter
 (:func:`jittered_crops`); the loop is :func:`fgpipe.training.fit`, the regions :mod:`fgpipe.branch_data`.
-No crop is ever written as an image: every box is decoded once into memory (:func:`fgpipe.loader.load_regions`).
+No crop is ever written as an image: every box is cut from images.h5 (or the image file) batch by batch by the input
+pipeline's workers (:mod:`fgpipe.streaming`; ``in_memory: true`` decodes them all once instead).
 Train boxes are decoded with a margin of ``box_jitter`` times the box side on each side, so that every epoch
 can move each box edge by up to that fraction (a random shift and scale) before the usual random crop, flip
 and colour jitter; val boxes are decoded exactly, resized to ``input_size * resize_ratio`` and centre-cropped,
@@ -19,11 +20,10 @@ as stage-1 evaluates. Part patches are resized to ``part_size`` (0: ``input_size
 part uses its object box as its single patch.
 
 Both branches train jointly (loss = CE_object + CE_parts); the epoch kept as best maximises the mean of the
-two branches' val top-1 (test is never read here). ``--resume`` continues from last.pt; each epoch is seeded
-from (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one.
-Until the run ends its checkpoints say ``finished: False``, and the later stages refuse them: a killed or
-failed run leaves them for ``--resume`` only (Ctrl-C says so); both are marked finished together with the
-metrics files, at the very end (:func:`fgpipe.store.replaced_together`).
+two branches' val top-1 (test is never read here). ``--resume`` continues from the unfinished run's last.pt;
+each epoch is seeded from (seed, epoch), so a resumed run ends with the same weights as an uninterrupted one.
+Until the run ends, its checkpoints and curves stay in data/NAME/refine/unfinished/ (:class:`fgpipe.training.RunFiles`);
+the previous run's outputs stay untouched, and are replaced together at the end (:func:`fgpipe.training.finish_run`).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from fgpipe.branch_data import BranchData, part_size, read_crops, split_data, subset
+from fgpipe.branch_data import BranchData, part_size, read_crops, split_data
 from fgpipe.branch_inference import predict_branches
 from fgpipe.checkpoints import config_dict
 from fgpipe.config import ModelConfig, Settings, TrainRefineConfig
@@ -50,6 +50,7 @@ from fgpipe.loader import check_image_files, normalize, resized_side, train_augm
 from fgpipe.models.branches import build_refine_net
 from fgpipe.stage1_network import stage1_state
 from fgpipe.store import FileHashes, StageRecord, check_output_paths
+from fgpipe.streaming import Feed, FeedOptions, Pixels
 from fgpipe.training import (
     FitResult,
     RunFiles,
@@ -59,6 +60,7 @@ from fgpipe.training import (
     all_reduce_sum,
     check_loss,
     config_mismatch,
+    feed_options,
     fit,
     optimizer_for,
     scheduler_for,
@@ -94,20 +96,24 @@ def jittered_crops(
     return roi_align(stored.float(), rois, output_size=(out_side, out_side), spatial_scale=1.0, sampling_ratio=-1, aligned=True)
 
 
-def train_inputs(data: BranchData, idx: Tensor, cfg: TrainRefineConfig, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
-    """Augmented object crops (B, 3, S, S), patches (T, 3, s, s), both float in [0, 1], and each patch's owner (T,).
+def train_inputs(
+    data: BranchData, idx: Tensor, stored: tuple[Tensor, Tensor], cfg: TrainRefineConfig, gen: torch.Generator
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Augmented object crops (B, 3, S, S), patches (T, 3, s, s), both float in [0, 1], and each patch's owner (T,),
+    of the images ``idx`` whose stored regions ``data.feed`` gave (``stored``: uint8 objects and patches).
 
     Draw order from ``gen``: object jitter (B, 4), patch jitter (T, 4), then :func:`train_augment` for objects
     and for patches.
     """
+    objects_in, patches_in = stored  # (B, 3, So, So), (T, 3, Sp, Sp) uint8
     rows, owner = data.patch_index(idx)
     u_obj = torch.rand(len(idx), 4, generator=gen) * 2 - 1  # (B, 4)
     u_part = torch.rand(len(rows), 4, generator=gen) * 2 - 1  # (T, 4)
     obj_side = resized_side(cfg.input_size, cfg.augment)
     p_size = part_size(cfg)
-    objects = jittered_crops(data.objects[idx], data.object_regions[idx], data.object_boxes[idx], u_obj, cfg.box_jitter, obj_side)
+    objects = jittered_crops(objects_in, data.object_regions[idx], data.object_boxes[idx], u_obj, cfg.box_jitter, obj_side)
     patches = jittered_crops(
-        data.patches[rows], data.patch_regions[rows], data.patch_boxes[rows], u_part, cfg.box_jitter, resized_side(p_size, cfg.augment)
+        patches_in, data.patch_regions[rows], data.patch_boxes[rows], u_part, cfg.box_jitter, resized_side(p_size, cfg.augment)
     )
     return (
         train_augment(objects, cfg.input_size, cfg.augment, gen),
@@ -143,6 +149,7 @@ class RefineTrainer(Trainer):
     val: BranchData
     stage1_path: Path
     loaded: int  # tensors of the stage-1 checkpoint the branches started from
+    options: FeedOptions  # how the regions are read
     kind: str = "refine"
     lr_key: str = "train_refine.lr"
     counts: tuple[tuple[str, str], ...] = (("object_top1", "obj"), ("parts_top1", "parts"))
@@ -174,8 +181,9 @@ class RefineTrainer(Trainer):
 
         cache = open_image_cache(data.images, root, manifest_sha, dataset)
         check_image_files(info, by_split["train"] + by_split["val"], cache, dataset, data.manifest)  # before any checkpoint is written
-        train = split_data(root, by_split["train"], boxes["train"], cfg, cfg.box_jitter, "train", cache)
-        val = split_data(root, by_split["val"], boxes["val"], cfg, 0.0, "val", cache)
+        options = feed_options(cfg)
+        train = split_data(root, by_split["train"], boxes["train"], cfg, cfg.box_jitter, "train", options, cache)
+        val = split_data(root, by_split["val"], boxes["val"], cfg, 0.0, "val", options, cache)
 
         seed_everything(cfg.seed)
         mcfg = ModelConfig(**stage1["config"]["model"])  # checked by stage1_state
@@ -196,7 +204,7 @@ class RefineTrainer(Trainer):
         return cls(
             settings=settings, dataset=dataset, cfg=cfg, mcfg=mcfg, rt=rt, t_start=t_start, files=files,
             parts={"model": model, "optimizer": opt, "scheduler": sched}, state=state, train=train, val=val,
-            stage1_path=stage1_path, loaded=report.loaded if report else 0,
+            stage1_path=stage1_path, loaded=report.loaded if report else 0, options=options,
         )
 
     @property
@@ -207,16 +215,20 @@ class RefineTrainer(Trainer):
     def train_size(self) -> int:  # type: ignore[override]
         return len(self.train)
 
+    @property
+    def train_feed(self) -> Feed:  # type: ignore[override]
+        return self.train.feed
+
     def check_resumable(self, state: dict[str, Any]) -> None:
         for key, what in (("manifest_sha256", "manifest"), ("crops_sha256", "crops.h5"), ("stage1_sha256", "stage-1 checkpoint")):
             if state.get(key) != self.state[key]:
                 raise ArtifactError(f"{self.files.running_last} was trained from another {what}: delete it or run without --resume")
         config_mismatch(state, self.state["config"], self.files.running_last)
 
-    def train_step(self, net: nn.Module, idx: Tensor, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
+    def train_step(self, net: nn.Module, idx: Tensor, pixels: Pixels, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
         """loss = CE(object logits) + CE(mean patch logits), on jittered, augmented crops and patches."""
         cfg, rt, opt = self.cfg, self.rt, self.parts["optimizer"]
-        objects, patches, owner = train_inputs(self.train, idx, cfg, gen)
+        objects, patches, owner = train_inputs(self.train, idx, (pixels[0], pixels[1]), cfg, gen)
         y = self.train.labels[idx].to(rt.device)
         with rt.autocast():
             out = net(rt.to_input(normalize(objects)), rt.to_input(normalize(patches)), owner.to(rt.device))
@@ -269,15 +281,17 @@ class RefineTrainer(Trainer):
             "resumed_from_epoch": result.resumed_from_epoch,
             "world_size": rt.world_size,
             "device": str(rt.device),
+            **self.options.describe(),  # which input pipeline ran: stream (and its workers) or memory
         }
         return self.settings.record(self.dataset, metrics, provenance), None
 
 
 def evaluate_branches(model: nn.Module, data: BranchData, cfg: TrainRefineConfig, rt: Runtime) -> dict[str, float]:
-    """Val top-1 of each branch and their mean (sharded over ranks, counts summed)."""
-    sub = subset(data, torch.arange(len(data))[rt.rank :: rt.world_size]) if rt.distributed else data
-    obj, parts = predict_branches(unwrap(model), sub, cfg, rt)  # type: ignore[arg-type]
-    counts = torch.tensor([(obj.argmax(1) == sub.labels).sum(), (parts.argmax(1) == sub.labels).sum(), len(sub)], dtype=torch.float64)
+    """Val top-1 of each branch and their mean (sharded over ranks: each reads only its own images; counts summed)."""
+    idx = torch.arange(len(data))[rt.rank :: rt.world_size] if rt.distributed else torch.arange(len(data))
+    obj, parts = predict_branches(unwrap(model), data, cfg, rt, idx=idx)  # type: ignore[arg-type]
+    y = data.labels[idx]
+    counts = torch.tensor([(obj.argmax(1) == y).sum(), (parts.argmax(1) == y).sum(), len(y)], dtype=torch.float64)
     all_reduce_sum(counts, rt)
     n = max(float(counts[2]), 1.0)
     top_obj, top_parts = float(counts[0]) / n, float(counts[1]) / n
