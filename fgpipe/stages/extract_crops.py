@@ -29,6 +29,7 @@ boxes, stored in original-image pixels. Crops are never stored as images.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -164,14 +165,16 @@ def _run(settings: Settings, dataset: str, rt: Runtime) -> StageRecord:
         t0 = time.perf_counter()
         total = -(-n // cfg.batch_size)  # batches
 
-        def computed() -> Iterator[PartBoxes]:  # this rank's share of the batches (every rank has every object box)
-            mine = share(batches_with_boxes(attention, rows, root, cfg, cache, threshold), rt)
-            for (_, records, obj), crops in prefetched(mine, (size, size)):
+        # every batch's object boxes, computed once: the loop below reads them all, this rank's share also goes to
+        # the network (tee keeps the few batches one reader is ahead of the other)
+        jobs, to_compute = itertools.tee(batches_with_boxes(attention, rows, root, cfg, cache, threshold))
+
+        def computed() -> Iterator[PartBoxes]:  # this rank's share of the batches
+            for (_, records, obj), crops in prefetched(share(to_compute, rt), (size, size)):
                 yield parts_of(model, crops, obj.boxes, size, cfg, device, names=records.image_ids, checkpoint=checkpoint, dataset=dataset)
 
         with contextlib.ExitStack() as stack, main_progress(rt, "object boxes + MPALM parts", n) as bar:
             writer = stack.enter_context(CropsWriter(data.crops, meta, cfg.max_parts)) if rt.is_main else None
-            jobs = batches_with_boxes(attention, rows, root, cfg, cache, threshold)  # the boxes again, without images
             for ((sl, records, obj), _), parts in zip(jobs, in_order(computed(), total, rt), strict=True):
                 if writer is not None:
                     writer.append(records.image_ids, obj.boxes, obj.scores, obj.fallback, parts.boxes, parts.scores, parts.counts)
