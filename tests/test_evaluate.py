@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -47,7 +48,7 @@ def test_figures_equal_a_recomputation_from_predictions_csv(trained: Path, tmp_p
     made = json.loads((tmp_path / "metrics/toy/evaluate.provenance.json").read_text())
 
     # exactly the documented shape (3 classes: top-k is top-3), the hashes and params in the record beside it
-    assert set(metrics) == {"images", "raw", "object", "parts", "joint", "weights", "localization"}
+    assert set(metrics) == {"images", "raw", "object", "parts", "joint", "weights", "val", "localization"}
     assert set(made["sources"]) == {"manifest_sha256", "stage1_sha256", "refine_sha256", "crops_sha256", "params"}
     assert made["sources"]["crops_sha256"] == file_sha256(tmp_path / "data/toy/crops.h5") and made["dataset"] == "toy"
     for branch in ("raw", "object", "parts", "joint"):
@@ -101,6 +102,25 @@ def test_weights_are_selected_before_test_is_read(trained: Path, tmp_path: Path,
     assert events == ["val", "select by nll", "test"]
 
 
+def test_val_figures_equal_a_recomputation_from_the_val_probabilities(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    params = project(trained, tmp_path)
+    seen: dict[str, evaluate.SplitProbabilities] = {}
+    real_split = evaluate.split_probabilities
+    monkeypatch.setattr(evaluate, "split_probabilities", lambda inputs, name: seen.setdefault(name, real_split(inputs, name)))
+    metrics = evaluate.run(load_params(params), "toy").metrics
+    val, weights = seen["val"], metrics["weights"]
+    assert set(metrics["val"]) == {"images", "raw", "object", "parts", "joint"} and metrics["val"]["images"] == 6
+    labels = torch.from_numpy(val.labels)
+    for name in ("raw", "object", "parts", "joint"):
+        if name == "joint":  # the weighted mean of the three probability vectors, by hand
+            probs = sum(weights[b] * torch.from_numpy(val.probs[b]).double() for b in ("raw", "object", "parts"))
+        else:
+            probs = torch.from_numpy(val.probs[name]).double()
+        expected_nll = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
+        assert metrics["val"][name]["nll"] == pytest.approx(expected_nll, rel=1e-9)
+        assert metrics["val"][name]["top1"] == pytest.approx((probs.argmax(1) == labels).double().mean().item())
+
+
 def test_fixed_weights_are_honoured_and_val_is_not_read(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = project(trained, tmp_path)
     overrides = {"evaluate.combine": "fixed", "evaluate.weights": {"raw": 0.0, "object": 3.0, "parts": 1.0}}
@@ -108,7 +128,7 @@ def test_fixed_weights_are_honoured_and_val_is_not_read(trained: Path, tmp_path:
     real_split = evaluate.split_probabilities
     monkeypatch.setattr(evaluate, "split_probabilities", lambda inputs, name: read.append(name) or real_split(inputs, name))
     metrics = evaluate.run(load_params(params, overrides), "toy").metrics
-    assert read == ["test"]
+    assert read == ["test"] and "val" not in metrics
     assert metrics["weights"] == {"raw": 0.0, "object": 0.75, "parts": 0.25}
     with pytest.raises(ConfigError, match="evaluate.weights"):
         evaluate.run(load_params(params, {**overrides, "evaluate.weights": {"raw": 0.0, "object": 0.0, "parts": 0.0}}), "toy")

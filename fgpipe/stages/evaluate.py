@@ -25,9 +25,11 @@ prediction combines (all three by default; ``[raw, object]`` is the ablation wit
 weight 0 in both modes, and are still reported alone. The test split is loaded only once the weights
 are fixed (see :func:`run`): nothing is ever selected on test.
 
-evaluate.json is exactly ``{"images", "raw", "object", "parts", "joint", "weights"[, "localization"]}``,
+evaluate.json is exactly ``{"images", "raw", "object", "parts", "joint", "weights"[, "val"][, "localization"]}``,
 each branch ``{"top1", "top{k}"}`` with k = min(evaluate.top_k, number of classes), accuracies on test in
-[0, 1]; ``localization`` (accuracy, mean_iou, fallback_rate) is carried from extract_crops.json (checked to
+[0, 1]; ``val`` (``combine: val`` only) holds the figures the weights were chosen on: ``images`` and, for each
+branch and the joint prediction, ``{"top1", "nll"}`` on the val split (the NLL, a mean over the val images, is
+the finer of the two for comparing settings on a small val split); ``localization`` (accuracy, mean_iou, fallback_rate) is carried from extract_crops.json (checked to
 describe this crops.h5) and left out when that is null (a dataset without boxes). evaluate.provenance.json's
 ``sources``: the SHA-256 of the manifest, stage1/best.pt, refine/best.pt and crops.h5 the figures and weights were
 computed from, and ``params``, the `evaluate` params they were chosen with (:func:`fgpipe.lineage.params_record`:
@@ -234,6 +236,16 @@ def accuracy(probs: np.ndarray, labels: np.ndarray, k: int) -> dict[str, float]:
     return {"top1": top1, f"top{k}": topk}
 
 
+def split_figures(split: SplitProbabilities, weights: dict[str, float]) -> dict[str, Any]:
+    """``images`` and each branch's and the joint prediction's ``{"top1", "nll"}`` on one split (evaluate.json's
+    ``val``)."""
+    probs = {**split.probs, "joint": joint_probabilities(split.probs, weights)}
+    figures: dict[str, Any] = {"images": len(split.labels)}
+    for name in (*BRANCHES, "joint"):
+        figures[name] = {"top1": float((probs[name].argmax(1) == split.labels).mean()), "nll": joint_nll(probs[name], split.labels)}
+    return figures
+
+
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
     """Counts (K, K): rows the true class, columns the predicted one."""
     out = np.zeros((num_classes, num_classes), dtype=np.int64)
@@ -285,16 +297,16 @@ def _run(settings: Settings, dataset: str, rt: Runtime) -> StageRecord:
             raise ArtifactError(f"{data.manifest}: the val split is empty; use evaluate.combine: fixed")
         val = split_probabilities(inputs, "val")
         weights = select_weights(val, cfg.weight_step, cfg.select_by, cfg.branches)
-        val_joint = joint_probabilities(val.probs, weights)
-        val_top1 = float((val_joint.argmax(1) == val.labels).mean())
+        val_figures = split_figures(val, weights)
         if rt.is_main:
+            joint = val_figures["joint"]
             console.print(
                 f"weights chosen on val ({cfg.select_by}): " + ", ".join(f"{b} {w:.3f}" for b, w in weights.items())
-                + f" (val joint top-1 {val_top1:.4f}, NLL {joint_nll(val_joint, val.labels):.4f})",
+                + f" (val joint top-1 {joint['top1']:.4f}, NLL {joint['nll']:.4f})",
                 highlight=False,
             )
     else:
-        weights = fixed_weights(cfg)
+        weights, val_figures = fixed_weights(cfg), None
 
     # 2. test, once
     test = split_probabilities(inputs, "test")
@@ -304,6 +316,8 @@ def _run(settings: Settings, dataset: str, rt: Runtime) -> StageRecord:
     for name in (*BRANCHES, "joint"):
         metrics[name] = accuracy(probs[name], test.labels, k)
     metrics["weights"] = weights
+    if val_figures is not None:
+        metrics["val"] = val_figures
     if located is not None:
         metrics["localization"] = located
     # the params too: predict takes the weights only while the `evaluate` params are still these
