@@ -30,7 +30,7 @@ from fgpipe.checkpoints import RESUME_KEYS, finished, load_checkpoint, rebuildin
 from fgpipe.config import TrainingConfig
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, ConfigError, Interrupted, TrainingError
-from fgpipe.runtime import configure_threads, env_int
+from fgpipe.runtime import TRIM_EVERY_STEPS, configure_threads, env_int, release_free_memory
 from fgpipe.store import StageRecord, move_output, output_error, remove_folder, replaced_together, write_json
 from fgpipe.streaming import Feed, FeedOptions, Pixels, feeds_closed
 
@@ -445,6 +445,7 @@ def fit(trainer: Trainer, rt: Runtime, resume: bool, on_step: StepHook | None = 
             train_seconds += time.perf_counter() - t0
             train_images += int(stats["images"])
             val = trainer.validate()
+            release_free_memory()
             record = {
                 "epoch": epoch + 1, "train_loss": stats["loss"], **trainer.figures(stats, val),
                 "lr": trainer.parts["optimizer"].param_groups[0]["lr"], "images_per_s": stats["images_per_s"],
@@ -531,6 +532,8 @@ def _train_epoch(
                 pbar.update(task, advance=1, info=f"loss {loss_value:.3f} {shares} {rate:.1f} img/s")
             if on_step is not None:
                 on_step(epoch, step)
+            if (step + 1) % TRIM_EVERY_STEPS == 0:
+                release_free_memory()  # the tuned heap's peak must not grow with the steps
     stats = torch.tensor([total_loss, *right, seen], dtype=torch.float64)
     all_reduce_sum(stats, rt)
     elapsed = time.perf_counter() - t0

@@ -60,6 +60,17 @@ def small_blocks():
 out = {"before": {"small": small_blocks(), "big": big_block()}}
 out["set"] = runtime.tune_malloc()
 out["after"] = {"big": big_block(), "small": small_blocks()}
+
+def released():
+    # 64 MiB of 96 KiB blocks freed onto the heap's top, then release_free_memory(): how much of the heap goes back
+    ps = [libc.malloc(96 << 10) for _ in range(682)]
+    for p in reversed(ps):
+        libc.free(p)
+    before = libc.mallinfo2()
+    ran = runtime.release_free_memory()
+    return {"ran": ran, "heap_given_back": before.arena - libc.mallinfo2().arena}
+
+out["release"] = released()
 print(json.dumps(out))
 """
 
@@ -87,6 +98,17 @@ def test_tune_malloc_keeps_big_blocks_on_the_heap_and_the_heap_in_the_process() 
     assert after["big"]["heap_grew"] >= 64 * MIB - 8 * MIB, out  # (free space at the heap's top may serve a few MiB)
     assert after["big"]["heap_kept"] == after["big"]["heap_grew"], out  # trimming off: the freed block stays
     assert after["small"]["heap_given_back"] == 0, out
+    # what the trainers call every few steps: the kept heap goes back to the kernel
+    assert out["release"]["ran"] is True and out["release"]["heap_given_back"] >= 56 * MIB, out
+
+
+@needs_glibc
+def test_release_free_memory_does_nothing_where_glibc_trims_by_itself() -> None:
+    """With FGPIPE_MALLOC_TUNING=0 tune_malloc sets nothing, glibc keeps trimming its heap on free, and
+    release_free_memory() does not run."""
+    out = _probe({"FGPIPE_MALLOC_TUNING": "0"})
+    assert out["set"] == {} and out["release"]["ran"] is False, out
+    assert out["after"]["small"]["heap_given_back"] >= 4 * MIB, out
 
 
 @needs_glibc
