@@ -79,7 +79,7 @@ def absolute_paths(doc: object, where: str = "") -> list[str]:
 
 def test_every_stage_declares_its_metrics_file_and_its_provenance_record() -> None:
     """metrics/NAME/STAGE.json under `metrics:` (what `dvc metrics show` reads) and STAGE.provenance.json beside it as
-    an out with cache: false (committed like the metrics), both named as fgpipe.layout names them."""
+    an out in DVC's cache (so the stage keeps its run cache), both named as fgpipe.layout names them."""
     from fgpipe.layout import MetricsDir
 
     stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
@@ -88,16 +88,29 @@ def test_every_stage_declares_its_metrics_file_and_its_provenance_record() -> No
         spec, key = stage["do"], name.replace("-", "_")
         assert [next(iter(e)) for e in spec["metrics"]] == [names.stage(key).as_posix()], name
         assert all(e[next(iter(e))] == {"cache": False} for e in spec["metrics"]), name
-        made = [e for e in spec["outs"] if isinstance(e, dict) and next(iter(e)) == names.provenance(key).as_posix()]
-        assert made == [{names.provenance(key).as_posix(): {"cache": False}}], name
+        assert names.provenance(key).as_posix() in spec["outs"], name  # a plain (cached) out
     # evaluate reads extract-crops' figures and the record of which crops.h5 they describe
     assert {"metrics/${key}/extract_crops.json", "metrics/${key}/extract_crops.provenance.json"} <= set(stages["evaluate"]["do"]["deps"])
 
 
-def assert_split(metrics: Path, project: Path) -> None:
-    """``metrics`` (a declared metrics file) holds numbers only; the provenance record beside it no absolute path."""
+def test_every_out_but_the_image_cache_is_cached_or_a_metric_or_plot() -> None:
+    """DVC keeps no run cache for a stage with an uncached out that is neither a metric nor a plot: only prepare's
+    images.h5 (large, rebuilt byte for byte) is one."""
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    uncached = [
+        (name, next(iter(e))) for name, stage in stages.items() for e in stage["do"].get("outs", [])
+        if isinstance(e, dict) and e[next(iter(e))].get("cache") is False
+    ]
+    assert uncached == [("prepare", "data/${key}/images.h5")]
+
+
+def assert_split(metrics: Path, project: Path, provenance: bool = True) -> None:
+    """``metrics`` (a declared metrics file) holds numbers only; the provenance record beside it (if ``provenance``)
+    no absolute path."""
     figures = json.loads(metrics.read_text())
     assert figures and not non_numbers(figures), f"{metrics}: not figures: {non_numbers(figures)}"
+    if not provenance:
+        return
     made = metrics.with_name(metrics.stem + ".provenance.json")
     record = json.loads(made.read_text())
     assert record["dataset"] == metrics.parent.name and record["params_file"] == "params.yaml", made
@@ -120,10 +133,14 @@ PLOTS_AFTER_A_RUN = ("data/synthetic/confusion.png",)
 
 
 def test_the_committed_synthetic_metrics_are_split_and_every_plot_loads_on_a_fresh_clone() -> None:
-    """metrics/synthetic as committed: each declared metrics file holds figures only, each provenance record no
-    absolute path; every plot dvc.yaml declares is committed, but those README names as made by a run."""
+    """metrics/synthetic as committed: each declared metrics file holds figures only (the provenance records are in
+    DVC's cache, not in Git); every plot dvc.yaml declares is committed, but those README names as made by a run."""
+    tracked = subprocess.run(["git", "ls-files", "metrics/synthetic"], cwd=REPO, capture_output=True, text=True, check=True).stdout.split()
     for stage, paths in declared("metrics").items():
-        assert_split(REPO / paths[0], REPO)
+        assert paths[0] in tracked, paths[0]
+        assert_split(REPO / paths[0], REPO, provenance=False)
+    cached = [p for paths in declared("outs").values() for p in paths if p.startswith("metrics/")]
+    assert cached and not set(cached) & set(tracked)  # DVC refuses an out that Git tracks
     plots = [p for paths in declared("plots").values() for p in paths]
     assert [p for p in plots if p.startswith("data/")] == list(PLOTS_AFTER_A_RUN)
     for plot in plots:
@@ -144,6 +161,32 @@ def test_threshold_ablation_reruns_only_crops_and_what_follows(project: Path) ->
     assert lock_hash(project, "train-backbone@synthetic", "data/synthetic/stage1/best.pt") == stage1
     assert lock_hash(project, "extract-attention@synthetic", "data/synthetic/attention.h5") == attention
     assert json.loads((project / "metrics/synthetic/extract_crops.json").read_text())["threshold"] == 0.3
+
+
+def test_going_back_to_a_setting_run_before_restores_its_stages_from_the_run_cache(project: Path) -> None:
+    """After the threshold ablation above, `dvc exp run` with the committed threshold again runs nothing: DVC restores
+    extract-crops, train-refine and evaluate from its run cache (every out of theirs cached, or a metric or plot)."""
+    committed = yaml.safe_load(git(project, "show", "HEAD:params.yaml"))["crops"]["threshold"]
+    assert read_params(project)["crops"]["threshold"] != committed, "runs after the threshold ablation"
+    crops = yaml.safe_load(git(project, "show", "HEAD:dvc.lock"))["stages"]["extract-crops@synthetic"]["outs"]
+    out = dvc(project, "exp", "run", "-S", f"crops.threshold={committed}")
+    assert ran(out) == set(), out
+    for stage in ("extract-crops", "train-refine", "evaluate"):
+        assert f"Stage '{stage}@synthetic' is cached - skipping run, checking out outputs" in out, out
+    restored = next(o["md5"] for o in crops if o["path"] == "data/synthetic/crops.h5")
+    assert lock_hash(project, "extract-crops@synthetic", "data/synthetic/crops.h5") == restored
+    assert "up to date" in dvc(project, "status")
+
+
+def test_prepare_rebuilds_the_image_cache_byte_for_byte(project: Path) -> None:
+    """images.h5 is prepare's one uncached out, so prepare has no run cache and reruns (in a queued experiment, or
+    after the file is lost): the file it writes again is the same, so no later stage is out of date."""
+    images = lock_hash(project, "prepare@synthetic", "data/synthetic/images.h5")
+    (project / "data/synthetic/images.h5").unlink()
+    out = dvc(project, "repro", "prepare@synthetic")
+    assert ran(out) == {"prepare@synthetic"}
+    assert lock_hash(project, "prepare@synthetic", "data/synthetic/images.h5") == images
+    assert "up to date" in dvc(project, "status")
 
 
 def test_method_ablation_reruns_from_extract_attention(project: Path) -> None:
