@@ -155,9 +155,9 @@ def release_free_memory() -> bool:
     free page inside it, in every arena) when :func:`tune_malloc` turned trimming off in this process; return
     whether it ran. With trimming off the heap keeps every page it ever touched, and batches of varying sizes (a
     varying number of part patches per image) leave it fragmented, so without this its peak grows with the
-    number of steps; the trainers call it every :data:`TRIM_EVERY_STEPS` steps and after each validation pass,
-    which costs a few page faults per call instead of one per batch. Nothing where the tuning is off: glibc
-    trims by itself there."""
+    number of steps. The trainers call it every :data:`TRIM_EVERY_STEPS` steps and after each validation pass:
+    the pages handed back fault in again once after each call, so the other steps keep the settings' speed.
+    Nothing where the tuning is off: glibc trims by itself there."""
     if "MALLOC_TRIM_THRESHOLD_" not in _MALLOC_SET:
         return False
     import ctypes

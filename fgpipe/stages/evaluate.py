@@ -29,8 +29,9 @@ evaluate.json is exactly ``{"images", "raw", "object", "parts", "joint", "weight
 each branch ``{"top1", "top{k}"}`` with k = min(evaluate.top_k, number of classes), accuracies on test in
 [0, 1]; ``val`` (``combine: val`` only) holds the figures the weights were chosen on: ``images`` and, for each
 branch and the joint prediction, ``{"top1", "nll"}`` on the val split (the NLL, a mean over the val images, is
-the finer of the two for comparing settings on a small val split); ``localization`` (accuracy, mean_iou, fallback_rate) is carried from extract_crops.json (checked to
-describe this crops.h5) and left out when that is null (a dataset without boxes). evaluate.provenance.json's
+the finer of the two for comparing settings on a small val split); ``localization`` (accuracy, mean_iou,
+fallback_rate) is carried from extract_crops.json (checked to describe this crops.h5) and left out when that is
+null (a dataset without boxes). evaluate.provenance.json's
 ``sources``: the SHA-256 of the manifest, stage1/best.pt, refine/best.pt and crops.h5 the figures and weights were
 computed from, and ``params``, the `evaluate` params they were chosen with (:func:`fgpipe.lineage.params_record`:
 ``fgpipe predict`` takes the weights only for those checkpoints and while those params are unchanged).
