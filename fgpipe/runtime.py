@@ -9,7 +9,7 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from types import FrameType
 
 from fgpipe.errors import ConfigError, Interrupted, Terminated
@@ -147,23 +147,54 @@ def tune_malloc(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
     return dict(_MALLOC_SET)
 
 
-TRIM_EVERY_STEPS = 16  # a trainer hands the tuned heap's free pages back every this many steps (release_free_memory)
+HEAP_GROWTH = 0.10  # HeapTrimmer hands the heap back once it is this much larger than after the steps before
 
 
 def release_free_memory() -> bool:
     """Hand the free pages of glibc's heap back to the kernel (``malloc_trim(0)``: the heap's top and every whole
     free page inside it, in every arena) when :func:`tune_malloc` turned trimming off in this process; return
-    whether it ran. With trimming off the heap keeps every page it ever touched, and batches of varying sizes (a
-    varying number of part patches per image) leave it fragmented, so without this its peak grows with the
-    number of steps. The trainers call it every :data:`TRIM_EVERY_STEPS` steps and after each validation pass:
-    the pages handed back fault in again once after each call, so the other steps keep the settings' speed.
-    Nothing where the tuning is off: glibc trims by itself there."""
+    whether it ran. Nothing where the tuning is off: glibc trims by itself there."""
     if "MALLOC_TRIM_THRESHOLD_" not in _MALLOC_SET:
         return False
     import ctypes
 
     ctypes.CDLL(None).malloc_trim(ctypes.c_size_t(0))
     return True
+
+
+def resident_bytes() -> int:
+    """This process's resident set size now (``/proc/self/statm``; 0 where there is none)."""
+    try:
+        with open("/proc/self/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+class HeapTrimmer:
+    """Keeps the tuned heap from growing with the number of training steps, at no cost while it does not grow.
+
+    With trimming off (:func:`tune_malloc`) glibc's heap keeps every page it ever touched, and batches of varying
+    sizes (a varying number of part patches per image, the validation batches) leave it fragmented, so its peak
+    would grow with the steps. :meth:`after_step` reads the resident size after each step: the smallest since the
+    last hand-back is the working set; once the size exceeds it by :data:`HEAP_GROWTH`, the free pages go back
+    (:func:`release_free_memory`) and the working set is measured again. A hand-back costs about a second of page
+    faults on a CPU step (each page comes back once), so it runs only when the heap grew; a run whose steps reuse
+    the same memory never pays it."""
+
+    def __init__(self, growth: float = HEAP_GROWTH, rss: Callable[[], int] = resident_bytes,
+                 release: Callable[[], bool] = release_free_memory) -> None:
+        self.growth, self.rss, self.release = growth, rss, release
+        self.floor: int | None = None  # the smallest resident size after a step since the last hand-back
+        self.released = 0  # hand-backs so far
+
+    def after_step(self) -> None:
+        now = self.rss()
+        if self.floor is None or now < self.floor:
+            self.floor = now
+        elif now > self.floor * (1 + self.growth) and self.release():
+            self.released += 1
+            self.floor = None
 
 
 def malloc_settings() -> dict[str, str]:

@@ -30,7 +30,7 @@ from fgpipe.checkpoints import RESUME_KEYS, finished, load_checkpoint, rebuildin
 from fgpipe.config import TrainingConfig
 from fgpipe.console import console, progress
 from fgpipe.errors import ArtifactError, ConfigError, Interrupted, TrainingError
-from fgpipe.runtime import TRIM_EVERY_STEPS, configure_threads, env_int, release_free_memory
+from fgpipe.runtime import HeapTrimmer, configure_threads, env_int
 from fgpipe.store import StageRecord, move_output, output_error, remove_folder, replaced_together, write_json
 from fgpipe.streaming import Feed, FeedOptions, Pixels, feeds_closed
 
@@ -435,17 +435,17 @@ def fit(trainer: Trainer, rt: Runtime, resume: bool, on_step: StepHook | None = 
     live = None  # dvclive, opened once the first checkpoint is written
     saved = start_epoch  # the last epoch whose checkpoints are on disk (0: none of this run yet)
     train_seconds, train_images = 0.0, 0
+    trimmer = HeapTrimmer()  # one for the run: validation's batches count as growth too
     try:
         for epoch in range(start_epoch, cfg.epochs):
             seed = epoch_seed(cfg.seed, epoch)
             torch.manual_seed(seed)  # global RNG (e.g. stochastic depth) replays per epoch
             gen = torch.Generator().manual_seed(seed)  # data order, augmentation, crop/drop sampling, box jitter
             t0 = time.perf_counter()
-            stats = _train_epoch(trainer, net, rt, gen, epoch, on_step)
+            stats = _train_epoch(trainer, net, rt, gen, epoch, on_step, trimmer)
             train_seconds += time.perf_counter() - t0
             train_images += int(stats["images"])
             val = trainer.validate()
-            release_free_memory()
             record = {
                 "epoch": epoch + 1, "train_loss": stats["loss"], **trainer.figures(stats, val),
                 "lr": trainer.parts["optimizer"].param_groups[0]["lr"], "images_per_s": stats["images_per_s"],
@@ -492,7 +492,8 @@ def fit(trainer: Trainer, rt: Runtime, resume: bool, on_step: StepHook | None = 
 
 
 def _train_epoch(
-    trainer: Trainer, net: nn.Module, rt: Runtime, gen: torch.Generator, epoch: int, on_step: StepHook | None
+    trainer: Trainer, net: nn.Module, rt: Runtime, gen: torch.Generator, epoch: int, on_step: StepHook | None,
+    trimmer: HeapTrimmer | None = None,
 ) -> dict[str, float]:
     """One epoch of ``trainer``'s steps in a random order drawn from ``gen``, with a progress bar; the mean loss, each
     count's share of right answers, the images seen and their rate, summed over ranks. The order is drawn here, in the
@@ -532,8 +533,8 @@ def _train_epoch(
                 pbar.update(task, advance=1, info=f"loss {loss_value:.3f} {shares} {rate:.1f} img/s")
             if on_step is not None:
                 on_step(epoch, step)
-            if (step + 1) % TRIM_EVERY_STEPS == 0:
-                release_free_memory()  # the tuned heap's peak must not grow with the steps
+            if trimmer is not None:
+                trimmer.after_step()  # the tuned heap's peak must not grow with the steps
     stats = torch.tensor([total_loss, *right, seen], dtype=torch.float64)
     all_reduce_sum(stats, rt)
     elapsed = time.perf_counter() - t0

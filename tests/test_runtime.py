@@ -289,3 +289,48 @@ def test_help_lists_the_stages_in_pipeline_order() -> None:
     stages = ["prepare", "train-backbone", "extract-attention", "extract-crops", "train-refine", "evaluate"]
     positions = [out.index(f" {s} ") for s in stages]
     assert positions == sorted(positions)
+
+
+def test_heap_trimmer_hands_back_only_once_the_heap_grew_past_the_working_set() -> None:
+    """The smallest resident size after a step since the last hand-back is the working set; a step ending more than
+    10% above it hands the heap back, and the working set is measured again from the next step."""
+    sizes = iter([100, 105, 98, 107, 108, 110, 60, 101, 105, 112, 100])
+    released: list[int] = []
+    trimmer = runtime.HeapTrimmer(0.10, rss=lambda: next(sizes), release=lambda: released.append(1) or True)
+    seen = []
+    for _ in range(11):
+        trimmer.after_step()
+        seen.append((trimmer.floor, trimmer.released))
+    # floor 100; 105 within 10%; 98 the new floor, so the bound is 107.8: 107 stays, 108 hands back; 110 is the new
+    # floor, 60 lower still, 101 > 66 hands back; then 105 the floor, 112 within 115.5, 100 the floor
+    assert seen == [(100, 0), (100, 0), (98, 0), (98, 0), (None, 1), (110, 1), (60, 1), (None, 2), (105, 2), (105, 2), (100, 2)]
+    assert len(released) == 2
+
+
+def test_heap_trimmer_never_hands_back_while_the_steps_reuse_the_same_memory() -> None:
+    steady = iter([500, 520, 510, 530, 505] * 20)
+    trimmer = runtime.HeapTrimmer(0.10, rss=lambda: next(steady), release=lambda: pytest.fail("handed back"))
+    for _ in range(100):
+        trimmer.after_step()
+    assert trimmer.released == 0 and trimmer.floor == 500
+
+
+def test_heap_trimmer_where_glibc_trims_by_itself_keeps_measuring() -> None:
+    """release_free_memory() answers False where fgpipe did not turn trimming off: nothing is counted and the floor
+    stays."""
+    sizes = iter([100, 200, 300])
+    trimmer = runtime.HeapTrimmer(0.10, rss=lambda: next(sizes), release=lambda: False)
+    for _ in range(3):
+        trimmer.after_step()
+    assert trimmer.released == 0 and trimmer.floor == 100
+
+
+def test_resident_bytes_is_this_process_rss() -> None:
+    import resource
+
+    now = runtime.resident_bytes()
+    if not os.path.exists("/proc/self/statm"):
+        assert now == 0
+        return
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    assert 10 * MIB < now <= peak * 1.01
