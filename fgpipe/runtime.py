@@ -147,7 +147,7 @@ def tune_malloc(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
     return dict(_MALLOC_SET)
 
 
-HEAP_GROWTH = 0.10  # HeapTrimmer hands the heap back once it is this much larger than after the steps before
+HEAP_GROWTH = 0.05  # HeapTrimmer hands the heap back once it is this much larger than its working set (bench/RESULTS.md: 10% let train-refine grow 1.14x)
 
 
 def release_free_memory() -> bool:
@@ -177,7 +177,7 @@ class HeapTrimmer:
     With trimming off (:func:`tune_malloc`) glibc's heap keeps every page it ever touched, and batches of varying
     sizes (a varying number of part patches per image, the validation batches) leave it fragmented, so its peak
     would grow with the steps. :meth:`after_step` reads the resident size after each step: the smallest since the
-    last hand-back is the working set; once the size exceeds it by :data:`HEAP_GROWTH`, the free pages go back
+    last hand-back is the working set; once the size exceeds it by :data:`HEAP_GROWTH` (5%), the free pages go back
     (:func:`release_free_memory`) and the working set is measured again. A hand-back costs about a second of page
     faults on a CPU step (each page comes back once), so it runs only when the heap grew; a run whose steps reuse
     the same memory never pays it."""
