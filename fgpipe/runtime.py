@@ -147,7 +147,7 @@ def tune_malloc(environ: Mapping[str, str] = os.environ) -> dict[str, int]:
     return dict(_MALLOC_SET)
 
 
-HEAP_GROWTH = 0.05  # HeapTrimmer hands the heap back once it is this much larger than its working set (bench/RESULTS.md: 10% let train-refine grow 1.14x)
+HEAP_GROWTH = 0.05  # HeapTrimmer's threshold over the working set (bench/RESULTS.md: 10% let train-refine grow 1.14x)
 
 
 def release_free_memory() -> bool:

@@ -493,7 +493,7 @@ def fit(trainer: Trainer, rt: Runtime, resume: bool, on_step: StepHook | None = 
 
 def _train_epoch(
     trainer: Trainer, net: nn.Module, rt: Runtime, gen: torch.Generator, epoch: int, on_step: StepHook | None,
-    trimmer: HeapTrimmer | None = None,
+    trimmer: HeapTrimmer,
 ) -> dict[str, float]:
     """One epoch of ``trainer``'s steps in a random order drawn from ``gen``, with a progress bar; the mean loss, each
     count's share of right answers, the images seen and their rate, summed over ranks. The order is drawn here, in the
@@ -533,8 +533,7 @@ def _train_epoch(
                 pbar.update(task, advance=1, info=f"loss {loss_value:.3f} {shares} {rate:.1f} img/s")
             if on_step is not None:
                 on_step(epoch, step)
-            if trimmer is not None:
-                trimmer.after_step()  # the tuned heap's peak must not grow with the steps
+            trimmer.after_step()  # the tuned heap's peak must not grow with the steps
     stats = torch.tensor([total_loss, *right, seen], dtype=torch.float64)
     all_reduce_sum(stats, rt)
     elapsed = time.perf_counter() - t0

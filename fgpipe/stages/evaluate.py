@@ -243,7 +243,7 @@ def split_figures(split: SplitProbabilities, weights: dict[str, float]) -> dict[
     probs = {**split.probs, "joint": joint_probabilities(split.probs, weights)}
     figures: dict[str, Any] = {"images": len(split.labels)}
     for name in (*BRANCHES, "joint"):
-        figures[name] = {"top1": float((probs[name].argmax(1) == split.labels).mean()), "nll": joint_nll(probs[name], split.labels)}
+        figures[name] = {"top1": accuracy(probs[name], split.labels, 1)["top1"], "nll": joint_nll(probs[name], split.labels)}
     return figures
 
 
