@@ -6,12 +6,13 @@
 
 :func:`load_refine` rebuilds the branches from refine/best.pt; :class:`Branches` holds the three networks with the settings they were trained with and refuses NaN or infinite
 logits (a diverged network), naming the images and the checkpoint; :func:`probabilities` and
-:func:`joint_probabilities` turn the logits into the per-branch and joint class probabilities.
+:func:`joint_probabilities` turn the logits (each branch's divided by its temperature) into the per-branch and joint class
+probabilities.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -138,9 +139,16 @@ class Branches:
         return obj, parts
 
 
-def probabilities(raw: Tensor, obj: Tensor, parts: Tensor) -> dict[str, np.ndarray]:
-    """Each branch's class probabilities: softmax in float64 of its logits (N, K)."""
-    return {name: torch.softmax(logits.double(), dim=1).numpy() for name, logits in zip(BRANCHES, (raw, obj, parts))}
+def probabilities(
+    raw: Tensor, obj: Tensor, parts: Tensor, temperatures: Mapping[str, float] | None = None
+) -> dict[str, np.ndarray]:
+    """Each branch's class probabilities: softmax in float64 of its logits (N, K) divided by the branch's temperature
+    (evaluate.json's ``temperatures``, fitted on val; 1 for a branch not given)."""
+    t = temperatures or {}
+    return {
+        name: torch.softmax(logits.double() / float(t.get(name, 1.0)), dim=1).numpy()
+        for name, logits in zip(BRANCHES, (raw, obj, parts))
+    }
 
 
 def joint_probabilities(probs: dict[str, np.ndarray], weights: dict[str, float]) -> np.ndarray:

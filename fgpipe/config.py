@@ -327,6 +327,7 @@ class EvaluateConfig:
     weights: BranchWeights = BranchWeights()  # used when combine: fixed
     weight_step: float = Field(0.25, ge=0.01, le=1)  # 0.01: 5,151 weight triples; finer only costs memory  # grid step of the weights searched on val
     select_by: Literal["nll", "top1"] = "nll"  # what the weights searched on val optimise: log-loss or top-1
+    calibrate: bool = True  # a temperature per branch fitted on val (log-loss) before the branches are combined
     top_k: int = Field(5, ge=1, le=100)
     batch_size: int = Field(32, ge=1, le=4096)
     num_workers: int = Field(0, ge=0, le=64)  # processes that cut and resize the images (0: evaluate itself)

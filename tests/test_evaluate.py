@@ -48,7 +48,7 @@ def test_figures_equal_a_recomputation_from_predictions_csv(trained: Path, tmp_p
     made = json.loads((tmp_path / "metrics/toy/evaluate.provenance.json").read_text())
 
     # exactly the documented shape (3 classes: top-k is top-3), the hashes and params in the record beside it
-    assert set(metrics) == {"images", "raw", "object", "parts", "joint", "weights", "val", "localization"}
+    assert set(metrics) == {"images", "raw", "object", "parts", "joint", "weights", "temperatures", "val", "localization"}
     assert set(made["sources"]) == {"manifest_sha256", "stage1_sha256", "refine_sha256", "crops_sha256", "params"}
     assert made["sources"]["crops_sha256"] == file_sha256(tmp_path / "data/toy/crops.h5") and made["dataset"] == "toy"
     for branch in ("raw", "object", "parts", "joint"):
@@ -96,10 +96,17 @@ def test_weights_are_selected_before_test_is_read(trained: Path, tmp_path: Path,
         assert len(val.labels) == 6  # the val split only
         return real_select(val, step, select_by, branches)
 
+    def fit(val: evaluate.SplitProbabilities) -> dict[str, float]:
+        events.append("temperatures")
+        assert len(val.labels) == 6
+        return real_fit(val)
+
+    real_fit = evaluate.fit_temperatures
     monkeypatch.setattr(evaluate, "split_probabilities", split)
     monkeypatch.setattr(evaluate, "select_weights", select)
+    monkeypatch.setattr(evaluate, "fit_temperatures", fit)
     evaluate.run(load_params(params), "toy")
-    assert events == ["val", "select by nll", "test"]
+    assert events == ["val", "temperatures", "select by nll", "test"]
 
 
 def test_val_figures_equal_a_recomputation_from_the_val_probabilities(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -108,14 +115,17 @@ def test_val_figures_equal_a_recomputation_from_the_val_probabilities(trained: P
     real_split = evaluate.split_probabilities
     monkeypatch.setattr(evaluate, "split_probabilities", lambda inputs, name: seen.setdefault(name, real_split(inputs, name)))
     metrics = evaluate.run(load_params(params), "toy").metrics
-    val, weights = seen["val"], metrics["weights"]
+    val, weights, temperatures = seen["val"], metrics["weights"], metrics["temperatures"]
     assert set(metrics["val"]) == {"images", "raw", "object", "parts", "joint"} and metrics["val"]["images"] == 6
     labels = torch.from_numpy(val.labels)
+    # each branch at its temperature, by hand from its logits
+    branch = {b: torch.softmax(val.logits[b].double() / temperatures[b], dim=1) for b in ("raw", "object", "parts")}
+    assert any(abs(t - 1.0) > 1e-3 for t in temperatures.values())  # fitted, not left at 1
     for name in ("raw", "object", "parts", "joint"):
         if name == "joint":  # the weighted mean of the three probability vectors, by hand
-            probs = sum(weights[b] * torch.from_numpy(val.probs[b]).double() for b in ("raw", "object", "parts"))
+            probs = sum(weights[b] * branch[b] for b in ("raw", "object", "parts"))
         else:
-            probs = torch.from_numpy(val.probs[name]).double()
+            probs = branch[name]
         expected_nll = torch.nn.functional.nll_loss(probs.clamp_min(1e-12).log(), labels).item()
         assert metrics["val"][name]["nll"] == pytest.approx(expected_nll, rel=1e-9)
         assert metrics["val"][name]["top1"] == pytest.approx((probs.argmax(1) == labels).double().mean().item())
@@ -123,13 +133,19 @@ def test_val_figures_equal_a_recomputation_from_the_val_probabilities(trained: P
 
 def test_fixed_weights_are_honoured_and_val_is_not_read(trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     params = project(trained, tmp_path)
-    overrides = {"evaluate.combine": "fixed", "evaluate.weights": {"raw": 0.0, "object": 3.0, "parts": 1.0}}
+    overrides = {"evaluate.combine": "fixed", "evaluate.weights": {"raw": 0.0, "object": 3.0, "parts": 1.0}, "evaluate.calibrate": False}
     read: list[str] = []
     real_split = evaluate.split_probabilities
     monkeypatch.setattr(evaluate, "split_probabilities", lambda inputs, name: read.append(name) or real_split(inputs, name))
     metrics = evaluate.run(load_params(params, overrides), "toy").metrics
     assert read == ["test"] and "val" not in metrics
     assert metrics["weights"] == {"raw": 0.0, "object": 0.75, "parts": 0.25}
+    assert metrics["temperatures"] == {"raw": 1.0, "object": 1.0, "parts": 1.0}
+    # calibrated (the default): val is read for the temperatures only, the weights stay the fixed ones
+    read.clear()
+    calibrated = evaluate.run(load_params(params, {**overrides, "evaluate.calibrate": True}), "toy").metrics
+    assert read == ["val", "test"] and calibrated["weights"] == metrics["weights"]
+    assert calibrated["temperatures"] != metrics["temperatures"] and calibrated["val"]["images"] == 6
     with pytest.raises(ConfigError, match="evaluate.weights"):
         evaluate.run(load_params(params, {**overrides, "evaluate.weights": {"raw": 0.0, "object": 0.0, "parts": 0.0}}), "toy")
 
@@ -240,9 +256,69 @@ def test_localization_is_left_out_when_null(trained: Path, tmp_path: Path) -> No
     (tmp_path / "metrics/toy/extract_crops.json").write_text(json.dumps({"localization": None}))
     (tmp_path / "metrics/toy/extract_crops.provenance.json").write_text(json.dumps({"sources": crops}))
     record = evaluate.run(load_params(params, {"evaluate.combine": "fixed"}), "toy")
-    assert set(record.metrics) == {"images", "raw", "object", "parts", "joint", "weights"} and "sources" in record.provenance
+    assert set(record.metrics) == {"images", "raw", "object", "parts", "joint", "weights", "temperatures", "val"}
+    assert "sources" in record.provenance
 
 
 def test_help() -> None:
     result = CliRunner().invoke(app, ["evaluate", "--help"])
     assert result.exit_code == 0 and "--combine" in result.output
+
+
+def _numpy_nll(logits: np.ndarray, labels: np.ndarray, t: float) -> float:
+    """Mean log-loss of softmax(logits / t), written out in numpy (log-sum-exp by hand)."""
+    z = logits / t
+    m = z.max(1, keepdims=True)
+    lse = (m + np.log(np.exp(z - m).sum(1, keepdims=True)))[:, 0]
+    return float((lse - z[np.arange(len(labels)), labels]).mean())
+
+
+def test_fit_temperature_finds_the_lowest_val_log_loss() -> None:
+    """Against a dense search of the same range in numpy, on logits that are too sure, too unsure and mixed."""
+    rng = np.random.default_rng(3)
+    grid = np.exp(np.linspace(np.log(0.25), np.log(4.0), 4001))
+    for trial, scale in enumerate((0.3, 1.0, 6.0)):
+        labels = rng.integers(0, 5, 40)
+        logits = rng.normal(size=(40, 5)) * scale
+        logits[np.arange(40), labels] += scale * rng.uniform(0, 2, 40)  # mostly right, with varying margins
+        fitted = evaluate.fit_temperature(torch.from_numpy(logits), labels)
+        dense = [_numpy_nll(logits, labels, t) for t in grid]
+        best = grid[int(np.argmin(dense))]
+        assert fitted == pytest.approx(best, rel=2e-3), trial
+        assert _numpy_nll(logits, labels, fitted) <= min(dense) * (1 + 1e-5), trial
+
+
+def test_fit_temperature_recovers_the_temperature_labels_were_drawn_at() -> None:
+    """Labels drawn from softmax(z / 2): the logits z are twice as sure as the truth, so the fit is about 2; and a
+    branch right on every image with a wide margin sharpens to the range's lower end."""
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=(20000, 6)) * 3.0
+    p = torch.softmax(torch.from_numpy(z) / 2.0, dim=1).numpy()
+    labels = np.array([rng.choice(6, p=row) for row in p])
+    assert evaluate.fit_temperature(torch.from_numpy(z), labels) == pytest.approx(2.0, rel=0.05)
+    separable = np.eye(4)[np.arange(8) % 4] * 3.0
+    assert evaluate.fit_temperature(torch.from_numpy(separable), np.arange(8) % 4) == pytest.approx(evaluate.TEMPERATURE_RANGE[0], rel=1e-3)
+
+
+def test_test_probabilities_are_tempered_and_uncalibrated_ones_are_the_softmax(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The joint prediction on test mixes each branch at the temperature fitted on val (predictions.csv's
+    joint_prob recomputed by hand from the test logits); with calibrate false the temperatures are 1 and the
+    probabilities are the plain softmax."""
+    params = project(trained, tmp_path)
+    seen: dict[str, evaluate.SplitProbabilities] = {}
+    real_split = evaluate.split_probabilities
+    monkeypatch.setattr(evaluate, "split_probabilities", lambda inputs, name: seen.setdefault(name, real_split(inputs, name)))
+    for calibrate in (True, False):
+        seen.clear()
+        metrics = evaluate.run(load_params(params, {"evaluate.calibrate": calibrate}), "toy").metrics
+        test, w, t = seen["test"], metrics["weights"], metrics["temperatures"]
+        if not calibrate:
+            assert t == {"raw": 1.0, "object": 1.0, "parts": 1.0}
+            for b in ("raw", "object", "parts"):
+                assert np.array_equal(test.probs[b], torch.softmax(test.logits[b].double(), dim=1).numpy())
+        joint = sum(w[b] * torch.softmax(test.logits[b].double() / t[b], dim=1) for b in ("raw", "object", "parts"))
+        rows = {r["image_id"]: r for r in read_csv(tmp_path / "metrics/toy/predictions.csv")}
+        for i, image_id in enumerate(test.image_ids):
+            assert float(rows[image_id]["joint_prob"]) == pytest.approx(joint[i].max().item(), abs=2e-6), (calibrate, image_id)

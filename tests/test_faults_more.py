@@ -97,6 +97,21 @@ def evaluation_weights(**weights: Any) -> Callable[[Path], None]:
     return damage
 
 
+def evaluation_temperatures(**temperatures: Any) -> Callable[[Path], None]:
+    """evaluate.json with its `temperatures` replaced, or (none given) removed: an evaluate.json from before them."""
+
+    def damage(project: Path) -> None:
+        path = project / M / "evaluate.json"
+        doc = json.loads(path.read_text())
+        if temperatures:
+            doc["temperatures"] = temperatures
+        else:
+            del doc["temperatures"]
+        path.write_text(json.dumps(doc, indent=2))
+
+    return damage
+
+
 def text_of(rel: str, text: str) -> Callable[[Path], None]:
     def damage(project: Path) -> None:
         (project / rel).write_text(text)
@@ -152,6 +167,12 @@ JSON_CASES = [
      [EVALUATE_JSON, "`weights` must sum to 1", "got 1.5", RERUN_EVALUATE]),
     ("evaluate.json-weights-missing-a-branch", evaluation_weights(raw=0.5, object=0.5), "predict", [IMAGE],
      [EVALUATE_JSON, "`weights` must give raw, object and parts, got ['object', 'raw']", RERUN_EVALUATE]),
+    ("evaluate.json-without-temperatures", evaluation_temperatures(), "predict", [IMAGE],
+     [EVALUATE_JSON, "`temperatures` must give raw, object and parts, got NoneType", RERUN_EVALUATE]),
+    ("evaluate.json-temperature-zero", evaluation_temperatures(raw=1.0, object=0.0, parts=1.0), "predict", [IMAGE],
+     [EVALUATE_JSON, "`temperatures.object` must be a finite number > 0, got 0.0", RERUN_EVALUATE]),
+    ("evaluate.json-temperature-bool", evaluation_temperatures(raw=True, object=1.0, parts=1.0), "predict", [IMAGE],
+     [EVALUATE_JSON, "`temperatures.raw` must be a finite number > 0, got True", RERUN_EVALUATE]),
     ("evaluate.json-truncated", text_of(EVALUATE_JSON, "{\n"), "predict", [IMAGE],
      [f"{EVALUATE_JSON}:2: not valid JSON", RERUN_EVALUATE]),
     ("evaluate.json-a-list", text_of(EVALUATE_JSON, "[]"), "predict", [IMAGE],

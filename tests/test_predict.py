@@ -55,6 +55,7 @@ def test_json_matches_evaluate_and_the_joint_weights(project: Path, tmp_path: Pa
     assert result.exit_code == 1
     doc = json.loads(result.stdout)
     assert doc["weights"] == {"raw": 0.25, "object": 0.5, "parts": 0.25} and doc["method"] == "oaam"
+    assert doc["temperatures"] == json.loads((tmp_path / "metrics/toy/evaluate.json").read_text())["temperatures"]
     assert [e["image"] for e in doc["errors"]] == [str(corrupt)]
     assert len(doc["predictions"]) == len(tests) == 9
 
@@ -137,3 +138,28 @@ def test_heatmaps_at_the_recorded_input_size_parts_at_stage_1s(
     result = CliRunner().invoke(app, ["predict", str(good), "--dataset", "toy", "--params", str(project), "--json"])
     assert result.exit_code == 0, result.output
     assert sizes[:2] == [(48, 48), (32, 32)]  # heatmap input, then the object crop MPALM reads
+
+
+def test_each_branch_at_the_temperature_in_evaluate_json(project: Path, tmp_path: Path) -> None:
+    """predict divides each branch's logits by evaluate.json's temperature: its probabilities with temperature 1
+    (evaluate.json edited), raised to 1 / T and renormalised by hand, are the ones it gives with T."""
+    image = str(tmp_path / "toy_raw/test/class1/000.png")
+    args = ["predict", image, "--dataset", "toy", "--params", str(project), "--json"]
+    path = tmp_path / "metrics/toy/evaluate.json"
+    doc = json.loads(path.read_text())
+    temperatures = {"raw": 0.5, "object": 2.0, "parts": 1.5}
+
+    def branch_probs(t: dict[str, float]) -> dict[str, dict[str, float]]:
+        path.write_text(json.dumps({**doc, "temperatures": t}))
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        rec = json.loads(result.stdout)["predictions"][0]
+        return {b: {c["class"]: c["prob"] for c in rec["top"][b]} for b in ("raw", "object", "parts")}
+
+    plain = branch_probs({"raw": 1.0, "object": 1.0, "parts": 1.0})
+    tempered = branch_probs(temperatures)
+    for b, t in temperatures.items():
+        powered = {c: p ** (1 / t) for c, p in plain[b].items()}
+        total = sum(powered.values())
+        for c, p in tempered[b].items():
+            assert p == pytest.approx(powered[c] / total, abs=1e-5), (b, c)

@@ -10,8 +10,9 @@ Per image, as the pipeline does for the dataset's own images:
 3. MPALM parts of the object crop with the ``crops`` settings (as extract-crops, same functions);
 4. the raw stage-1 prediction (stage1/best.pt, as evaluate), the object branch on the object box and the part
    branch on the part patches (refine/best.pt, as evaluate);
-5. joint: the weighted mean of the three probabilities with the weights in metrics/NAME/evaluate.json (used only
-   for the checkpoints and params its record, metrics/NAME/evaluate.provenance.json, names).
+5. joint: the weighted mean of the three probabilities (each branch's logits divided by its temperature) with the
+   weights and temperatures in metrics/NAME/evaluate.json (used only for the checkpoints and params its record,
+   metrics/NAME/evaluate.provenance.json, names).
 
 Every artefact read is checked, by SHA-256, against what it was made from (:mod:`fgpipe.lineage`): attention.h5
 against the manifest and its stage-1 checkpoint, crops.h5 (``auto``) against attention.h5 and that checkpoint,
@@ -19,7 +20,7 @@ refine/best.pt against the manifest, crops.h5 and stage1/best.pt, and evaluate.j
 checkpoints they were chosen for; and each against the params now (:func:`fgpipe.lineage.check_params`: a stage
 whose params changed since it ran is named, to rerun). The manifest gives only the class names (the checkpoints are
 checked against it), so prepare's params are not compared: ``prepare.max_pixels`` is predict's own limit too. evaluate.json's weights must be finite, non-negative
-numbers summing to 1. A network giving NaN or infinite heatmaps, features or logits (diverged) is refused, naming
+numbers summing to 1, its temperatures finite and positive. A network giving NaN or infinite heatmaps, features or logits (diverged) is refused, naming
 the images and the checkpoint.
 
 Output: a table per image with the top-k classes of every branch (``--json``: one JSON document on stdout).
@@ -83,6 +84,7 @@ class Chain:
     threshold: float  # the object threshold: crops.threshold, or (auto) the one crops.h5 records
     branches: Branches  # raw, object and parts, as evaluate runs them
     weights: dict[str, float]
+    temperatures: dict[str, float]  # each branch's, from evaluate.json
 
 
 @dataclass
@@ -155,6 +157,7 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
     made = read_json_artifact(made_path, rerun(dataset, "evaluate"))
     check_evaluation(metrics_path, made, d, dataset, sha)  # the weights were chosen for these checkpoints
     weights = joint_weights(metrics_path, evaluation, dataset)
+    temperatures = branch_temperatures(metrics_path, evaluation, dataset)
     sources = made.get("sources")
     check_params(metrics_path, sources.get("params") if isinstance(sources, dict) else None, settings, "evaluate", dataset)
     s1_cfg = TrainBackboneConfig(**s1_state["config"]["train_backbone"])
@@ -166,6 +169,7 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
         classes=classes, method_name=method_name, heat_model=heat_model, heat_method=create_method(method_name, heat_model, score=score),
         flip=flip, heat_size=heat_size or stage1_input_size(heat_state), heat_path=heat_path, part_size=stage1_input_size(heat_state),
         threshold=object_threshold(settings, dataset, sha), branches=branches, weights=weights,
+        temperatures=temperatures,
     )
 
 
@@ -185,6 +189,21 @@ def joint_weights(path: Path, evaluation: dict[str, Any], dataset: str) -> dict[
     if abs(total - 1.0) > 1e-6:
         raise ArtifactError(f"{path}: `weights` must sum to 1 (as evaluate chooses them), got {total:g}; {fix}")
     return {b: float(weights[b]) for b in BRANCHES}
+
+
+def branch_temperatures(path: Path, evaluation: dict[str, Any], dataset: str) -> dict[str, float]:
+    """evaluate.json's ``temperatures``: raw, object and parts, each a finite number > 0; anything else (an
+    evaluate.json from before temperatures, NaN, 0, a string) names the file and evaluate."""
+    temperatures = evaluation.get("temperatures")
+    fix = rerun(dataset, "evaluate")
+    if not isinstance(temperatures, dict) or set(temperatures) != set(BRANCHES):
+        shown = sorted(temperatures) if isinstance(temperatures, dict) else type(temperatures).__name__
+        raise ArtifactError(f"{path}: `temperatures` must give raw, object and parts, got {shown}; {fix}")
+    for b in BRANCHES:
+        t = temperatures[b]
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
+            raise ArtifactError(f"{path}: `temperatures.{b}` must be a finite number > 0, got {t!r}; {fix}")
+    return {b: float(temperatures[b]) for b in BRANCHES}
 
 
 def object_threshold(settings: Settings, dataset: str, hashes: FileHashes | None = None) -> float:
@@ -234,7 +253,7 @@ def predict_batch(chain: Chain, paths: list[Path], sizes: list[tuple[int, int]],
         load=_quiet_load,
     )
     obj, part_logits = branches.region_logits(data, names)
-    probs: dict[str, np.ndarray] = probabilities(raw, obj, part_logits)
+    probs: dict[str, np.ndarray] = probabilities(raw, obj, part_logits, chain.temperatures)
     probs["joint"] = joint_probabilities(probs, chain.weights)
     return [
         Prediction(
@@ -349,7 +368,7 @@ def run(
             if stdout is not None:
                 print_table(stdout, record, chain.weights)
     if as_json:
-        doc = {"dataset": dataset, "method": chain.method_name, "weights": chain.weights, "predictions": records, "errors": errors}
+        doc = {"dataset": dataset, "method": chain.method_name, "weights": chain.weights, "temperatures": chain.temperatures, "predictions": records, "errors": errors}
         sys.stdout.write(json.dumps(doc, indent=2) + "\n")
         sys.stdout.flush()
     return len(errors)

@@ -14,6 +14,12 @@ Branches, each a softmax over the classes:
 - object / parts: the refinement branches on the object crop and on the MPALM patches (mean of the patch
   logits), cut from crops.h5's boxes as train-refine evaluates them.
 
+Each branch's logits are first divided by its temperature: with ``evaluate.calibrate`` (the default) the one
+that gives the branch alone the lowest val log-loss (temperature scaling, :func:`fit_temperature`), else 1. A
+branch trained with label smoothing is never very sure even where it is right, one that overfits is too sure;
+the temperatures put the branches on one scale of confidence before their probabilities are weighed. They do
+not change any branch's own ranking, so its top-1 and top-k are the same with or without.
+
 The joint prediction is the weighted mean of the three probability vectors. ``evaluate.combine: val``
 searches the weights on the grid of step ``evaluate.weight_step`` (non-negative, summing to 1) for the best
 fit to val: by default (``select_by: nll``) the lowest negative log-likelihood of the true class under the
@@ -22,14 +28,15 @@ top-1 does; ``select_by: top1`` takes the highest val top-1 (ties: the lowest NL
 most uniform weighting (the smallest sum of squared weights), then grid order;
 ``fixed`` uses ``evaluate.weights`` normalised to sum 1. ``evaluate.branches`` lists the branches the joint
 prediction combines (all three by default; ``[raw, object]`` is the ablation without parts): the others get
-weight 0 in both modes, and are still reported alone. The test split is loaded only once the weights
+weight 0 in both modes, and are still reported alone. The test split is loaded only once the temperatures and weights
 are fixed (see :func:`run`): nothing is ever selected on test.
 
-evaluate.json is exactly ``{"images", "raw", "object", "parts", "joint", "weights"[, "val"][, "localization"]}``,
-each branch ``{"top1", "top{k}"}`` with k = min(evaluate.top_k, number of classes), accuracies on test in
-[0, 1]; ``val`` (``combine: val`` only) holds the figures the weights were chosen on: ``images`` and, for each
-branch and the joint prediction, ``{"top1", "nll"}`` on the val split (the NLL, a mean over the val images, is
-the finer of the two for comparing settings on a small val split); ``localization`` (accuracy, mean_iou,
+evaluate.json is exactly ``{"images", "raw", "object", "parts", "joint", "weights", "temperatures"[, "val"][,
+"localization"]}``, each branch ``{"top1", "top{k}"}`` with k = min(evaluate.top_k, number of classes), accuracies
+on test in [0, 1]; ``temperatures`` each branch's (1 without ``calibrate``); ``val`` (whenever val was read:
+``combine: val`` or ``calibrate``) holds the figures the weights were chosen on: ``images`` and, for each branch
+(at its temperature) and the joint prediction, ``{"top1", "nll"}`` on the val split (the NLL, a mean over the val
+images, is the finer of the two for comparing settings on a small val split); ``localization`` (accuracy, mean_iou,
 fallback_rate) is carried from extract_crops.json (checked to describe this crops.h5) and left out when that is
 null (a dataset without boxes). evaluate.provenance.json's
 ``sources``: the SHA-256 of the manifest, stage1/best.pt, refine/best.pt and crops.h5 the figures and weights were
@@ -44,6 +51,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,11 +119,17 @@ class Inputs:
 
 @dataclass
 class SplitProbabilities:
-    """Per-branch class probabilities of one split."""
+    """Per-branch class probabilities of one split (and the logits they came from)."""
 
     image_ids: list[str]
     labels: np.ndarray  # (N,) int64
     probs: dict[str, np.ndarray]  # branch -> (N, K) float64
+    logits: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # branch -> (N, K): before any temperature
+
+    def tempered(self, temperatures: dict[str, float]) -> SplitProbabilities:
+        """The same split with each branch's probabilities at its temperature (softmax of logits / T)."""
+        probs = probabilities(*(self.logits[b] for b in BRANCHES), temperatures=temperatures)
+        return dataclasses.replace(self, probs=probs)
 
 
 def open_inputs(settings: Settings, dataset: str, rt: Runtime) -> Inputs:
@@ -174,7 +188,46 @@ def split_probabilities(inputs: Inputs, split: str) -> SplitProbabilities:
     data = split_data(inputs.root, rows, boxes, branches.refine_cfg, 0.0, split, inputs.options, inputs.cache)
     obj, parts = branches.region_logits(data, ids, inputs.batch_size)
     data.feed.close()
-    return SplitProbabilities(ids, np.array([r.label for r in rows], dtype=np.int64), probabilities(raw, obj, parts))
+    labels = np.array([r.label for r in rows], dtype=np.int64)
+    return SplitProbabilities(ids, labels, probabilities(raw, obj, parts), dict(zip(BRANCHES, (raw, obj, parts))))
+
+
+# --------------------------------------------------------------------------- temperatures
+TEMPERATURE_RANGE = (0.25, 4.0)  # the temperatures searched: a quarter to four times the logits' own scale
+
+
+def branch_nll(logits: torch.Tensor, labels: np.ndarray, temperature: float) -> float:
+    """Mean negative log-likelihood of the true classes under softmax(logits / temperature), in float64."""
+    return float(torch.nn.functional.cross_entropy(logits.double() / temperature, torch.as_tensor(labels)))
+
+
+def fit_temperature(logits: torch.Tensor, labels: np.ndarray, tol: float = 1e-5) -> float:
+    """The temperature T in TEMPERATURE_RANGE with the lowest mean log-loss of softmax(logits / T) on ``labels``
+    (temperature scaling, Guo et al. 2017): a golden-section search on log T, exact because the log-loss is convex
+    in 1/T and so has one minimum in log T. A branch that is right on every image with a margin keeps sharpening:
+    it ends at the range's lower end."""
+    def nll(log_t: float) -> float:
+        return branch_nll(logits, labels, math.exp(log_t))
+
+    a, b = (math.log(t) for t in TEMPERATURE_RANGE)
+    g = (math.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = nll(c), nll(d)
+    while b - a > tol:
+        if fc <= fd:  # the minimum is in [a, d]
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = nll(c)
+        else:  # in [c, b]
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = nll(d)
+    return math.exp((a + b) / 2)
+
+
+def fit_temperatures(val: SplitProbabilities) -> dict[str, float]:
+    """Each branch's temperature, fitted on val alone (:func:`fit_temperature`)."""
+    return {b: fit_temperature(val.logits[b], val.labels) for b in BRANCHES}
 
 
 # --------------------------------------------------------------------------- combination weights
@@ -292,31 +345,41 @@ def _run(settings: Settings, dataset: str, rt: Runtime) -> StageRecord:
     if not inputs.rows["test"]:
         raise ArtifactError(f"{data.manifest}: the test split is empty: nothing to evaluate")
 
-    # 1. the weights: chosen on val or fixed; the test split is not touched before this is done
-    if cfg.combine == "val":
+    # 1. the temperatures and the weights: fitted on val or fixed; the test split is not touched before this is done
+    temperatures = {b: 1.0 for b in BRANCHES}
+    weights, val_figures = (fixed_weights(cfg) if cfg.combine == "fixed" else {}), None
+    if cfg.combine == "val" or cfg.calibrate:
         if not inputs.rows["val"]:
-            raise ArtifactError(f"{data.manifest}: the val split is empty; use evaluate.combine: fixed")
+            raise ArtifactError(
+                f"{data.manifest}: the val split is empty; use evaluate.combine: fixed and evaluate.calibrate: false"
+            )
         val = split_probabilities(inputs, "val")
-        weights = select_weights(val, cfg.weight_step, cfg.select_by, cfg.branches)
+        if cfg.calibrate:
+            temperatures = fit_temperatures(val)
+            val = val.tempered(temperatures)
+        if cfg.combine == "val":
+            weights = select_weights(val, cfg.weight_step, cfg.select_by, cfg.branches)
         val_figures = split_figures(val, weights)
         if rt.is_main:
             joint = val_figures["joint"]
+            chosen = "chosen on val" if cfg.combine == "val" else "fixed"
             console.print(
-                f"weights chosen on val ({cfg.select_by}): " + ", ".join(f"{b} {w:.3f}" for b, w in weights.items())
+                (f"temperatures fitted on val: {', '.join(f'{b} {t:.3f}' for b, t in temperatures.items())}; " if cfg.calibrate else "")
+                + f"weights {chosen}" + (f" ({cfg.select_by})" if cfg.combine == "val" else "") + ": "
+                + ", ".join(f"{b} {w:.3f}" for b, w in weights.items())
                 + f" (val joint top-1 {joint['top1']:.4f}, NLL {joint['nll']:.4f})",
                 highlight=False,
             )
-    else:
-        weights, val_figures = fixed_weights(cfg), None
 
     # 2. test, once
-    test = split_probabilities(inputs, "test")
+    test = split_probabilities(inputs, "test").tempered(temperatures)
     k = min(cfg.top_k, len(inputs.classes))
     probs = {**test.probs, "joint": joint_probabilities(test.probs, weights)}
     metrics: dict[str, Any] = {"images": len(test.labels)}
     for name in (*BRANCHES, "joint"):
         metrics[name] = accuracy(probs[name], test.labels, k)
     metrics["weights"] = weights
+    metrics["temperatures"] = temperatures
     if val_figures is not None:
         metrics["val"] = val_figures
     if located is not None:
