@@ -317,10 +317,14 @@ def evaluate(
     combine: Annotated[
         str | None, typer.Option(help="Override evaluate.combine: val (grid search on val) or fixed (evaluate.weights).")
     ] = None,
+    calibrate: Annotated[
+        bool | None,
+        typer.Option("--calibrate/--no-calibrate", help="Override evaluate.calibrate: a temperature per branch fitted on val.", show_default=False),
+    ] = None,
 ) -> None:
-    """Top-1/top-k of the raw, object, parts and joint predictions on test; joint weights chosen on val or fixed."""
-    overrides = {"evaluate.combine": combine}
-    options = {"evaluate.combine": _flag("--combine", combine)}
+    """Top-1/top-k of the raw, object, parts and joint predictions on test; temperatures and joint weights chosen on val or fixed."""
+    overrides = {"evaluate.combine": combine, "evaluate.calibrate": calibrate}
+    options = {"evaluate.combine": _flag("--combine", combine), "evaluate.calibrate": "--calibrate" if calibrate else "--no-calibrate"}
     record = _guard(
         lambda: _stage("evaluate").run(_settings(params, overrides, dataset, options), dataset), f"fgpipe evaluate --dataset {dataset}"
     )

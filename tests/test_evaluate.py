@@ -262,7 +262,18 @@ def test_localization_is_left_out_when_null(trained: Path, tmp_path: Path) -> No
 
 def test_help() -> None:
     result = CliRunner().invoke(app, ["evaluate", "--help"])
-    assert result.exit_code == 0 and "--combine" in result.output
+    assert result.exit_code == 0 and "--combine" in result.output and "--no-calibrate" in result.output
+
+
+def test_no_calibrate_option(trained: Path, tmp_path: Path) -> None:
+    """`--no-calibrate` overrides evaluate.calibrate: every temperature 1, recorded in the provenance's params."""
+    params = project(trained, tmp_path)
+    result = CliRunner().invoke(app, ["evaluate", "--dataset", "toy", "--params", str(params), "--no-calibrate"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "metrics/toy/evaluate.json").read_text())
+    made = json.loads((tmp_path / "metrics/toy/evaluate.provenance.json").read_text())
+    assert metrics["temperatures"] == {"raw": 1.0, "object": 1.0, "parts": 1.0}
+    assert made["sources"]["params"]["values"]["evaluate.calibrate"] is False
 
 
 def _numpy_nll(logits: np.ndarray, labels: np.ndarray, t: float) -> float:
