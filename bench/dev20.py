@@ -83,6 +83,8 @@ def summary(folder: Path, seconds: dict[str, float]) -> dict:
     if evaluate:
         out["evaluate"] = {b: evaluate[b]["top1"] for b in ("raw", "object", "parts", "joint")}
         out["evaluate"]["weights"] = evaluate["weights"]
+        if "temperatures" in evaluate:  # evaluate.calibrate (an evaluate.json from before it has none)
+            out["evaluate"]["temperatures"] = evaluate["temperatures"]
     return out
 
 

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 
 from fgpipe.cli import app
 from fgpipe.config import load_params
-from fgpipe.errors import ConfigError
+from fgpipe.errors import ArtifactError, ConfigError
 from fgpipe.stages import evaluate
 from fgpipe.store import file_sha256
 from test_refine import copy_project, trained_project
@@ -91,15 +91,21 @@ def test_weights_are_selected_before_test_is_read(trained: Path, tmp_path: Path,
         events.append(name)
         return real_split(inputs, name)
 
+    fitted: dict[str, float] = {}
+
     def select(val: evaluate.SplitProbabilities, step: float, select_by: str, branches: tuple[str, ...]) -> dict[str, float]:
         events.append(f"select by {select_by}")
         assert len(val.labels) == 6  # the val split only
+        for b in ("raw", "object", "parts"):  # at the temperatures just fitted
+            tempered = torch.softmax(val.logits[b].double() / fitted[b], dim=1).numpy()
+            assert np.allclose(val.probs[b], tempered, rtol=0, atol=1e-12), b
         return real_select(val, step, select_by, branches)
 
     def fit(val: evaluate.SplitProbabilities) -> dict[str, float]:
         events.append("temperatures")
         assert len(val.labels) == 6
-        return real_fit(val)
+        fitted.update(real_fit(val))
+        return fitted
 
     real_fit = evaluate.fit_temperatures
     monkeypatch.setattr(evaluate, "split_probabilities", split)
@@ -321,15 +327,44 @@ def test_test_probabilities_are_tempered_and_uncalibrated_ones_are_the_softmax(
     seen: dict[str, evaluate.SplitProbabilities] = {}
     real_split = evaluate.split_probabilities
     monkeypatch.setattr(evaluate, "split_probabilities", lambda inputs, name: seen.setdefault(name, real_split(inputs, name)))
+    joint_prob: dict[bool, np.ndarray] = {}
+    # fixed weights, all three branches: the temperatures alone tell the two runs apart
+    fixed = {"evaluate.combine": "fixed", "evaluate.weights": {"raw": 1.0, "object": 1.0, "parts": 1.0}}
     for calibrate in (True, False):
         seen.clear()
-        metrics = evaluate.run(load_params(params, {"evaluate.calibrate": calibrate}), "toy").metrics
+        metrics = evaluate.run(load_params(params, {**fixed, "evaluate.calibrate": calibrate}), "toy").metrics
         test, w, t = seen["test"], metrics["weights"], metrics["temperatures"]
         if not calibrate:
             assert t == {"raw": 1.0, "object": 1.0, "parts": 1.0}
-            for b in ("raw", "object", "parts"):
-                assert np.array_equal(test.probs[b], torch.softmax(test.logits[b].double(), dim=1).numpy())
         joint = sum(w[b] * torch.softmax(test.logits[b].double() / t[b], dim=1) for b in ("raw", "object", "parts"))
         rows = {r["image_id"]: r for r in read_csv(tmp_path / "metrics/toy/predictions.csv")}
+        joint_prob[calibrate] = np.array([float(rows[i]["joint_prob"]) for i in test.image_ids])
         for i, image_id in enumerate(test.image_ids):
-            assert float(rows[image_id]["joint_prob"]) == pytest.approx(joint[i].max().item(), abs=2e-6), (calibrate, image_id)
+            assert joint_prob[calibrate][i] == pytest.approx(joint[i].max().item(), abs=2e-6), (calibrate, image_id)
+    assert np.abs(joint_prob[True] - joint_prob[False]).max() > 1e-3  # the temperatures changed what was written
+
+
+def test_an_empty_val_split_needs_fixed_weights_and_no_calibration(
+    trained: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without val images, `combine: val` and `calibrate` stop before test is read, naming the manifest and both
+    settings; `combine: fixed` with `calibrate: false` evaluates test alone."""
+    params = project(trained, tmp_path)
+    real_open = evaluate.open_inputs
+
+    def without_val(*args: object) -> evaluate.Inputs:
+        inputs = real_open(*args)  # type: ignore[arg-type]
+        inputs.rows["val"] = []
+        return inputs
+
+    read: list[str] = []
+    real_split = evaluate.split_probabilities
+    monkeypatch.setattr(evaluate, "open_inputs", without_val)
+    monkeypatch.setattr(evaluate, "split_probabilities", lambda inputs, name: read.append(name) or real_split(inputs, name))
+    fixed = {"evaluate.combine": "fixed"}
+    for overrides in ({}, {**fixed, "evaluate.calibrate": True}):
+        with pytest.raises(ArtifactError, match=r"manifest.csv: the val split is empty; use evaluate.combine: fixed and evaluate.calibrate: false"):
+            evaluate.run(load_params(params, overrides), "toy")
+    assert read == []
+    metrics = evaluate.run(load_params(params, {**fixed, "evaluate.calibrate": False}), "toy").metrics
+    assert read == ["test"] and "val" not in metrics and metrics["temperatures"] == {"raw": 1.0, "object": 1.0, "parts": 1.0}

@@ -161,5 +161,6 @@ def test_each_branch_at_the_temperature_in_evaluate_json(project: Path, tmp_path
     for b, t in temperatures.items():
         powered = {c: p ** (1 / t) for c, p in plain[b].items()}
         total = sum(powered.values())
-        for c, p in tempered[b].items():
-            assert p == pytest.approx(powered[c] / total, abs=1e-5), (b, c)
+        for c, p in tempered[b].items():  # predict rounds to 6 decimals: a tiny probability's power magnifies that
+            assert p == pytest.approx(powered[c] / total, rel=1e-3, abs=1e-5 if plain[b][c] > 1e-3 else 1e-3), (b, c)
+        assert any(abs(p - plain[b][c]) > 1e-3 for c, p in tempered[b].items()), b  # the temperature did change them

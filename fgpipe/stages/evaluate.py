@@ -34,8 +34,8 @@ are fixed (see :func:`run`): nothing is ever selected on test.
 evaluate.json is exactly ``{"images", "raw", "object", "parts", "joint", "weights", "temperatures"[, "val"][,
 "localization"]}``, each branch ``{"top1", "top{k}"}`` with k = min(evaluate.top_k, number of classes), accuracies
 on test in [0, 1]; ``temperatures`` each branch's (1 without ``calibrate``); ``val`` (whenever val was read:
-``combine: val`` or ``calibrate``) holds the figures the weights were chosen on: ``images`` and, for each branch
-(at its temperature) and the joint prediction, ``{"top1", "nll"}`` on the val split (the NLL, a mean over the val
+``combine: val`` or ``calibrate``) holds the figures the temperatures were fitted and the weights chosen (or,
+``fixed``, applied) on: ``images`` and, for each branch (at its temperature) and the joint prediction, ``{"top1", "nll"}`` on the val split (the NLL, a mean over the val
 images, is the finer of the two for comparing settings on a small val split); ``localization`` (accuracy, mean_iou,
 fallback_rate) is carried from extract_crops.json (checked to describe this crops.h5) and left out when that is
 null (a dataset without boxes). evaluate.provenance.json's
@@ -203,8 +203,8 @@ def branch_nll(logits: torch.Tensor, labels: np.ndarray, temperature: float) -> 
 
 def fit_temperature(logits: torch.Tensor, labels: np.ndarray, tol: float = 1e-5) -> float:
     """The temperature T in TEMPERATURE_RANGE with the lowest mean log-loss of softmax(logits / T) on ``labels``
-    (temperature scaling, Guo et al. 2017): a golden-section search on log T, exact because the log-loss is convex
-    in 1/T and so has one minimum in log T. A branch that is right on every image with a margin keeps sharpening:
+    (temperature scaling, Guo et al. 2017): a golden-section search on log T to within ``tol``; the log-loss is
+    convex in 1/T, so it has one minimum in log T (unimodal there), which the search brackets. A branch that is right on every image with a margin keeps sharpening:
     it ends at the range's lower end."""
     def nll(log_t: float) -> float:
         return branch_nll(logits, labels, math.exp(log_t))
@@ -314,7 +314,7 @@ def _csv(rows: list[list[Any]]) -> str:
 
 
 def run(settings: Settings, dataset: str) -> StageRecord:
-    """Evaluate on test with weights fixed beforehand (on val or from params); return the content of evaluate.json and
+    """Evaluate on test with temperatures and weights fixed beforehand (on val or from params); return the content of evaluate.json and
     evaluate.provenance.json. Under torchrun each rank computes its share of every split's batches, every rank gets
     all the probabilities (so all choose the same weights) and rank 0 writes (:mod:`fgpipe.sharding`)."""
     configure_threads()
