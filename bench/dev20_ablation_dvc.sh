@@ -54,7 +54,12 @@ if ! git log -1 --format=%s | grep -q "baseline through DVC"; then
 fi
 for arm in "${ARMS[@]}"; do
   [ -n "${SET[$arm]:-}" ] || { echo "unknown arm $arm (known: ${!SET[*]})" >&2; exit 2; }
+  # each arm from the baseline's params: `dvc exp run` leaves the last experiment's params.yaml in the workspace,
+  # and the next one would build on it. An arm run before is replaced.
+  git checkout -q -- params.yaml dvc.lock
+  dvc exp remove -q "$arm" 2>/dev/null || true
   # shellcheck disable=SC2086
   t dvc exp run -n "$arm" ${SET[$arm]}
 done
+git checkout -q -- params.yaml dvc.lock
 dvc exp show --md --only-changed --no-pager
