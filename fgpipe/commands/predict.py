@@ -173,37 +173,34 @@ def load_chain(settings: Settings, dataset: str) -> Chain:
     )
 
 
-def joint_weights(path: Path, evaluation: dict[str, Any], dataset: str) -> dict[str, float]:
-    """evaluate.json's ``weights``: raw, object and parts, each a finite number >= 0, summing to 1 (as evaluate
-    writes them); anything else (NaN, a negative weight, a string, a missing branch) names the file and evaluate."""
-    weights = evaluation.get("weights")
+def branch_numbers(path: Path, evaluation: dict[str, Any], key: str, dataset: str, positive: bool) -> dict[str, float]:
+    """evaluate.json's ``key``: a number for each of raw, object and parts, finite and > 0 (``positive``) or >= 0;
+    anything else (missing, NaN, a bool, a string, a missing branch) names the file, the key and evaluate."""
+    numbers = evaluation.get(key)
     fix = rerun(dataset, "evaluate")
-    if not isinstance(weights, dict) or set(weights) != set(BRANCHES):
-        shown = sorted(weights) if isinstance(weights, dict) else type(weights).__name__
-        raise ArtifactError(f"{path}: `weights` must give raw, object and parts, got {shown}; {fix}")
+    if not isinstance(numbers, dict) or set(numbers) != set(BRANCHES):
+        shown = sorted(numbers) if isinstance(numbers, dict) else type(numbers).__name__
+        raise ArtifactError(f"{path}: `{key}` must give raw, object and parts, got {shown}; {fix}")
     for b in BRANCHES:
-        w = weights[b]
-        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
-            raise ArtifactError(f"{path}: `weights.{b}` must be a finite number >= 0, got {w!r}; {fix}")
-    total = sum(float(weights[b]) for b in BRANCHES)
+        v = numbers[b]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
+            raise ArtifactError(f"{path}: `{key}.{b}` must be a finite number {'>' if positive else '>='} 0, got {v!r}; {fix}")
+    return {b: float(numbers[b]) for b in BRANCHES}
+
+
+def joint_weights(path: Path, evaluation: dict[str, Any], dataset: str) -> dict[str, float]:
+    """evaluate.json's ``weights``: each >= 0 (:func:`branch_numbers`), summing to 1 (as evaluate writes them)."""
+    weights = branch_numbers(path, evaluation, "weights", dataset, positive=False)
+    total = sum(weights.values())
     if abs(total - 1.0) > 1e-6:
-        raise ArtifactError(f"{path}: `weights` must sum to 1 (as evaluate chooses them), got {total:g}; {fix}")
-    return {b: float(weights[b]) for b in BRANCHES}
+        raise ArtifactError(f"{path}: `weights` must sum to 1 (as evaluate chooses them), got {total:g}; {rerun(dataset, 'evaluate')}")
+    return weights
 
 
 def branch_temperatures(path: Path, evaluation: dict[str, Any], dataset: str) -> dict[str, float]:
-    """evaluate.json's ``temperatures``: raw, object and parts, each a finite number > 0; anything else (an
-    evaluate.json from before temperatures, NaN, 0, a string) names the file and evaluate."""
-    temperatures = evaluation.get("temperatures")
-    fix = rerun(dataset, "evaluate")
-    if not isinstance(temperatures, dict) or set(temperatures) != set(BRANCHES):
-        shown = sorted(temperatures) if isinstance(temperatures, dict) else type(temperatures).__name__
-        raise ArtifactError(f"{path}: `temperatures` must give raw, object and parts, got {shown}; {fix}")
-    for b in BRANCHES:
-        t = temperatures[b]
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t <= 0:
-            raise ArtifactError(f"{path}: `temperatures.{b}` must be a finite number > 0, got {t!r}; {fix}")
-    return {b: float(temperatures[b]) for b in BRANCHES}
+    """evaluate.json's ``temperatures``: each > 0 (:func:`branch_numbers`); an evaluate.json from before them has
+    none and is refused, naming evaluate."""
+    return branch_numbers(path, evaluation, "temperatures", dataset, positive=True)
 
 
 def object_threshold(settings: Settings, dataset: str, hashes: FileHashes | None = None) -> float:
