@@ -62,4 +62,6 @@ for arm in "${ARMS[@]}"; do
   t dvc exp run -n "$arm" ${SET[$arm]}
 done
 git checkout -q -- params.yaml dvc.lock
-dvc exp show --md --only-changed --no-pager
+# README's table: the arms' params and the test figures (every choice behind them made on train/val)
+dvc exp show --md --no-pager --drop '.*' --keep \
+  'Experiment|^(raw|object|parts|joint).top1$|^weights|.*extract_crops.json:localization.accuracy|attention.method|per_dataset.cub.model.lcam|evaluate.branches'
