@@ -55,13 +55,14 @@ fi
 for arm in "${ARMS[@]}"; do
   [ -n "${SET[$arm]:-}" ] || { echo "unknown arm $arm (known: ${!SET[*]})" >&2; exit 2; }
   # each arm from the baseline's params: `dvc exp run` leaves the last experiment's params.yaml in the workspace,
-  # and the next one would build on it. An arm run before is replaced.
-  git checkout -q -- params.yaml dvc.lock
+  # and the next one would build on it (from HEAD, not the index: an interrupted `dvc exp run` leaves its params
+  # staged). An arm run before is replaced.
+  git checkout -q HEAD -- params.yaml dvc.lock
   dvc exp remove -q "$arm" 2>/dev/null || true
   # shellcheck disable=SC2086
   t dvc exp run -n "$arm" ${SET[$arm]}
 done
-git checkout -q -- params.yaml dvc.lock
+git checkout -q HEAD -- params.yaml dvc.lock
 # README's table: the arms' params and the test figures (every choice behind them made on train/val)
 dvc exp show --md --no-pager --drop '.*' --keep \
   'Experiment|^(raw|object|parts|joint).top1$|^weights|.*extract_crops.json:localization.accuracy|attention.method|per_dataset.cub.model.lcam|evaluate.branches'
