@@ -11,12 +11,19 @@ absolute), so the run's data and metrics stay apart from the project's. Then it 
 --params THAT_FILE` for every stage in order and writes `data/dev20/NAME/summary.json`: the figures of every
 stage's metrics that the README tables show (and the heatmap method, from extract-crops' provenance record), and
 each stage's wall time.
+
+`--base RUN --from STAGE` continues another run: the outputs, metrics and plots that dvc.yaml names for every stage
+before STAGE are taken from data/dev20/RUN (data files linked, metrics and plots copied), so only STAGE onwards runs:
+
+    uv run python bench/dev20.py --seed 0 --name wsdan-s0-r10 --base wsdan-s0 --from train-refine \
+        --set train_refine.augment.resize_ratio=1.0
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -52,6 +59,38 @@ def run_params(seed: int, head: str, sets: list[str], folder: Path) -> dict:
         key, _, value = item.partition("=")
         set_key(params, key, yaml.safe_load(value))
     return params
+
+
+def stage_paths(stage: str, dataset: str = "cub") -> list[str]:
+    """Every output, metric and plot dvc.yaml names for ``stage`` of ``dataset``, relative to a run folder."""
+    do = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"][stage]["do"]
+    entries = [e for key in ("outs", "metrics", "plots") for e in do.get(key) or []]
+    return [(next(iter(e)) if isinstance(e, dict) else e).replace("${key}", dataset) for e in entries]
+
+
+def take_from(base: Path, folder: Path, start: str) -> None:
+    """Give ``folder`` what every stage before ``start`` made in the run ``base``: data files as links (to their
+    final targets), metrics and plots as copies (the later stages add theirs beside them). A missing data file
+    stops it; a missing metrics file (a run made before fgpipe wrote it, e.g. a provenance record) is left out."""
+    for stage in STAGES[: STAGES.index(start)]:
+        for rel in stage_paths(stage):
+            src, dst = base / rel, folder / rel
+            if not src.exists():
+                if rel.startswith("data/"):
+                    raise SystemExit(f"dev20: --base {base}: {rel} ({stage}'s) is missing; run that stage there first")
+                print(f"dev20: --base {base.name} has no {rel}; left out", file=sys.stderr)
+                continue
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            if dst.is_dir() and not dst.is_symlink():
+                shutil.rmtree(dst)
+            elif dst.exists() or dst.is_symlink():
+                dst.unlink()
+            if src.is_dir():
+                shutil.copytree(src, dst)
+            elif rel.startswith("data/"):
+                dst.symlink_to(src.resolve())
+            else:
+                shutil.copyfile(src, dst)
 
 
 def summary(folder: Path, seconds: dict[str, float]) -> dict:
@@ -96,10 +135,15 @@ def main() -> int:
     ap.add_argument("--name", default="", help="run folder under data/dev20 (default: HEAD-sSEED)")
     ap.add_argument("--from", dest="start", choices=STAGES, default="prepare", help="first stage to run")
     ap.add_argument("--until", choices=STAGES, default="evaluate", help="last stage to run")
+    ap.add_argument("--base", default="", help="a run under data/dev20 whose stages before --from this run continues")
     args = ap.parse_args()
+    if args.base and args.start == "prepare":
+        ap.error("--base needs --from a stage after prepare")
 
     folder = REPO / "data" / "dev20" / (args.name or f"{args.head}-s{args.seed}")
     folder.mkdir(parents=True, exist_ok=True)
+    if args.base:
+        take_from(REPO / "data" / "dev20" / args.base, folder, args.start)
     params_file = folder / "params.yaml"
     params_file.write_text(yaml.safe_dump(run_params(args.seed, args.head, args.set, folder), sort_keys=False))
     fgpipe = Path(sys.executable).parent / "fgpipe"
