@@ -46,8 +46,8 @@ def load_refine(
     require_finished(state, path, f"fgpipe train-refine --dataset {dataset}")
     with rebuilding(path, "refine", dataset):
         mcfg = ModelConfig(**state["config"]["model"])
-        shared = refine_config(state).shared_backbone  # also checks the section: the callers read it
-    model, _ = build_refine_net(mcfg, len(state["class_names"]), shared)
+        rcfg = refine_config(state)  # also checks the section: the callers read it
+    model, _ = build_refine_net(mcfg, len(state["class_names"]), rcfg.shared_backbone, dropout=rcfg.dropout)
     with rebuilding(path, "refine", dataset):
         model.load_state_dict(state["model"])
     return model.to(device).eval(), state

@@ -308,6 +308,7 @@ class TrainRefineConfig(TrainingConfig):
     shared_backbone: bool = False  # one backbone for both branches (MMAL-Net style) or one each
     part_pooling: Literal["mean_logits"] = "mean_logits"  # patch logits pooled per image
     box_jitter: float = Field(0.05, ge=0, le=0.5)  # random shift/scale of crop boxes at train time, fraction of the box side
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the pooled features before each branch's classifier, training only
 
 
 @dataclass(frozen=True, config=_CFG)

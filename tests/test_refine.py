@@ -31,7 +31,7 @@ from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import CropsMeta, CropsWriter
 from fgpipe.manifest import read_manifest
 from fgpipe.models import build_stage1
-from fgpipe.models.branches import build_refine_net, pool_patch_logits
+from fgpipe.models.branches import ClassifierHead, build_refine_net, pool_patch_logits
 from fgpipe.stages import prepare, train_refine
 from fgpipe.store import file_sha256, write_json
 
@@ -41,7 +41,7 @@ OBJ = 20  # object square side
 MODEL = {"backbone": "tiny", "num_attentions": 4, "lcam": "block", "logit_scale": 10.0}
 REFINE = {
     "input_size": 32, "part_size": 16, "epochs": 3, "batch_size": 8, "lr": 0.05, "warmup_epochs": 0.5,
-    "box_jitter": 0.1, "augment": {"resize_ratio": 1.1, "hflip": True, "color_jitter": 0.1},
+    "box_jitter": 0.1, "dropout": 0.1, "augment": {"resize_ratio": 1.1, "hflip": True, "color_jitter": 0.1},
 }
 
 
@@ -163,6 +163,23 @@ def test_pool_patch_logits_is_the_mean_per_image() -> None:
         pool_patch_logits(logits, owner, 3)
 
 
+def test_head_dropout_zeroes_and_rescales_pooled_features_in_training_only() -> None:
+    torch.manual_seed(0)
+    p, channels = 0.3, 64
+    head = ClassifierHead(channels, channels, dropout=p)
+    with torch.no_grad():  # an identity classifier: the logits are the (dropped) pooled features
+        head.fc.weight.copy_(torch.eye(channels))
+        head.fc.bias.zero_()
+    feat = torch.rand(256, channels, 3, 3) + 0.5  # (B, C, h, w), every pooled value > 0
+    pooled = feat.mean(dim=(2, 3))
+    assert torch.allclose(head.eval()(feat), pooled, atol=1e-6)
+    out = head.train()(feat)
+    dropped = out == 0
+    assert torch.allclose(out[~dropped], pooled[~dropped] / (1 - p), atol=1e-5)  # the kept ones rescaled by 1 / (1 - p)
+    assert abs(float(dropped.float().mean()) - p) < 0.02  # 16,384 draws: the dropped share is p within 4.4 sigma
+    assert ClassifierHead(channels, 3).drop.p == 0.0
+
+
 def test_branches_start_from_the_stage1_backbone() -> None:
     mcfg = ModelConfig(**MODEL)
     stage1 = build_stage1(mcfg, 3, weights="none")
@@ -254,12 +271,13 @@ def test_training_lowers_the_loss_and_writes_everything(tmp_path_factory: pytest
     assert (curves / "val/object_top1.tsv").is_file() and (curves / "val/parts_top1.tsv").is_file()
     model, state = load_refine(tmp_path / "data/toy/refine/best.pt")
     assert not model.training and state["class_names"] == ["class0", "class1", "class2"]
+    assert model.object_head.drop.p == model.part_head.drop.p == state["config"]["train_refine"]["dropout"]
 
 
 def test_run_killed_mid_epoch_and_resumed_ends_with_the_same_weights(tmp_path: Path) -> None:
     full, cut = tmp_path / "full", tmp_path / "cut"
     full.mkdir(), cut.mkdir()
-    shared = {"shared_backbone": True, "epochs": 2}
+    shared = {"shared_backbone": True, "epochs": 2, "dropout": 0.3}  # dropout draws from the global RNG: replayed too
     train_refine.run(load_params(make_refine_project(full, refine=shared)), "toy")
 
     def crash(epoch: int, step: int) -> None:

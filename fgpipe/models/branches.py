@@ -29,14 +29,15 @@ class BranchOutput(NamedTuple):
 
 
 class ClassifierHead(nn.Module):
-    """Global average pooling + linear classifier: (B, C, h, w) -> (B, K)."""
+    """Global average pooling, dropout (training only; ``p`` 0: none) and a linear classifier: (B, C, h, w) -> (B, K)."""
 
-    def __init__(self, channels: int, num_classes: int) -> None:
+    def __init__(self, channels: int, num_classes: int, dropout: float = 0.0) -> None:
         super().__init__()
+        self.drop = nn.Dropout(dropout)
         self.fc = nn.Linear(channels, num_classes)
 
     def forward(self, feat: Tensor) -> Tensor:
-        return self.fc(feat.mean(dim=(2, 3)))  # (B, C) -> (B, K)
+        return self.fc(self.drop(feat.mean(dim=(2, 3))))  # (B, C) -> (B, K)
 
 
 def pool_patch_logits(logits: Tensor, owner: Tensor, num_images: int) -> Tensor:
@@ -55,15 +56,18 @@ def pool_patch_logits(logits: Tensor, owner: Tensor, num_images: int) -> Tensor:
 class RefineNet(nn.Module):
     """Object and part branches; ``part_backbone`` None shares ``object_backbone`` between both heads."""
 
-    def __init__(self, object_backbone: Backbone, part_backbone: Backbone | None, num_classes: int, feature_layer: str = "") -> None:
+    def __init__(
+        self, object_backbone: Backbone, part_backbone: Backbone | None, num_classes: int, feature_layer: str = "",
+        dropout: float = 0.0,
+    ) -> None:
         super().__init__()
         self.object_backbone = object_backbone
         self.part_backbone = part_backbone
         self.feature_layer = feature_layer or object_backbone.last_stage
         self.num_classes = num_classes
         channels = object_backbone.stage_channels[self.feature_layer]
-        self.object_head = ClassifierHead(channels, num_classes)
-        self.part_head = ClassifierHead(channels, num_classes)
+        self.object_head = ClassifierHead(channels, num_classes, dropout)
+        self.part_head = ClassifierHead(channels, num_classes, dropout)
 
     @property
     def shared(self) -> bool:
@@ -87,9 +91,10 @@ class RefineNet(nn.Module):
 
 
 def build_refine_net(
-    model_cfg: ModelConfig, num_classes: int, shared: bool, stage1_state: Mapping[str, Tensor] | None = None, source: str = ""
+    model_cfg: ModelConfig, num_classes: int, shared: bool, stage1_state: Mapping[str, Tensor] | None = None, source: str = "",
+    dropout: float = 0.0,
 ) -> tuple[RefineNet, WeightsReport | None]:
-    """The branches on the stage-1 backbone architecture ``model_cfg``.
+    """The branches on the stage-1 backbone architecture ``model_cfg``, ``dropout`` before each head's classifier.
 
     ``stage1_state``: a Stage1Net state_dict whose ``backbone.*`` entries initialise every backbone
     (None: random init, e.g. before a refine checkpoint is loaded). Returns the net and the weights report.
@@ -102,5 +107,5 @@ def build_refine_net(
     set_bn_momentum(backbone, model_cfg.bn_momentum)
     report = apply_state_dict(backbone, stage1_state, source or "stage-1 checkpoint") if stage1_state is not None else None
     part_backbone = None if shared else copy.deepcopy(backbone)
-    net = RefineNet(backbone, part_backbone, num_classes, model_cfg.feature_layer)
+    net = RefineNet(backbone, part_backbone, num_classes, model_cfg.feature_layer, dropout)
     return net, report

@@ -188,7 +188,9 @@ class RefineTrainer(Trainer):
         seed_everything(cfg.seed)
         mcfg = ModelConfig(**stage1["config"]["model"])  # checked by stage1_state
         # a stage-1 state_dict that does not fit is a ConfigError naming each key (fgpipe.models.weights.apply_state_dict)
-        model, report = build_refine_net(mcfg, len(classes), cfg.shared_backbone, stage1["model"], str(stage1_path))
+        model, report = build_refine_net(
+            mcfg, len(classes), cfg.shared_backbone, stage1["model"], str(stage1_path), cfg.dropout
+        )
         model = model.to(rt.device)
         if rt.channels_last:
             model = model.to(memory_format=torch.channels_last)
