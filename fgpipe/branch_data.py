@@ -114,6 +114,22 @@ class BranchData:
         return patch_rows(self.patch_start, self.patch_count, idx)
 
 
+def padded_positions(counts: Tensor, per_image: int) -> tuple[Tensor, Tensor]:
+    """Positions that pad a batch's patches to ``per_image`` an image: (B * per_image,) indices into the batch's
+    patches (image b's being ``counts[b]`` consecutive ones, as :func:`patch_rows` orders them) and whether each is
+    the patch itself (True) or a copy (False).
+
+    Slot j of image b holds its patch ``j mod counts[b]``: an image with fewer patches repeats its own, so every
+    batch of B images has the same number of patches whatever each image's count (1 <= counts[b] <= per_image).
+    """
+    if len(counts) and (int(counts.min()) < 1 or int(counts.max()) > per_image):
+        raise ValueError(f"patches per image must be in [1, {per_image}], got {counts.tolist()}")
+    j = torch.arange(per_image).repeat(len(counts))  # (B * P,) slot within its image
+    c = torch.repeat_interleave(counts, per_image)  # (B * P,) its image's count
+    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, per_image)  # (B * P,) its image's first patch
+    return first + j % c, j < c
+
+
 def patch_rows(start: Tensor, count: Tensor, idx: Tensor) -> tuple[Tensor, Tensor]:
     """Rows of the patches of images ``idx`` (T,) and each patch's position in ``idx`` (T,), the patches of image i
     being rows ``start[i] : start[i] + count[i]``."""

@@ -309,6 +309,9 @@ class TrainRefineConfig(TrainingConfig):
     part_pooling: Literal["mean_logits"] = "mean_logits"  # patch logits pooled per image
     box_jitter: float = Field(0.05, ge=0, le=0.5)  # random shift/scale of crop boxes at train time, fraction of the box side
     dropout: float = Field(0.0, ge=0, lt=1)  # on the pooled features before each branch's classifier, training only
+    # train part batches padded to batch x the most patches an image has (copies of each image's own patches, left
+    # out of its pooled logits), so every step's part batch has the same size and memory does not depend on the counts
+    pad_parts: bool = True
 
 
 @dataclass(frozen=True, config=_CFG)

@@ -368,3 +368,27 @@ def test_an_empty_val_split_needs_fixed_weights_and_no_calibration(
     assert read == []
     metrics = evaluate.run(load_params(params, {**fixed, "evaluate.calibrate": False}), "toy").metrics
     assert read == ["test"] and "val" not in metrics and metrics["temperatures"] == {"raw": 1.0, "object": 1.0, "parts": 1.0}
+
+
+def test_tempered_at_temperature_one_is_the_split_itself_and_otherwise_the_softmax_of_scaled_logits() -> None:
+    logits = {b: torch.tensor([[2.0, 0.0, -1.0], [0.5, 1.5, 0.0]]) * (i + 1) for i, b in enumerate(("raw", "object", "parts"))}
+    probs = {b: torch.softmax(v.double(), dim=1).numpy() for b, v in logits.items()}
+    split = evaluate.SplitProbabilities(["a", "b"], np.array([0, 1]), probs, logits)
+    assert split.tempered({"raw": 1.0, "object": 1.0, "parts": 1.0}) is split
+    hot = split.tempered({"raw": 1.0, "object": 2.0, "parts": 0.5})
+    for b, t in (("raw", 1.0), ("object", 2.0), ("parts", 0.5)):
+        assert np.allclose(hot.probs[b], torch.softmax(logits[b].double() / t, dim=1).numpy(), rtol=0, atol=1e-12), b
+
+
+def test_val_summary_names_what_val_chose() -> None:
+    weights, joint = {"raw": 0.25, "object": 0.5, "parts": 0.25}, {"top1": 0.9, "nll": 0.31}
+    temperatures = {"raw": 1.5, "object": 0.75, "parts": 1.0}
+    line = evaluate.val_summary(evaluate.EvaluateConfig(), temperatures, weights, joint)
+    assert line == (
+        "temperatures fitted on val: raw 1.500, object 0.750, parts 1.000; weights chosen on val (nll): "
+        "raw 0.250, object 0.500, parts 0.250 (val joint top-1 0.9000, NLL 0.3100)"
+    )
+    fixed = evaluate.EvaluateConfig(combine="fixed", calibrate=False)
+    assert evaluate.val_summary(fixed, temperatures, weights, joint) == (
+        "weights fixed: raw 0.250, object 0.500, parts 0.250 (val joint top-1 0.9000, NLL 0.3100)"
+    )

@@ -26,13 +26,15 @@ from typer.testing import CliRunner
 from fgpipe.branch_inference import load_refine
 from fgpipe.checkpoints import config_dict, save_checkpoint
 from fgpipe.cli import app
-from fgpipe.config import ModelConfig, TrainBackboneConfig, load_params
+from fgpipe.branch_data import BranchData, padded_positions
+from fgpipe.config import ModelConfig, TrainBackboneConfig, TrainRefineConfig, load_params
 from fgpipe.errors import ArtifactError
 from fgpipe.h5schema import CropsMeta, CropsWriter
 from fgpipe.manifest import read_manifest
 from fgpipe.models import build_stage1
 from fgpipe.models.branches import ClassifierHead, build_refine_net, pool_patch_logits
 from fgpipe.stages import prepare, train_refine
+from fgpipe.stages.train_refine import train_inputs
 from fgpipe.store import file_sha256, write_json
 
 COLOURS = [(210, 40, 40), (40, 190, 40), (40, 60, 210)]
@@ -180,6 +182,58 @@ def test_head_dropout_zeroes_and_rescales_pooled_features_in_training_only() -> 
     assert ClassifierHead(channels, 3).drop.p == 0.0
 
 
+def test_padded_positions_repeat_each_images_own_patches() -> None:
+    counts = torch.tensor([1, 3, 2])
+    positions, keep = padded_positions(counts, 3)
+    # by hand: image b's patches are rows first_b .. first_b + count_b - 1 of the batch; slot j holds j mod count_b
+    expected, kept, first = [], [], 0
+    for c in counts.tolist():
+        expected += [first + j % c for j in range(3)]
+        kept += [j < c for j in range(3)]
+        first += c
+    assert positions.tolist() == expected == [0, 0, 0, 1, 2, 3, 4, 5, 4]
+    assert keep.tolist() == kept
+    assert padded_positions(torch.tensor([2, 2]), 2)[1].all()  # nothing to pad
+    for bad in ([0, 2], [4, 1]):
+        with pytest.raises(ValueError, match=r"patches per image must be in \[1, 3\]"):
+            padded_positions(torch.tensor(bad), 3)
+
+
+def test_padded_part_batch_draws_the_same_and_pools_as_the_unpadded_one() -> None:
+    """Padding the part batch changes no random draw, copies patches exactly, and (batch norm in eval mode) gives
+    every image the pooled logits of its own patches."""
+    torch.manual_seed(0)
+    counts = torch.tensor([2, 1, 3])  # patches of each image
+    n, t = len(counts), int(counts.sum())
+    start = torch.cumsum(counts, 0) - counts
+    region = torch.tensor([0.0, 0.0, 40.0, 40.0])
+    data = BranchData(
+        object_regions=region.repeat(n, 1), object_boxes=torch.tensor([4.0, 4.0, 36.0, 36.0]).repeat(n, 1),
+        patch_regions=region.repeat(t, 1), patch_boxes=torch.tensor([8.0, 6.0, 30.0, 28.0]).repeat(t, 1),
+        patch_start=start, patch_count=counts, labels=torch.tensor([0, 1, 2]), feed=None,  # type: ignore[arg-type]
+    )
+    cfg = TrainRefineConfig(**{k: v for k, v in REFINE.items() if k != "epochs"})
+    stored = (torch.randint(0, 256, (n, 3, 40, 40), dtype=torch.uint8), torch.randint(0, 256, (t, 3, 20, 20), dtype=torch.uint8))
+    idx = torch.arange(n)
+    gen_a, gen_b = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    obj_a, patches_a, owner_a, keep_a = train_inputs(data, idx, stored, cfg, gen_a)
+    obj_b, patches_b, owner_b, keep_b = train_inputs(data, idx, stored, cfg, gen_b, pad_to=3)
+    assert keep_a is None and keep_b is not None
+    assert torch.equal(torch.rand(4, generator=gen_a), torch.rand(4, generator=gen_b))  # the same draws, no more
+    assert torch.equal(obj_a, obj_b)
+    assert patches_b.shape[0] == owner_b.shape[0] == 9
+    assert torch.equal(patches_b[keep_b], patches_a) and torch.equal(owner_b[keep_b], owner_a)
+    positions, _ = padded_positions(counts, 3)
+    assert torch.equal(patches_b, patches_a[positions])  # every copy is its patch
+    net, _ = build_refine_net(ModelConfig(**MODEL), 3, True)
+    net.eval()
+    with torch.no_grad():
+        plain = net(obj_a, patches_a, owner_a).part_logits
+        padded = net(obj_b, patches_b, owner_b, keep_b).part_logits
+        by_hand = torch.stack([net.patch_logits(patches_a[owner_a == b]).mean(0) for b in range(n)])
+    assert torch.allclose(padded, plain, atol=1e-5) and torch.allclose(padded, by_hand, atol=1e-5)
+
+
 def test_branches_start_from_the_stage1_backbone() -> None:
     mcfg = ModelConfig(**MODEL)
     stage1 = build_stage1(mcfg, 3, weights="none")
@@ -258,6 +312,9 @@ def test_training_lowers_the_loss_and_writes_everything(tmp_path_factory: pytest
     assert best["epoch"] == metrics["best_epoch"]
     assert best["best"]["val_top1"] == max(h["val_top1"] for h in history)
     saved = metrics
+    # pad_parts (default): every step's part batch is the batch x the most patches an image has
+    assert saved["padded_patches_per_image"] >= saved["patches_per_image"]
+    assert saved["padding_share"] == pytest.approx(1 - saved["patches_per_image"] / saved["padded_patches_per_image"], abs=1e-3)
     assert set(saved["val"]) == {"object", "parts", "mean"}
     assert saved["val"]["mean"] == pytest.approx((saved["val"]["object"] + saved["val"]["parts"]) / 2)
     assert saved["seconds"] > 0 and saved["images_per_s"] > 0

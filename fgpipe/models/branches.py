@@ -83,10 +83,16 @@ class RefineNet(nn.Module):
         backbone = self.object_backbone if self.part_backbone is None else self.part_backbone
         return self.part_head(backbone.forward_features(x)[self.feature_layer])
 
-    def forward(self, objects: Tensor, patches: Tensor, owner: Tensor) -> BranchOutput:
-        """Both branches in one call (one DDP forward): object crops (B, ...), patches (T, ...), owner (T,)."""
+    def forward(self, objects: Tensor, patches: Tensor, owner: Tensor, keep: Tensor | None = None) -> BranchOutput:
+        """Both branches in one call (one DDP forward): object crops (B, ...), patches (T, ...), owner (T,).
+
+        ``keep`` (T,) bool: the patches pooled into their image's logits; the others (copies that pad the batch to a
+        fixed size) run through the backbone but are left out of the pooling (None: every patch is pooled)."""
         obj = self.object_logits(objects)  # (B, K)
-        parts = pool_patch_logits(self.patch_logits(patches).float(), owner, objects.shape[0])  # (B, K), pooled in float32
+        logits = self.patch_logits(patches).float()  # (T, K)
+        if keep is not None:
+            logits, owner = logits[keep], owner[keep]
+        parts = pool_patch_logits(logits, owner, objects.shape[0])  # (B, K), pooled in float32
         return BranchOutput(obj, parts)
 
 

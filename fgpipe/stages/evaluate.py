@@ -127,9 +127,22 @@ class SplitProbabilities:
     logits: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)  # branch -> (N, K): before any temperature
 
     def tempered(self, temperatures: dict[str, float]) -> SplitProbabilities:
-        """The same split with each branch's probabilities at its temperature (softmax of logits / T)."""
+        """The same split with each branch's probabilities at its temperature (softmax of logits / T); itself when every
+        temperature is 1 (no calibration)."""
+        if all(temperatures.get(b, 1.0) == 1.0 for b in BRANCHES):
+            return self
         probs = probabilities(*(self.logits[b] for b in BRANCHES), temperatures=temperatures)
         return dataclasses.replace(self, probs=probs)
+
+
+def val_summary(cfg: EvaluateConfig, temperatures: dict[str, float], weights: dict[str, float], joint: dict[str, float]) -> str:
+    """The console line of what val chose: the temperatures (when fitted), the weights and the joint's val figures."""
+    parts = []
+    if cfg.calibrate:
+        parts.append("temperatures fitted on val: " + ", ".join(f"{b} {t:.3f}" for b, t in temperatures.items()))
+    how = f"chosen on val ({cfg.select_by})" if cfg.combine == "val" else "fixed"
+    parts.append(f"weights {how}: " + ", ".join(f"{b} {w:.3f}" for b, w in weights.items()))
+    return "; ".join(parts) + f" (val joint top-1 {joint['top1']:.4f}, NLL {joint['nll']:.4f})"
 
 
 def open_inputs(settings: Settings, dataset: str, rt: Runtime) -> Inputs:
@@ -361,15 +374,7 @@ def _run(settings: Settings, dataset: str, rt: Runtime) -> StageRecord:
             weights = select_weights(val, cfg.weight_step, cfg.select_by, cfg.branches)
         val_figures = split_figures(val, weights)
         if rt.is_main:
-            joint = val_figures["joint"]
-            chosen = "chosen on val" if cfg.combine == "val" else "fixed"
-            console.print(
-                (f"temperatures fitted on val: {', '.join(f'{b} {t:.3f}' for b, t in temperatures.items())}; " if cfg.calibrate else "")
-                + f"weights {chosen}" + (f" ({cfg.select_by})" if cfg.combine == "val" else "") + ": "
-                + ", ".join(f"{b} {w:.3f}" for b, w in weights.items())
-                + f" (val joint top-1 {joint['top1']:.4f}, NLL {joint['nll']:.4f})",
-                highlight=False,
-            )
+            console.print(val_summary(cfg, temperatures, weights, val_figures["joint"]), highlight=False)
 
     # 2. test, once
     test = split_probabilities(inputs, "test").tempered(temperatures)

@@ -17,7 +17,11 @@ Train boxes are decoded with a margin of ``box_jitter`` times the box side on ea
 can move each box edge by up to that fraction (a random shift and scale) before the usual random crop, flip
 and colour jitter; val boxes are decoded exactly, resized to ``input_size * resize_ratio`` and centre-cropped,
 as stage-1 evaluates. Part patches are resized to ``part_size`` (0: ``input_size // 2``); an image with no
-part uses its object box as its single patch.
+part uses its object box as its single patch. With ``pad_parts`` (the default) every training step's part batch
+holds the same number of patches, batch x the most any train image has: an image with fewer repeats its own
+(exact copies, run through the part backbone but left out of its pooled logits), so the step's memory does not
+depend on the images' patch counts (a heap fragmented by part batches of varying sizes grew with the steps:
+bench/RESULTS.md). The copies weigh in the part backbone's batch-norm statistics only.
 
 Both branches train jointly (loss = CE_object + CE_parts); the epoch kept as best maximises the mean of the
 two branches' val top-1 (test is never read here). ``--resume`` continues from the unfinished run's last.pt;
@@ -38,7 +42,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.ops import roi_align
 
-from fgpipe.branch_data import BranchData, part_size, read_crops, split_data
+from fgpipe.branch_data import BranchData, padded_positions, part_size, read_crops, split_data
 from fgpipe.branch_inference import predict_branches
 from fgpipe.checkpoints import config_dict
 from fgpipe.config import ModelConfig, Settings, TrainRefineConfig
@@ -97,13 +101,17 @@ def jittered_crops(
 
 
 def train_inputs(
-    data: BranchData, idx: Tensor, stored: tuple[Tensor, Tensor], cfg: TrainRefineConfig, gen: torch.Generator
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Augmented object crops (B, 3, S, S), patches (T, 3, s, s), both float in [0, 1], and each patch's owner (T,),
-    of the images ``idx`` whose stored regions ``data.feed`` gave (``stored``: uint8 objects and patches).
+    data: BranchData, idx: Tensor, stored: tuple[Tensor, Tensor], cfg: TrainRefineConfig, gen: torch.Generator,
+    pad_to: int = 0,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """Augmented object crops (B, 3, S, S), patches (T, 3, s, s), both float in [0, 1], each patch's owner (T,) and
+    which patches to pool (None: all), of the images ``idx`` whose stored regions ``data.feed`` gave (``stored``:
+    uint8 objects and patches).
 
     Draw order from ``gen``: object jitter (B, 4), patch jitter (T, 4), then :func:`train_augment` for objects
-    and for patches.
+    and for patches. ``pad_to`` > 0: the augmented patches are then padded to ``pad_to`` an image
+    (:func:`fgpipe.branch_data.padded_positions`: T = B * pad_to, each copy identical to its patch, the copies not
+    pooled), which changes no draw.
     """
     objects_in, patches_in = stored  # (B, 3, So, So), (T, 3, Sp, Sp) uint8
     rows, owner = data.patch_index(idx)
@@ -115,11 +123,11 @@ def train_inputs(
     patches = jittered_crops(
         patches_in, data.patch_regions[rows], data.patch_boxes[rows], u_part, cfg.box_jitter, resized_side(p_size, cfg.augment)
     )
-    return (
-        train_augment(objects, cfg.input_size, cfg.augment, gen),
-        train_augment(patches, p_size, cfg.augment, gen),
-        owner,
-    )
+    objects, patches = train_augment(objects, cfg.input_size, cfg.augment, gen), train_augment(patches, p_size, cfg.augment, gen)
+    if pad_to <= 0:
+        return objects, patches, owner, None
+    positions, keep = padded_positions(data.patch_count[idx], pad_to)  # (B * pad_to,) each
+    return objects, patches[positions], owner[positions], keep
 
 
 # --------------------------------------------------------------------------- the stage
@@ -210,6 +218,11 @@ class RefineTrainer(Trainer):
         )
 
     @property
+    def pad_to(self) -> int:
+        """Patches an image brings to a training step: the most any train image has (``pad_parts``), else 0 (its own)."""
+        return int(self.train.patch_count.max()) if self.cfg.pad_parts and len(self.train) else 0
+
+    @property
     def command(self) -> str:  # type: ignore[override]
         return f"fgpipe train-refine --dataset {self.dataset}"
 
@@ -230,10 +243,13 @@ class RefineTrainer(Trainer):
     def train_step(self, net: nn.Module, idx: Tensor, pixels: Pixels, gen: torch.Generator) -> tuple[Tensor, tuple[int, ...], int]:
         """loss = CE(object logits) + CE(mean patch logits), on jittered, augmented crops and patches."""
         cfg, rt, opt = self.cfg, self.rt, self.parts["optimizer"]
-        objects, patches, owner = train_inputs(self.train, idx, (pixels[0], pixels[1]), cfg, gen)
+        objects, patches, owner, keep = train_inputs(self.train, idx, (pixels[0], pixels[1]), cfg, gen, self.pad_to)
         y = self.train.labels[idx].to(rt.device)
         with rt.autocast():
-            out = net(rt.to_input(normalize(objects)), rt.to_input(normalize(patches)), owner.to(rt.device))
+            out = net(
+                rt.to_input(normalize(objects)), rt.to_input(normalize(patches)), owner.to(rt.device),
+                None if keep is None else keep.to(rt.device),
+            )
             loss_obj = F.cross_entropy(out.object_logits.float(), y, label_smoothing=cfg.label_smoothing)
             loss_parts = F.cross_entropy(out.part_logits.float(), y, label_smoothing=cfg.label_smoothing)
             loss = loss_obj + loss_parts
@@ -273,6 +289,9 @@ class RefineTrainer(Trainer):
             "val": {"object": best["object"], "parts": best["parts"], "mean": best["val_top1"]},
             "train": {"loss": last["train_loss"], "object_top1": last["train_object_top1"], "parts_top1": last["train_parts_top1"]},
             "patches_per_image": round(float(self.train.patch_count.float().mean()), 3),
+            # each step's part batch: images x this (0: each image's own count); the copies' share of the part branch's inputs
+            "padded_patches_per_image": self.pad_to,
+            "padding_share": round(1 - float(self.train.patch_count.float().mean()) / self.pad_to, 4) if self.pad_to else 0.0,
             "images_per_s": result.images_per_s,
             "seconds": round(time.perf_counter() - self.t_start, 2),
         }
