@@ -13,7 +13,8 @@ and one epoch of `fgpipe train-refine`, each stage its own process. For the two 
   holds, its workers included, each page once.
 
 ``--code DIR`` runs the stages with DIR/fgpipe instead of this checkout's (e.g. the code before streaming, for the
-"before" figures); ``--set KEY=VALUE`` sets a params key for both trainers (``num_workers=0``, ``in_memory=true``).
+"before" figures); ``--set KEY=VALUE`` sets a params key for both trainers (``num_workers=0``, ``in_memory=true``), ``--set
+train_refine.KEY=VALUE`` for one (``train_refine.pad_parts=false``).
 
     uv run python bench/train_memory.py --images 100 --factor 4 --image-size 384
     uv run python bench/train_memory.py --code /path/to/old/checkout   # before
@@ -55,13 +56,17 @@ def dataset_params(images: int, classes: int, image_size: int, input_size: int, 
         raise ValueError(f"images ({images}) must be a multiple of 5 x classes ({classes})")
     synthetic = {"num_classes": classes, "train_per_class": per_class * 4 // 5, "test_per_class": per_class // 5,
                  "image_size": image_size, "distractors": 2}
-    train = {"input_size": input_size, "epochs": epochs, "batch_size": batch_size, **extra}
+    shared = {k: v for k, v in extra.items() if "." not in k}
+    only = {section: {k.split(".", 1)[1]: v for k, v in extra.items() if k.startswith(section + ".")} for section in ("train_backbone", "train_refine")}
+    if unknown := [k for k in extra if "." in k and k.split(".", 1)[0] not in only]:
+        raise ValueError(f"--set: a dotted key must start with train_backbone. or train_refine., got {unknown}")
+    train = {"input_size": input_size, "epochs": epochs, "batch_size": batch_size, **shared}
     return tiny_params(
         datasets={"synthetic": {"kind": "synthetic", "root": "data/synthetic/raw", "val_fraction": 0.2, "synthetic": synthetic}},
-        train_backbone=train,
+        train_backbone={**train, **only["train_backbone"]},
         attention={"method": "oaam", "batch_size": batch_size},
         crops={"batch_size": batch_size, "preview_images": 2},
-        train_refine={**train, "input_size": input_size},
+        train_refine={**train, "input_size": input_size, **only["train_refine"]},
     )
 
 
@@ -161,7 +166,8 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--code", type=Path, help="a checkout whose fgpipe/ runs the stages (default: this one)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="a key of both trainers' params, e.g. num_workers=0 or in_memory=true")
+                   help="a key of both trainers' params, e.g. num_workers=0 or in_memory=true; of one trainer's with its "
+                        "section, e.g. train_refine.pad_parts=false")
     p.add_argument("--equal-steps", action="store_true",
                    help="the small dataset trains FACTOR epochs, so both sizes take the same steps (see run)")
     p.add_argument("--out", type=Path, help="also write the JSON here")
