@@ -86,12 +86,13 @@ class RefineNet(nn.Module):
     def forward(self, objects: Tensor, patches: Tensor, owner: Tensor, keep: Tensor | None = None) -> BranchOutput:
         """Both branches in one call (one DDP forward): object crops (B, ...), patches (T, ...), owner (T,).
 
-        ``keep`` (T,) bool: the patches pooled into their image's logits; the others (copies that pad the batch to a
-        fixed size) run through the backbone but are left out of the pooling (None: every patch is pooled)."""
+        ``keep`` (T',) int64: the positions of the patches pooled into their image's logits; the others (copies that
+        pad the batch to a fixed size) run through the backbone but are left out of the pooling (None: every patch is
+        pooled). Indices, not a mask: selecting them needs no device sync."""
         obj = self.object_logits(objects)  # (B, K)
         logits = self.patch_logits(patches).float()  # (T, K)
         if keep is not None:
-            logits, owner = logits[keep], owner[keep]
+            logits, owner = logits.index_select(0, keep), owner.index_select(0, keep)
         parts = pool_patch_logits(logits, owner, objects.shape[0])  # (B, K), pooled in float32
         return BranchOutput(obj, parts)
 

@@ -19,9 +19,11 @@ and colour jitter; val boxes are decoded exactly, resized to ``input_size * resi
 as stage-1 evaluates. Part patches are resized to ``part_size`` (0: ``input_size // 2``); an image with no
 part uses its object box as its single patch. With ``pad_parts`` (the default) every training step's part batch
 holds the same number of patches, batch x the most any train image has: an image with fewer repeats its own
-(exact copies, run through the part backbone but left out of its pooled logits), so the step's memory does not
-depend on the images' patch counts (a heap fragmented by part batches of varying sizes grew with the steps:
-bench/RESULTS.md). The copies weigh in the part backbone's batch-norm statistics only.
+(exact copies, run through the part backbone but left out of its pooled logits), so the network's part batch does
+not depend on the images' patch counts (a heap fragmented by part batches of varying sizes grew with the steps:
+bench/RESULTS.md). The copies weigh in the batch-norm statistics of the backbone they run through (with
+``shared_backbone``, the object branch's too); no draw from the stage's generator changes, but draws from torch's
+global one (the trunk's stochastic depth, ``dropout``) are made for the padded batch.
 
 Both branches train jointly (loss = CE_object + CE_parts); the epoch kept as best maximises the mean of the
 two branches' val top-1 (test is never read here). ``--resume`` continues from the unfinished run's last.pt;
@@ -110,8 +112,8 @@ def train_inputs(
 
     Draw order from ``gen``: object jitter (B, 4), patch jitter (T, 4), then :func:`train_augment` for objects
     and for patches. ``pad_to`` > 0: the augmented patches are then padded to ``pad_to`` an image
-    (:func:`fgpipe.branch_data.padded_positions`: T = B * pad_to, each copy identical to its patch, the copies not
-    pooled), which changes no draw.
+    (:func:`fgpipe.branch_data.padded_positions`: T = B * pad_to, each copy identical to its patch; the returned
+    mask (T,) marks the patches themselves, the ones to pool), which draws nothing from ``gen``.
     """
     objects_in, patches_in = stored  # (B, 3, So, So), (T, 3, Sp, Sp) uint8
     rows, owner = data.patch_index(idx)
@@ -248,7 +250,7 @@ class RefineTrainer(Trainer):
         with rt.autocast():
             out = net(
                 rt.to_input(normalize(objects)), rt.to_input(normalize(patches)), owner.to(rt.device),
-                None if keep is None else keep.to(rt.device),
+                None if keep is None else keep.nonzero().squeeze(1).to(rt.device),  # the real patches' positions
             )
             loss_obj = F.cross_entropy(out.object_logits.float(), y, label_smoothing=cfg.label_smoothing)
             loss_parts = F.cross_entropy(out.part_logits.float(), y, label_smoothing=cfg.label_smoothing)
