@@ -147,7 +147,7 @@ def test_each_branch_at_the_temperature_in_evaluate_json(project: Path, tmp_path
     args = ["predict", image, "--dataset", "toy", "--params", str(project), "--json"]
     path = tmp_path / "metrics/toy/evaluate.json"
     doc = json.loads(path.read_text())
-    temperatures = {"raw": 0.5, "object": 2.0, "parts": 1.5}
+    temperatures = {"raw": 0.5, "object": 2.0, "parts": 0.25}  # parts sharpened: the toy part branch is near uniform
 
     def branch_probs(t: dict[str, float]) -> dict[str, dict[str, float]]:
         path.write_text(json.dumps({**doc, "temperatures": t}))
@@ -163,4 +163,4 @@ def test_each_branch_at_the_temperature_in_evaluate_json(project: Path, tmp_path
         total = sum(powered.values())
         for c, p in tempered[b].items():  # predict rounds to 6 decimals: a tiny probability's power magnifies that
             assert p == pytest.approx(powered[c] / total, rel=1e-3, abs=1e-5 if plain[b][c] > 1e-3 else 1e-3), (b, c)
-        assert any(abs(p - plain[b][c]) > 1e-3 for c, p in tempered[b].items()), b  # the temperature did change them
+        assert any(abs(p - plain[b][c]) > 1e-3 for c, p in tempered[b].items()), (b, plain[b], tempered[b])  # the temperature did change them
