@@ -160,7 +160,6 @@ class RefineTrainer(Trainer):
     stage1_path: Path
     loaded: int  # tensors of the stage-1 checkpoint the branches started from
     options: FeedOptions  # how the regions are read
-    pad_to: int  # patches an image brings to a training step: the most any train image has (pad_parts), else 0 (its own)
     kind: str = "refine"
     lr_key: str = "train_refine.lr"
     counts: tuple[tuple[str, str], ...] = (("object_top1", "obj"), ("parts_top1", "parts"))
@@ -218,8 +217,12 @@ class RefineTrainer(Trainer):
             settings=settings, dataset=dataset, cfg=cfg, mcfg=mcfg, rt=rt, t_start=t_start, files=files,
             parts={"model": model, "optimizer": opt, "scheduler": sched}, state=state, train=train, val=val,
             stage1_path=stage1_path, loaded=report.loaded if report else 0, options=options,
-            pad_to=int(train.patch_count.max()) if cfg.pad_parts and len(train) else 0,
         )
+
+    @property
+    def pad_to(self) -> int:
+        """Patches an image brings to a training step: the most any train image has (``pad_parts``), else 0 (its own)."""
+        return int(self.train.patch_count.max()) if self.cfg.pad_parts and len(self.train) else 0
 
     @property
     def command(self) -> str:  # type: ignore[override]
